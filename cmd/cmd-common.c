@@ -1,0 +1,158 @@
+/*
+ * Helpers shared by the qbk commands; see cmd-common.h.
+ */
+#include <stdio.h>
+
+#include "cmd-common.h"
+
+static bool quiet;
+
+void cmd_set_quiet(bool q)
+{
+    quiet = q;
+}
+
+static void vprint(const char *fmt, va_list ap)
+{
+    g_autofree char *msg = g_strdup_vprintf(fmt, ap);
+
+    fprintf(stderr, "%s: %s\n", g_get_prgname(), msg);
+}
+
+void cmd_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vprint(fmt, ap);
+    va_end(ap);
+}
+
+void cmd_info(const char *fmt, ...)
+{
+    va_list ap;
+
+    if (quiet) {
+        return;
+    }
+    va_start(ap, fmt);
+    vprint(fmt, ap);
+    va_end(ap);
+}
+
+CmdVm *cmd_vm_open(const char *qmp_address, char **images, int timeout_ms,
+                   GError **error)
+{
+    g_autoptr(CmdVm) vm = g_new0(CmdVm, 1);
+
+    if (images && images[0]) {
+        guint n = g_strv_length(images);
+
+        vm->offline = true;
+        vm->image_ids = g_strdupv(images);
+        vm->nodes = g_new0(char *, n + 1);
+        for (guint i = 0; i < n; i++) {
+            vm->nodes[i] = g_strdup_printf("img%u", i);
+        }
+        vm->qmp = qmp_spawn_storage_daemon((const char *const *)images,
+                                           timeout_ms, error);
+    } else {
+        vm->qmp = qmp_connect(qmp_address, timeout_ms, error);
+    }
+    if (!vm->qmp || !cmd_vm_refresh(vm, error)) {
+        return NULL;
+    }
+    return g_steal_pointer(&vm);
+}
+
+bool cmd_vm_refresh(CmdVm *vm, GError **error)
+{
+    GPtrArray *disks;
+
+    if (vm->offline) {
+        disks = qmp_query_node_disks(vm->qmp, (const char *const *)vm->nodes,
+                                     (const char *const *)vm->image_ids,
+                                     error);
+    } else {
+        disks = qmp_query_disks(vm->qmp, error);
+    }
+    if (!disks) {
+        return false;
+    }
+    if (vm->disks) {
+        g_ptr_array_unref(vm->disks);
+    }
+    vm->disks = disks;
+    return true;
+}
+
+bool cmd_vm_close(CmdVm *vm, GError **error)
+{
+    bool ok = true;
+
+    if (vm->qmp && vm->offline) {
+        ok = qmp_stop_storage_daemon(vm->qmp, error);
+    }
+    qmp_free(vm->qmp);
+    vm->qmp = NULL;
+    return ok;
+}
+
+void cmd_vm_free(CmdVm *vm)
+{
+    if (!vm) {
+        return;
+    }
+    qmp_free(vm->qmp);
+    if (vm->disks) {
+        g_ptr_array_unref(vm->disks);
+    }
+    g_strfreev(vm->image_ids);
+    g_strfreev(vm->nodes);
+    g_free(vm);
+}
+
+GPtrArray *cmd_vm_select_disks(CmdVm *vm, char **names, GError **error)
+{
+    GPtrArray *sel = g_ptr_array_new();
+
+    if (!names || !names[0]) {
+        for (guint i = 0; i < vm->disks->len; i++) {
+            QmpDisk *disk = vm->disks->pdata[i];
+
+            if (!disk->no_bitmaps) {
+                g_ptr_array_add(sel, disk);
+            }
+        }
+        return sel;
+    }
+    for (guint i = 0; names[i]; i++) {
+        QmpDisk *disk = qmp_disk_find(vm->disks, names[i]);
+
+        if (!disk) {
+            g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                        "unknown disk '%s' (see 'qbk-checkpoint disks')",
+                        names[i]);
+            g_ptr_array_unref(sel);
+            return NULL;
+        }
+        if (!g_ptr_array_find(sel, disk, NULL)) {
+            g_ptr_array_add(sel, disk);
+        }
+    }
+    return sel;
+}
+
+char *cmd_format_bytes(guint64 bytes)
+{
+    return g_format_size_full(bytes, G_FORMAT_SIZE_IEC_UNITS);
+}
+
+void cmd_print_json(json_object *obj)
+{
+    puts(json_object_to_json_string_ext(obj, JSON_C_TO_STRING_PRETTY |
+                                                 JSON_C_TO_STRING_SPACED |
+                                                 JSON_C_TO_STRING_NOSLASHESCAPE));
+    fflush(stdout);
+    json_object_put(obj);
+}

@@ -1,0 +1,706 @@
+/*
+ * qbk-checkpoint: manage a VM's checkpoints (persistent dirty bitmaps on
+ * every disk) over QMP, or on the images of a stopped VM.
+ *
+ * Every subcommand builds one JSON object; --json prints it, otherwise it
+ * is rendered as text. Nothing goes to stdout before the work succeeded.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bitmap.h"
+#include "cmd-common.h"
+
+/* Options; one table for all subcommands, checked per subcommand below. */
+static char *opt_qmp;
+static char **opt_images;
+static char **opt_disks;
+static gboolean opt_json;
+static gboolean opt_quiet;
+static gboolean opt_version;
+static gboolean opt_repair;
+static gboolean opt_drop;
+static char *opt_into;
+static gint64 opt_granularity;
+static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
+
+static GOptionEntry entries[] = {
+    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
+      "QMP socket of the running VM: PATH, unix:PATH or tcp:HOST:PORT "
+      "(default: $QBK_QMP)", "SOCKET" },
+    { "image", 'i', 0, G_OPTION_ARG_FILENAME_ARRAY, &opt_images,
+      "work offline on this qcow2 image of a stopped VM (repeat for every "
+      "disk)", "FILE" },
+    { "disk", 'd', 0, G_OPTION_ARG_STRING_ARRAY, &opt_disks,
+      "only this disk: qdev id, drive name, node name or image (repeat)",
+      "DISK" },
+    { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
+      "print one JSON object on stdout", NULL },
+    { "granularity", 'g', 0, G_OPTION_ARG_INT64, &opt_granularity,
+      "create: bytes per bitmap bit, a power of two from 512 (default: the "
+      "qcow2 cluster size)", "BYTES" },
+    { "repair", 'r', 0, G_OPTION_ARG_NONE, &opt_repair,
+      "check: remove the checkpoints that cannot be trusted", NULL },
+    { "into", 0, 0, G_OPTION_ARG_STRING, &opt_into,
+      "since: name of the temporary bitmap (default: qbk-since-NAME)",
+      "BITMAP" },
+    { "drop", 0, 0, G_OPTION_ARG_NONE, &opt_drop,
+      "since: remove the temporary bitmap instead of making it", NULL },
+    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
+      "seconds to wait for QEMU before giving up (default: 30)", "SECONDS" },
+    { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
+      "print nothing on stderr but errors", NULL },
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+static const char summary[] =
+    "Commands:\n"
+    "  list            checkpoints, per disk: dirty bytes, granularity, state\n"
+    "  create [NAME]   new checkpoint on every disk (or the --disk ones), at\n"
+    "                  one instant; NAME defaults to the UTC time\n"
+    "  delete NAME     delete a checkpoint, merging its changes into the\n"
+    "                  previous one so that older checkpoints stay complete\n"
+    "  since NAME      make a temporary bitmap holding everything written\n"
+    "                  since NAME on each disk (for incremental backups)\n"
+    "  check           find checkpoints that cannot be trusted (QEMU killed,\n"
+    "                  bitmaps missing or not recording); --repair removes them\n"
+    "  disks           the VM's disks and whether they can hold checkpoints\n"
+    "\n"
+    "A checkpoint is a persistent dirty bitmap named qbk-<seq>-<NAME> on each\n"
+    "disk: it records what the guest writes from its creation until the next\n"
+    "checkpoint. Bitmaps qbk did not make are never touched.";
+
+static const char description[] =
+    "Examples:\n"
+    "  qbk-checkpoint --qmp /run/vm1/qmp.sock create monday\n"
+    "  qbk-checkpoint --qmp /run/vm1/qmp.sock list --json\n"
+    "  qbk-checkpoint --qmp /run/vm1/qmp.sock since monday --disk disk0\n"
+    "  qbk-checkpoint --qmp /run/vm1/qmp.sock delete monday\n"
+    "  qbk-checkpoint --qmp /run/vm1/qmp.sock check --repair\n"
+    "  qbk-checkpoint --image vm1-a.qcow2 --image vm1-b.qcow2 list\n"
+    "\n" QBK_EXIT_CODES_HELP;
+
+/* ---- JSON builders ---- */
+
+static void add_str(json_object *o, const char *key, const char *val)
+{
+    json_object_object_add(o, key, val ? json_object_new_string(val) : NULL);
+}
+
+static json_object *bitmap_json(const QmpDisk *disk, const QmpBitmap *b)
+{
+    json_object *o = json_object_new_object();
+
+    add_str(o, "disk", disk->id);
+    add_str(o, "node", disk->node);
+    json_object_object_add(o, "dirty_bytes", json_object_new_uint64(b->count));
+    json_object_object_add(o, "granularity",
+                           json_object_new_int64(b->granularity));
+    json_object_object_add(o, "recording",
+                           json_object_new_boolean(b->recording));
+    json_object_object_add(o, "busy", json_object_new_boolean(b->busy));
+    json_object_object_add(o, "persistent",
+                           json_object_new_boolean(b->persistent));
+    json_object_object_add(o, "inconsistent",
+                           json_object_new_boolean(b->inconsistent));
+    return o;
+}
+
+static json_object *checkpoints_json(GPtrArray *disks)
+{
+    g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(disks);
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < cps->len; i++) {
+        BitmapCheckpoint *cp = cps->pdata[i];
+        json_object *o = json_object_new_object();
+        json_object *per_disk = json_object_new_array();
+
+        add_str(o, "name", cp->name);
+        json_object_object_add(o, "seq", json_object_new_int64(cp->seq));
+        add_str(o, "bitmap", cp->bitmap);
+        json_object_object_add(o, "partial",
+                               json_object_new_boolean(cp->partial));
+        for (guint d = 0; d < cp->disks->len; d++) {
+            json_object_array_add(per_disk, bitmap_json(cp->disks->pdata[d],
+                                                        cp->bitmaps->pdata[d]));
+        }
+        json_object_object_add(o, "disks", per_disk);
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+static json_object *disk_ids_json(GPtrArray *disks)
+{
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < disks->len; i++) {
+        const QmpDisk *disk = disks->pdata[i];
+
+        json_object_array_add(arr, json_object_new_string(disk->id));
+    }
+    return arr;
+}
+
+/* ---- subcommands: each returns its result, or NULL with ERROR set ---- */
+
+static json_object *do_list(CmdVm *vm, GError **error)
+{
+    json_object *res = json_object_new_object();
+
+    json_object_object_add(res, "checkpoints", checkpoints_json(vm->disks));
+    return res;
+}
+
+static json_object *do_disks(CmdVm *vm, GError **error)
+{
+    json_object *res = json_object_new_object();
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < vm->disks->len; i++) {
+        const QmpDisk *disk = vm->disks->pdata[i];
+        g_autoptr(GPtrArray) chain = bitmap_disk_chain(disk);
+        json_object *o = json_object_new_object();
+
+        add_str(o, "disk", disk->id);
+        add_str(o, "qdev", disk->qdev);
+        add_str(o, "device", disk->device);
+        add_str(o, "node", disk->node);
+        add_str(o, "driver", disk->driver);
+        add_str(o, "file", disk->filename);
+        json_object_object_add(o, "size", json_object_new_uint64(disk->size));
+        json_object_object_add(o, "read_only",
+                               json_object_new_boolean(disk->read_only));
+        json_object_object_add(o, "checkpoints_supported",
+                               json_object_new_boolean(!disk->no_bitmaps));
+        add_str(o, "reason", disk->no_bitmaps);
+        json_object_object_add(o, "checkpoints",
+                               json_object_new_int64(chain->len));
+        json_object_array_add(arr, o);
+    }
+    json_object_object_add(res, "disks", arr);
+    return res;
+}
+
+static json_object *do_create(CmdVm *vm, GPtrArray *targets, const char *name,
+                              GError **error)
+{
+    g_autofree char *bitmap = NULL;
+    g_autofree char *short_name = NULL;
+    json_object *res;
+    guint seq;
+
+    if (opt_granularity &&
+        (opt_granularity < 512 || opt_granularity > (1 << 30) ||
+         (opt_granularity & (opt_granularity - 1)))) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--granularity %" G_GINT64_FORMAT
+                    " is not a power of two from 512 to 1 GiB",
+                    opt_granularity);
+        return NULL;
+    }
+    bitmap = bitmap_create_checkpoint(vm->qmp, vm->disks, targets, name,
+                                      (uint32_t)opt_granularity, error);
+    if (!bitmap) {
+        return NULL;
+    }
+    bitmap_parse_name(bitmap, &seq, &short_name, NULL);
+    res = json_object_new_object();
+    add_str(res, "checkpoint", short_name);
+    json_object_object_add(res, "seq", json_object_new_int64(seq));
+    add_str(res, "bitmap", bitmap);
+    json_object_object_add(res, "disks", disk_ids_json(targets));
+    return res;
+}
+
+static json_object *do_delete(CmdVm *vm, const char *name, GError **error)
+{
+    g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(vm->disks);
+    BitmapCheckpoint *cp = bitmap_find_checkpoint(cps, name);
+    json_object *res;
+
+    if (!cp) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_NOT_FOUND,
+                    "no checkpoint '%s' (see 'qbk-checkpoint list')", name);
+        return NULL;
+    }
+    res = json_object_new_object();
+    add_str(res, "deleted", cp->name);
+    add_str(res, "bitmap", cp->bitmap);
+    json_object_object_add(res, "disks", disk_ids_json(cp->disks));
+    if (!bitmap_delete_checkpoint(vm->qmp, vm->disks, name, error)) {
+        json_object_put(res);
+        return NULL;
+    }
+    return res;
+}
+
+static json_object *do_since(CmdVm *vm, GPtrArray *targets, const char *name,
+                             GError **error)
+{
+    g_autofree char *into = opt_into
+                                ? g_strdup(opt_into)
+                                : g_strconcat(BITMAP_SINCE_PREFIX, name, NULL);
+    g_autoptr(GPtrArray) nodes = g_ptr_array_new_with_free_func(g_free);
+    json_object *res, *arr;
+    int removed;
+
+    if (opt_drop) {
+        removed = bitmap_drop_since(vm->qmp, targets, into, error);
+        if (removed < 0) {
+            return NULL;
+        }
+        res = json_object_new_object();
+        add_str(res, "dropped", into);
+        json_object_object_add(res, "count", json_object_new_int(removed));
+        return res;
+    }
+    /* The refresh below frees TARGETS' disks: remember their nodes. */
+    for (guint i = 0; i < targets->len; i++) {
+        g_ptr_array_add(nodes, g_strdup(((QmpDisk *)targets->pdata[i])->node));
+    }
+    if (!bitmap_since(vm->qmp, vm->disks, targets, name, into, error) ||
+        !cmd_vm_refresh(vm, error)) {
+        return NULL;
+    }
+    res = json_object_new_object();
+    add_str(res, "since", name);
+    add_str(res, "bitmap", into);
+    arr = json_object_new_array();
+    for (guint i = 0; i < nodes->len; i++) {
+        const QmpDisk *disk = qmp_disk_find(vm->disks, nodes->pdata[i]);
+        const QmpBitmap *b = disk ? qmp_disk_bitmap(disk, into) : NULL;
+
+        if (b) {
+            json_object_array_add(arr, bitmap_json(disk, b));
+        }
+    }
+    json_object_object_add(res, "disks", arr);
+    return res;
+}
+
+static json_object *verdicts_json(const BitmapCheck *check)
+{
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < check->verdicts->len; i++) {
+        const BitmapDiskVerdict *v = check->verdicts->pdata[i];
+        json_object *o = json_object_new_object();
+        json_object *trusted = json_object_new_array();
+        json_object *untrusted = json_object_new_array();
+
+        for (guint j = 0; j < v->chain->len; j++) {
+            const QmpBitmap *b = v->chain->pdata[j];
+            g_autofree char *name = NULL;
+
+            bitmap_parse_name(b->name, NULL, &name, NULL);
+            json_object_array_add(j < v->untrusted ? untrusted : trusted,
+                                  json_object_new_string(name));
+        }
+        add_str(o, "disk", v->disk->id);
+        json_object_object_add(o, "trusted", trusted);
+        json_object_object_add(o, "untrusted", untrusted);
+        json_object_object_add(
+            o, "full_backup_required",
+            json_object_new_boolean(v->untrusted == v->chain->len));
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+static json_object *issues_json(const BitmapCheck *check)
+{
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < check->issues->len; i++) {
+        const BitmapIssue *issue = check->issues->pdata[i];
+        json_object *o = json_object_new_object();
+        static const char *const severities[] = { "note", "warning", "error" };
+
+        add_str(o, "disk", issue->disk->id);
+        add_str(o, "kind", bitmap_issue_kind_name(issue->kind));
+        add_str(o, "severity",
+                severities[bitmap_issue_severity(issue->kind)]);
+        add_str(o, "bitmap", issue->bitmap);
+        add_str(o, "message", issue->message);
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+static json_object *do_check(CmdVm *vm, GError **error)
+{
+    g_autoptr(BitmapCheck) before = bitmap_check(vm->disks);
+    g_autoptr(BitmapCheck) after = NULL;
+    json_object *res = json_object_new_object();
+    int changed;
+
+    json_object_object_add(res, "issues", issues_json(before));
+    if (!opt_repair) {
+        json_object_object_add(
+            res, "healthy",
+            json_object_new_boolean(!bitmap_check_has_errors(before)));
+        json_object_object_add(res, "disks", verdicts_json(before));
+        return res;
+    }
+    changed = bitmap_repair(vm->qmp, before, error);
+    if (changed < 0 || !cmd_vm_refresh(vm, error)) {
+        json_object_put(res);
+        return NULL;
+    }
+    after = bitmap_check(vm->disks);
+    json_object_object_add(res, "repaired", json_object_new_int(changed));
+    json_object_object_add(
+        res, "healthy",
+        json_object_new_boolean(!bitmap_check_has_errors(after)));
+    json_object_object_add(res, "disks", verdicts_json(after));
+    return res;
+}
+
+/* ---- text output, rendered from the JSON result ---- */
+
+static const char *jstr(json_object *o, const char *key)
+{
+    json_object *v;
+
+    return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v)
+                                                 : NULL;
+}
+
+static gint64 jint(json_object *o, const char *key)
+{
+    json_object *v;
+
+    return json_object_object_get_ex(o, key, &v) ? json_object_get_int64(v)
+                                                 : 0;
+}
+
+static bool jbool(json_object *o, const char *key)
+{
+    json_object *v;
+
+    return json_object_object_get_ex(o, key, &v) && json_object_get_boolean(v);
+}
+
+static json_object *jarr(json_object *o, const char *key)
+{
+    json_object *v = NULL;
+
+    json_object_object_get_ex(o, key, &v);
+    return v;
+}
+
+static char *state_flags(json_object *b)
+{
+    GString *s = g_string_new(NULL);
+
+    if (jbool(b, "inconsistent")) {
+        g_string_append(s, "INCONSISTENT,");
+    }
+    g_string_append(s, jbool(b, "recording") ? "recording," : "disabled,");
+    if (jbool(b, "busy")) {
+        g_string_append(s, "busy,");
+    }
+    g_string_append(s, jbool(b, "persistent") ? "persistent" : "TRANSIENT");
+    return g_string_free(s, FALSE);
+}
+
+static void print_list(json_object *res)
+{
+    json_object *cps = jarr(res, "checkpoints");
+
+    if (json_object_array_length(cps) == 0) {
+        printf("no checkpoints\n");
+        return;
+    }
+    printf("%-6s %-24s %-12s %12s %8s  %s\n", "SEQ", "CHECKPOINT", "DISK",
+           "DIRTY", "GRAIN", "STATE");
+    for (size_t i = 0; i < json_object_array_length(cps); i++) {
+        json_object *cp = json_object_array_get_idx(cps, i);
+        json_object *disks = jarr(cp, "disks");
+
+        for (size_t d = 0; d < json_object_array_length(disks); d++) {
+            json_object *b = json_object_array_get_idx(disks, d);
+            g_autofree char *dirty = cmd_format_bytes(jint(b, "dirty_bytes"));
+            g_autofree char *grain = cmd_format_bytes(jint(b, "granularity"));
+            g_autofree char *flags = state_flags(b);
+            g_autofree char *seq = g_strdup_printf("%" G_GINT64_FORMAT,
+                                                   jint(cp, "seq"));
+
+            printf("%-6s %-24s %-12s %12s %8s  %s\n", d ? "" : seq,
+                   d ? "" : jstr(cp, "name"), jstr(b, "disk"), dirty, grain,
+                   flags);
+        }
+    }
+}
+
+static void print_disks(json_object *res)
+{
+    json_object *disks = jarr(res, "disks");
+
+    printf("%-12s %-16s %-7s %10s  %-5s %s\n", "DISK", "NODE", "DRIVER",
+           "SIZE", "CKPTS", "FILE");
+    for (size_t i = 0; i < json_object_array_length(disks); i++) {
+        json_object *d = json_object_array_get_idx(disks, i);
+        g_autofree char *size = cmd_format_bytes(jint(d, "size"));
+        g_autofree char *ckpts =
+            jbool(d, "checkpoints_supported")
+                ? g_strdup_printf("%" G_GINT64_FORMAT, jint(d, "checkpoints"))
+                : g_strdup("no");
+
+        printf("%-12s %-16s %-7s %10s  %-5s %s", jstr(d, "disk"),
+               jstr(d, "node"), jstr(d, "driver"), size, ckpts,
+               jstr(d, "file") ? jstr(d, "file") : "");
+        if (jstr(d, "reason")) {
+            printf("  (%s)", jstr(d, "reason"));
+        }
+        printf("\n");
+    }
+}
+
+static char *join_names(json_object *arr)
+{
+    GString *s = g_string_new(NULL);
+
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        g_string_append_printf(
+            s, "%s%s", i ? ", " : "",
+            json_object_get_string(json_object_array_get_idx(arr, i)));
+    }
+    return g_string_free(s, FALSE);
+}
+
+static void print_check(json_object *res)
+{
+    json_object *issues = jarr(res, "issues");
+    json_object *disks = jarr(res, "disks");
+
+    for (size_t i = 0; i < json_object_array_length(issues); i++) {
+        json_object *issue = json_object_array_get_idx(issues, i);
+
+        printf("%s: %s: %s\n", jstr(issue, "disk"), jstr(issue, "severity"),
+               jstr(issue, "message"));
+    }
+    if (json_object_object_get_ex(res, "repaired", NULL)) {
+        printf("repaired: %" G_GINT64_FORMAT " bitmap(s) changed\n",
+               jint(res, "repaired"));
+    }
+    for (size_t i = 0; i < json_object_array_length(disks); i++) {
+        json_object *d = json_object_array_get_idx(disks, i);
+        g_autofree char *trusted = join_names(jarr(d, "trusted"));
+        g_autofree char *untrusted = join_names(jarr(d, "untrusted"));
+
+        printf("%s: ", jstr(d, "disk"));
+        if (*untrusted) {
+            printf("untrusted: %s; ", untrusted);
+        }
+        if (jbool(d, "full_backup_required")) {
+            printf("next backup must be full\n");
+        } else {
+            printf("incremental since: %s\n", trusted);
+        }
+    }
+    printf("%s\n", jbool(res, "healthy")
+                       ? "checkpoints are healthy"
+                       : "checkpoints need repair: run 'qbk-checkpoint check "
+                         "--repair'");
+}
+
+static void print_text(const char *command, json_object *res)
+{
+    if (strcmp(command, "list") == 0) {
+        print_list(res);
+    } else if (strcmp(command, "disks") == 0) {
+        print_disks(res);
+    } else if (strcmp(command, "check") == 0) {
+        print_check(res);
+    } else if (strcmp(command, "create") == 0) {
+        printf("%s\n", jstr(res, "checkpoint"));
+        cmd_info("created checkpoint '%s' (bitmap %s) on %zu disk(s)",
+                 jstr(res, "checkpoint"), jstr(res, "bitmap"),
+                 json_object_array_length(jarr(res, "disks")));
+    } else if (strcmp(command, "delete") == 0) {
+        cmd_info("deleted checkpoint '%s' from %zu disk(s)",
+                 jstr(res, "deleted"),
+                 json_object_array_length(jarr(res, "disks")));
+    } else if (strcmp(command, "since") == 0 && jstr(res, "dropped")) {
+        cmd_info("removed '%s' from %" G_GINT64_FORMAT " disk(s)",
+                 jstr(res, "dropped"), jint(res, "count"));
+    } else if (strcmp(command, "since") == 0) {
+        json_object *disks = jarr(res, "disks");
+
+        for (size_t i = 0; i < json_object_array_length(disks); i++) {
+            json_object *b = json_object_array_get_idx(disks, i);
+
+            printf("%s\t%s\t%s\t%" G_GINT64_FORMAT "\n", jstr(b, "disk"),
+                   jstr(b, "node"), jstr(res, "bitmap"),
+                   jint(b, "dirty_bytes"));
+        }
+    }
+}
+
+/* ---- main ---- */
+
+static int exit_code(const GError *error)
+{
+    if (error->domain == G_OPTION_ERROR) {
+        return QBK_EXIT_USAGE;
+    }
+    if (error->domain == BITMAP_ERROR) {
+        switch ((BitmapErrorCode)error->code) {
+        case BITMAP_ERROR_INVALID_NAME:
+        case BITMAP_ERROR_EXISTS:
+        case BITMAP_ERROR_NOT_FOUND:
+            return QBK_EXIT_USAGE;
+        case BITMAP_ERROR_UNTRUSTED:
+            return QBK_EXIT_FULL_NEEDED;
+        case BITMAP_ERROR_UNSUPPORTED:
+            return QBK_EXIT_FAILURE;
+        }
+    }
+    return QBK_EXIT_FAILURE;
+}
+
+typedef struct {
+    const char *name;
+    int min_args, max_args; /* positional arguments after the command */
+} Command;
+
+static const Command commands[] = {
+    { "list", 0, 0 },  { "create", 0, 1 }, { "delete", 1, 1 },
+    { "since", 1, 1 }, { "check", 0, 0 },  { "disks", 0, 0 },
+};
+
+G_GNUC_PRINTF(1, 2)
+static int usage_error(const char *fmt, ...)
+{
+    g_autofree char *msg = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    msg = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    cmd_error("%s (see --help)", msg);
+    return QBK_EXIT_USAGE;
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GOptionContext) ctx =
+        g_option_context_new("COMMAND [NAME] - manage a VM's checkpoints");
+    g_autoptr(GError) error = NULL;
+    g_autoptr(CmdVm) vm = NULL;
+    g_autoptr(GPtrArray) targets = NULL;
+    const Command *cmd = NULL;
+    const char *name;
+    json_object *res = NULL;
+    int nargs;
+
+    g_set_prgname("qbk-checkpoint");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_summary(ctx, summary);
+    g_option_context_set_description(ctx, description);
+    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
+        return usage_error("%s", error->message);
+    }
+    if (opt_version) {
+        printf("qbk-checkpoint %s\n", QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    cmd_set_quiet(opt_quiet);
+    if (argc < 2) {
+        return usage_error("%s", "no command given");
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
+        if (strcmp(argv[1], commands[i].name) == 0) {
+            cmd = &commands[i];
+        }
+    }
+    if (!cmd) {
+        return usage_error("unknown command '%s'", argv[1]);
+    }
+    nargs = argc - 2;
+    if (nargs < cmd->min_args || nargs > cmd->max_args) {
+        return cmd->min_args
+                   ? usage_error("'%s' needs a checkpoint NAME", cmd->name)
+                   : usage_error("too many arguments for '%s'", cmd->name);
+    }
+    name = nargs ? argv[2] : NULL;
+    if (opt_repair && strcmp(cmd->name, "check") != 0) {
+        return usage_error("%s", "--repair goes with 'check'");
+    }
+    if ((opt_drop || opt_into) && strcmp(cmd->name, "since") != 0) {
+        return usage_error("%s", "--into and --drop go with 'since'");
+    }
+    if (opt_granularity && strcmp(cmd->name, "create") != 0) {
+        return usage_error("%s", "--granularity goes with 'create'");
+    }
+    if (opt_timeout <= 0) {
+        return usage_error("%s", "--timeout must be positive");
+    }
+    if (!opt_qmp && !opt_images && g_getenv("QBK_QMP")) {
+        opt_qmp = g_strdup(g_getenv("QBK_QMP"));
+    }
+    if (!!opt_qmp == !!opt_images) {
+        return usage_error("%s", opt_qmp ? "give --qmp or --image, not both"
+                                         : "give --qmp SOCKET or --image FILE");
+    }
+    if (name && strcmp(cmd->name, "create") == 0 &&
+        !bitmap_name_valid(name, &error)) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+
+    vm = cmd_vm_open(opt_qmp, opt_images, opt_timeout * 1000, &error);
+    if (!vm) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    targets = cmd_vm_select_disks(vm, opt_disks, &error);
+    if (!targets) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+
+    if (strcmp(cmd->name, "list") == 0) {
+        res = do_list(vm, &error);
+    } else if (strcmp(cmd->name, "disks") == 0) {
+        res = do_disks(vm, &error);
+    } else if (strcmp(cmd->name, "create") == 0) {
+        res = do_create(vm, targets, name, &error);
+    } else if (strcmp(cmd->name, "delete") == 0) {
+        res = do_delete(vm, name, &error);
+    } else if (strcmp(cmd->name, "since") == 0) {
+        res = do_since(vm, targets, name, &error);
+    } else {
+        res = do_check(vm, &error);
+    }
+    if (!res) {
+        cmd_error("%s: %s", cmd->name, error->message);
+        return exit_code(error);
+    }
+    /* Offline, the images are only safe once the daemon wrote them back. */
+    if (!cmd_vm_close(vm, &error)) {
+        cmd_error("%s: %s", cmd->name, error->message);
+        json_object_put(res);
+        return QBK_EXIT_FAILURE;
+    }
+
+    if (opt_json) {
+        bool healthy = strcmp(cmd->name, "check") != 0 || jbool(res, "healthy");
+
+        cmd_print_json(res);
+        return healthy ? QBK_EXIT_OK : QBK_EXIT_FULL_NEEDED;
+    }
+    print_text(cmd->name, res);
+    if (strcmp(cmd->name, "check") == 0 && !jbool(res, "healthy")) {
+        json_object_put(res);
+        return QBK_EXIT_FULL_NEEDED;
+    }
+    json_object_put(res);
+    return QBK_EXIT_OK;
+}

@@ -1,0 +1,316 @@
+/*
+ * Disk discovery: which block devices the VM has, which format node under
+ * each one holds its data (and so its checkpoint bitmaps), and what those
+ * bitmaps look like right now.
+ */
+#include <string.h>
+
+#include "qmp.h"
+
+/* Drivers that pass I/O through to one child: look below them. */
+static const char *const filter_drivers[] = {
+    "throttle",   "copy-on-read", "copy-before-write", "backup-top",
+    "preallocate", "compress",    "blklogwrites",      NULL,
+};
+
+static bool is_filter(const char *driver)
+{
+    return driver && g_strv_contains(filter_drivers, driver);
+}
+
+static const char *get_str(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    if (!json_object_object_get_ex(obj, key, &v) ||
+        !json_object_is_type(v, json_type_string)) {
+        return NULL;
+    }
+    return json_object_get_string(v);
+}
+
+static bool get_bool(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    return json_object_object_get_ex(obj, key, &v) &&
+           json_object_get_boolean(v);
+}
+
+static uint64_t get_u64(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    return json_object_object_get_ex(obj, key, &v) ? json_object_get_uint64(v)
+                                                   : 0;
+}
+
+static void bitmap_free(QmpBitmap *b)
+{
+    g_free(b->name);
+    g_free(b);
+}
+
+void qmp_disk_free(QmpDisk *disk)
+{
+    if (!disk) {
+        return;
+    }
+    g_free(disk->id);
+    g_free(disk->qdev);
+    g_free(disk->device);
+    g_free(disk->node);
+    g_free(disk->driver);
+    g_free(disk->filename);
+    g_free(disk->no_bitmaps);
+    if (disk->bitmaps) {
+        g_ptr_array_unref(disk->bitmaps);
+    }
+    g_free(disk);
+}
+
+/* node-name -> BlockDeviceInfo (borrowed from the reply). */
+static GHashTable *index_nodes(json_object *nodes)
+{
+    GHashTable *byname = g_hash_table_new(g_str_hash, g_str_equal);
+
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        json_object *n = json_object_array_get_idx(nodes, i);
+        const char *name = get_str(n, "node-name");
+
+        if (name) {
+            g_hash_table_insert(byname, (gpointer)name, n);
+        }
+    }
+    return byname;
+}
+
+/*
+ * The child that filter node NAME passes I/O to, from QEMU's block graph
+ * (fetched once, into *GRAPH). Returns a borrowed name or NULL.
+ */
+static const char *filter_child(QmpClient *qmp, json_object **graph,
+                                const char *name, GError **error)
+{
+    json_object *nodes, *edges;
+    int64_t parent = -1;
+
+    if (!*graph) {
+        *graph = qmp_execute(qmp, "x-debug-query-block-graph", NULL, error);
+        if (!*graph) {
+            return NULL;
+        }
+    }
+    json_object_object_get_ex(*graph, "nodes", &nodes);
+    json_object_object_get_ex(*graph, "edges", &edges);
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        json_object *n = json_object_array_get_idx(nodes, i);
+        const char *nname = get_str(n, "name");
+
+        if (nname && strcmp(nname, name) == 0) {
+            parent = get_u64(n, "id");
+        }
+    }
+    for (size_t i = 0; i < json_object_array_length(edges); i++) {
+        json_object *e = json_object_array_get_idx(edges, i);
+
+        if ((int64_t)get_u64(e, "parent") != parent ||
+            g_strcmp0(get_str(e, "name"), "file") != 0) {
+            continue;
+        }
+        for (size_t j = 0; j < json_object_array_length(nodes); j++) {
+            json_object *n = json_object_array_get_idx(nodes, j);
+
+            if (get_u64(n, "id") == get_u64(e, "child")) {
+                return get_str(n, "name");
+            }
+        }
+    }
+    g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                "cannot find the node below filter '%s'", name);
+    return NULL;
+}
+
+static void fill_from_node(QmpDisk *disk, json_object *info)
+{
+    json_object *image, *bitmaps;
+
+    disk->driver = g_strdup(get_str(info, "drv"));
+    disk->read_only = get_bool(info, "ro");
+    disk->filename = g_strdup(get_str(info, "file"));
+    if (json_object_object_get_ex(info, "image", &image)) {
+        disk->size = get_u64(image, "virtual-size");
+    }
+    disk->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
+    if (json_object_object_get_ex(info, "dirty-bitmaps", &bitmaps)) {
+        for (size_t i = 0; i < json_object_array_length(bitmaps); i++) {
+            json_object *jb = json_object_array_get_idx(bitmaps, i);
+            QmpBitmap *b;
+
+            if (!get_str(jb, "name")) {
+                disk->nameless_bitmaps++; /* a job's or a filter's */
+                continue;
+            }
+            b = g_new0(QmpBitmap, 1);
+            b->name = g_strdup(get_str(jb, "name"));
+            b->count = get_u64(jb, "count");
+            b->granularity = (uint32_t)get_u64(jb, "granularity");
+            b->recording = get_bool(jb, "recording");
+            b->busy = get_bool(jb, "busy");
+            b->persistent = get_bool(jb, "persistent");
+            b->inconsistent = get_bool(jb, "inconsistent");
+            g_ptr_array_add(disk->bitmaps, b);
+        }
+    }
+    if (g_strcmp0(disk->driver, "qcow2") != 0) {
+        disk->no_bitmaps = g_strdup_printf(
+            "%s image: only qcow2 can hold persistent bitmaps",
+            disk->driver ? disk->driver : "unknown");
+    } else if (disk->read_only) {
+        disk->no_bitmaps = g_strdup("read-only image");
+    }
+}
+
+/* The qdev id in "/machine/peripheral/ID/virtio-backend", or NULL. */
+static char *qdev_id(const char *qdev)
+{
+    const char *prefix = "/machine/peripheral/";
+    const char *end;
+
+    if (!qdev || !*qdev) {
+        return NULL;
+    }
+    if (!strchr(qdev, '/')) {
+        return g_strdup(qdev);
+    }
+    if (!g_str_has_prefix(qdev, prefix)) {
+        return NULL;
+    }
+    qdev += strlen(prefix);
+    end = strchr(qdev, '/');
+    return end ? g_strndup(qdev, end - qdev) : g_strdup(qdev);
+}
+
+GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
+{
+    g_autoptr(GPtrArray) disks =
+        g_ptr_array_new_with_free_func((GDestroyNotify)qmp_disk_free);
+    g_autoptr(GHashTable) byname = NULL;
+    json_object *block, *nodes, *graph = NULL;
+    bool ok = true;
+
+    block = qmp_execute(qmp, "query-block", NULL, error);
+    if (!block) {
+        return NULL;
+    }
+    nodes = qmp_execute(qmp, "query-named-block-nodes",
+                        json_tokener_parse("{\"flat\": true}"), error);
+    if (!nodes) {
+        json_object_put(block);
+        return NULL;
+    }
+    byname = index_nodes(nodes);
+
+    for (size_t i = 0; ok && i < json_object_array_length(block); i++) {
+        json_object *bi = json_object_array_get_idx(block, i);
+        json_object *inserted, *info;
+        const char *node;
+        g_autoptr(QmpDisk) disk = NULL;
+
+        if (get_bool(bi, "removable") ||
+            !json_object_object_get_ex(bi, "inserted", &inserted)) {
+            continue; /* CD-ROM, floppy or empty drive */
+        }
+        node = get_str(inserted, "node-name");
+        info = node ? g_hash_table_lookup(byname, node) : NULL;
+        for (int depth = 0; info && is_filter(get_str(info, "drv")); depth++) {
+            node = depth < 16 ? filter_child(qmp, &graph, node, error) : NULL;
+            if (!node) {
+                ok = false;
+                break;
+            }
+            info = g_hash_table_lookup(byname, node);
+        }
+        if (!ok) {
+            break;
+        }
+        if (!info) {
+            continue;
+        }
+        disk = g_new0(QmpDisk, 1);
+        disk->qdev = g_strdup(get_str(bi, "qdev"));
+        disk->device = g_strdup(get_str(bi, "device"));
+        disk->node = g_strdup(node);
+        disk->id = qdev_id(disk->qdev);
+        if (!disk->id) {
+            disk->id = g_strdup(*disk->device ? disk->device : node);
+        }
+        fill_from_node(disk, info);
+        g_ptr_array_add(disks, g_steal_pointer(&disk));
+    }
+    json_object_put(graph);
+    json_object_put(block);
+    json_object_put(nodes);
+    return ok ? g_steal_pointer(&disks) : NULL;
+}
+
+GPtrArray *qmp_query_node_disks(QmpClient *qmp, const char *const *nodes_in,
+                                const char *const *ids, GError **error)
+{
+    g_autoptr(GPtrArray) disks =
+        g_ptr_array_new_with_free_func((GDestroyNotify)qmp_disk_free);
+    g_autoptr(GHashTable) byname = NULL;
+    json_object *nodes;
+
+    nodes = qmp_execute(qmp, "query-named-block-nodes",
+                        json_tokener_parse("{\"flat\": true}"), error);
+    if (!nodes) {
+        return NULL;
+    }
+    byname = index_nodes(nodes);
+    for (size_t i = 0; nodes_in[i]; i++) {
+        json_object *info = g_hash_table_lookup(byname, nodes_in[i]);
+        QmpDisk *disk;
+
+        if (!info) {
+            g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                        "QEMU has no block node '%s'", nodes_in[i]);
+            json_object_put(nodes);
+            return NULL;
+        }
+        disk = g_new0(QmpDisk, 1);
+        disk->id = g_strdup(ids[i]);
+        disk->device = g_strdup("");
+        disk->node = g_strdup(nodes_in[i]);
+        fill_from_node(disk, info);
+        g_ptr_array_add(disks, disk);
+    }
+    json_object_put(nodes);
+    return g_steal_pointer(&disks);
+}
+
+QmpDisk *qmp_disk_find(GPtrArray *disks, const char *name)
+{
+    for (guint i = 0; i < disks->len; i++) {
+        QmpDisk *d = disks->pdata[i];
+
+        if (g_strcmp0(d->id, name) == 0 || g_strcmp0(d->qdev, name) == 0 ||
+            (*d->device && g_strcmp0(d->device, name) == 0) ||
+            g_strcmp0(d->node, name) == 0) {
+            return d;
+        }
+    }
+    return NULL;
+}
+
+const QmpBitmap *qmp_disk_bitmap(const QmpDisk *disk, const char *name)
+{
+    for (guint i = 0; i < disk->bitmaps->len; i++) {
+        const QmpBitmap *b = disk->bitmaps->pdata[i];
+
+        if (strcmp(b->name, name) == 0) {
+            return b;
+        }
+    }
+    return NULL;
+}

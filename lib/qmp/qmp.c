@@ -1,0 +1,598 @@
+/*
+ * The QMP connection: socket set-up, line framing, command/reply matching
+ * by id, and the queue of events that arrive while we wait.
+ *
+ * QEMU sends one JSON object per line. Replies come in order, but a reply
+ * can be preceded by any number of events, and a command that timed out may
+ * still be answered later: replies carry our id so such stale ones are
+ * recognised and dropped.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+G_DEFINE_QUARK(qmp-error-quark, qmp_error)
+G_DEFINE_QUARK(qmp-command-error-quark, qmp_command_error)
+
+/* Indexed by QmpCommandErrorCode. */
+static const char *const error_classes[] = {
+    [QMP_COMMAND_ERROR_GENERIC] = "GenericError",
+    [QMP_COMMAND_ERROR_COMMAND_NOT_FOUND] = "CommandNotFound",
+    [QMP_COMMAND_ERROR_DEVICE_NOT_ACTIVE] = "DeviceNotActive",
+    [QMP_COMMAND_ERROR_DEVICE_NOT_FOUND] = "DeviceNotFound",
+    [QMP_COMMAND_ERROR_KVM_MISSING_CAP] = "KVMMissingCap",
+    [QMP_COMMAND_ERROR_UNKNOWN] = "UnknownError",
+};
+
+const char *qmp_error_class(const GError *error)
+{
+    if (!error || error->domain != QMP_COMMAND_ERROR ||
+        error->code < 0 || error->code > QMP_COMMAND_ERROR_UNKNOWN) {
+        return NULL;
+    }
+    return error_classes[error->code];
+}
+
+static QmpCommandErrorCode error_code_of_class(const char *class)
+{
+    for (int i = 0; i < QMP_COMMAND_ERROR_UNKNOWN; i++) {
+        if (class && strcmp(class, error_classes[i]) == 0) {
+            return i;
+        }
+    }
+    return QMP_COMMAND_ERROR_UNKNOWN;
+}
+
+/* Milliseconds left until DEADLINE (monotonic, microseconds), at least 0. */
+static int ms_left(gint64 deadline)
+{
+    gint64 left = deadline - g_get_monotonic_time();
+
+    return left <= 0 ? 0 : (int)MIN((left + 999) / 1000, G_MAXINT);
+}
+
+static gint64 deadline_in(int timeout_ms)
+{
+    return g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+}
+
+static void mark_closed(QmpClient *qmp, GError **error)
+{
+    qmp->closed = true;
+    g_set_error(error, QMP_ERROR, QMP_ERROR_CLOSED,
+                "QEMU closed the QMP connection '%s' (did it exit?)",
+                qmp->address);
+}
+
+/* ---- connecting ---- */
+
+static int connect_unix(const char *path, GError **error)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    int fd;
+
+    if (strlen(path) >= sizeof(addr.sun_path)) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
+                    "socket path '%s' is too long", path);
+        return -1;
+    }
+    strcpy(addr.sun_path, path);
+
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+        int saved = errno;
+
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
+                    "cannot connect to '%s': %s", path, g_strerror(saved));
+        if (fd >= 0) {
+            close(fd);
+        }
+        return -1;
+    }
+    return fd;
+}
+
+static int connect_tcp(const char *hostport, GError **error)
+{
+    g_autofree char *host = NULL;
+    const char *colon = strrchr(hostport, ':');
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM };
+    struct addrinfo *res = NULL;
+    int saved = 0;
+    int fd = -1;
+    int rc;
+
+    if (!colon || colon == hostport || !colon[1]) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
+                    "'tcp:%s' is not of the form tcp:HOST:PORT", hostport);
+        return -1;
+    }
+    host = g_strndup(hostport, colon - hostport);
+    rc = getaddrinfo(host, colon + 1, &hints, &res);
+    if (rc != 0) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
+                    "cannot resolve '%s': %s", hostport, gai_strerror(rc));
+        return -1;
+    }
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+                    ai->ai_protocol);
+        if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+            break;
+        }
+        saved = errno;
+        if (fd >= 0) {
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
+                    "cannot connect to 'tcp:%s': %s", hostport,
+                    g_strerror(saved));
+    }
+    return fd;
+}
+
+/* ---- framing ---- */
+
+/* Take one whole line out of the input buffer, or return NULL. */
+static char *take_line(QmpClient *qmp)
+{
+    char *nl = memchr(qmp->inbuf->str, '\n', qmp->inbuf->len);
+    char *line;
+
+    if (!nl) {
+        return NULL;
+    }
+    line = g_strndup(qmp->inbuf->str, nl - qmp->inbuf->str);
+    g_string_erase(qmp->inbuf, 0, nl - qmp->inbuf->str + 1);
+    return g_strchomp(line);
+}
+
+/*
+ * Read more bytes, waiting until DEADLINE. Returns 1 when bytes arrived,
+ * 0 on timeout, -1 on error (connection closed included).
+ */
+static int fill(QmpClient *qmp, gint64 deadline, GError **error)
+{
+    struct pollfd pfd = { .fd = qmp->fd, .events = POLLIN };
+    char buf[65536];
+    ssize_t n;
+    int rc;
+
+    do {
+        rc = poll(&pfd, 1, ms_left(deadline));
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CLOSED, "poll: %s",
+                    g_strerror(errno));
+        return -1;
+    }
+    if (rc == 0) {
+        return 0;
+    }
+    do {
+        n = read(qmp->fd, buf, sizeof(buf));
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN) {
+        return 1;
+    }
+    if (n <= 0) {
+        mark_closed(qmp, error);
+        return -1;
+    }
+    g_string_append_len(qmp->inbuf, buf, n);
+    return 1;
+}
+
+/*
+ * Next message from QEMU, waiting until DEADLINE. Returns NULL with ERROR
+ * set on failure, or NULL with *TIMED_OUT set and no error on a timeout.
+ */
+static json_object *read_message(QmpClient *qmp, gint64 deadline,
+                                 bool *timed_out, GError **error)
+{
+    *timed_out = false;
+    if (qmp->closed) {
+        mark_closed(qmp, error);
+        return NULL;
+    }
+    for (;;) {
+        g_autofree char *line = take_line(qmp);
+        json_object *msg;
+        enum json_tokener_error jerr;
+        int rc;
+
+        if (line && !*line) {
+            continue;
+        }
+        if (line) {
+            msg = json_tokener_parse_verbose(line, &jerr);
+            if (!msg || !json_object_is_type(msg, json_type_object)) {
+                json_object_put(msg);
+                g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                            "'%s' sent something that is not QMP: %s",
+                            qmp->address,
+                            msg ? "not a JSON object"
+                                : json_tokener_error_desc(jerr));
+                return NULL;
+            }
+            return msg;
+        }
+        rc = fill(qmp, deadline, error);
+        if (rc < 0) {
+            return NULL;
+        }
+        if (rc == 0) {
+            *timed_out = true;
+            return NULL;
+        }
+    }
+}
+
+static bool is_event(json_object *msg)
+{
+    return json_object_object_get_ex(msg, "event", NULL);
+}
+
+static bool send_all(QmpClient *qmp, const char *data, size_t len,
+                     gint64 deadline, GError **error)
+{
+    while (len > 0) {
+        struct pollfd pfd = { .fd = qmp->fd, .events = POLLOUT };
+        ssize_t n = send(qmp->fd, data, len, MSG_NOSIGNAL);
+
+        if (n > 0) {
+            data += n;
+            len -= n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && errno == EAGAIN) {
+            if (poll(&pfd, 1, ms_left(deadline)) == 0) {
+                g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                            "QEMU at '%s' stopped reading commands",
+                            qmp->address);
+                return false;
+            }
+            continue;
+        }
+        mark_closed(qmp, error);
+        return false;
+    }
+    return true;
+}
+
+/* ---- public API ---- */
+
+static bool parse_greeting(QmpClient *qmp, json_object *greeting,
+                           GError **error)
+{
+    json_object *qmpobj, *version, *qemu, *v;
+
+    if (!json_object_object_get_ex(greeting, "QMP", &qmpobj) ||
+        !json_object_object_get_ex(qmpobj, "version", &version) ||
+        !json_object_object_get_ex(version, "qemu", &qemu)) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "'%s' is not a QMP socket: no QMP greeting",
+                    qmp->address);
+        return false;
+    }
+    if (json_object_object_get_ex(qemu, "major", &v)) {
+        qmp->major = json_object_get_int(v);
+    }
+    if (json_object_object_get_ex(qemu, "minor", &v)) {
+        qmp->minor = json_object_get_int(v);
+    }
+    if (json_object_object_get_ex(qemu, "micro", &v)) {
+        qmp->micro = json_object_get_int(v);
+    }
+    return true;
+}
+
+QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
+{
+    g_autoptr(QmpClient) qmp = g_new0(QmpClient, 1);
+    json_object *greeting;
+    gint64 deadline;
+    bool timed_out;
+
+    g_return_val_if_fail(address != NULL, NULL);
+
+    qmp->fd = -1;
+    qmp->address = g_strdup(address);
+    qmp->timeout_ms = timeout_ms > 0 ? timeout_ms : QMP_DEFAULT_TIMEOUT_MS;
+    qmp->inbuf = g_string_new(NULL);
+    g_queue_init(&qmp->events);
+    deadline = deadline_in(qmp->timeout_ms);
+
+    if (g_str_has_prefix(address, "tcp:")) {
+        qmp->fd = connect_tcp(address + 4, error);
+    } else if (g_str_has_prefix(address, "unix:")) {
+        qmp->fd = connect_unix(address + 5, error);
+    } else {
+        qmp->fd = connect_unix(address, error);
+    }
+    if (qmp->fd < 0) {
+        return NULL;
+    }
+    if (fcntl(qmp->fd, F_SETFL, fcntl(qmp->fd, F_GETFL) | O_NONBLOCK) < 0) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT, "fcntl: %s",
+                    g_strerror(errno));
+        return NULL;
+    }
+
+    greeting = read_message(qmp, deadline, &timed_out, error);
+    if (timed_out) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                    "no QMP greeting from '%s' within %d ms (not a QMP "
+                    "socket, or another client is connected)",
+                    address, qmp->timeout_ms);
+    }
+    if (!greeting) {
+        if (error && *error && (*error)->code == QMP_ERROR_PROTOCOL) {
+            g_prefix_error(error, "not a QMP socket: ");
+        }
+        return NULL;
+    }
+    if (!parse_greeting(qmp, greeting, error)) {
+        json_object_put(greeting);
+        return NULL;
+    }
+    json_object_put(greeting);
+
+    if (!qmp_run(qmp, "qmp_capabilities", NULL, error)) {
+        g_prefix_error(error, "capabilities negotiation failed: ");
+        return NULL;
+    }
+    return g_steal_pointer(&qmp);
+}
+
+static void put_json(gpointer obj)
+{
+    json_object_put(obj);
+}
+
+void qmp_free(QmpClient *qmp)
+{
+    if (!qmp) {
+        return;
+    }
+    if (qmp->daemon_pid > 0) {
+        /* Best effort: the caller wanted no report of how it ended. */
+        qmp_stop_storage_daemon(qmp, NULL);
+    }
+    if (qmp->fd >= 0) {
+        close(qmp->fd);
+    }
+    g_free(qmp->daemon_dir);
+    g_queue_clear_full(&qmp->events, put_json);
+    if (qmp->inbuf) {
+        g_string_free(qmp->inbuf, TRUE);
+    }
+    g_free(qmp->address);
+    g_free(qmp);
+}
+
+void qmp_set_timeout(QmpClient *qmp, int timeout_ms)
+{
+    qmp->timeout_ms = timeout_ms > 0 ? timeout_ms : QMP_DEFAULT_TIMEOUT_MS;
+}
+
+void qmp_get_version(QmpClient *qmp, int *major, int *minor, int *micro)
+{
+    if (major) {
+        *major = qmp->major;
+    }
+    if (minor) {
+        *minor = qmp->minor;
+    }
+    if (micro) {
+        *micro = qmp->micro;
+    }
+}
+
+static bool reply_has_id(json_object *msg, const char *id)
+{
+    json_object *jid;
+
+    return json_object_object_get_ex(msg, "id", &jid) &&
+           json_object_is_type(jid, json_type_string) &&
+           strcmp(json_object_get_string(jid), id) == 0;
+}
+
+static void set_command_error(json_object *reply, const char *command,
+                              GError **error)
+{
+    json_object *err, *class = NULL, *desc = NULL;
+
+    json_object_object_get_ex(reply, "error", &err);
+    json_object_object_get_ex(err, "class", &class);
+    json_object_object_get_ex(err, "desc", &desc);
+    g_set_error(error, QMP_COMMAND_ERROR,
+                error_code_of_class(json_object_get_string(class)), "%s",
+                desc ? json_object_get_string(desc)
+                     : "QEMU refused the command without a reason");
+}
+
+json_object *qmp_execute(QmpClient *qmp, const char *command,
+                         json_object *arguments, GError **error)
+{
+    g_autofree char *id = g_strdup_printf("qbk-%" G_GUINT64_FORMAT,
+                                          ++qmp->last_id);
+    json_object *msg = json_object_new_object();
+    gint64 deadline = deadline_in(qmp->timeout_ms);
+    const char *text;
+    bool ok;
+
+    if (qmp->closed) {
+        json_object_put(arguments);
+        json_object_put(msg);
+        mark_closed(qmp, error);
+        return NULL;
+    }
+    json_object_object_add(msg, "execute", json_object_new_string(command));
+    if (arguments) {
+        json_object_object_add(msg, "arguments", arguments);
+    }
+    json_object_object_add(msg, "id", json_object_new_string(id));
+    text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
+    ok = send_all(qmp, text, strlen(text), deadline, error) &&
+         send_all(qmp, "\n", 1, deadline, error);
+    json_object_put(msg);
+    if (!ok) {
+        return NULL;
+    }
+
+    for (;;) {
+        bool timed_out;
+        json_object *reply = read_message(qmp, deadline, &timed_out, error);
+        json_object *ret;
+
+        if (timed_out) {
+            g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "QEMU did not answer '%s' within %d ms", command,
+                        qmp->timeout_ms);
+            return NULL;
+        }
+        if (!reply) {
+            return NULL;
+        }
+        if (is_event(reply)) {
+            g_queue_push_tail(&qmp->events, reply);
+            continue;
+        }
+        if (!reply_has_id(reply, id)) {
+            /* The late answer to a command that timed out. */
+            json_object_put(reply);
+            continue;
+        }
+        if (json_object_object_get_ex(reply, "return", &ret)) {
+            ret = json_object_get(ret);
+            json_object_put(reply);
+            return ret ? ret : json_object_new_object();
+        }
+        set_command_error(reply, command, error);
+        json_object_put(reply);
+        return NULL;
+    }
+}
+
+bool qmp_run(QmpClient *qmp, const char *command, json_object *arguments,
+             GError **error)
+{
+    json_object *ret = qmp_execute(qmp, command, arguments, error);
+
+    json_object_put(ret);
+    return ret != NULL;
+}
+
+char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error)
+{
+    json_object *args = json_object_new_object();
+    json_object *ret;
+    char *out;
+
+    json_object_object_add(args, "command-line",
+                           json_object_new_string(command_line));
+    ret = qmp_execute(qmp, "human-monitor-command", args, error);
+    if (!ret) {
+        return NULL;
+    }
+    out = g_strdup(json_object_get_string(ret));
+    json_object_put(ret);
+    return out;
+}
+
+static bool event_matches(json_object *event, const char *name,
+                          QmpEventMatch match, void *opaque)
+{
+    json_object *jname;
+
+    if (name && (!json_object_object_get_ex(event, "event", &jname) ||
+                 strcmp(json_object_get_string(jname), name) != 0)) {
+        return false;
+    }
+    return !match || match(event, opaque);
+}
+
+json_object *qmp_wait_event(QmpClient *qmp, const char *name,
+                            QmpEventMatch match, void *opaque, int timeout_ms,
+                            GError **error)
+{
+    gint64 deadline = deadline_in(timeout_ms > 0 ? timeout_ms
+                                                 : qmp->timeout_ms);
+
+    for (GList *l = qmp->events.head; l; l = l->next) {
+        if (event_matches(l->data, name, match, opaque)) {
+            json_object *event = l->data;
+
+            g_queue_delete_link(&qmp->events, l);
+            return event;
+        }
+    }
+    for (;;) {
+        bool timed_out;
+        json_object *msg = read_message(qmp, deadline, &timed_out, error);
+
+        if (timed_out) {
+            g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "no %s event within %d ms", name ? name : "QMP",
+                        timeout_ms > 0 ? timeout_ms : qmp->timeout_ms);
+            return NULL;
+        }
+        if (!msg) {
+            return NULL;
+        }
+        if (!is_event(msg)) {
+            json_object_put(msg); /* stale reply */
+            continue;
+        }
+        if (event_matches(msg, name, match, opaque)) {
+            return msg;
+        }
+        g_queue_push_tail(&qmp->events, msg);
+    }
+}
+
+bool qmp_poll_events(QmpClient *qmp, GError **error)
+{
+    for (;;) {
+        bool timed_out;
+        json_object *msg = read_message(qmp, g_get_monotonic_time(),
+                                        &timed_out, error);
+
+        if (timed_out) {
+            return true;
+        }
+        if (!msg) {
+            return false;
+        }
+        if (is_event(msg)) {
+            g_queue_push_tail(&qmp->events, msg);
+        } else {
+            json_object_put(msg);
+        }
+    }
+}
+
+guint qmp_pending_events(QmpClient *qmp)
+{
+    return g_queue_get_length(&qmp->events);
+}
+
+json_object *qmp_pop_event(QmpClient *qmp)
+{
+    return g_queue_pop_head(&qmp->events);
+}

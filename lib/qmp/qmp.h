@@ -1,0 +1,204 @@
+/*
+ * lib/qmp: a small synchronous client for QEMU's machine protocol.
+ *
+ * It connects to a QMP socket (or starts a private qemu-storage-daemon),
+ * negotiates capabilities, runs commands and transactions, keeps every event
+ * that arrives while it waits, and describes the VM's disks. It knows nothing
+ * about backups; every other qbk module talks to QEMU through it.
+ *
+ * Ownership: json-c objects passed in as command arguments are taken over;
+ * objects returned are new references that the caller puts.
+ */
+#ifndef QBK_QMP_H
+#define QBK_QMP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <glib.h>
+#include <json-c/json.h>
+
+/* Transport and protocol failures. */
+#define QMP_ERROR qmp_error_quark()
+GQuark qmp_error_quark(void);
+
+typedef enum {
+    QMP_ERROR_CONNECT,  /* the socket could not be reached */
+    QMP_ERROR_PROTOCOL, /* the peer does not speak QMP */
+    QMP_ERROR_TIMEOUT,  /* no answer within the timeout */
+    QMP_ERROR_CLOSED,   /* QEMU closed the connection or died */
+    QMP_ERROR_SPAWN,    /* a helper process could not be started */
+} QmpErrorCode;
+
+/*
+ * A command that QEMU refused: the code is QEMU's error class and the
+ * message is QEMU's "desc", unchanged.
+ */
+#define QMP_COMMAND_ERROR qmp_command_error_quark()
+GQuark qmp_command_error_quark(void);
+
+typedef enum {
+    QMP_COMMAND_ERROR_GENERIC,           /* GenericError */
+    QMP_COMMAND_ERROR_COMMAND_NOT_FOUND, /* CommandNotFound */
+    QMP_COMMAND_ERROR_DEVICE_NOT_ACTIVE, /* DeviceNotActive */
+    QMP_COMMAND_ERROR_DEVICE_NOT_FOUND,  /* DeviceNotFound */
+    QMP_COMMAND_ERROR_KVM_MISSING_CAP,   /* KVMMissingCap */
+    QMP_COMMAND_ERROR_UNKNOWN,           /* a class this client predates */
+} QmpCommandErrorCode;
+
+/* QEMU's name of the class of a QMP_COMMAND_ERROR, or NULL for others. */
+const char *qmp_error_class(const GError *error);
+
+/* Default for every wait, in milliseconds. */
+#define QMP_DEFAULT_TIMEOUT_MS 30000
+
+typedef struct QmpClient QmpClient;
+
+/*
+ * Connect to ADDRESS ("PATH", "unix:PATH" or "tcp:HOST:PORT"), read the
+ * greeting and leave capabilities negotiation done. TIMEOUT_MS bounds the
+ * whole handshake and becomes the client's default timeout.
+ */
+QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error);
+
+/*
+ * Close the connection. A client made by qmp_spawn_storage_daemon() also
+ * stops its daemon (QMP "quit", then SIGTERM, then SIGKILL, each bounded).
+ */
+void qmp_free(QmpClient *qmp);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(QmpClient, qmp_free)
+
+void qmp_set_timeout(QmpClient *qmp, int timeout_ms);
+
+/* QEMU's version from the greeting. */
+void qmp_get_version(QmpClient *qmp, int *major, int *minor, int *micro);
+
+/*
+ * Run COMMAND with ARGUMENTS (taken over; may be NULL) and return QEMU's
+ * "return" value as a new reference (an empty object for "{}"). Events that
+ * arrive meanwhile are queued. On a timeout the late reply, if it ever comes,
+ * is recognised by its id and discarded.
+ */
+json_object *qmp_execute(QmpClient *qmp, const char *command,
+                         json_object *arguments, GError **error);
+
+/* qmp_execute() for commands whose return value is not needed. */
+bool qmp_run(QmpClient *qmp, const char *command, json_object *arguments,
+             GError **error);
+
+/* Run an HMP command through human-monitor-command; returns its output. */
+char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error);
+
+/*
+ * Wait for an event: the oldest queued one, or the next to arrive, whose
+ * name is NAME (NULL: any) and for which MATCH (NULL: always) returns true.
+ * Returns the whole event object ({event, data, timestamp}) and removes it
+ * from the queue; other events stay queued in order.
+ */
+typedef bool (*QmpEventMatch)(json_object *event, void *opaque);
+json_object *qmp_wait_event(QmpClient *qmp, const char *name,
+                            QmpEventMatch match, void *opaque, int timeout_ms,
+                            GError **error);
+
+/* Read whatever QEMU has already sent, without blocking; queue events. */
+bool qmp_poll_events(QmpClient *qmp, GError **error);
+
+/* Number of queued events. */
+guint qmp_pending_events(QmpClient *qmp);
+
+/* Take the oldest queued event, or NULL. */
+json_object *qmp_pop_event(QmpClient *qmp);
+
+/* ---- transactions (transaction.c) ---- */
+
+/*
+ * A QMP "transaction": actions added one by one, then run atomically; if
+ * any action fails QEMU undoes all of them.
+ */
+typedef struct QmpTransaction QmpTransaction;
+
+QmpTransaction *qmp_transaction_new(void);
+void qmp_transaction_free(QmpTransaction *tx);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(QmpTransaction, qmp_transaction_free)
+
+/* Append an action of TYPE with DATA (taken over). */
+void qmp_transaction_add(QmpTransaction *tx, const char *type,
+                         json_object *data);
+guint qmp_transaction_length(const QmpTransaction *tx);
+
+/* The "actions" array as QEMU will see it (borrowed; for logs and tests). */
+json_object *qmp_transaction_actions(const QmpTransaction *tx);
+
+/* Run all actions at once; an empty transaction succeeds without QEMU. */
+bool qmp_transaction_run(QmpClient *qmp, QmpTransaction *tx, GError **error);
+
+/* ---- the VM's disks (disks.c) ---- */
+
+/* A named dirty bitmap of a block node (internal nameless ones skipped). */
+typedef struct {
+    char *name;
+    uint64_t count;       /* dirty bytes */
+    uint32_t granularity; /* bytes per bit */
+    bool recording;
+    bool busy;            /* in use by a job or an export */
+    bool persistent;      /* stored in the qcow2 image */
+    bool inconsistent;    /* QEMU did not close it cleanly: not to be trusted */
+} QmpBitmap;
+
+/* A disk of the VM: a device's BlockBackend and its top format node. */
+typedef struct {
+    char *id;        /* what users type: qdev id, else drive id, else node */
+    char *qdev;      /* qdev path; NULL without a device */
+    char *device;    /* BlockBackend name; "" for -blockdev disks */
+    char *node;      /* top format node: where checkpoint bitmaps live */
+    char *driver;    /* format driver of that node: qcow2, raw, ... */
+    char *filename;  /* image file name */
+    uint64_t size;   /* virtual size, bytes */
+    bool read_only;
+    char *no_bitmaps; /* why it cannot hold persistent bitmaps, or NULL */
+    GPtrArray *bitmaps; /* QmpBitmap*, named bitmaps of the node, owned */
+    guint nameless_bitmaps; /* internal bitmaps of jobs and filters */
+} QmpDisk;
+
+void qmp_disk_free(QmpDisk *disk);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(QmpDisk, qmp_disk_free)
+
+/*
+ * The VM's disks, in QEMU's order. Empty drives and CD-ROMs are skipped.
+ * Filters above a disk (throttle, copy-before-write, ...) are looked
+ * through so that .node is the format node.
+ */
+GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error);
+
+/*
+ * Disks made of the given format nodes, for a qemu-storage-daemon that has
+ * no devices. IDS names them (same length as NODES).
+ */
+GPtrArray *qmp_query_node_disks(QmpClient *qmp, const char *const *nodes,
+                                const char *const *ids, GError **error);
+
+/* The disk whose id, qdev path, drive name or node name is NAME, or NULL. */
+QmpDisk *qmp_disk_find(GPtrArray *disks, const char *name);
+
+/* The named bitmap of DISK, or NULL. */
+const QmpBitmap *qmp_disk_bitmap(const QmpDisk *disk, const char *name);
+
+/* ---- a private qemu-storage-daemon (daemon.c) ---- */
+
+/*
+ * Start qemu-storage-daemon on IMAGES (qcow2 or raw, opened read-write and
+ * locked, so an image in use by a running VM is refused) with a QMP monitor
+ * on a private socket, and connect to it. The node of IMAGES[i] is named
+ * "img<i>". qmp_free() stops the daemon, which writes persistent bitmaps back
+ * to the images.
+ */
+QmpClient *qmp_spawn_storage_daemon(const char *const *images, int timeout_ms,
+                                    GError **error);
+
+/*
+ * Stop the daemon that qmp_spawn_storage_daemon() started and report how it
+ * ended (an unclean exit loses bitmap updates). Closes the connection.
+ */
+bool qmp_stop_storage_daemon(QmpClient *qmp, GError **error);
+
+#endif /* QBK_QMP_H */
