@@ -71,8 +71,7 @@ bool cmd_vm_refresh(CmdVm *vm, GError **error)
 
     if (vm->offline) {
         disks = qmp_query_node_disks(vm->qmp, (const char *const *)vm->nodes,
-                                     (const char *const *)vm->image_ids,
-                                     error);
+                                     (const char *const *)vm->image_ids, error);
     } else {
         disks = qmp_query_disks(vm->qmp, error);
     }
@@ -150,9 +149,9 @@ char *cmd_format_bytes(guint64 bytes)
 
 void cmd_print_json(json_object *obj)
 {
-    puts(json_object_to_json_string_ext(obj, JSON_C_TO_STRING_PRETTY |
-                                                 JSON_C_TO_STRING_SPACED |
-                                                 JSON_C_TO_STRING_NOSLASHESCAPE));
+    puts(json_object_to_json_string_ext(
+        obj, JSON_C_TO_STRING_PRETTY | JSON_C_TO_STRING_SPACED |
+                 JSON_C_TO_STRING_NOSLASHESCAPE));
     fflush(stdout);
     json_object_put(obj);
 }

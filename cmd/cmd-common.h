@@ -17,11 +17,11 @@ enum {
     QBK_EXIT_FULL_NEEDED = 3, /* checkpoint chain broken: full backup needed */
 };
 
-#define QBK_EXIT_CODES_HELP                                                  \
-    "Exit status:\n"                                                         \
-    "  0  success\n"                                                         \
+#define QBK_EXIT_CODES_HELP                                                    \
+    "Exit status:\n"                                                           \
+    "  0  success\n"                                                           \
     "  1  failure (QEMU unreachable or refused, I/O error); nothing changed\n" \
-    "  2  usage error: bad option, unknown disk or checkpoint, bad name\n"   \
+    "  2  usage error: bad option, unknown disk or checkpoint, bad name\n"     \
     "  3  checkpoint chain broken or missing: the next backup must be full\n"
 
 /* Print "PROG: MESSAGE" on stderr (one line). */
@@ -38,10 +38,10 @@ void cmd_set_quiet(bool quiet);
  */
 typedef struct {
     QmpClient *qmp;
-    GPtrArray *disks;  /* QmpDisk*, owned */
-    bool offline;      /* IMAGES through qemu-storage-daemon */
-    char **image_ids;  /* offline: the images as given */
-    char **nodes;      /* offline: their node names */
+    GPtrArray *disks; /* QmpDisk*, owned */
+    bool offline;     /* IMAGES through qemu-storage-daemon */
+    char **image_ids; /* offline: the images as given */
+    char **nodes;     /* offline: their node names */
 } CmdVm;
 
 /* Open the VM at QMP_ADDRESS, or IMAGES offline (exactly one is set). */

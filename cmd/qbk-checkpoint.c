@@ -28,10 +28,12 @@ static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 static GOptionEntry entries[] = {
     { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
       "QMP socket of the running VM: PATH, unix:PATH or tcp:HOST:PORT "
-      "(default: $QBK_QMP)", "SOCKET" },
+      "(default: $QBK_QMP)",
+      "SOCKET" },
     { "image", 'i', 0, G_OPTION_ARG_FILENAME_ARRAY, &opt_images,
       "work offline on this qcow2 image of a stopped VM (repeat for every "
-      "disk)", "FILE" },
+      "disk)",
+      "FILE" },
     { "disk", 'd', 0, G_OPTION_ARG_STRING_ARRAY, &opt_disks,
       "only this disk: qdev id, drive name, node name or image (repeat)",
       "DISK" },
@@ -39,7 +41,8 @@ static GOptionEntry entries[] = {
       "print one JSON object on stdout", NULL },
     { "granularity", 'g', 0, G_OPTION_ARG_INT64, &opt_granularity,
       "create: bytes per bitmap bit, a power of two from 512 (default: the "
-      "qcow2 cluster size)", "BYTES" },
+      "qcow2 cluster size)",
+      "BYTES" },
     { "repair", 'r', 0, G_OPTION_ARG_NONE, &opt_repair,
       "check: remove the checkpoints that cannot be trusted", NULL },
     { "into", 0, 0, G_OPTION_ARG_STRING, &opt_into,
@@ -66,7 +69,8 @@ static const char summary[] =
     "  since NAME      make a temporary bitmap holding everything written\n"
     "                  since NAME on each disk (for incremental backups)\n"
     "  check           find checkpoints that cannot be trusted (QEMU killed,\n"
-    "                  bitmaps missing or not recording); --repair removes them\n"
+    "                  bitmaps missing or not recording); --repair removes "
+    "them\n"
     "  disks           the VM's disks and whether they can hold checkpoints\n"
     "\n"
     "A checkpoint is a persistent dirty bitmap named qbk-<seq>-<NAME> on each\n"
@@ -323,8 +327,7 @@ static json_object *issues_json(const BitmapCheck *check)
 
         add_str(o, "disk", issue->disk->id);
         add_str(o, "kind", bitmap_issue_kind_name(issue->kind));
-        add_str(o, "severity",
-                severities[bitmap_issue_severity(issue->kind)]);
+        add_str(o, "severity", severities[bitmap_issue_severity(issue->kind)]);
         add_str(o, "bitmap", issue->bitmap);
         add_str(o, "message", issue->message);
         json_object_array_add(arr, o);
@@ -375,8 +378,7 @@ static gint64 jint(json_object *o, const char *key)
 {
     json_object *v;
 
-    return json_object_object_get_ex(o, key, &v) ? json_object_get_int64(v)
-                                                 : 0;
+    return json_object_object_get_ex(o, key, &v) ? json_object_get_int64(v) : 0;
 }
 
 static bool jbool(json_object *o, const char *key)
@@ -409,15 +411,37 @@ static char *state_flags(json_object *b)
     return g_string_free(s, FALSE);
 }
 
+/* Width of the widest KEY of the objects in ARR (or of its elements'
+ * SUB array), at least MIN. */
+static int column_width(json_object *arr, const char *sub, const char *key,
+                        int min)
+{
+    int w = min;
+
+    for (size_t i = 0; i < json_object_array_length(arr); i++) {
+        json_object *o = json_object_array_get_idx(arr, i);
+
+        if (sub) {
+            w = MAX(w, column_width(jarr(o, sub), NULL, key, min));
+        } else if (jstr(o, key)) {
+            w = MAX(w, (int)strlen(jstr(o, key)));
+        }
+    }
+    return w;
+}
+
 static void print_list(json_object *res)
 {
     json_object *cps = jarr(res, "checkpoints");
+    int nw, dw;
 
     if (json_object_array_length(cps) == 0) {
         printf("no checkpoints\n");
         return;
     }
-    printf("%-6s %-24s %-12s %12s %8s  %s\n", "SEQ", "CHECKPOINT", "DISK",
+    nw = column_width(cps, NULL, "name", 10);
+    dw = column_width(cps, "disks", "disk", 4);
+    printf("%-6s %-*s %-*s %12s %9s  %s\n", "SEQ", nw, "CHECKPOINT", dw, "DISK",
            "DIRTY", "GRAIN", "STATE");
     for (size_t i = 0; i < json_object_array_length(cps); i++) {
         json_object *cp = json_object_array_get_idx(cps, i);
@@ -428,11 +452,11 @@ static void print_list(json_object *res)
             g_autofree char *dirty = cmd_format_bytes(jint(b, "dirty_bytes"));
             g_autofree char *grain = cmd_format_bytes(jint(b, "granularity"));
             g_autofree char *flags = state_flags(b);
-            g_autofree char *seq = g_strdup_printf("%" G_GINT64_FORMAT,
-                                                   jint(cp, "seq"));
+            g_autofree char *seq =
+                g_strdup_printf("%" G_GINT64_FORMAT, jint(cp, "seq"));
 
-            printf("%-6s %-24s %-12s %12s %8s  %s\n", d ? "" : seq,
-                   d ? "" : jstr(cp, "name"), jstr(b, "disk"), dirty, grain,
+            printf("%-6s %-*s %-*s %12s %9s  %s\n", d ? "" : seq, nw,
+                   d ? "" : jstr(cp, "name"), dw, jstr(b, "disk"), dirty, grain,
                    flags);
         }
     }
@@ -441,8 +465,10 @@ static void print_list(json_object *res)
 static void print_disks(json_object *res)
 {
     json_object *disks = jarr(res, "disks");
+    int dw = column_width(disks, NULL, "disk", 4);
+    int nw = column_width(disks, NULL, "node", 4);
 
-    printf("%-12s %-16s %-7s %10s  %-5s %s\n", "DISK", "NODE", "DRIVER",
+    printf("%-*s %-*s %-7s %10s  %-5s %s\n", dw, "DISK", nw, "NODE", "DRIVER",
            "SIZE", "CKPTS", "FILE");
     for (size_t i = 0; i < json_object_array_length(disks); i++) {
         json_object *d = json_object_array_get_idx(disks, i);
@@ -452,7 +478,7 @@ static void print_disks(json_object *res)
                 ? g_strdup_printf("%" G_GINT64_FORMAT, jint(d, "checkpoints"))
                 : g_strdup("no");
 
-        printf("%-12s %-16s %-7s %10s  %-5s %s", jstr(d, "disk"),
+        printf("%-*s %-*s %-7s %10s  %-5s %s", dw, jstr(d, "disk"), nw,
                jstr(d, "node"), jstr(d, "driver"), size, ckpts,
                jstr(d, "file") ? jstr(d, "file") : "");
         if (jstr(d, "reason")) {
@@ -486,7 +512,7 @@ static void print_check(json_object *res)
                jstr(issue, "message"));
     }
     if (json_object_object_get_ex(res, "repaired", NULL)) {
-        printf("repaired: %" G_GINT64_FORMAT " bitmap(s) changed\n",
+        printf("repaired: %" G_GINT64_FORMAT " bitmap(s) changed; now:\n",
                jint(res, "repaired"));
     }
     for (size_t i = 0; i < json_object_array_length(disks); i++) {

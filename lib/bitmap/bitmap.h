@@ -48,10 +48,10 @@ bool bitmap_parse_name(const char *bitmap, guint *seq, char **name,
 
 /* A checkpoint as seen across the VM's disks. */
 typedef struct {
-    guint seq;       /* VM-wide order: larger is newer */
-    char *name;      /* the user's name */
-    char *bitmap;    /* the bitmap's name in QEMU, the same on every disk */
-    bool partial;    /* made with --disk on some disks only */
+    guint seq;          /* VM-wide order: larger is newer */
+    char *name;         /* the user's name */
+    char *bitmap;       /* the bitmap's name in QEMU, the same on every disk */
+    bool partial;       /* made with --disk on some disks only */
     GPtrArray *disks;   /* QmpDisk* that hold it (borrowed) */
     GPtrArray *bitmaps; /* QmpBitmap* on those disks, same order (borrowed) */
 } BitmapCheckpoint;
@@ -138,8 +138,8 @@ typedef struct {
 /* The verdict on one disk. */
 typedef struct {
     const QmpDisk *disk;
-    GPtrArray *chain;   /* QmpBitmap*, borrowed: its checkpoints, oldest first */
-    guint untrusted;    /* chain[0 .. untrusted-1] cannot be trusted */
+    GPtrArray *chain; /* QmpBitmap*, borrowed: its checkpoints, oldest first */
+    guint untrusted;  /* chain[0 .. untrusted-1] cannot be trusted */
     GPtrArray *disable; /* char*: stale recording bitmaps to disable */
 } BitmapDiskVerdict;
 

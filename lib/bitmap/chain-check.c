@@ -62,8 +62,8 @@ void bitmap_check_free(BitmapCheck *check)
 
 G_GNUC_PRINTF(5, 6)
 static void add_issue(BitmapCheck *check, BitmapIssueKind kind,
-                      const QmpDisk *disk, const char *bitmap,
-                      const char *fmt, ...)
+                      const QmpDisk *disk, const char *bitmap, const char *fmt,
+                      ...)
 {
     BitmapIssue *issue = g_new0(BitmapIssue, 1);
     va_list ap;
@@ -104,7 +104,8 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
         if (g_str_has_prefix(b->name, BITMAP_SINCE_PREFIX)) {
             add_issue(check, BITMAP_ISSUE_TEMPORARY, disk, b->name,
                       "temporary bitmap '%s' is left over (remove it with "
-                      "'since --drop')", b->name);
+                      "'since --drop')",
+                      b->name);
         } else if (!bitmap_parse_name(b->name, NULL, NULL, NULL)) {
             add_issue(check, BITMAP_ISSUE_FOREIGN, disk, b->name,
                       "bitmap '%s' is not qbk's: left alone", b->name);
@@ -122,14 +123,16 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
         if (b->inconsistent) {
             add_issue(check, BITMAP_ISSUE_INCONSISTENT, disk, b->name,
                       "checkpoint bitmap '%s' is inconsistent (QEMU was not "
-                      "shut down cleanly)", b->name);
+                      "shut down cleanly)",
+                      b->name);
             v->untrusted = MAX(v->untrusted, i + 1);
             continue;
         }
         if (!b->persistent) {
             add_issue(check, BITMAP_ISSUE_NOT_PERSISTENT, disk, b->name,
                       "checkpoint bitmap '%s' is not persistent: it will be "
-                      "lost when QEMU exits", b->name);
+                      "lost when QEMU exits",
+                      b->name);
         }
         if (i + 1 < n && b->recording) {
             add_issue(check, BITMAP_ISSUE_STALE_RECORDING, disk, b->name,
@@ -143,7 +146,8 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
         if (!newest->inconsistent && !newest->recording) {
             add_issue(check, BITMAP_ISSUE_NOT_RECORDING, disk, newest->name,
                       "newest checkpoint bitmap '%s' does not record: writes "
-                      "since it are not tracked", newest->name);
+                      "since it are not tracked",
+                      newest->name);
             v->untrusted = n;
         }
     }
@@ -171,7 +175,8 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
         if (!here) {
             add_issue(check, BITMAP_ISSUE_MISSING, disk, cp->bitmap,
                       "checkpoint bitmap '%s' is missing here but exists on "
-                      "other disks", cp->bitmap);
+                      "other disks",
+                      cp->bitmap);
             v->untrusted = MAX(v->untrusted, below);
         }
     }

@@ -7,11 +7,11 @@
 
 #include "internal.h"
 
-G_DEFINE_QUARK(qbk-bitmap-error-quark, bitmap_error)
+G_DEFINE_QUARK(qbk - bitmap - error - quark, bitmap_error)
 
 #define BITMAP_PREFIX "qbk-"
-#define SEQ_DIGITS 6
-#define SEQ_MAX 999999
+#define SEQ_DIGITS    6
+#define SEQ_MAX       999999
 
 bool bitmap_name_valid(const char *name, GError **error)
 {
@@ -96,8 +96,8 @@ static gint compare_seq(gconstpointer a, gconstpointer b)
 
 GPtrArray *bitmap_list_checkpoints(GPtrArray *disks)
 {
-    GPtrArray *list = g_ptr_array_new_with_free_func(
-        (GDestroyNotify)bitmap_checkpoint_free);
+    GPtrArray *list =
+        g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_checkpoint_free);
     g_autoptr(GHashTable) bybitmap = g_hash_table_new(g_str_hash, g_str_equal);
 
     for (guint d = 0; d < disks->len; d++) {
@@ -143,6 +143,18 @@ BitmapCheckpoint *bitmap_find_checkpoint(GPtrArray *checkpoints,
         }
     }
     return NULL;
+}
+
+static BitmapCheckpoint *find_or_fail(GPtrArray *checkpoints, const char *name,
+                                      GError **error)
+{
+    BitmapCheckpoint *cp = bitmap_find_checkpoint(checkpoints, name);
+
+    if (!cp) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_NOT_FOUND,
+                    "no checkpoint '%s' (see 'qbk-checkpoint list')", name);
+    }
+    return cp;
 }
 
 static gint compare_bitmap_seq(gconstpointer a, gconstpointer b)
@@ -253,16 +265,17 @@ char *bitmap_create_checkpoint(QmpClient *qmp, GPtrArray *disks,
     if (seq > SEQ_MAX) {
         g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
                     "checkpoint numbers are exhausted (%d): delete the VM's "
-                    "checkpoints and start a new chain", SEQ_MAX);
+                    "checkpoints and start a new chain",
+                    SEQ_MAX);
         return NULL;
     }
 
     for (guint i = 0; i < targets->len; i++) {
         QmpDisk *disk = targets->pdata[i];
         g_autoptr(GPtrArray) chain = bitmap_disk_chain(disk);
-        g_autofree char *bitmap = g_strdup_printf(
-            BITMAP_PREFIX "%0*u%s-%s", SEQ_DIGITS, seq, partial ? "p" : "",
-            chosen);
+        g_autofree char *bitmap =
+            g_strdup_printf(BITMAP_PREFIX "%0*u%s-%s", SEQ_DIGITS, seq,
+                            partial ? "p" : "", chosen);
         json_object *add = bitmap_ref(disk, bitmap);
 
         json_object_object_add(add, "persistent", json_object_new_boolean(1));
@@ -298,11 +311,9 @@ bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
 {
     g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
-    BitmapCheckpoint *cp = bitmap_find_checkpoint(checkpoints, name);
+    BitmapCheckpoint *cp = find_or_fail(checkpoints, name, error);
 
     if (!cp) {
-        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_NOT_FOUND,
-                    "no checkpoint '%s'", name);
         return false;
     }
     for (guint i = 0; i < cp->disks->len; i++) {
@@ -350,11 +361,9 @@ bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
     g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
     g_autoptr(BitmapCheck) check = bitmap_check(disks);
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
-    BitmapCheckpoint *cp = bitmap_find_checkpoint(checkpoints, name);
+    BitmapCheckpoint *cp = find_or_fail(checkpoints, name, error);
 
     if (!cp) {
-        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_NOT_FOUND,
-                    "no checkpoint '%s'", name);
         return false;
     }
     if (!check_targets(targets, error)) {
@@ -378,7 +387,8 @@ bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
         if (start == v->chain->len) {
             g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
                         "disk '%s' has no checkpoint '%s': it needs a full "
-                        "backup", disk->id, cp->name);
+                        "backup",
+                        disk->id, cp->name);
             return false;
         }
         if (start < v->untrusted) {

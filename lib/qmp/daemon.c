@@ -84,8 +84,8 @@ static char *blockdev_json(const char *image, guint index)
     json_object_object_add(fmt, "driver", json_object_new_string("qcow2"));
     json_object_object_add(fmt, "node-name", json_object_new_string(node));
     json_object_object_add(fmt, "file", file);
-    text = g_strdup(json_object_to_json_string_ext(fmt,
-                                                   JSON_C_TO_STRING_PLAIN));
+    text =
+        g_strdup(json_object_to_json_string_ext(fmt, JSON_C_TO_STRING_PLAIN));
     json_object_put(fmt);
     return text;
 }
@@ -121,20 +121,19 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images, int timeout_ms,
         g_ptr_array_add(argv, blockdev_json(images[i], i));
     }
     g_ptr_array_add(argv, g_strdup("--chardev"));
-    g_ptr_array_add(argv, g_strdup_printf(
-                              "socket,id=qbk-qmp,path=%s,server=on,wait=off",
-                              sock));
+    g_ptr_array_add(
+        argv,
+        g_strdup_printf("socket,id=qbk-qmp,path=%s,server=on,wait=off", sock));
     g_ptr_array_add(argv, g_strdup("--monitor"));
     g_ptr_array_add(argv, g_strdup("chardev=qbk-qmp"));
     g_ptr_array_add(argv, NULL);
 
     errfd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (errfd < 0 ||
-        !g_spawn_async_with_fds(NULL, (char **)argv->pdata, NULL,
-                                G_SPAWN_SEARCH_PATH |
-                                    G_SPAWN_DO_NOT_REAP_CHILD |
-                                    G_SPAWN_STDOUT_TO_DEV_NULL,
-                                NULL, NULL, &pid, -1, -1, errfd, &local)) {
+    if (errfd < 0 || !g_spawn_async_with_fds(
+                         NULL, (char **)argv->pdata, NULL,
+                         G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD |
+                             G_SPAWN_STDOUT_TO_DEV_NULL,
+                         NULL, NULL, &pid, -1, -1, errfd, &local)) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
                     "cannot start " QSD_BINARY ": %s",
                     local ? local->message : g_strerror(errno));
@@ -208,9 +207,9 @@ bool qmp_stop_storage_daemon(QmpClient *qmp, GError **error)
 
         g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
                     QSD_BINARY " did not exit cleanly (%s): %s",
-                    status == -1             ? "killed"
-                    : WIFEXITED(status)      ? "non-zero exit status"
-                                             : "killed by a signal",
+                    status == -1        ? "killed"
+                    : WIFEXITED(status) ? "non-zero exit status"
+                                        : "killed by a signal",
                     why);
         remove_dir(qmp->daemon_dir);
         return false;

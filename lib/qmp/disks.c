@@ -9,8 +9,8 @@
 
 /* Drivers that pass I/O through to one child: look below them. */
 static const char *const filter_drivers[] = {
-    "throttle",   "copy-on-read", "copy-before-write", "backup-top",
-    "preallocate", "compress",    "blklogwrites",      NULL,
+    "throttle",    "copy-on-read", "copy-before-write", "backup-top",
+    "preallocate", "compress",     "blklogwrites",      NULL,
 };
 
 static bool is_filter(const char *driver)
@@ -163,9 +163,9 @@ static void fill_from_node(QmpDisk *disk, json_object *info)
         }
     }
     if (g_strcmp0(disk->driver, "qcow2") != 0) {
-        disk->no_bitmaps = g_strdup_printf(
-            "%s image: only qcow2 can hold persistent bitmaps",
-            disk->driver ? disk->driver : "unknown");
+        disk->no_bitmaps =
+            g_strdup_printf("%s image: only qcow2 can hold persistent bitmaps",
+                            disk->driver ? disk->driver : "unknown");
     } else if (disk->read_only) {
         disk->no_bitmaps = g_strdup("read-only image");
     }

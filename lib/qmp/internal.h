@@ -8,8 +8,8 @@
 
 struct QmpClient {
     /* initialized once at connect and never changed */
-    int fd;          /* connected socket, non-blocking */
-    char *address;   /* as given, for messages */
+    int fd;                  /* connected socket, non-blocking */
+    char *address;           /* as given, for messages */
     int major, minor, micro; /* QEMU version from the greeting */
 
     /* changed by every exchange */

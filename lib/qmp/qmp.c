@@ -18,8 +18,8 @@
 
 #include "internal.h"
 
-G_DEFINE_QUARK(qmp-error-quark, qmp_error)
-G_DEFINE_QUARK(qmp-command-error-quark, qmp_command_error)
+G_DEFINE_QUARK(qmp - error - quark, qmp_error)
+G_DEFINE_QUARK(qmp - command - error - quark, qmp_command_error)
 
 /* Indexed by QmpCommandErrorCode. */
 static const char *const error_classes[] = {
@@ -33,8 +33,8 @@ static const char *const error_classes[] = {
 
 const char *qmp_error_class(const GError *error)
 {
-    if (!error || error->domain != QMP_COMMAND_ERROR ||
-        error->code < 0 || error->code > QMP_COMMAND_ERROR_UNKNOWN) {
+    if (!error || error->domain != QMP_COMMAND_ERROR || error->code < 0 ||
+        error->code > QMP_COMMAND_ERROR_UNKNOWN) {
         return NULL;
     }
     return error_classes[error->code];
@@ -219,11 +219,10 @@ static json_object *read_message(QmpClient *qmp, gint64 deadline,
             msg = json_tokener_parse_verbose(line, &jerr);
             if (!msg || !json_object_is_type(msg, json_type_object)) {
                 json_object_put(msg);
-                g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
-                            "'%s' sent something that is not QMP: %s",
-                            qmp->address,
-                            msg ? "not a JSON object"
-                                : json_tokener_error_desc(jerr));
+                g_set_error(
+                    error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "'%s' sent something that is not QMP: %s", qmp->address,
+                    msg ? "not a JSON object" : json_tokener_error_desc(jerr));
                 return NULL;
             }
             return msg;
@@ -285,8 +284,7 @@ static bool parse_greeting(QmpClient *qmp, json_object *greeting,
         !json_object_object_get_ex(qmpobj, "version", &version) ||
         !json_object_object_get_ex(version, "qemu", &qemu)) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
-                    "'%s' is not a QMP socket: no QMP greeting",
-                    qmp->address);
+                    "'%s' is not a QMP socket: no QMP greeting", qmp->address);
         return false;
     }
     if (json_object_object_get_ex(qemu, "major", &v)) {
@@ -429,8 +427,8 @@ static void set_command_error(json_object *reply, const char *command,
 json_object *qmp_execute(QmpClient *qmp, const char *command,
                          json_object *arguments, GError **error)
 {
-    g_autofree char *id = g_strdup_printf("qbk-%" G_GUINT64_FORMAT,
-                                          ++qmp->last_id);
+    g_autofree char *id =
+        g_strdup_printf("qbk-%" G_GUINT64_FORMAT, ++qmp->last_id);
     json_object *msg = json_object_new_object();
     gint64 deadline = deadline_in(qmp->timeout_ms);
     const char *text;
@@ -531,8 +529,8 @@ json_object *qmp_wait_event(QmpClient *qmp, const char *name,
                             QmpEventMatch match, void *opaque, int timeout_ms,
                             GError **error)
 {
-    gint64 deadline = deadline_in(timeout_ms > 0 ? timeout_ms
-                                                 : qmp->timeout_ms);
+    gint64 deadline =
+        deadline_in(timeout_ms > 0 ? timeout_ms : qmp->timeout_ms);
 
     for (GList *l = qmp->events.head; l; l = l->next) {
         if (event_matches(l->data, name, match, opaque)) {
@@ -570,8 +568,8 @@ bool qmp_poll_events(QmpClient *qmp, GError **error)
 {
     for (;;) {
         bool timed_out;
-        json_object *msg = read_message(qmp, g_get_monotonic_time(),
-                                        &timed_out, error);
+        json_object *msg =
+            read_message(qmp, g_get_monotonic_time(), &timed_out, error);
 
         if (timed_out) {
             return true;

@@ -140,23 +140,23 @@ typedef struct {
     uint64_t count;       /* dirty bytes */
     uint32_t granularity; /* bytes per bit */
     bool recording;
-    bool busy;            /* in use by a job or an export */
-    bool persistent;      /* stored in the qcow2 image */
-    bool inconsistent;    /* QEMU did not close it cleanly: not to be trusted */
+    bool busy;         /* in use by a job or an export */
+    bool persistent;   /* stored in the qcow2 image */
+    bool inconsistent; /* QEMU did not close it cleanly: not to be trusted */
 } QmpBitmap;
 
 /* A disk of the VM: a device's BlockBackend and its top format node. */
 typedef struct {
-    char *id;        /* what users type: qdev id, else drive id, else node */
-    char *qdev;      /* qdev path; NULL without a device */
-    char *device;    /* BlockBackend name; "" for -blockdev disks */
-    char *node;      /* top format node: where checkpoint bitmaps live */
-    char *driver;    /* format driver of that node: qcow2, raw, ... */
-    char *filename;  /* image file name */
-    uint64_t size;   /* virtual size, bytes */
+    char *id;       /* what users type: qdev id, else drive id, else node */
+    char *qdev;     /* qdev path; NULL without a device */
+    char *device;   /* BlockBackend name; "" for -blockdev disks */
+    char *node;     /* top format node: where checkpoint bitmaps live */
+    char *driver;   /* format driver of that node: qcow2, raw, ... */
+    char *filename; /* image file name */
+    uint64_t size;  /* virtual size, bytes */
     bool read_only;
-    char *no_bitmaps; /* why it cannot hold persistent bitmaps, or NULL */
-    GPtrArray *bitmaps; /* QmpBitmap*, named bitmaps of the node, owned */
+    char *no_bitmaps;       /* why it cannot hold persistent bitmaps, or NULL */
+    GPtrArray *bitmaps;     /* QmpBitmap*, named bitmaps of the node, owned */
     guint nameless_bitmaps; /* internal bitmaps of jobs and filters */
 } QmpDisk;
 

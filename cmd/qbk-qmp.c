@@ -1,0 +1,113 @@
+/*
+ * qbk-qmp: run one QMP command (or an HMP command line) against a VM and
+ * print QEMU's answer as JSON. For scripts and tests that need to look at or
+ * poke QEMU directly, e.g. to read a bitmap's hash.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "cmd-common.h"
+
+static char *opt_qmp;
+static gboolean opt_hmp;
+static gboolean opt_version;
+static char *opt_wait_event;
+static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
+
+static GOptionEntry entries[] = {
+    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
+      "QMP socket: PATH, unix:PATH or tcp:HOST:PORT (default: $QBK_QMP)",
+      "SOCKET" },
+    { "hmp", 0, 0, G_OPTION_ARG_NONE, &opt_hmp,
+      "COMMAND is an HMP command line; print its output as text", NULL },
+    { "wait-event", 'w', 0, G_OPTION_ARG_STRING, &opt_wait_event,
+      "after the command, wait for this event and print it", "EVENT" },
+    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
+      "seconds to wait for QEMU (default: 30)", "SECONDS" },
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GOptionContext) ctx =
+        g_option_context_new("COMMAND [ARGUMENTS-JSON] - talk to QEMU");
+    g_autoptr(GError) error = NULL;
+    g_autoptr(QmpClient) qmp = NULL;
+    json_object *args = NULL;
+    json_object *ret;
+
+    g_set_prgname("qbk-qmp");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_description(
+        ctx, "Examples:\n"
+             "  qbk-qmp --qmp vm.sock query-block\n"
+             "  qbk-qmp --qmp vm.sock x-debug-block-dirty-bitmap-sha256 \\\n"
+             "      '{\"node\": \"disk0-fmt\", \"name\": \"qbk-000001-mon\"}'\n"
+             "  qbk-qmp --qmp vm.sock --hmp 'info block'\n"
+             "\n" QBK_EXIT_CODES_HELP);
+    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
+        cmd_error("%s (see --help)", error->message);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_version) {
+        printf("qbk-qmp %s\n", QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    if (!opt_qmp) {
+        opt_qmp = g_strdup(g_getenv("QBK_QMP"));
+    }
+    if (argc < 2 || argc > 3 || !opt_qmp || opt_timeout <= 0) {
+        cmd_error("give --qmp SOCKET and one COMMAND (see --help)");
+        return QBK_EXIT_USAGE;
+    }
+    if (argc == 3) {
+        if (opt_hmp) {
+            cmd_error("--hmp takes one command line");
+            return QBK_EXIT_USAGE;
+        }
+        args = json_tokener_parse(argv[2]);
+        if (!args || !json_object_is_type(args, json_type_object)) {
+            cmd_error("ARGUMENTS must be a JSON object: %s", argv[2]);
+            json_object_put(args);
+            return QBK_EXIT_USAGE;
+        }
+    }
+    qmp = qmp_connect(opt_qmp, opt_timeout * 1000, &error);
+    if (!qmp) {
+        cmd_error("%s", error->message);
+        return QBK_EXIT_FAILURE;
+    }
+    if (opt_hmp) {
+        g_autofree char *out = qmp_hmp(qmp, argv[1], &error);
+
+        if (!out) {
+            cmd_error("%s", error->message);
+            return QBK_EXIT_FAILURE;
+        }
+        fputs(out, stdout);
+        return QBK_EXIT_OK;
+    }
+    ret = qmp_execute(qmp, argv[1], args, &error);
+    if (!ret) {
+        cmd_error("%s: %s: %s", argv[1],
+                  qmp_error_class(error) ? qmp_error_class(error) : "error",
+                  error->message);
+        return QBK_EXIT_FAILURE;
+    }
+    if (opt_wait_event) {
+        json_object *event = qmp_wait_event(qmp, opt_wait_event, NULL, NULL,
+                                            opt_timeout * 1000, &error);
+
+        if (!event) {
+            json_object_put(ret);
+            cmd_error("%s", error->message);
+            return QBK_EXIT_FAILURE;
+        }
+        json_object_put(ret);
+        ret = event;
+    }
+    cmd_print_json(ret);
+    return QBK_EXIT_OK;
+}

@@ -1,0 +1,542 @@
+/*
+ * lib/qmp against a real QEMU: greeting, returns, errors with their class,
+ * events queued during a command, waits with timeouts, QEMU dying, and
+ * transactions. Peers that misbehave in ways QEMU never does (garbage,
+ * silence, a late reply) are played by a socket in this process.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <sys/prctl.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "qmp.h"
+
+typedef struct {
+    char *dir;
+    char *sock;
+    char *image;
+    GPid pid;
+} Vm;
+
+/* QEMU must not outlive a test that aborted on a failed assertion. */
+static void die_with_parent(gpointer data)
+{
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+}
+
+static void vm_start(Vm *vm)
+{
+    g_autoptr(GError) error = NULL;
+    g_autofree char *qmparg = NULL;
+    g_autofree char *drive = NULL;
+    g_autofree char *img_cmd = NULL;
+    int status;
+
+    vm->dir = g_dir_make_tmp("qbk-test-qmp-XXXXXX", &error);
+    g_assert_no_error(error);
+    vm->sock = g_build_filename(vm->dir, "qmp.sock", NULL);
+    vm->image = g_build_filename(vm->dir, "d.qcow2", NULL);
+    img_cmd = g_strdup_printf("qemu-img create -q -f qcow2 %s 16M", vm->image);
+    g_assert_true(
+        g_spawn_command_line_sync(img_cmd, NULL, NULL, &status, &error));
+    g_assert_no_error(error);
+    g_assert_cmpint(status, ==, 0);
+
+    qmparg = g_strdup_printf("unix:%s,server=on,wait=off", vm->sock);
+    drive = g_strdup_printf("file=%s,format=qcow2,if=none,id=d0,"
+                            "node-name=d0-fmt",
+                            vm->image);
+    const char *argv[] = {
+        "qemu-system-x86_64",
+        "-M",
+        "q35",
+        "-S",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-qmp",
+        qmparg,
+        "-drive",
+        drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,id=disk0",
+        NULL,
+    };
+    g_assert_true(g_spawn_async(NULL, (char **)argv, NULL,
+                                G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD,
+                                die_with_parent, NULL, &vm->pid, &error));
+    g_assert_no_error(error);
+    for (int i = 0; i < 500 && !g_file_test(vm->sock, G_FILE_TEST_EXISTS);
+         i++) {
+        g_usleep(10000);
+    }
+    g_assert_true(g_file_test(vm->sock, G_FILE_TEST_EXISTS));
+}
+
+static void vm_stop(Vm *vm)
+{
+    int status;
+
+    if (vm->pid > 0) {
+        kill(vm->pid, SIGKILL);
+        waitpid(vm->pid, &status, 0);
+    }
+    unlink(vm->sock);
+    unlink(vm->image);
+    rmdir(vm->dir);
+    g_free(vm->dir);
+    g_free(vm->sock);
+    g_free(vm->image);
+}
+
+/* Each test gets its own QEMU and a connected client. */
+typedef struct {
+    Vm vm;
+    QmpClient *qmp;
+} Fixture;
+
+static void fixture_setup(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+
+    vm_start(&f->vm);
+    f->qmp = qmp_connect(f->vm.sock, 10000, &error);
+    g_assert_no_error(error);
+    g_assert_nonnull(f->qmp);
+}
+
+static void fixture_teardown(Fixture *f, gconstpointer data)
+{
+    qmp_free(f->qmp);
+    vm_stop(&f->vm);
+}
+
+/* Kill QEMU as a crash would. */
+static void vm_kill(Vm *vm)
+{
+    int status;
+
+    kill(vm->pid, SIGKILL);
+    waitpid(vm->pid, &status, 0);
+    vm->pid = 0;
+}
+
+static void test_greeting_and_return(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+    json_object *ret, *status;
+    int major = -1;
+
+    qmp_get_version(qmp, &major, NULL, NULL);
+    g_assert_cmpint(major, >=, 4);
+    ret = qmp_execute(qmp, "query-status", NULL, &error);
+    g_assert_no_error(error);
+    g_assert_true(json_object_object_get_ex(ret, "status", &status));
+    g_assert_cmpstr(json_object_get_string(status), ==, "prelaunch");
+    json_object_put(ret);
+    /* An empty return is an empty object, not NULL. */
+    ret = qmp_execute(qmp, "stop", NULL, &error);
+    g_assert_no_error(error);
+    g_assert_true(json_object_is_type(ret, json_type_object));
+    json_object_put(ret);
+}
+
+static void test_error_class(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+
+    g_assert_null(qmp_execute(qmp, "no-such-command", NULL, &error));
+    g_assert_error(error, QMP_COMMAND_ERROR,
+                   QMP_COMMAND_ERROR_COMMAND_NOT_FOUND);
+    g_assert_cmpstr(qmp_error_class(error), ==, "CommandNotFound");
+    g_assert_nonnull(strstr(error->message, "no-such-command"));
+    g_clear_error(&error);
+
+    g_assert_false(qmp_run(qmp, "block-dirty-bitmap-add",
+                           json_tokener_parse("{\"node\": \"nope\", "
+                                              "\"name\": \"x\"}"),
+                           &error));
+    g_assert_error(error, QMP_COMMAND_ERROR, QMP_COMMAND_ERROR_GENERIC);
+    g_assert_cmpstr(qmp_error_class(error), ==, "GenericError");
+    g_clear_error(&error);
+
+    /* The connection is still good after an error. */
+    g_assert_true(qmp_run(qmp, "query-status", NULL, &error));
+    g_assert_no_error(error);
+}
+
+static bool is_resume(json_object *event, void *opaque)
+{
+    json_object *name;
+
+    (*(int *)opaque)++;
+    json_object_object_get_ex(event, "event", &name);
+    return strcmp(json_object_get_string(name), "RESUME") == 0;
+}
+
+static void test_events_queued(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+    json_object *event, *name;
+    int calls = 0;
+
+    /* QEMU sends RESUME before the reply to "cont", STOP before "stop". */
+    g_assert_true(qmp_run(qmp, "cont", NULL, &error));
+    g_assert_true(qmp_run(qmp, "stop", NULL, &error));
+    g_assert_no_error(error);
+    g_assert_cmpuint(qmp_pending_events(qmp), ==, 2);
+
+    /* Waiting for the second one leaves the first queued, in order. */
+    event = qmp_wait_event(qmp, "STOP", NULL, NULL, 1000, &error);
+    g_assert_no_error(error);
+    g_assert_nonnull(event);
+    json_object_put(event);
+    g_assert_cmpuint(qmp_pending_events(qmp), ==, 1);
+    event = qmp_wait_event(qmp, NULL, is_resume, &calls, 1000, &error);
+    g_assert_no_error(error);
+    g_assert_true(json_object_object_get_ex(event, "event", &name));
+    g_assert_cmpstr(json_object_get_string(name), ==, "RESUME");
+    g_assert_cmpint(calls, ==, 1);
+    json_object_put(event);
+    g_assert_cmpuint(qmp_pending_events(qmp), ==, 0);
+
+    /* An event that never comes: a bounded wait. */
+    g_assert_null(
+        qmp_wait_event(qmp, "BLOCK_JOB_COMPLETED", NULL, NULL, 200, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
+    g_clear_error(&error);
+
+    /* Events that arrive while nobody waits are kept. */
+    g_assert_true(qmp_run(qmp, "cont", NULL, &error));
+    g_assert_true(qmp_poll_events(qmp, &error));
+    g_assert_cmpuint(qmp_pending_events(qmp), ==, 1);
+    event = qmp_pop_event(qmp);
+    g_assert_nonnull(event);
+    json_object_put(event);
+    g_assert_null(qmp_pop_event(qmp));
+}
+
+static void test_qemu_dies(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+
+    vm_kill(&f->vm);
+    /* Mid-wait or on the next command: a clean error, then fail fast. */
+    g_assert_null(qmp_wait_event(qmp, "SHUTDOWN", NULL, NULL, 5000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CLOSED);
+    g_clear_error(&error);
+    g_assert_false(qmp_run(qmp, "query-status", NULL, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CLOSED);
+}
+
+static void test_quit_mid_command(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+    int status;
+
+    /* "quit" answers and exits; the next command finds the socket closed. */
+    qmp_run(qmp, "quit", NULL, NULL);
+    waitpid(f->vm.pid, &status, 0);
+    f->vm.pid = 0;
+    g_assert_false(qmp_run(qmp, "query-status", NULL, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CLOSED);
+}
+
+static void test_transaction_atomic(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
+    g_autoptr(QmpTransaction) ok_tx = qmp_transaction_new();
+    g_autoptr(GPtrArray) disks = NULL;
+    QmpDisk *disk;
+
+    qmp_transaction_add(tx, "block-dirty-bitmap-add",
+                        json_tokener_parse("{\"node\": \"d0-fmt\", "
+                                           "\"name\": \"first\"}"));
+    qmp_transaction_add(tx, "block-dirty-bitmap-add",
+                        json_tokener_parse("{\"node\": \"missing\", "
+                                           "\"name\": \"second\"}"));
+    g_assert_cmpuint(qmp_transaction_length(tx), ==, 2);
+    g_assert_false(qmp_transaction_run(qmp, tx, &error));
+    g_assert_error(error, QMP_COMMAND_ERROR, QMP_COMMAND_ERROR_GENERIC);
+    g_clear_error(&error);
+
+    disks = qmp_query_disks(qmp, &error);
+    g_assert_no_error(error);
+    g_assert_cmpuint(disks->len, ==, 1);
+    disk = disks->pdata[0];
+    g_assert_cmpstr(disk->id, ==, "disk0");
+    g_assert_cmpstr(disk->node, ==, "d0-fmt");
+    g_assert_cmpstr(disk->driver, ==, "qcow2");
+    g_assert_cmpuint(disk->size, ==, 16 << 20);
+    g_assert_null(disk->no_bitmaps);
+    g_assert_cmpuint(disk->bitmaps->len, ==, 0); /* "first" rolled back */
+    g_assert_nonnull(qmp_disk_find(disks, "d0"));
+    g_assert_nonnull(qmp_disk_find(disks, "/machine/peripheral/disk0/"
+                                          "virtio-backend"));
+    g_assert_null(qmp_disk_find(disks, "disk9"));
+    g_clear_pointer(&disks, g_ptr_array_unref);
+
+    /* An empty transaction is a no-op; a good one applies. */
+    g_assert_true(qmp_transaction_run(qmp, ok_tx, &error));
+    qmp_transaction_add(ok_tx, "block-dirty-bitmap-add",
+                        json_tokener_parse("{\"node\": \"d0-fmt\", "
+                                           "\"name\": \"first\"}"));
+    g_assert_true(qmp_transaction_run(qmp, ok_tx, &error));
+    g_assert_no_error(error);
+    disks = qmp_query_disks(qmp, &error);
+    g_assert_nonnull(qmp_disk_bitmap(disks->pdata[0], "first"));
+    g_assert_true(((QmpBitmap *)((QmpDisk *)disks->pdata[0])->bitmaps->pdata[0])
+                      ->recording);
+}
+
+static void test_filter_looked_through(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    QmpClient *qmp = f->qmp;
+    g_autoptr(GPtrArray) disks = NULL;
+
+    /* Put a throttle filter between the device and the disk. */
+    g_assert_true(qmp_run(qmp, "object-add",
+                          json_tokener_parse("{\"qom-type\": "
+                                             "\"throttle-group\", "
+                                             "\"id\": \"tg\"}"),
+                          &error));
+    g_assert_true(qmp_run(qmp, "blockdev-add",
+                          json_tokener_parse("{\"driver\": \"throttle\", "
+                                             "\"node-name\": \"thr\", "
+                                             "\"throttle-group\": \"tg\", "
+                                             "\"file\": \"d0-fmt\"}"),
+                          &error));
+    g_assert_true(qmp_run(qmp, "qom-set",
+                          json_tokener_parse("{\"path\": \"disk0\", "
+                                             "\"property\": \"drive\", "
+                                             "\"value\": \"thr\"}"),
+                          &error));
+    g_assert_no_error(error);
+    disks = qmp_query_disks(qmp, &error);
+    g_assert_no_error(error);
+    g_assert_cmpuint(disks->len, ==, 1);
+    g_assert_cmpstr(((QmpDisk *)disks->pdata[0])->node, ==, "d0-fmt");
+}
+
+static void test_storage_daemon(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    g_autoptr(GPtrArray) disks = NULL;
+    QmpClient *qmp;
+    const char *images[2] = { NULL, NULL };
+    const char *nodes[] = { "img0", NULL };
+    const char *ids[] = { "the-image", NULL };
+
+    /* Only the image is needed: stop the VM first so it is not locked. */
+    vm_kill(&f->vm);
+    images[0] = f->vm.image;
+    qmp = qmp_spawn_storage_daemon(images, 10000, &error);
+    g_assert_no_error(error);
+    disks = qmp_query_node_disks(qmp, nodes, ids, &error);
+    g_assert_no_error(error);
+    g_assert_cmpstr(((QmpDisk *)disks->pdata[0])->id, ==, "the-image");
+    g_assert_cmpstr(((QmpDisk *)disks->pdata[0])->driver, ==, "qcow2");
+    g_assert_true(qmp_run(qmp, "block-dirty-bitmap-add",
+                          json_tokener_parse("{\"node\": \"img0\", \"name\": "
+                                             "\"kept\", \"persistent\": "
+                                             "true}"),
+                          &error));
+    g_assert_true(qmp_stop_storage_daemon(qmp, &error));
+    g_assert_no_error(error);
+    qmp_free(qmp);
+
+    /* The bitmap was written back, and the daemon's dir is gone. */
+    qmp = qmp_spawn_storage_daemon(images, 10000, &error);
+    g_assert_no_error(error);
+    g_clear_pointer(&disks, g_ptr_array_unref);
+    disks = qmp_query_node_disks(qmp, nodes, ids, &error);
+    g_assert_nonnull(qmp_disk_bitmap(disks->pdata[0], "kept"));
+    qmp_free(qmp); /* stops it too */
+
+    images[0] = "/nonexistent/x.qcow2";
+    g_assert_null(qmp_spawn_storage_daemon(images, 10000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_SPAWN);
+    g_assert_nonnull(strstr(error->message, "/nonexistent/x.qcow2"));
+}
+
+/* ---- scripted peers for what QEMU never does ---- */
+
+typedef struct {
+    char *path;
+    const char *script; /* sent after accept; NULL: stay silent */
+    bool reply_late;    /* answer the first command's id only after the
+                           client has given up, then answer the second */
+    int lfd;            /* listening socket, made before the thread runs */
+} Peer;
+
+static gpointer peer_thread(gpointer data)
+{
+    Peer *peer = data;
+    int lfd = peer->lfd;
+    int fd;
+    char buf[4096];
+
+    fd = accept(lfd, NULL, NULL);
+    if (peer->script) {
+        g_assert_cmpint(write(fd, peer->script, strlen(peer->script)), >, 0);
+    }
+    if (peer->reply_late) {
+        /* qmp_capabilities (qbk-1), then query-status (qbk-2) times out */
+        g_assert_cmpint(read(fd, buf, sizeof(buf)), >, 0);
+        const char *caps = "{\"return\": {}, \"id\": \"qbk-1\"}\r\n";
+        g_assert_cmpint(write(fd, caps, strlen(caps)), >, 0);
+        g_assert_cmpint(read(fd, buf, sizeof(buf)), >, 0);
+        g_usleep(400 * 1000);
+        /* then query-name (qbk-3): answer both in order */
+        g_assert_cmpint(read(fd, buf, sizeof(buf)), >, 0);
+        const char *late = "{\"return\": {\"status\": \"late\"}, "
+                           "\"id\": \"qbk-2\"}\r\n"
+                           "{\"return\": {\"name\": \"vm\"}, "
+                           "\"id\": \"qbk-3\"}\r\n";
+        g_assert_cmpint(write(fd, late, strlen(late)), >, 0);
+    }
+    g_usleep(1500 * 1000);
+    close(fd);
+    close(lfd);
+    return NULL;
+}
+
+static GThread *peer_start(Peer *peer, const char *dir)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+
+    peer->path = g_build_filename(dir, "peer.sock", NULL);
+    g_strlcpy(addr.sun_path, peer->path, sizeof(addr.sun_path));
+    peer->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&addr, sizeof(addr)), ==,
+                    0);
+    g_assert_cmpint(listen(peer->lfd, 1), ==, 0);
+    return g_thread_new("peer", peer_thread, peer);
+}
+
+static void peer_finish(Peer *peer, GThread *t)
+{
+    g_thread_join(t);
+    unlink(peer->path);
+    g_free(peer->path);
+}
+
+static void test_not_qmp(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+    g_autoptr(GError) error = NULL;
+    Peer peer = { .script = "SSH-2.0-OpenSSH_9.2\r\n" };
+    GThread *t = peer_start(&peer, dir);
+
+    g_assert_null(qmp_connect(peer.path, 2000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
+    g_assert_nonnull(strstr(error->message, "not a QMP socket"));
+    peer_finish(&peer, t);
+
+    g_clear_error(&error);
+    peer = (Peer){ .script = "{\"hello\": 1}\r\n" };
+    t = peer_start(&peer, dir);
+    g_assert_null(qmp_connect(peer.path, 2000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
+    peer_finish(&peer, t);
+    rmdir(dir);
+}
+
+static void test_silent_peer(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+    g_autoptr(GError) error = NULL;
+    Peer peer = { .script = NULL };
+    GThread *t = peer_start(&peer, dir);
+    gint64 start = g_get_monotonic_time();
+
+    g_assert_null(qmp_connect(peer.path, 300, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
+    /* bounded: well under the peer's 1.5 s */
+    g_assert_cmpint(g_get_monotonic_time() - start, <, 1200 * 1000);
+    peer_finish(&peer, t);
+    rmdir(dir);
+}
+
+static void test_late_reply_dropped(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+    g_autoptr(GError) error = NULL;
+    Peer peer = {
+        .script = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, "
+                  "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
+        .reply_late = true,
+    };
+    GThread *t = peer_start(&peer, dir);
+    g_autoptr(QmpClient) qmp = qmp_connect(peer.path, 2000, &error);
+    json_object *ret, *name;
+
+    g_assert_no_error(error);
+    qmp_set_timeout(qmp, 200);
+    g_assert_null(qmp_execute(qmp, "query-status", NULL, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
+    g_clear_error(&error);
+    qmp_set_timeout(qmp, 2000);
+    /* The stale answer to query-status must not be taken for this one. */
+    ret = qmp_execute(qmp, "query-name", NULL, &error);
+    g_assert_no_error(error);
+    g_assert_true(json_object_object_get_ex(ret, "name", &name));
+    g_assert_cmpstr(json_object_get_string(name), ==, "vm");
+    json_object_put(ret);
+    g_clear_pointer(&qmp, qmp_free);
+    peer_finish(&peer, t);
+    rmdir(dir);
+}
+
+static void test_connect_errors(void)
+{
+    g_autoptr(GError) error = NULL;
+
+    g_assert_null(qmp_connect("/nonexistent/qmp.sock", 1000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CONNECT);
+    g_clear_error(&error);
+    g_assert_null(qmp_connect("tcp:127.0.0.1", 1000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CONNECT);
+    g_clear_error(&error);
+    g_assert_null(qmp_connect("tcp:127.0.0.1:1", 1000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CONNECT);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+    g_test_add("/qmp/greeting-and-return", Fixture, NULL, fixture_setup,
+               test_greeting_and_return, fixture_teardown);
+    g_test_add("/qmp/error-class", Fixture, NULL, fixture_setup,
+               test_error_class, fixture_teardown);
+    g_test_add("/qmp/events-queued", Fixture, NULL, fixture_setup,
+               test_events_queued, fixture_teardown);
+    g_test_add("/qmp/qemu-dies", Fixture, NULL, fixture_setup, test_qemu_dies,
+               fixture_teardown);
+    g_test_add("/qmp/quit-then-command", Fixture, NULL, fixture_setup,
+               test_quit_mid_command, fixture_teardown);
+    g_test_add("/qmp/transaction-atomic", Fixture, NULL, fixture_setup,
+               test_transaction_atomic, fixture_teardown);
+    g_test_add("/qmp/filter-looked-through", Fixture, NULL, fixture_setup,
+               test_filter_looked_through, fixture_teardown);
+    g_test_add("/qmp/storage-daemon", Fixture, NULL, fixture_setup,
+               test_storage_daemon, fixture_teardown);
+    g_test_add_func("/qmp/not-qmp", test_not_qmp);
+    g_test_add_func("/qmp/silent-peer", test_silent_peer);
+    g_test_add_func("/qmp/late-reply-dropped", test_late_reply_dropped);
+    g_test_add_func("/qmp/connect-errors", test_connect_errors);
+    return g_test_run();
+}
