@@ -1,0 +1,188 @@
+/*
+ * qbk-copy: copy one NBD export to another with qbk's copier: many requests
+ * in flight, holes and zeros not sent as data, optionally only the regions
+ * a dirty bitmap marks, and per-block digests of what was read.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cmd-common.h"
+#include "copier.h"
+
+static char *opt_bitmap;
+static char *opt_digests;
+static gint opt_requests = 16;
+static gint64 opt_chunk = 1024 * 1024;
+static gboolean opt_zeroed;
+static gboolean opt_json;
+static gboolean opt_progress;
+static gboolean opt_version;
+static gint64 opt_rate;
+
+static GOptionEntry entries[] = {
+    { "bitmap", 'b', 0, G_OPTION_ARG_STRING, &opt_bitmap,
+      "copy only what the source's qemu:dirty-bitmap:BITMAP marks", "BITMAP" },
+    { "requests", 'r', 0, G_OPTION_ARG_INT, &opt_requests,
+      "requests in flight (default 16)", "N" },
+    { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
+      "bytes per request, a multiple of 65536 (default 1 MiB)", "BYTES" },
+    { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,
+      "the target reads as zeros already: skip zero regions", NULL },
+    { "digests", 'd', 0, G_OPTION_ARG_FILENAME, &opt_digests,
+      "write one SHA-256 per 64 KiB block to FILE and print the checksum",
+      "FILE" },
+    { "rate-limit", 0, 0, G_OPTION_ARG_INT64, &opt_rate,
+      "read at most BYTES per second", "BYTES" },
+    { "progress", 'p', 0, G_OPTION_ARG_NONE, &opt_progress,
+      "print progress on stderr", NULL },
+    { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
+      "print the statistics as one JSON object", NULL },
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+/* "nbd+unix:///EXPORT?socket=PATH" */
+static bool parse_uri(const char *text, CopierEndpoint *ep, char **socket,
+                      char **name, GError **error)
+{
+    g_autoptr(GUri) uri = g_uri_parse(text, G_URI_FLAGS_NONE, error);
+    g_autoptr(GHashTable) query = NULL;
+    const char *path;
+
+    if (!uri) {
+        return false;
+    }
+    if (g_strcmp0(g_uri_get_scheme(uri), "nbd+unix") != 0 ||
+        !g_uri_get_query(uri)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "'%s' is not nbd+unix:///EXPORT?socket=PATH", text);
+        return false;
+    }
+    query = g_uri_parse_params(g_uri_get_query(uri), -1, "&", G_URI_PARAMS_NONE,
+                               error);
+    if (!query || !g_hash_table_lookup(query, "socket")) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "'%s' has no socket=PATH", text);
+        return false;
+    }
+    path = g_uri_get_path(uri);
+    *socket = g_strdup(g_hash_table_lookup(query, "socket"));
+    *name = g_strdup(path[0] == '/' ? path + 1 : path);
+    ep->socket = *socket;
+    ep->name = *name;
+    return true;
+}
+
+static void show_progress(const CopierStats *s, void *opaque)
+{
+    double mib = (s->bytes_read + s->bytes_zero) / 1048576.0;
+
+    fprintf(stderr, "\r%s: %5.1f%%  %8.1f MiB/s ", g_get_prgname(),
+            s->size ? 100.0 * s->bytes_done / s->size : 100.0,
+            s->seconds > 0 ? mib / s->seconds : 0.0);
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GOptionContext) ctx =
+        g_option_context_new("SOURCE-URI TARGET-URI - copy an NBD export");
+    g_autoptr(GError) error = NULL;
+    g_autofree char *ssock = NULL, *sname = NULL, *tsock = NULL, *tname = NULL,
+                    *checksum = NULL;
+    CopierEndpoint src, dst;
+    CopierOptions opts;
+    CopierStats stats;
+    int dfd = -1;
+    bool ok;
+
+    g_set_prgname("qbk-copy");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_description(
+        ctx,
+        "URIs are nbd+unix:///EXPORT?socket=PATH.\n\nExample:\n"
+        "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
+        "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
+        "      "
+        "'nbd+unix:///inc?socket=/run/target.sock'\n\n" QBK_EXIT_CODES_HELP);
+    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
+        cmd_error("%s (see --help)", error->message);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_version) {
+        printf("qbk-copy %s\n", QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    if (argc != 3 || opt_requests <= 0 || opt_chunk <= 0 ||
+        opt_chunk % COPIER_BLOCK_SIZE != 0 || opt_rate < 0) {
+        cmd_error("give SOURCE-URI and TARGET-URI; --requests > 0, "
+                  "--chunk-size a multiple of %d (see --help)",
+                  COPIER_BLOCK_SIZE);
+        return QBK_EXIT_USAGE;
+    }
+    if (!parse_uri(argv[1], &src, &ssock, &sname, &error) ||
+        !parse_uri(argv[2], &dst, &tsock, &tname, &error)) {
+        cmd_error("%s", error->message);
+        return QBK_EXIT_USAGE;
+    }
+    copier_options_init(&opts);
+    opts.requests = opt_requests;
+    opts.chunk_size = opt_chunk;
+    opts.bitmap = opt_bitmap;
+    opts.target_zeroed = opt_zeroed;
+    opts.rate_limit = opt_rate;
+    if (opt_progress) {
+        opts.progress = show_progress;
+    }
+    if (opt_digests) {
+        dfd = open(opt_digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (dfd < 0) {
+            cmd_error("cannot create '%s': %s", opt_digests, g_strerror(errno));
+            return QBK_EXIT_FAILURE;
+        }
+        opts.digest_fd = dfd;
+    }
+    ok = copier_copy(&src, &dst, &opts, &stats, &error);
+    if (opt_progress) {
+        fputc('\n', stderr);
+    }
+    if (!ok) {
+        cmd_error("%s", error->message);
+        if (dfd >= 0) {
+            close(dfd);
+        }
+        return QBK_EXIT_FAILURE;
+    }
+    if (dfd >= 0) {
+        checksum = copier_digests_checksum(dfd, stats.size, &error);
+        close(dfd);
+        if (!checksum) {
+            cmd_error("%s", error->message);
+            return QBK_EXIT_FAILURE;
+        }
+    }
+    if (opt_json) {
+        json_object *o = json_object_new_object();
+
+        json_object_object_add(o, "size", json_object_new_uint64(stats.size));
+        json_object_object_add(o, "bytes_read",
+                               json_object_new_uint64(stats.bytes_read));
+        json_object_object_add(o, "bytes_written",
+                               json_object_new_uint64(stats.bytes_written));
+        json_object_object_add(o, "bytes_zero",
+                               json_object_new_uint64(stats.bytes_zero));
+        json_object_object_add(o, "bytes_skipped",
+                               json_object_new_uint64(stats.bytes_skipped));
+        json_object_object_add(o, "seconds",
+                               json_object_new_double(stats.seconds));
+        json_object_object_add(
+            o, "checksum", checksum ? json_object_new_string(checksum) : NULL);
+        cmd_print_json(o);
+    } else if (checksum) {
+        printf("%s\n", checksum);
+    }
+    return QBK_EXIT_OK;
+}

@@ -1,0 +1,596 @@
+/*
+ * The copy engine: a fixed array of requests, each a small state machine,
+ * on one GMainContext with one GSource per NBD connection.
+ *
+ *   IDLE --(chunk)--> READING --> READ_DONE --> WRITING --> WRITE_DONE --> IDLE
+ *   IDLE --(zero chunk)---------------------> WRITING ...
+ *
+ * libnbd's completion callbacks only record the result and the new state;
+ * pump(), run after every wake-up of the loop, looks at all requests,
+ * starts the next step of each, keeps block-status planning ahead of the
+ * requests, and ends the loop when all is copied and flushed, or at the
+ * first failure. Memory: requests x chunk size, plus one window of extents.
+ */
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+G_DEFINE_QUARK(qbk - copier - error - quark, copier_error)
+
+#define WINDOW_BYTES (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
+#define TICK_MS      50                            /* cancel/rate/stall */
+#define PROGRESS_US  (250 * 1000)
+
+typedef enum {
+    REQ_IDLE,
+    REQ_READING,
+    REQ_READ_DONE,
+    REQ_WRITING,
+    REQ_WRITE_DONE,
+} RequestState;
+
+static const char *const state_names[] G_GNUC_UNUSED = {
+    [REQ_IDLE] = "idle",
+    [REQ_READING] = "reading",
+    [REQ_READ_DONE] = "read-done",
+    [REQ_WRITING] = "writing",
+    [REQ_WRITE_DONE] = "write-done",
+};
+
+typedef struct Copier Copier;
+
+typedef struct {
+    Copier *copier;
+    RequestState state;
+    Chunk chunk; /* what this request works on */
+    guint8 *buf; /* chunk_size bytes, owned */
+    int error;   /* errno from the last completion, 0 if none */
+} Request;
+
+struct Copier {
+    /* initialized once and never changed */
+    CopierOptions opts;
+    guint64 size;
+    char *bitmap_context; /* "qemu:dirty-bitmap:NAME", or NULL */
+    GMainContext *ctx;
+    GMainLoop *loop;
+    struct nbd_handle *src, *dst;
+    GSource *src_source, *dst_source, *tick;
+    guint8 zero_digest[32];      /* of a whole zero block */
+    guint8 zero_tail_digest[32]; /* of the shorter last block, if any */
+
+    /* planning: block status runs ahead of the requests */
+    guint64 plan_pos; /* block status asked up to here */
+    bool bs_in_flight;
+    bool bs_done; /* its completion arrived: plan from it */
+    int bs_error;
+    GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */
+    GArray *bs_dirty;
+    GQueue chunks; /* Chunk*, planned and not started */
+
+    /* the requests */
+    Request *reqs;
+    guint nreqs;
+    guint active; /* not IDLE */
+
+    /* the end */
+    bool flushing, flushed;
+    int flush_error;
+    GError *error; /* first failure wins */
+
+    /* accounting */
+    CopierStats stats;
+    guint64 read_started; /* bytes, for the rate limit */
+    gint64 start_us, last_progress_us, last_activity_us;
+    GChecksum *sum;
+};
+
+void copier_options_init(CopierOptions *opts)
+{
+    *opts = (CopierOptions){
+        .requests = 16,
+        .chunk_size = 1024 * 1024,
+        .digest_fd = -1,
+        .digest_parent_fd = -1,
+        .stall_seconds = 60,
+    };
+}
+
+G_GNUC_PRINTF(3, 4)
+static void fail(Copier *c, CopierErrorCode code, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (c->error) {
+        return; /* first failure wins */
+    }
+    va_start(ap, fmt);
+    c->error = g_error_new_valist(COPIER_ERROR, code, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- libnbd callbacks: record, nothing more ---- */
+
+static int read_done(void *opaque, int *error)
+{
+    Request *r = opaque;
+
+    r->error = *error;
+    r->state = REQ_READ_DONE;
+    return 1;
+}
+
+static int write_done(void *opaque, int *error)
+{
+    Request *r = opaque;
+
+    r->error = *error;
+    r->state = REQ_WRITE_DONE;
+    return 1;
+}
+
+static int flush_done(void *opaque, int *error)
+{
+    Copier *c = opaque;
+
+    c->flush_error = *error;
+    c->flushed = true;
+    return 1;
+}
+
+static int extent_cb(void *opaque, const char *context, uint64_t offset,
+                     uint32_t *entries, size_t n, int *error)
+{
+    Copier *c = opaque;
+    GArray *into =
+        strcmp(context, "base:allocation") == 0 ? c->bs_alloc
+        : c->bitmap_context && strcmp(context, c->bitmap_context) == 0
+            ? c->bs_dirty
+            : NULL;
+
+    if (into && into->len == 0) { /* keep the first answer per context */
+        g_array_append_vals(into, entries, n * 2);
+    }
+    return 0;
+}
+
+static int bs_done_cb(void *opaque, int *error)
+{
+    Copier *c = opaque;
+
+    c->bs_error = *error;
+    c->bs_done = true;
+    return 1;
+}
+
+/* ---- digests ---- */
+
+static bool is_zero(const guint8 *buf, size_t len)
+{
+    return len == 0 || (buf[0] == 0 && memcmp(buf, buf + 1, len - 1) == 0);
+}
+
+static void digest_block(Copier *c, const guint8 *data, size_t len,
+                         guint8 out[32])
+{
+    gsize dlen = 32;
+
+    g_checksum_reset(c->sum);
+    g_checksum_update(c->sum, data, len);
+    g_checksum_get_digest(c->sum, out, &dlen);
+}
+
+/* Write the digests of CHUNK's blocks: from BUF, or of zeros if NULL. */
+static bool write_digests(Copier *c, const Chunk *chunk, const guint8 *buf)
+{
+    guint64 first = chunk->offset / COPIER_BLOCK_SIZE;
+    guint64 nblocks = copier_block_count(chunk->offset + chunk->length) - first;
+    g_autofree guint8 *digests = g_malloc(nblocks * 32);
+    ssize_t n;
+
+    if (c->opts.digest_fd < 0) {
+        return true;
+    }
+    for (guint64 i = 0; i < nblocks; i++) {
+        guint64 off = i * COPIER_BLOCK_SIZE;
+        size_t len = MIN(COPIER_BLOCK_SIZE, chunk->length - off);
+
+        if (buf) {
+            digest_block(c, buf + off, len, digests + i * 32);
+        } else {
+            memcpy(digests + i * 32,
+                   len == COPIER_BLOCK_SIZE ? c->zero_digest
+                                            : c->zero_tail_digest,
+                   32);
+        }
+    }
+    n = pwrite(c->opts.digest_fd, digests, nblocks * 32, first * 32);
+    if (n != (ssize_t)(nblocks * 32)) {
+        fail(c, COPIER_ERROR_HASH, "cannot write block digests: %s",
+             n < 0 ? g_strerror(errno) : "short write");
+        return false;
+    }
+    return true;
+}
+
+/* ---- the pump ---- */
+
+static void start_block_status(Copier *c)
+{
+    guint64 len = MIN(WINDOW_BYTES, c->size - c->plan_pos);
+
+    g_array_set_size(c->bs_alloc, 0);
+    g_array_set_size(c->bs_dirty, 0);
+    c->bs_done = false;
+    c->bs_error = 0;
+    if (nbd_aio_block_status(
+            c->src, len, c->plan_pos,
+            (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
+            (nbd_completion_callback){ .callback = bs_done_cb, .user_data = c },
+            0) < 0) {
+        fail(c, COPIER_ERROR_READ, "block status at %" G_GUINT64_FORMAT ": %s",
+             c->plan_pos, nbd_get_error());
+        return;
+    }
+    c->bs_in_flight = true;
+}
+
+static void finish_block_status(Copier *c)
+{
+    g_autoptr(GArray) regions = NULL;
+    guint64 end;
+
+    c->bs_in_flight = false;
+    if (c->bs_error || c->bs_alloc->len == 0 ||
+        (c->bitmap_context && c->bs_dirty->len == 0)) {
+        fail(c, COPIER_ERROR_READ,
+             "block status at %" G_GUINT64_FORMAT " failed: %s", c->plan_pos,
+             c->bs_error ? g_strerror(c->bs_error) : "no extents");
+        return;
+    }
+    regions =
+        plan_regions(c->plan_pos, c->size, (uint32_t *)c->bs_alloc->data,
+                     c->bs_alloc->len / 2,
+                     c->bitmap_context ? (uint32_t *)c->bs_dirty->data : NULL,
+                     c->bs_dirty->len / 2, &end);
+    c->stats.bytes_skipped +=
+        plan_chunks(regions, c->size, c->opts.chunk_size, &c->chunks);
+    c->plan_pos = end;
+    c->last_activity_us = g_get_monotonic_time();
+}
+
+static bool rate_allows(Copier *c, guint64 len)
+{
+    double elapsed;
+
+    if (!c->opts.rate_limit) {
+        return true;
+    }
+    elapsed = (g_get_monotonic_time() - c->start_us) / 1e6;
+    return c->read_started == 0 ||
+           c->read_started + len <= elapsed * c->opts.rate_limit;
+}
+
+static void start_write(Copier *c, Request *r, bool zero)
+{
+    nbd_completion_callback cb = { .callback = write_done, .user_data = r };
+    int64_t rc;
+
+    r->state = REQ_WRITING;
+    rc = zero ? nbd_aio_zero(c->dst, r->chunk.length, r->chunk.offset, cb, 0)
+              : nbd_aio_pwrite(c->dst, r->buf, r->chunk.length, r->chunk.offset,
+                               cb, 0);
+    if (rc < 0) {
+        fail(c, COPIER_ERROR_WRITE, "write at %" G_GUINT64_FORMAT ": %s",
+             r->chunk.offset, nbd_get_error());
+    }
+}
+
+/* Give an idle request its next chunk. Returns false if there is none. */
+static bool start_next(Copier *c, Request *r)
+{
+    Chunk *chunk = g_queue_peek_head(&c->chunks);
+
+    if (!chunk || (!chunk->zero && !rate_allows(c, chunk->length))) {
+        return false;
+    }
+    g_queue_pop_head(&c->chunks);
+    r->chunk = *chunk;
+    g_free(chunk);
+    r->error = 0;
+
+    if (r->chunk.zero) {
+        if (!write_digests(c, &r->chunk, NULL)) {
+            return false;
+        }
+        if (c->opts.target_zeroed) {
+            c->stats.bytes_skipped += r->chunk.length;
+            c->stats.bytes_done += r->chunk.length;
+            return true; /* nothing to send; still idle */
+        }
+        c->active++;
+        start_write(c, r, true);
+        return true;
+    }
+    c->active++;
+    r->state = REQ_READING;
+    c->read_started += r->chunk.length;
+    if (nbd_aio_pread(
+            c->src, r->buf, r->chunk.length, r->chunk.offset,
+            (nbd_completion_callback){ .callback = read_done, .user_data = r },
+            0) < 0) {
+        fail(c, COPIER_ERROR_READ, "read at %" G_GUINT64_FORMAT ": %s",
+             r->chunk.offset, nbd_get_error());
+    }
+    return true;
+}
+
+static void step_request(Copier *c, Request *r)
+{
+    switch (r->state) {
+    case REQ_READ_DONE:
+        c->last_activity_us = g_get_monotonic_time();
+        if (r->error) {
+            fail(c, COPIER_ERROR_READ,
+                 "reading %" G_GUINT64_FORMAT "+%" G_GUINT64_FORMAT
+                 " from the source failed: %s",
+                 r->chunk.offset, r->chunk.length, g_strerror(r->error));
+            return;
+        }
+        c->stats.bytes_read += r->chunk.length;
+        if (!write_digests(c, &r->chunk, r->buf)) {
+            return;
+        }
+        if (is_zero(r->buf, r->chunk.length)) {
+            if (c->opts.target_zeroed) {
+                /* read, found zero: nothing to write on a zeroed target */
+                c->stats.bytes_skipped += r->chunk.length;
+                c->stats.bytes_done += r->chunk.length;
+                r->state = REQ_IDLE;
+                c->active--;
+                return;
+            }
+            r->chunk.zero = true;
+            start_write(c, r, true);
+        } else {
+            start_write(c, r, false);
+        }
+        return;
+    case REQ_WRITE_DONE:
+        c->last_activity_us = g_get_monotonic_time();
+        if (r->error) {
+            fail(c, COPIER_ERROR_WRITE,
+                 "writing %" G_GUINT64_FORMAT "+%" G_GUINT64_FORMAT
+                 " to the target failed: %s",
+                 r->chunk.offset, r->chunk.length, g_strerror(r->error));
+            return;
+        }
+        if (r->chunk.zero) {
+            c->stats.bytes_zero += r->chunk.length;
+        } else {
+            c->stats.bytes_written += r->chunk.length;
+        }
+        c->stats.bytes_done += r->chunk.length;
+        r->state = REQ_IDLE;
+        c->active--;
+        return;
+    default:
+        return;
+    }
+}
+
+static void report(Copier *c, bool final)
+{
+    gint64 now = g_get_monotonic_time();
+
+    c->stats.seconds = (now - c->start_us) / 1e6;
+    if (c->opts.progress &&
+        (final || now - c->last_progress_us >= PROGRESS_US)) {
+        CopierStats s = c->stats;
+
+        s.bytes_done = MIN(s.bytes_done + s.bytes_skipped, s.size);
+        if (final && !c->error) {
+            s.bytes_done = s.size;
+        }
+        c->last_progress_us = now;
+        c->opts.progress(&s, c->opts.progress_opaque);
+    }
+}
+
+static gboolean pump(gpointer data)
+{
+    Copier *c = data;
+    gint64 now = g_get_monotonic_time();
+
+    if (c->opts.cancel && g_atomic_int_get(c->opts.cancel)) {
+        fail(c, COPIER_ERROR_CANCELLED, "cancelled");
+    }
+    if (c->opts.stall_seconds &&
+        now - c->last_activity_us > (gint64)c->opts.stall_seconds * 1000000) {
+        fail(c, COPIER_ERROR_STALLED, "no progress for %u s",
+             c->opts.stall_seconds);
+    }
+    if (nbd_aio_is_dead(c->src) || nbd_aio_is_closed(c->src)) {
+        fail(c, COPIER_ERROR_READ, "the source NBD server went away");
+    }
+    if (nbd_aio_is_dead(c->dst) || nbd_aio_is_closed(c->dst)) {
+        fail(c, COPIER_ERROR_WRITE, "the target NBD server went away");
+    }
+
+    for (guint i = 0; !c->error && i < c->nreqs; i++) {
+        step_request(c, &c->reqs[i]);
+    }
+    if (!c->error && c->bs_in_flight && c->bs_done) {
+        finish_block_status(c);
+    }
+    for (guint i = 0; !c->error && i < c->nreqs; i++) {
+        Request *r = &c->reqs[i];
+
+        while (!c->error && r->state == REQ_IDLE && start_next(c, r)) {
+        }
+    }
+    /* Plan ahead so that requests never wait for block status. */
+    if (!c->error && !c->bs_in_flight && c->plan_pos < c->size &&
+        g_queue_get_length(&c->chunks) < c->nreqs * 2) {
+        start_block_status(c);
+    }
+    if (!c->error && !c->flushing && c->plan_pos >= c->size &&
+        !c->bs_in_flight && g_queue_is_empty(&c->chunks) && c->active == 0) {
+        c->flushing = true;
+        if (nbd_aio_flush(c->dst,
+                          (nbd_completion_callback){ .callback = flush_done,
+                                                     .user_data = c },
+                          0) < 0) {
+            fail(c, COPIER_ERROR_WRITE, "flush: %s", nbd_get_error());
+        }
+    }
+    if (c->flushed && c->flush_error) {
+        fail(c, COPIER_ERROR_WRITE, "flushing the target failed: %s",
+             g_strerror(c->flush_error));
+    }
+    report(c, false);
+    if (c->error || c->flushed) {
+        g_main_loop_quit(c->loop);
+    }
+    return G_SOURCE_CONTINUE;
+}
+
+/* ---- set-up and tear-down ---- */
+
+static void copier_free(Copier *c)
+{
+    if (c->tick) {
+        g_source_destroy(c->tick);
+        g_source_unref(c->tick);
+    }
+    if (c->src_source) {
+        g_source_destroy(c->src_source);
+        g_source_unref(c->src_source);
+    }
+    if (c->dst_source) {
+        g_source_destroy(c->dst_source);
+        g_source_unref(c->dst_source);
+    }
+    nbd_close(c->src); /* abandons anything still in flight */
+    nbd_close(c->dst);
+    for (guint i = 0; c->reqs && i < c->nreqs; i++) {
+        free(c->reqs[i].buf);
+    }
+    g_free(c->reqs);
+    g_queue_clear_full(&c->chunks, g_free);
+    if (c->bs_alloc) {
+        g_array_unref(c->bs_alloc);
+        g_array_unref(c->bs_dirty);
+    }
+    if (c->sum) {
+        g_checksum_free(c->sum);
+    }
+    if (c->loop) {
+        g_main_loop_unref(c->loop);
+    }
+    if (c->ctx) {
+        g_main_context_unref(c->ctx);
+    }
+    g_free(c->bitmap_context);
+    g_clear_error(&c->error);
+    g_free(c);
+}
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Copier, copier_free)
+
+bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
+                 const CopierOptions *opts, CopierStats *stats, GError **error)
+{
+    g_autoptr(Copier) c = g_new0(Copier, 1);
+    const char *contexts[3] = { "base:allocation", NULL, NULL };
+    g_autofree guint8 *zeros = g_malloc0(COPIER_BLOCK_SIZE);
+    int64_t src_size, dst_size;
+
+    c->opts = *opts;
+    if (c->opts.requests == 0 || c->opts.chunk_size == 0 ||
+        c->opts.chunk_size % COPIER_BLOCK_SIZE != 0) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "chunk size must be a positive multiple of %d bytes",
+                    COPIER_BLOCK_SIZE);
+        return false;
+    }
+    if (opts->bitmap) {
+        c->bitmap_context =
+            g_strconcat("qemu:dirty-bitmap:", opts->bitmap, NULL);
+        contexts[1] = c->bitmap_context;
+    }
+    c->ctx = g_main_context_new();
+    c->loop = g_main_loop_new(c->ctx, FALSE);
+    g_queue_init(&c->chunks);
+    c->bs_alloc = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    c->bs_dirty = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    c->sum = g_checksum_new(G_CHECKSUM_SHA256);
+
+    c->src = nbd_source_connect(source, contexts, c->ctx, pump, c,
+                                &c->src_source, error);
+    if (!c->src) {
+        return false;
+    }
+    c->dst = nbd_source_connect(target, NULL, c->ctx, pump, c, &c->dst_source,
+                                error);
+    if (!c->dst) {
+        return false;
+    }
+    src_size = nbd_get_size(c->src);
+    dst_size = nbd_get_size(c->dst);
+    if (src_size < 0 || src_size != dst_size) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "source (%" G_GINT64_FORMAT
+                    " bytes) and target (%" G_GINT64_FORMAT
+                    " bytes) differ in size",
+                    src_size, dst_size);
+        return false;
+    }
+    if (nbd_is_read_only(c->dst) == 1 || nbd_can_zero(c->dst) != 1) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "the target export is read-only or cannot write zeros");
+        return false;
+    }
+    c->size = c->stats.size = src_size;
+    if (c->opts.digest_fd >= 0 &&
+        !copier_digests_init(c->opts.digest_fd, c->size,
+                             c->opts.digest_parent_fd, error)) {
+        return false;
+    }
+    digest_block(c, zeros, COPIER_BLOCK_SIZE, c->zero_digest);
+    digest_block(c, zeros, c->size % COPIER_BLOCK_SIZE, c->zero_tail_digest);
+
+    c->nreqs = c->opts.requests;
+    c->reqs = g_new0(Request, c->nreqs);
+    for (guint i = 0; i < c->nreqs; i++) {
+        c->reqs[i].copier = c;
+        /* page aligned, ready for an O_DIRECT sink */
+        if (posix_memalign((void **)&c->reqs[i].buf, 4096,
+                           c->opts.chunk_size) != 0) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "out of memory for %u x %" G_GUINT64_FORMAT " bytes",
+                        c->nreqs, c->opts.chunk_size);
+            return false;
+        }
+    }
+    c->tick = g_timeout_source_new(TICK_MS);
+    g_source_set_callback(c->tick, pump, c, NULL);
+    g_source_attach(c->tick, c->ctx);
+
+    c->start_us = c->last_activity_us = g_get_monotonic_time();
+    c->last_progress_us = 0;
+    pump(c);
+    if (!c->error && !c->flushed) {
+        g_main_loop_run(c->loop);
+    }
+    report(c, true);
+    if (stats) {
+        *stats = c->stats;
+    }
+    if (c->error) {
+        g_propagate_error(error, g_steal_pointer(&c->error));
+        return false;
+    }
+    return true;
+}

@@ -1,0 +1,114 @@
+/*
+ * lib/copier: copy a disk, or the dirty part of it, from an NBD export to an
+ * NBD target, with many requests in flight on one event loop.
+ *
+ * It knows NBD and files only: the caller names the source export (and the
+ * dirty bitmap context to follow), the target export, and where the block
+ * digests go. It never talks QMP, so backup, merge and restore can all use
+ * it on exports served by QEMU, qemu-storage-daemon or qemu-nbd.
+ *
+ * What gets copied: every region that the source's "base:allocation" says
+ * holds data (and, with a dirty bitmap, that the bitmap marks dirty), in
+ * chunks aligned to COPIER_BLOCK_SIZE. Regions that read as zeros are
+ * written as zeros (or skipped when the target already reads as zeros),
+ * never as data. Memory: requests x chunk size, plus one window of extents.
+ */
+#ifndef QBK_COPIER_H
+#define QBK_COPIER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <glib.h>
+
+#define COPIER_ERROR copier_error_quark()
+GQuark copier_error_quark(void);
+
+typedef enum {
+    COPIER_ERROR_CONNECT, /* an export could not be reached or lacks a feature */
+    COPIER_ERROR_READ,    /* the source failed a read or block status */
+    COPIER_ERROR_WRITE,   /* the target failed a write (e.g. ENOSPC) */
+    COPIER_ERROR_HASH,    /* the digest file could not be written */
+    COPIER_ERROR_STALLED, /* no progress within the stall timeout */
+    COPIER_ERROR_CANCELLED,
+} CopierErrorCode;
+
+/* Digests cover blocks of this many bytes (the last may be shorter). */
+#define COPIER_BLOCK_SIZE (64 * 1024)
+
+/* An NBD export: a unix socket and an export name. */
+typedef struct {
+    const char *socket;
+    const char *name;
+} CopierEndpoint;
+
+typedef struct {
+    guint64 size;          /* of the disk, bytes */
+    guint64 bytes_read;    /* read from the source */
+    guint64 bytes_written; /* written as data to the target */
+    guint64 bytes_zero;    /* written as zeros (no data sent) */
+    guint64 bytes_skipped; /* not dirty, or zero on a zeroed target */
+    guint64 bytes_done;    /* of size: accounted for so far */
+    double seconds;        /* wall time of the copy */
+} CopierStats;
+
+typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
+
+typedef struct {
+    guint requests;          /* in flight at once (default 16) */
+    guint64 chunk_size;      /* bytes per request, a multiple of
+                             COPIER_BLOCK_SIZE (default 1 MiB) */
+    const char *bitmap;      /* copy only what the source's
+                             "qemu:dirty-bitmap:BITMAP" marks; NULL: all */
+    bool target_zeroed;      /* the target reads as zeros: skip zero regions */
+    int digest_fd;           /* -1, or a file receiving one SHA-256 per block at
+                             offset block * 32; it is first filled from
+                             digest_parent_fd, so blocks not copied keep the
+                             parent's digests */
+    int digest_parent_fd;    /* the parent backup's digests; -1: the disk's
+                             blocks not copied read as zeros */
+    guint64 rate_limit;      /* bytes read per second; 0: unlimited */
+    guint stall_seconds;     /* fail after this long without progress (60) */
+    volatile gint *cancel;   /* set to non-zero (e.g. by a signal handler) to
+                              stop the copy; may be NULL */
+    CopierProgress progress; /* called at most every 250 ms, and at the end */
+    void *progress_opaque;
+} CopierOptions;
+
+/* Fill OPTS with the defaults. */
+void copier_options_init(CopierOptions *opts);
+
+/*
+ * Copy SOURCE to TARGET (both of the same size) as OPTS say, flush the
+ * target, and fill STATS. On failure the target holds an unknown part of
+ * the data; "first failure wins" and is the error returned.
+ */
+bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
+                 const CopierOptions *opts, CopierStats *stats, GError **error);
+
+/* ---- block digests (blockhash.c) ---- */
+
+/* Number of blocks of a disk of SIZE bytes. */
+guint64 copier_block_count(guint64 size);
+
+/*
+ * Make FD a digest file for a disk of SIZE bytes: a copy of PARENT_FD's
+ * digests (-1: every block's digest is that of a zero block).
+ */
+bool copier_digests_init(int fd, guint64 size, int parent_fd, GError **error);
+
+/*
+ * The image checksum: SHA-256 over the digest file's block digests, in
+ * block order, as lowercase hex ("sha256-blocks-64k").
+ */
+char *copier_digests_checksum(int fd, guint64 size, GError **error);
+
+/*
+ * The same checksum computed from a raw image file (or any file reading as
+ * the disk's bytes), for verification without QEMU.
+ */
+char *copier_file_checksum(const char *path, guint64 size, GError **error);
+
+#define COPIER_CHECKSUM_ALGORITHM "sha256-blocks-64k"
+
+#endif /* QBK_COPIER_H */

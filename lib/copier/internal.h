@@ -1,0 +1,68 @@
+/*
+ * Private to lib/copier.
+ */
+#ifndef QBK_COPIER_INTERNAL_H
+#define QBK_COPIER_INTERNAL_H
+
+#include <libnbd.h>
+
+#include "copier.h"
+
+/* ---- planning (plan.c): block status -> chunks ---- */
+
+/* What a region of the source needs. */
+typedef enum {
+    REGION_SKIP, /* not dirty: the target (or its backing) already has it */
+    REGION_ZERO, /* dirty and reads as zeros */
+    REGION_DATA, /* dirty and holds data */
+} RegionKind;
+
+/* A run of one kind, as block status described it. */
+typedef struct {
+    guint64 offset;
+    guint64 length;
+    RegionKind kind;
+} Region;
+
+/* A unit of work: [offset, offset + length), block aligned except at the
+ * disk's end. */
+typedef struct {
+    guint64 offset;
+    guint64 length;
+    bool zero; /* write zeros (or skip on a zeroed target) instead of data */
+} Chunk;
+
+/*
+ * NBD extent arrays (length, flags pairs) of one block-status window that
+ * starts at START, turned into regions of [START, *END). ALLOC: from
+ * "base:allocation"; DIRTY: from the bitmap context, or NULL (all dirty).
+ * *END is where both contexts have answered, block aligned unless it is the
+ * disk's end SIZE; at least one block is always covered.
+ */
+GArray *plan_regions(guint64 start, guint64 size, const uint32_t *alloc,
+                     size_t n_alloc, const uint32_t *dirty, size_t n_dirty,
+                     guint64 *end);
+
+/*
+ * Cut REGIONS into chunks of at most CHUNK_SIZE bytes, appended to CHUNKS.
+ * Data is widened to whole blocks; zeros are narrowed to whole blocks and
+ * their partial edge blocks become data, so no dirty byte is skipped and no
+ * data block is ever zeroed. Returns the bytes skipped.
+ */
+guint64 plan_chunks(GArray *regions, guint64 size, guint64 chunk_size,
+                    GQueue *chunks);
+
+/* ---- a libnbd handle on a GMainContext (nbd-source.c) ---- */
+
+/*
+ * Connect to ENDPOINT, asking for META_CONTEXTS (NULL-terminated, may be
+ * NULL), and attach a source to CTX that runs libnbd's state machine and
+ * then calls CALLBACK(DATA). Returns the handle; the source is in *SOURCE.
+ */
+struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
+                                      const char *const *meta_contexts,
+                                      GMainContext *ctx, GSourceFunc callback,
+                                      gpointer data, GSource **source,
+                                      GError **error);
+
+#endif /* QBK_COPIER_INTERNAL_H */

@@ -1,0 +1,107 @@
+/*
+ * A GSource that runs one libnbd handle's state machine on a GMainContext:
+ * it polls the handle's socket in the direction libnbd asks for, tells
+ * libnbd when the socket is ready, then calls the owner back so that it can
+ * look at what completed and start the next commands.
+ */
+#include "internal.h"
+
+typedef struct {
+    GSource base;
+    struct nbd_handle *nbd; /* borrowed: the owner closes it after the source */
+    gpointer tag;           /* of the socket fd, from g_source_add_unix_fd */
+} NbdSource;
+
+static gboolean nbd_source_prepare(GSource *source, gint *timeout)
+{
+    NbdSource *s = (NbdSource *)source;
+    unsigned dir = nbd_aio_get_direction(s->nbd);
+    GIOCondition cond = 0;
+
+    if (dir & LIBNBD_AIO_DIRECTION_READ) {
+        cond |= G_IO_IN;
+    }
+    if (dir & LIBNBD_AIO_DIRECTION_WRITE) {
+        cond |= G_IO_OUT;
+    }
+    g_source_modify_unix_fd(source, s->tag, cond);
+    *timeout = -1;
+    return FALSE;
+}
+
+static gboolean nbd_source_check(GSource *source)
+{
+    NbdSource *s = (NbdSource *)source;
+
+    return g_source_query_unix_fd(source, s->tag) != 0;
+}
+
+static gboolean nbd_source_dispatch(GSource *source, GSourceFunc callback,
+                                    gpointer data)
+{
+    NbdSource *s = (NbdSource *)source;
+    GIOCondition rev = g_source_query_unix_fd(source, s->tag);
+    unsigned dir = nbd_aio_get_direction(s->nbd);
+
+    /* Errors surface through the commands' completion callbacks and
+     * nbd_aio_is_dead(); the owner checks both. */
+    if ((rev & (G_IO_IN | G_IO_HUP | G_IO_ERR)) &&
+        (dir & LIBNBD_AIO_DIRECTION_READ)) {
+        nbd_aio_notify_read(s->nbd);
+    } else if (rev & G_IO_OUT) {
+        nbd_aio_notify_write(s->nbd);
+    } else if (rev & (G_IO_HUP | G_IO_ERR)) {
+        nbd_aio_notify_read(s->nbd); /* let libnbd see the hang-up */
+    }
+    return callback ? callback(data) : G_SOURCE_CONTINUE;
+}
+
+static GSourceFuncs nbd_source_funcs = {
+    .prepare = nbd_source_prepare,
+    .check = nbd_source_check,
+    .dispatch = nbd_source_dispatch,
+};
+
+struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
+                                      const char *const *meta_contexts,
+                                      GMainContext *ctx, GSourceFunc callback,
+                                      gpointer data, GSource **source,
+                                      GError **error)
+{
+    struct nbd_handle *nbd = nbd_create();
+    NbdSource *s;
+
+    if (!nbd) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT, "%s",
+                    nbd_get_error());
+        return NULL;
+    }
+    for (guint i = 0; meta_contexts && meta_contexts[i]; i++) {
+        nbd_add_meta_context(nbd, meta_contexts[i]);
+    }
+    if (nbd_set_export_name(nbd, endpoint->name ? endpoint->name : "") < 0 ||
+        nbd_connect_unix(nbd, endpoint->socket) < 0) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "cannot open NBD export '%s' at '%s': %s",
+                    endpoint->name ? endpoint->name : "", endpoint->socket,
+                    nbd_get_error());
+        nbd_close(nbd);
+        return NULL;
+    }
+    for (guint i = 0; meta_contexts && meta_contexts[i]; i++) {
+        if (nbd_can_meta_context(nbd, meta_contexts[i]) != 1) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "NBD export '%s' does not offer '%s'",
+                        endpoint->name ? endpoint->name : "", meta_contexts[i]);
+            nbd_close(nbd);
+            return NULL;
+        }
+    }
+    s = (NbdSource *)g_source_new(&nbd_source_funcs, sizeof(NbdSource));
+    s->nbd = nbd;
+    s->tag = g_source_add_unix_fd(&s->base, nbd_aio_get_fd(nbd), 0);
+    g_source_set_callback(&s->base, callback, data, NULL);
+    g_source_attach(&s->base, ctx);
+    *source = &s->base;
+    return nbd;
+}
