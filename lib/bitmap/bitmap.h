@@ -83,6 +83,15 @@ char *bitmap_create_checkpoint(QmpClient *qmp, GPtrArray *disks,
                                uint32_t granularity, GError **error);
 
 /*
+ * The actions of bitmap_create_checkpoint(), added to the caller's TX so
+ * that the checkpoint's instant is that of the caller's other actions.
+ * Returns the bitmap's name.
+ */
+char *bitmap_add_checkpoint_actions(QmpTransaction *tx, GPtrArray *disks,
+                                    GPtrArray *targets, const char *name,
+                                    uint32_t granularity, GError **error);
+
+/*
  * Delete checkpoint NAME on every disk that holds it, in one transaction
  * that merges it into the disk's previous checkpoint (so "since" older
  * checkpoints stays complete) and, when it was the recording one, lets the
@@ -100,6 +109,11 @@ bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
  */
 bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
                   const char *name, const char *target_bitmap, GError **error);
+
+/* The actions of bitmap_since() for one DISK, added to the caller's TX. */
+bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
+                              const QmpDisk *disk, const char *name,
+                              const char *target_bitmap, GError **error);
 
 /* Remove TARGET_BITMAP (a "since" bitmap) from every target disk that has it;
  * returns how many were removed, or -1. */

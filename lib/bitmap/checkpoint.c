@@ -226,12 +226,11 @@ static char *default_name(GPtrArray *checkpoints)
     return name;
 }
 
-char *bitmap_create_checkpoint(QmpClient *qmp, GPtrArray *disks,
-                               GPtrArray *targets, const char *name,
-                               uint32_t granularity, GError **error)
+char *bitmap_add_checkpoint_actions(QmpTransaction *tx, GPtrArray *disks,
+                                    GPtrArray *targets, const char *name,
+                                    uint32_t granularity, GError **error)
 {
     g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
-    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
     g_autofree char *chosen = NULL;
     guint seq = 1;
     guint eligible = 0;
@@ -298,12 +297,28 @@ char *bitmap_create_checkpoint(QmpClient *qmp, GPtrArray *disks,
             }
         }
     }
-    if (!qmp_transaction_run(qmp, tx, error)) {
-        g_prefix_error(error, "cannot create checkpoint '%s': ", chosen);
-        return NULL;
-    }
     return g_strdup_printf(BITMAP_PREFIX "%0*u%s-%s", SEQ_DIGITS, seq,
                            partial ? "p" : "", chosen);
+}
+
+char *bitmap_create_checkpoint(QmpClient *qmp, GPtrArray *disks,
+                               GPtrArray *targets, const char *name,
+                               uint32_t granularity, GError **error)
+{
+    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
+    g_autofree char *bitmap = bitmap_add_checkpoint_actions(
+        tx, disks, targets, name, granularity, error);
+    g_autofree char *short_name = NULL;
+
+    if (!bitmap) {
+        return NULL;
+    }
+    if (!qmp_transaction_run(qmp, tx, error)) {
+        bitmap_parse_name(bitmap, NULL, &short_name, NULL);
+        g_prefix_error(error, "cannot create checkpoint '%s': ", short_name);
+        return NULL;
+    }
+    return g_steal_pointer(&bitmap);
 }
 
 bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
@@ -355,76 +370,94 @@ bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
     return true;
 }
 
-bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
-                  const char *name, const char *target_bitmap, GError **error)
+bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
+                              const QmpDisk *disk, const char *name,
+                              const char *target_bitmap, GError **error)
 {
     g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
     g_autoptr(BitmapCheck) check = bitmap_check(disks);
-    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
     BitmapCheckpoint *cp = find_or_fail(checkpoints, name, error);
+    const BitmapDiskVerdict *v;
+    json_object *add, *merge, *sources;
+    guint start;
+    uint32_t granularity = 0;
 
     if (!cp) {
         return false;
     }
-    if (!check_targets(targets, error)) {
+    if (disk->no_bitmaps) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
+                    "disk '%s' cannot hold checkpoints: %s", disk->id,
+                    disk->no_bitmaps);
+        return false;
+    }
+    v = bitmap_check_verdict(check, disk);
+    for (start = 0; start < v->chain->len; start++) {
+        QmpBitmap *b = v->chain->pdata[start];
+
+        if (strcmp(b->name, cp->bitmap) == 0) {
+            granularity = b->granularity;
+            break;
+        }
+    }
+    if (start == v->chain->len) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
+                    "disk '%s' has no checkpoint '%s': it needs a full "
+                    "backup",
+                    disk->id, cp->name);
+        return false;
+    }
+    if (start < v->untrusted) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
+                    "disk '%s': the changes since checkpoint '%s' are not "
+                    "fully recorded (see 'check'): it needs a full backup",
+                    disk->id, cp->name);
+        return false;
+    }
+    if (qmp_disk_bitmap(disk, target_bitmap)) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_EXISTS,
+                    "disk '%s' already has a bitmap '%s'", disk->id,
+                    target_bitmap);
+        return false;
+    }
+
+    add = bitmap_ref(disk, target_bitmap);
+    json_object_object_add(add, "persistent", json_object_new_boolean(0));
+    json_object_object_add(add, "disabled", json_object_new_boolean(1));
+    json_object_object_add(add, "granularity",
+                           json_object_new_int64(granularity));
+    qmp_transaction_add(tx, "block-dirty-bitmap-add", add);
+
+    merge = json_object_new_object();
+    sources = json_object_new_array();
+    for (guint j = start; j < v->chain->len; j++) {
+        QmpBitmap *b = v->chain->pdata[j];
+
+        json_object_array_add(sources, json_object_new_string(b->name));
+    }
+    json_object_object_add(merge, "node", json_object_new_string(disk->node));
+    json_object_object_add(merge, "target",
+                           json_object_new_string(target_bitmap));
+    json_object_object_add(merge, "bitmaps", sources);
+    qmp_transaction_add(tx, "block-dirty-bitmap-merge", merge);
+    return true;
+}
+
+bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
+                  const char *name, const char *target_bitmap, GError **error)
+{
+    g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
+    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
+    BitmapCheckpoint *cp = find_or_fail(checkpoints, name, error);
+
+    if (!cp || !check_targets(targets, error)) {
         return false;
     }
     for (guint i = 0; i < targets->len; i++) {
-        QmpDisk *disk = targets->pdata[i];
-        const BitmapDiskVerdict *v = bitmap_check_verdict(check, disk);
-        json_object *add, *merge, *sources;
-        guint start;
-        uint32_t granularity = 0;
-
-        for (start = 0; start < v->chain->len; start++) {
-            QmpBitmap *b = v->chain->pdata[start];
-
-            if (strcmp(b->name, cp->bitmap) == 0) {
-                granularity = b->granularity;
-                break;
-            }
-        }
-        if (start == v->chain->len) {
-            g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
-                        "disk '%s' has no checkpoint '%s': it needs a full "
-                        "backup",
-                        disk->id, cp->name);
+        if (!bitmap_add_since_actions(tx, disks, targets->pdata[i], name,
+                                      target_bitmap, error)) {
             return false;
         }
-        if (start < v->untrusted) {
-            g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
-                        "disk '%s': the changes since checkpoint '%s' are not "
-                        "fully recorded (see 'check'): it needs a full backup",
-                        disk->id, cp->name);
-            return false;
-        }
-        if (qmp_disk_bitmap(disk, target_bitmap)) {
-            g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_EXISTS,
-                        "disk '%s' already has a bitmap '%s'", disk->id,
-                        target_bitmap);
-            return false;
-        }
-
-        add = bitmap_ref(disk, target_bitmap);
-        json_object_object_add(add, "persistent", json_object_new_boolean(0));
-        json_object_object_add(add, "disabled", json_object_new_boolean(1));
-        json_object_object_add(add, "granularity",
-                               json_object_new_int64(granularity));
-        qmp_transaction_add(tx, "block-dirty-bitmap-add", add);
-
-        merge = json_object_new_object();
-        sources = json_object_new_array();
-        for (guint j = start; j < v->chain->len; j++) {
-            QmpBitmap *b = v->chain->pdata[j];
-
-            json_object_array_add(sources, json_object_new_string(b->name));
-        }
-        json_object_object_add(merge, "node",
-                               json_object_new_string(disk->node));
-        json_object_object_add(merge, "target",
-                               json_object_new_string(target_bitmap));
-        json_object_object_add(merge, "bitmaps", sources);
-        qmp_transaction_add(tx, "block-dirty-bitmap-merge", merge);
     }
     if (!qmp_transaction_run(qmp, tx, error)) {
         g_prefix_error(error, "cannot compute changes since '%s': ", cp->name);

@@ -1,0 +1,263 @@
+/*
+ * qbk-pull: take a crash-consistent backup of every disk of a running VM at
+ * one instant, full or incremental per disk, into a repository of qcow2
+ * chains and JSON manifests.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backup.h"
+#include "cmd-common.h"
+
+static char *opt_qmp;
+static char *opt_repo;
+static char *opt_mode;
+static char *opt_since;
+static char **opt_disks;
+static char *opt_scratch;
+static gint opt_requests;
+static gint64 opt_chunk;
+static char *opt_rate;
+static gint opt_progress_fd = -1;
+static gboolean opt_json;
+static gboolean opt_quiet;
+static gboolean opt_version;
+static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
+
+static GOptionEntry entries[] = {
+    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
+      "QMP socket of the running VM (default: $QBK_QMP)", "SOCKET" },
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo,
+      "backup repository (made if missing)", "DIR" },
+    { "mode", 'm', 0, G_OPTION_ARG_STRING, &opt_mode,
+      "auto (default: full where needed, else incremental), full, "
+      "incremental or differential",
+      "MODE" },
+    { "since", 's', 0, G_OPTION_ARG_STRING, &opt_since,
+      "copy everything changed since this checkpoint or backup id",
+      "CHECKPOINT" },
+    { "disk", 'd', 0, G_OPTION_ARG_STRING_ARRAY, &opt_disks,
+      "only this disk (repeat); default: every disk", "DISK" },
+    { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch,
+      "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
+    { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
+      "copier requests in flight (default 16)", "N" },
+    { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &opt_chunk,
+      "copier bytes per request, a multiple of 64 KiB (default 1 MiB)",
+      "BYTES" },
+    { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
+      "read at most this much per second from the VM, e.g. 50M", "SIZE" },
+    { "progress-fd", 0, 0, G_OPTION_ARG_INT, &opt_progress_fd,
+      "write progress as JSON lines to this file descriptor", "FD" },
+    { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
+      "print the manifest as one JSON object on stdout", NULL },
+    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
+      "seconds to wait for QEMU (default 30)", "SECONDS" },
+    { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
+      "print nothing on stderr but errors", NULL },
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+static volatile gint cancel_flag;
+
+static void on_signal(int sig)
+{
+    g_atomic_int_set(&cancel_flag, sig);
+}
+
+static bool parse_size(const char *text, guint64 *out)
+{
+    char *end;
+    guint64 v = g_ascii_strtoull(text, &end, 10);
+    const char *units = "KMGT";
+    const char *u;
+
+    if (end == text) {
+        return false;
+    }
+    if (*end) {
+        u = strchr(units, g_ascii_toupper(*end));
+        if (!u || (end[1] && g_ascii_strcasecmp(end + 1, "iB") != 0 &&
+                   g_ascii_strcasecmp(end + 1, "B") != 0)) {
+            return false;
+        }
+        v <<= 10 * (u - units + 1);
+    }
+    *out = v;
+    return true;
+}
+
+static void on_progress(const BackupProgress *p, void *opaque)
+{
+    const CopierStats *s = &p->stats;
+    double pct = s->size ? 100.0 * s->bytes_done / s->size : 100.0;
+    double mib_s = s->seconds > 0 ? s->bytes_read / 1048576.0 / s->seconds : 0;
+    double rate = s->seconds > 0 ? s->bytes_done / s->seconds : 0;
+    double eta = rate > 0 ? (s->size - s->bytes_done) / rate : 0;
+
+    if (opt_progress_fd >= 0) {
+        g_autofree char *line = g_strdup_printf(
+            "{\"disk\": \"%s\", \"index\": %u, \"count\": %u, \"done\": "
+            "%" G_GUINT64_FORMAT ", \"size\": %" G_GUINT64_FORMAT
+            ", \"read\": %" G_GUINT64_FORMAT ", \"seconds\": %.3f}\n",
+            p->disk, p->index, p->count, s->bytes_done, s->size, s->bytes_read,
+            s->seconds);
+
+        if (write(opt_progress_fd, line, strlen(line)) < 0) {
+            opt_progress_fd = -1;
+        }
+    }
+    if (!opt_quiet && isatty(STDERR_FILENO)) {
+        fprintf(stderr, "\r%s: %s (%u/%u) %5.1f%%  %7.1f MiB/s  ETA %4.0fs ",
+                g_get_prgname(), p->disk, p->index + 1, p->count, pct, mib_s,
+                eta);
+        if (s->bytes_done >= s->size) {
+            fputc('\n', stderr);
+        }
+    }
+}
+
+static void print_summary(json_object *m)
+{
+    json_object *disks = NULL;
+
+    json_object_object_get_ex(m, "disks", &disks);
+    printf("backup %s: %s\n",
+           json_object_get_string(json_object_object_get(m, "id")),
+           json_object_get_string(json_object_object_get(m, "status")));
+    printf("%-12s %-13s %-18s %11s %11s %9s  %s\n", "DISK", "MODE", "PARENT",
+           "COPIED", "SKIPPED", "MiB/s", "IMAGE");
+    for (size_t i = 0; i < json_object_array_length(disks); i++) {
+        json_object *d = json_object_array_get_idx(disks, i);
+        json_object *parent = json_object_object_get(d, "parent");
+        g_autofree char *copied = cmd_format_bytes(
+            json_object_get_uint64(json_object_object_get(d, "bytes_copied")));
+        g_autofree char *skipped = cmd_format_bytes(
+            json_object_get_uint64(json_object_object_get(d, "bytes_skipped")) +
+            json_object_get_uint64(json_object_object_get(d, "bytes_zero")));
+
+        printf("%-12s %-13s %-18s %11s %11s %9.1f  %s\n",
+               json_object_get_string(json_object_object_get(d, "disk")),
+               json_object_get_string(json_object_object_get(d, "mode")),
+               parent ? json_object_get_string(parent) : "-", copied, skipped,
+               json_object_get_double(
+                   json_object_object_get(d, "throughput_mib_s")),
+               json_object_get_string(json_object_object_get(d, "image")));
+    }
+}
+
+static int exit_code(const GError *error)
+{
+    if (error->domain == BACKUP_ERROR) {
+        switch ((BackupErrorCode)error->code) {
+        case BACKUP_ERROR_FULL_NEEDED:
+            return QBK_EXIT_FULL_NEEDED;
+        case BACKUP_ERROR_NOT_FOUND:
+            return QBK_EXIT_USAGE;
+        default:
+            return QBK_EXIT_FAILURE;
+        }
+    }
+    return QBK_EXIT_FAILURE;
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GOptionContext) ctx =
+        g_option_context_new("- back up a running VM");
+    g_autoptr(GError) error = NULL;
+    g_autoptr(QmpClient) qmp = NULL;
+    struct sigaction sa = { .sa_handler = on_signal };
+    BackupOptions opts;
+    json_object *manifest;
+
+    g_set_prgname("qbk-pull");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_summary(
+        ctx, "Takes a crash-consistent backup of every disk of a running VM "
+             "at one instant\n(image fleecing), while the guest keeps "
+             "writing. Per disk: a full backup\nwhen there is no usable "
+             "chain, else only what changed since the disk's last\nbackup "
+             "(auto). The repository keeps one qcow2 chain per disk (full <- "
+             "inc <-\n...) with relative backing files, and a JSON manifest "
+             "per backup.\nOn failure or SIGINT/SIGTERM everything is rolled "
+             "back: the next backup\nmisses no write.");
+    g_option_context_set_description(
+        ctx, "Examples:\n"
+             "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1\n"
+             "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
+             "--mode differential\n"
+             "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
+             "--since 20261122T213500Z --json\n"
+             "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
+             "\n" QBK_EXIT_CODES_HELP);
+    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
+        cmd_error("%s (see --help)", error->message);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_version) {
+        printf("qbk-pull %s\n", QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    cmd_set_quiet(opt_quiet);
+    backup_options_init(&opts);
+    if (!opt_qmp) {
+        opt_qmp = g_strdup(g_getenv("QBK_QMP"));
+    }
+    if (argc != 1 || !opt_qmp || !opt_repo) {
+        cmd_error("give --qmp SOCKET and --repo DIR, and no other argument "
+                  "(see --help)");
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_mode && !backup_mode_parse(opt_mode, &opts.mode)) {
+        cmd_error("unknown --mode '%s' (see --help)", opt_mode);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_since && opts.mode == BACKUP_MODE_FULL) {
+        cmd_error("--since goes with an incremental backup, not --mode full");
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_rate && !parse_size(opt_rate, &opts.rate_limit)) {
+        cmd_error("--rate-limit '%s' is not a size like 50M", opt_rate);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_requests < 0 || opt_chunk < 0 ||
+        opt_chunk % COPIER_BLOCK_SIZE != 0 || opt_timeout <= 0) {
+        cmd_error("--requests, --chunk-size (a multiple of 64 KiB) and "
+                  "--timeout must be positive");
+        return QBK_EXIT_USAGE;
+    }
+    opts.since = opt_since;
+    opts.disks = opt_disks;
+    opts.scratch_dir = opt_scratch;
+    opts.requests = opt_requests;
+    opts.chunk_size = opt_chunk;
+    opts.cancel = &cancel_flag;
+    opts.progress = on_progress;
+
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+
+    qmp = qmp_connect(opt_qmp, opt_timeout * 1000, &error);
+    if (!qmp) {
+        cmd_error("%s", error->message);
+        return QBK_EXIT_FAILURE;
+    }
+    manifest = backup_pull(qmp, opt_repo, &opts, &error);
+    if (!manifest) {
+        cmd_error("backup failed: %s", error->message);
+        return exit_code(error);
+    }
+    if (opt_json) {
+        cmd_print_json(manifest);
+    } else {
+        print_summary(manifest);
+        json_object_put(manifest);
+    }
+    return QBK_EXIT_OK;
+}

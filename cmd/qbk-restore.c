@@ -1,0 +1,146 @@
+/*
+ * qbk-restore: rebuild a disk as it was at any backup of a repository into
+ * a sparse raw or qcow2 file, and check it against the backup's checksum.
+ */
+#include <stdio.h>
+
+#include "backup.h"
+#include "cmd-common.h"
+
+static char *opt_repo;
+static char *opt_disk;
+static char *opt_backup;
+static char *opt_output;
+static char *opt_format;
+static gboolean opt_json;
+static gboolean opt_list;
+static gboolean opt_version;
+
+static GOptionEntry entries[] = {
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo, "backup repository",
+      "DIR" },
+    { "disk", 'd', 0, G_OPTION_ARG_STRING, &opt_disk, "the disk to restore",
+      "DISK" },
+    { "backup", 'b', 0, G_OPTION_ARG_STRING, &opt_backup,
+      "backup id (default: latest)", "ID" },
+    { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt_output,
+      "file to write (sparse)", "FILE" },
+    { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
+      "raw (default; verified against the checksum) or qcow2", "FORMAT" },
+    { "list", 'l', 0, G_OPTION_ARG_NONE, &opt_list,
+      "list the repository's backups instead", NULL },
+    { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
+      "print the result as one JSON object", NULL },
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+static int exit_code(const GError *error)
+{
+    if (error->domain == BACKUP_ERROR &&
+        error->code == BACKUP_ERROR_NOT_FOUND) {
+        return QBK_EXIT_USAGE;
+    }
+    return QBK_EXIT_FAILURE;
+}
+
+static int list_backups(void)
+{
+    g_autoptr(GError) error = NULL;
+    g_autoptr(GPtrArray) all = backup_list(opt_repo, &error);
+    json_object *arr;
+
+    if (!all) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    arr = json_object_new_array();
+    for (guint i = 0; i < all->len; i++) {
+        json_object *m = all->pdata[i];
+        json_object *disks = json_object_object_get(m, "disks");
+
+        if (!opt_json) {
+            printf("%s",
+                   json_object_get_string(json_object_object_get(m, "id")));
+            for (size_t d = 0; d < json_object_array_length(disks); d++) {
+                json_object *e = json_object_array_get_idx(disks, d);
+
+                printf(
+                    "  %s:%s",
+                    json_object_get_string(json_object_object_get(e, "disk")),
+                    json_object_get_string(json_object_object_get(e, "mode")));
+            }
+            printf("\n");
+        }
+        json_object_array_add(arr, json_object_get(m));
+    }
+    if (opt_json) {
+        cmd_print_json(arr);
+    } else {
+        json_object_put(arr);
+    }
+    return QBK_EXIT_OK;
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GOptionContext) ctx =
+        g_option_context_new("- rebuild a disk from a backup repository");
+    g_autoptr(GError) error = NULL;
+    json_object *entry;
+
+    g_set_prgname("qbk-restore");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_description(
+        ctx, "Examples:\n"
+             "  qbk-restore --repo /backups/vm1 --list\n"
+             "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
+             "  qbk-restore --repo /backups/vm1 --disk disk0 --backup "
+             "20261122T213500Z \\\n      -o disk0.qcow2 --format qcow2\n"
+             "\n" QBK_EXIT_CODES_HELP);
+    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
+        cmd_error("%s (see --help)", error->message);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_version) {
+        printf("qbk-restore %s\n", QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    if (argc != 1 || !opt_repo) {
+        cmd_error("give --repo DIR (see --help)");
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_list) {
+        return list_backups();
+    }
+    if (!opt_disk || !opt_output) {
+        cmd_error("give --disk DISK and --output FILE (see --help)");
+        return QBK_EXIT_USAGE;
+    }
+    if (!opt_format) {
+        opt_format = g_strdup("raw");
+    }
+    if (g_strcmp0(opt_format, "raw") != 0 &&
+        g_strcmp0(opt_format, "qcow2") != 0) {
+        cmd_error("--format must be raw or qcow2");
+        return QBK_EXIT_USAGE;
+    }
+    entry = backup_restore(opt_repo, opt_backup ? opt_backup : "latest",
+                           opt_disk, opt_output, opt_format, &error);
+    if (!entry) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    if (opt_json) {
+        cmd_print_json(entry);
+    } else {
+        cmd_info(
+            "restored disk '%s' to '%s'%s", opt_disk, opt_output,
+            json_object_get_boolean(json_object_object_get(entry, "verified"))
+                ? ", checksum verified"
+                : "");
+        json_object_put(entry);
+    }
+    return QBK_EXIT_OK;
+}

@@ -1,0 +1,105 @@
+/*
+ * lib/backup: pull backups of a running VM into a repository, and restore
+ * them. It orchestrates the other modules: lib/bitmap for checkpoints,
+ * lib/qmp for fleecing and exports, lib/copier for the data.
+ *
+ * Repository layout (everything relative, so the repository can move):
+ *   REPO/qbk-repo.json                 format marker
+ *   REPO/lock                          flock()ed by the one qbk-pull at work
+ *   REPO/backups/ID.json               manifest of a complete backup
+ *   REPO/backups/ID.partial.json       a backup in progress, or failed
+ *   REPO/disks/DISK/ID.qcow2           the disk at backup ID; its backing
+ *                                      file is the parent's "PID.qcow2"
+ *   REPO/disks/DISK/ID.digests         SHA-256 per 64 KiB block of the disk
+ *                                      at backup ID (see lib/copier)
+ *   REPO/.scratch/                     fleecing scratch images (default)
+ */
+#ifndef QBK_BACKUP_H
+#define QBK_BACKUP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "copier.h"
+#include "qmp.h"
+
+#define BACKUP_ERROR backup_error_quark()
+GQuark backup_error_quark(void);
+
+typedef enum {
+    BACKUP_ERROR_FAILED,      /* the backup failed; rolled back */
+    BACKUP_ERROR_LOCKED,      /* another qbk-pull works on this repo or VM */
+    BACKUP_ERROR_FULL_NEEDED, /* an incremental was asked for but a disk's
+                                 chain is broken: a full backup is needed */
+    BACKUP_ERROR_NOT_FOUND,   /* no such disk, backup or checkpoint */
+    BACKUP_ERROR_CORRUPT,     /* a manifest or image is damaged */
+    BACKUP_ERROR_MISMATCH,    /* verification found different content */
+} BackupErrorCode;
+
+typedef enum {
+    BACKUP_MODE_AUTO, /* full where needed, incremental elsewhere */
+    BACKUP_MODE_FULL,
+    BACKUP_MODE_INCREMENTAL,  /* since the disk's last backup */
+    BACKUP_MODE_DIFFERENTIAL, /* since the disk's last full backup */
+} BackupMode;
+
+const char *backup_mode_name(BackupMode mode);
+bool backup_mode_parse(const char *text, BackupMode *mode);
+
+typedef struct {
+    const char *disk;   /* being copied */
+    guint index, count; /* which of how many disks */
+    CopierStats stats;  /* of this disk so far */
+} BackupProgress;
+
+typedef void (*BackupProgressFn)(const BackupProgress *p, void *opaque);
+
+typedef struct {
+    BackupMode mode;
+    const char *since;       /* checkpoint (or backup id) to copy changes
+                                 since, on every disk; NULL: by mode */
+    char **disks;            /* only these disks; NULL: every disk */
+    const char *scratch_dir; /* NULL: REPO/.scratch */
+    guint requests;          /* copier requests in flight (0: default) */
+    guint64 chunk_size;      /* copier chunk size (0: default) */
+    guint64 rate_limit;      /* bytes/s read from the VM; 0: unlimited */
+    volatile gint *cancel;   /* set by a signal handler to stop */
+    BackupProgressFn progress;
+    void *progress_opaque;
+    /* Called once the point in time is fixed (fleecing started): tests and
+     * callers that must know when the guest's later writes no longer go
+     * into this backup. */
+    void (*fleeced)(const char *backup_id, void *opaque);
+    void *fleeced_opaque;
+} BackupOptions;
+
+void backup_options_init(BackupOptions *opts);
+
+/*
+ * Take one backup of every (selected) disk of the VM at QMP into REPO (made
+ * if missing), at one instant. Returns the manifest (new reference). On
+ * failure everything in QEMU is torn down, the checkpoint is rolled back so
+ * that the next incremental misses no write, the partial backup is
+ * recorded as failed, and ERROR says why.
+ */
+json_object *backup_pull(QmpClient *qmp, const char *repo,
+                         const BackupOptions *opts, GError **error);
+
+/* ---- repository (repo.c) ---- */
+
+/* Manifests of the complete backups in REPO, oldest first (new refs). */
+GPtrArray *backup_list(const char *repo, GError **error);
+
+/* The manifest of backup ID ("latest" for the newest), new reference. */
+json_object *backup_load(const char *repo, const char *id, GError **error);
+
+/*
+ * Rebuild DISK as it was at backup ID into OUTPUT (FORMAT "raw" or
+ * "qcow2", sparse), and, for raw output, verify it against the manifest's
+ * checksum. Returns the disk's manifest entry (new reference).
+ */
+json_object *backup_restore(const char *repo, const char *id, const char *disk,
+                            const char *output, const char *format,
+                            GError **error);
+
+#endif /* QBK_BACKUP_H */

@@ -1,0 +1,352 @@
+/*
+ * Fleecing, scheme A (DESIGN.md): a scratch qcow2 whose backing is the
+ * disk, and a sync=none backup job from the disk into it, started in the
+ * same transaction as the checkpoint's bitmap actions. From that instant
+ * the scratch node reads as the disk did then; it is exported over NBD
+ * (read-only, with the "changes since" bitmap) for the copier.
+ *
+ * Everything qbk adds is named qbk-<kind><index>-<tag>, where the tag is
+ * the backup's id, so that a later run can find and remove what a killed
+ * one left behind, and tell another backup's nodes from its own.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define EVENT_TIMEOUT_MS 30000
+
+FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
+                            const char *tag, const char *scratch_dir)
+{
+    FleeceDisk *fd = g_new0(FleeceDisk, 1);
+    g_autofree char *base = NULL;
+
+    fd->disk = g_strdup(disk);
+    fd->node = g_strdup(node);
+    fd->scratch = g_strdup_printf("qbk-s%u-%s", index, tag);
+    fd->filter = g_strdup_printf("qbk-f%u-%s", index, tag);
+    fd->job = g_strdup_printf("qbk-j%u-%s", index, tag);
+    fd->export_ = g_strdup_printf("qbk-e%u-%s", index, tag);
+    base = g_strdup_printf("%s.scratch.qcow2", fd->scratch);
+    fd->file = g_build_filename(scratch_dir, base, NULL);
+    return fd;
+}
+
+void fleece_disk_free(FleeceDisk *fd)
+{
+    if (!fd) {
+        return;
+    }
+    g_free(fd->disk);
+    g_free(fd->node);
+    g_free(fd->scratch);
+    g_free(fd->filter);
+    g_free(fd->job);
+    g_free(fd->export_);
+    g_free(fd->file);
+    g_free(fd);
+}
+
+bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
+                        GError **error)
+{
+    g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
+    g_autofree char *err = NULL;
+    const char *argv[] = { "qemu-img", "create", "-q",   "-f",
+                           "qcow2",    fd->file, size_s, NULL };
+    json_object *args, *file;
+    int status;
+
+    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
+                      NULL, NULL, &err, &status, error)) {
+        return false;
+    }
+    if (!g_spawn_check_wait_status(status, NULL)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot create scratch image '%s': %s", fd->file,
+                    g_strstrip(err));
+        return false;
+    }
+    args = json_object_new_object();
+    file = json_object_new_object();
+    json_object_object_add(file, "driver", json_object_new_string("file"));
+    json_object_object_add(file, "filename", json_object_new_string(fd->file));
+    json_object_object_add(args, "driver", json_object_new_string("qcow2"));
+    json_object_object_add(args, "node-name",
+                           json_object_new_string(fd->scratch));
+    json_object_object_add(args, "file", file);
+    json_object_object_add(args, "backing", json_object_new_string(fd->node));
+    if (!qmp_run(qmp, "blockdev-add", args, error)) {
+        g_prefix_error(error,
+                       "cannot add scratch node for disk '%s': ", fd->disk);
+        unlink(fd->file);
+        return false;
+    }
+    return true;
+}
+
+void fleece_add_backup_action(QmpTransaction *tx, FleeceDisk *fd)
+{
+    json_object *a = json_object_new_object();
+
+    json_object_object_add(a, "job-id", json_object_new_string(fd->job));
+    json_object_object_add(a, "device", json_object_new_string(fd->node));
+    json_object_object_add(a, "target", json_object_new_string(fd->scratch));
+    json_object_object_add(a, "sync", json_object_new_string("none"));
+    json_object_object_add(a, "filter-node-name",
+                           json_object_new_string(fd->filter));
+    qmp_transaction_add(tx, "blockdev-backup", a);
+}
+
+bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
+                         GError **error)
+{
+    json_object *args = json_object_new_object();
+    json_object *addr = json_object_new_object();
+    json_object *data = json_object_new_object();
+    g_autoptr(GError) local = NULL;
+
+    json_object_object_add(data, "path", json_object_new_string(socket));
+    json_object_object_add(addr, "type", json_object_new_string("unix"));
+    json_object_object_add(addr, "data", data);
+    json_object_object_add(args, "addr", addr);
+    *started = false;
+    if (qmp_run(qmp, "nbd-server-start", args, &local)) {
+        *started = true;
+        return true;
+    }
+    if (local->domain == QMP_COMMAND_ERROR &&
+        strstr(local->message, "already running")) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "QEMU already runs an NBD server that is not qbk's, and "
+                    "QMP cannot tell its address");
+        return false;
+    }
+    g_propagate_prefixed_error(error, g_steal_pointer(&local),
+                               "cannot start the NBD server: ");
+    return false;
+}
+
+bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
+                   GError **error)
+{
+    json_object *args = json_object_new_object();
+
+    json_object_object_add(args, "type", json_object_new_string("nbd"));
+    json_object_object_add(args, "id", json_object_new_string(fd->export_));
+    json_object_object_add(args, "node-name",
+                           json_object_new_string(fd->scratch));
+    json_object_object_add(args, "name", json_object_new_string(fd->disk));
+    json_object_object_add(args, "writable", json_object_new_boolean(0));
+    json_object_object_add(args, "allocation-depth",
+                           json_object_new_boolean(1));
+    if (bitmap) {
+        json_object *list = json_object_new_array();
+        json_object *ref = json_object_new_object();
+
+        json_object_object_add(ref, "node", json_object_new_string(fd->node));
+        json_object_object_add(ref, "name", json_object_new_string(bitmap));
+        json_object_array_add(list, ref);
+        json_object_object_add(args, "bitmaps", list);
+    }
+    if (!qmp_run(qmp, "block-export-add", args, error)) {
+        g_prefix_error(error, "cannot export disk '%s': ", fd->disk);
+        return false;
+    }
+    return true;
+}
+
+static bool has_id(json_object *ev, void *opaque)
+{
+    json_object *data, *id;
+    const char *want = opaque;
+
+    if (!json_object_object_get_ex(ev, "data", &data)) {
+        return false;
+    }
+    if (!json_object_object_get_ex(data, "id", &id) &&
+        !json_object_object_get_ex(data, "device", &id)) {
+        return false;
+    }
+    return g_strcmp0(json_object_get_string(id), want) == 0;
+}
+
+/* Names of the objects QEMU has now: exports, jobs and nodes. */
+static GHashTable *present_names(QmpClient *qmp, GError **error)
+{
+    GHashTable *names =
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+    struct {
+        const char *cmd, *key;
+        bool flat;
+    } queries[] = {
+        { "query-block-exports", "id", false },
+        { "query-jobs", "id", false },
+        { "query-named-block-nodes", "node-name", true },
+    };
+
+    for (size_t q = 0; q < G_N_ELEMENTS(queries); q++) {
+        json_object *ret = qmp_execute(
+            qmp, queries[q].cmd,
+            queries[q].flat ? json_tokener_parse("{\"flat\": true}") : NULL,
+            error);
+
+        if (!ret) {
+            g_hash_table_unref(names);
+            return NULL;
+        }
+        for (size_t i = 0; i < json_object_array_length(ret); i++) {
+            json_object *o = json_object_array_get_idx(ret, i);
+            const char *name = json_str(o, queries[q].key);
+            const char *file = json_str(o, "file");
+
+            if (name && g_str_has_prefix(name, "qbk-")) {
+                g_hash_table_insert(names, g_strdup(name),
+                                    g_strdup(file ? file : ""));
+            }
+        }
+        json_object_put(ret);
+    }
+    return names;
+}
+
+G_GNUC_PRINTF(2, 3)
+static void keep_first(GError **first, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (first && !*first) {
+        va_start(ap, fmt);
+        *first = g_error_new_valist(BACKUP_ERROR, BACKUP_ERROR_FAILED, fmt, ap);
+        va_end(ap);
+    }
+}
+
+static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
+                         GError **first)
+{
+    g_autoptr(GError) err = NULL;
+    json_object *args, *ev;
+
+    if (g_hash_table_contains(present, fd->export_)) {
+        args = json_object_new_object();
+        json_object_object_add(args, "id", json_object_new_string(fd->export_));
+        json_object_object_add(args, "mode", json_object_new_string("hard"));
+        if (qmp_run(qmp, "block-export-del", args, &err)) {
+            ev = qmp_wait_event(qmp, "BLOCK_EXPORT_DELETED", has_id,
+                                fd->export_, EVENT_TIMEOUT_MS, &err);
+            json_object_put(ev);
+        }
+        if (err) {
+            keep_first(first, "removing export '%s': %s", fd->export_,
+                       err->message);
+            g_clear_error(&err);
+        }
+    }
+    if (g_hash_table_contains(present, fd->job)) {
+        args = json_object_new_object();
+        json_object_object_add(args, "device", json_object_new_string(fd->job));
+        json_object_object_add(args, "force", json_object_new_boolean(1));
+        if (qmp_run(qmp, "block-job-cancel", args, &err)) {
+            /* sync=none ends as CANCELLED; a failed job ends as COMPLETED */
+            ev = qmp_wait_event(qmp, NULL, has_id, fd->job, EVENT_TIMEOUT_MS,
+                                &err);
+            json_object_put(ev);
+        }
+        if (err) {
+            keep_first(first, "cancelling job '%s': %s", fd->job, err->message);
+            g_clear_error(&err);
+        }
+    }
+    if (g_hash_table_contains(present, fd->scratch)) {
+        args = json_object_new_object();
+        json_object_object_add(args, "node-name",
+                               json_object_new_string(fd->scratch));
+        if (!qmp_run(qmp, "blockdev-del", args, &err)) {
+            keep_first(first, "removing node '%s': %s", fd->scratch,
+                       err->message);
+            g_clear_error(&err);
+        }
+    }
+    unlink(fd->file);
+}
+
+bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
+                     GError **error)
+{
+    g_autoptr(GHashTable) present = present_names(qmp, error);
+    GError *first = NULL;
+
+    if (!present) {
+        /* QEMU is gone: its nodes went with it; the files are ours. */
+        for (guint i = 0; i < fds->len; i++) {
+            unlink(((FleeceDisk *)fds->pdata[i])->file);
+        }
+        return false;
+    }
+    for (guint i = 0; i < fds->len; i++) {
+        teardown_one(qmp, present, fds->pdata[i], &first);
+    }
+    if (stop_server) {
+        g_autoptr(GError) err = NULL;
+
+        if (!qmp_run(qmp, "nbd-server-stop", NULL, &err)) {
+            keep_first(&first, "stopping the NBD server: %s", err->message);
+        }
+    }
+    if (first) {
+        g_propagate_error(error, first);
+        return false;
+    }
+    return true;
+}
+
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, char **foreign,
+                        GError **error)
+{
+    g_autoptr(GHashTable) present = present_names(qmp, error);
+    g_autoptr(GPtrArray) fds =
+        g_ptr_array_new_with_free_func((GDestroyNotify)fleece_disk_free);
+    g_autoptr(GHashTable) indexes = g_hash_table_new(NULL, NULL);
+    g_autofree char *suffix = g_strconcat("-", tag ? tag : "", NULL);
+    GHashTableIter it;
+    gpointer key, value;
+
+    if (!present) {
+        return false;
+    }
+    *foreign = NULL;
+    g_hash_table_iter_init(&it, present);
+    while (g_hash_table_iter_next(&it, &key, &value)) {
+        const char *name = key;
+        char kind;
+        guint index;
+
+        if (sscanf(name, "qbk-%c%u-", &kind, &index) != 2 ||
+            !strchr("sfje", kind)) {
+            continue;
+        }
+        if (tag && g_str_has_suffix(name, suffix)) {
+            g_hash_table_add(indexes, GUINT_TO_POINTER(index + 1));
+        } else if (!*foreign && kind == 'j') {
+            *foreign = g_strdup(name); /* another backup's job */
+        }
+    }
+    /* Rebuild each disk's names from its index; the scratch file's name
+     * comes from the node, if it is still there. */
+    g_hash_table_iter_init(&it, indexes);
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
+        FleeceDisk *fd = fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1, tag,
+                                         "/nonexistent");
+        const char *file = g_hash_table_lookup(present, fd->scratch);
+
+        if (file && *file) {
+            g_free(fd->file);
+            fd->file = g_strdup(file);
+        }
+        g_ptr_array_add(fds, fd);
+    }
+    return fleece_teardown(qmp, fds, false, error);
+}

@@ -1,0 +1,119 @@
+/*
+ * Private to lib/backup.
+ */
+#ifndef QBK_BACKUP_INTERNAL_H
+#define QBK_BACKUP_INTERNAL_H
+
+#include "backup.h"
+
+/* ---- repository files (repo.c) ---- */
+
+/* Make REPO's directories if missing and take its lock; returns the fd
+ * holding the lock (closing it releases), or -1. */
+int repo_open_locked(const char *repo, GError **error);
+
+/* Write OBJ to PATH atomically: temp file, fsync, rename, fsync dir. */
+bool repo_write_json(const char *path, json_object *obj, GError **error);
+
+/* Parse PATH as a JSON object (new reference), or fail as corrupt. */
+json_object *repo_read_json(const char *path, GError **error);
+
+/* fsync PATH (a file or a directory). */
+bool repo_fsync_path(const char *path, GError **error);
+
+char *repo_manifest_path(const char *repo, const char *id);
+char *repo_partial_path(const char *repo, const char *id);
+char *repo_disk_dir(const char *repo, const char *disk);
+
+/* Partial manifests in REPO (new refs), e.g. left by a killed qbk-pull. */
+GPtrArray *repo_list_partial(const char *repo, GError **error);
+
+/* The manifest's entry for DISK, borrowed, or NULL. */
+json_object *manifest_disk(json_object *manifest, const char *disk);
+
+const char *json_str(json_object *obj, const char *key);
+gint64 json_int(json_object *obj, const char *key);
+bool json_flag(json_object *obj, const char *key);
+
+/* A disk id made safe as a file name. */
+char *repo_disk_file_name(const char *disk);
+
+/* ---- the VM side of a backup (fleece.c) ---- */
+
+/* One disk being fleeced: names of everything qbk adds to QEMU for it. */
+typedef struct {
+    char *disk;    /* the disk's id */
+    char *node;    /* its format node */
+    char *scratch; /* scratch node */
+    char *filter;  /* the backup job's filter node */
+    char *job;     /* the sync=none backup job */
+    char *export_; /* NBD export id; the export's name is the disk id */
+    char *file;    /* scratch image file */
+} FleeceDisk;
+
+/* Names for disk INDEX of backup TAG (short, QEMU limits names to 31). */
+FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
+                            const char *tag, const char *scratch_dir);
+void fleece_disk_free(FleeceDisk *fd);
+
+/* Create the scratch image and add its node (backing: the disk). */
+bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
+                        GError **error);
+
+/* The sync=none backup that fleeces FD: one action of the caller's
+ * transaction, so that the point in time is that of the bitmap actions. */
+void fleece_add_backup_action(QmpTransaction *tx, FleeceDisk *fd);
+
+/*
+ * Start an NBD server on SOCKET (a private path); *STARTED says whether we
+ * did (false: one was already running, and it is not ours to stop).
+ */
+bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
+                         GError **error);
+
+/* Export FD's point-in-time view read-only, with BITMAP (may be NULL) of
+ * the disk's node as a dirty-bitmap context. */
+bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
+                   GError **error);
+
+/*
+ * Undo everything fleece_* added for FDS, whatever state it is in: export,
+ * job (cancelled, waited for), scratch node and file; stop the server if
+ * STOP_SERVER. Best effort: carries on past failures and reports the first.
+ */
+bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
+                     GError **error);
+
+/*
+ * Tear down whatever a backup tagged TAG left in QEMU (names only; used to
+ * recover after a qbk-pull was killed). Other tags are reported in
+ * *FOREIGN (a job id), meaning another backup is at work.
+ */
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, char **foreign,
+                        GError **error);
+
+/* ---- where the data goes (target.c) ---- */
+
+/* The new images of a backup, served writable over NBD by a private
+ * qemu-storage-daemon. */
+typedef struct {
+    QmpClient *qsd;
+    char *dir;    /* private, mode 0700: holds the socket */
+    char *socket; /* NBD server of the daemon */
+} Target;
+
+/*
+ * Create IMAGE (qcow2, SIZE bytes) with BACKING (a file name relative to
+ * IMAGE's directory, or NULL for a full backup).
+ */
+bool target_create_image(const char *image, guint64 size, const char *backing,
+                         GError **error);
+
+/* Serve IMAGES[i] as export NAMES[i]. */
+Target *target_start(char **images, char **names, GError **error);
+
+/* Stop the daemon; only a clean exit means the images are complete. */
+bool target_stop(Target *t, GError **error);
+void target_free(Target *t);
+
+#endif /* QBK_BACKUP_INTERNAL_H */

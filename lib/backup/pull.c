@@ -1,0 +1,889 @@
+/*
+ * One pull backup, start to end:
+ *
+ *   recover   tear down what a killed qbk-pull left, roll its checkpoint back
+ *   decide    per disk: full, or the changes since which checkpoint
+ *   fleece    one transaction: new checkpoint, "since" bitmaps, backup jobs
+ *   export    the point-in-time view of each disk over NBD
+ *   copy      lib/copier, into new qcow2 images chained to their parents
+ *   finish    images durable -> tear down -> manifest -> drop "since" bitmaps
+ *
+ * Until the manifest is written, any failure (copier, full disk, signal,
+ * QEMU or the target daemon dying) undoes it all: QEMU is torn down and the
+ * new checkpoint is merged back into its predecessor, so the next
+ * incremental still sees every write since the last good backup.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "bitmap.h"
+#include "internal.h"
+
+#define MANIFEST_FORMAT "qbk-manifest-1"
+
+static const char *const mode_names[] = {
+    [BACKUP_MODE_AUTO] = "auto",
+    [BACKUP_MODE_FULL] = "full",
+    [BACKUP_MODE_INCREMENTAL] = "incremental",
+    [BACKUP_MODE_DIFFERENTIAL] = "differential",
+};
+
+const char *backup_mode_name(BackupMode mode)
+{
+    return mode_names[mode];
+}
+
+bool backup_mode_parse(const char *text, BackupMode *mode)
+{
+    for (guint i = 0; i < G_N_ELEMENTS(mode_names); i++) {
+        if (g_strcmp0(text, mode_names[i]) == 0) {
+            *mode = i;
+            return true;
+        }
+    }
+    return false;
+}
+
+void backup_options_init(BackupOptions *opts)
+{
+    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO };
+}
+
+/* One disk of the backup. */
+typedef struct {
+    QmpDisk *qd;          /* borrowed from Pull.disks */
+    BackupMode mode;      /* as decided: full, incremental or differential */
+    char *reason;         /* why this mode (e.g. why full) */
+    char *base;           /* checkpoint bitmap to copy changes since */
+    char *parent;         /* parent backup id (the image's backing) */
+    char *since;          /* temporary union bitmap exported, or NULL */
+    FleeceDisk *fd;       /* names in QEMU */
+    char *image;          /* absolute path of the new image */
+    char *digests;        /* absolute path of its block digests */
+    char *parent_digests; /* the parent's, or NULL */
+    CopierStats stats;
+    char *checksum;
+} PullDisk;
+
+typedef struct {
+    /* initialized once */
+    QmpClient *qmp;
+    const char *repo;
+    const BackupOptions *opts;
+    char *id; /* backup id, also the tag of QEMU names */
+    int lock_fd;
+    char *scratch_dir;
+    char *private_dir; /* mode 0700: the fleecing NBD socket */
+    char *nbd_socket;
+
+    /* state */
+    GPtrArray *disks; /* QmpDisk*, the VM's, owned */
+    GPtrArray *pds;   /* PullDisk*, owned */
+    GPtrArray *fds;   /* FleeceDisk*, borrowed from pds */
+    char *checkpoint; /* the new checkpoint's bitmap, once decided */
+    bool fleeced;     /* the transaction ran: the checkpoint exists */
+    bool server_started;
+    Target *target;
+    json_object *manifest; /* written as ID.partial.json until complete */
+    gint64 start_us;
+} Pull;
+
+static void pull_disk_free(PullDisk *pd)
+{
+    g_free(pd->reason);
+    g_free(pd->base);
+    g_free(pd->parent);
+    g_free(pd->since);
+    fleece_disk_free(pd->fd);
+    g_free(pd->image);
+    g_free(pd->digests);
+    g_free(pd->parent_digests);
+    g_free(pd->checksum);
+    g_free(pd);
+}
+
+static void pull_free(Pull *p)
+{
+    if (p->lock_fd >= 0) {
+        close(p->lock_fd);
+    }
+    target_free(p->target);
+    if (p->nbd_socket) {
+        unlink(p->nbd_socket);
+    }
+    if (p->private_dir) {
+        rmdir(p->private_dir);
+    }
+    g_free(p->id);
+    g_free(p->scratch_dir);
+    g_free(p->private_dir);
+    g_free(p->nbd_socket);
+    if (p->disks) {
+        g_ptr_array_unref(p->disks);
+    }
+    if (p->pds) {
+        g_ptr_array_unref(p->pds);
+    }
+    if (p->fds) {
+        g_ptr_array_unref(p->fds);
+    }
+    g_free(p->checkpoint);
+    json_object_put(p->manifest);
+    g_free(p);
+}
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Pull, pull_free)
+
+static bool cancelled(Pull *p, GError **error)
+{
+    if (p->opts->cancel && g_atomic_int_get(p->opts->cancel)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "interrupted by a signal");
+        return true;
+    }
+    return false;
+}
+
+static char *now_iso(void)
+{
+    g_autoptr(GDateTime) now = g_date_time_new_now_utc();
+
+    return g_date_time_format_iso8601(now);
+}
+
+/* ---- undoing: the checkpoint of a backup that did not complete ---- */
+
+/*
+ * Merge checkpoint BITMAP back into its predecessor and drop the "since"
+ * bitmaps SINCE, on the VM as it is now.
+ */
+static bool rollback_checkpoint(QmpClient *qmp, const char *bitmap,
+                                GPtrArray *since, GError **error)
+{
+    g_autoptr(GPtrArray) disks = qmp_query_disks(qmp, error);
+    g_autoptr(GPtrArray) cps = NULL;
+
+    if (!disks) {
+        return false;
+    }
+    for (guint i = 0; since && i < since->len; i++) {
+        if (bitmap_drop_since(qmp, disks, since->pdata[i], error) < 0) {
+            return false;
+        }
+    }
+    cps = bitmap_list_checkpoints(disks);
+    if (bitmap && bitmap_find_checkpoint(cps, bitmap)) {
+        return bitmap_delete_checkpoint(qmp, disks, bitmap, error);
+    }
+    return true;
+}
+
+static void remove_new_files(json_object *manifest, const char *repo)
+{
+    json_object *disks;
+
+    if (!json_object_object_get_ex(manifest, "disks", &disks)) {
+        return;
+    }
+    for (size_t i = 0; i < json_object_array_length(disks); i++) {
+        json_object *d = json_object_array_get_idx(disks, i);
+        const char *keys[] = { "image", "digests" };
+
+        for (size_t k = 0; k < G_N_ELEMENTS(keys); k++) {
+            if (json_str(d, keys[k])) {
+                g_autofree char *path =
+                    g_build_filename(repo, json_str(d, keys[k]), NULL);
+
+                unlink(path);
+            }
+        }
+    }
+}
+
+static void mark_failed(const char *repo, json_object *manifest,
+                        const char *reason)
+{
+    g_autofree char *path = repo_partial_path(repo, json_str(manifest, "id"));
+    g_autofree char *when = now_iso();
+
+    json_object_object_add(manifest, "status",
+                           json_object_new_string("failed"));
+    json_object_object_add(manifest, "reason", json_object_new_string(reason));
+    json_object_object_add(manifest, "finished", json_object_new_string(when));
+    repo_write_json(path, manifest, NULL);
+}
+
+/* Undo what a qbk-pull that died left behind, as its partial manifest
+ * tells. */
+static bool recover(Pull *p, GError **error)
+{
+    g_autoptr(GPtrArray) partials = repo_list_partial(p->repo, error);
+
+    if (!partials) {
+        return false;
+    }
+    for (guint i = 0; i < partials->len; i++) {
+        json_object *m = partials->pdata[i];
+        g_autoptr(GPtrArray) since = g_ptr_array_new();
+        g_autofree char *foreign = NULL;
+        json_object *disks;
+
+        if (g_strcmp0(json_str(m, "status"), "in-progress") != 0) {
+            continue;
+        }
+        if (!fleece_cleanup_tag(p->qmp, json_str(m, "id"), &foreign, error)) {
+            g_prefix_error(
+                error, "cleaning up after backup '%s': ", json_str(m, "id"));
+            return false;
+        }
+        if (json_str(m, "nbd_server_socket")) {
+            qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
+            unlink(json_str(m, "nbd_server_socket"));
+        }
+        if (json_object_object_get_ex(m, "disks", &disks)) {
+            for (size_t d = 0; d < json_object_array_length(disks); d++) {
+                const char *s =
+                    json_str(json_object_array_get_idx(disks, d), "since");
+
+                if (s) {
+                    g_ptr_array_add(since, (char *)s);
+                }
+            }
+        }
+        if (!rollback_checkpoint(p->qmp, json_str(m, "checkpoint_bitmap"),
+                                 since, error)) {
+            g_prefix_error(error,
+                           "rolling back backup '%s': ", json_str(m, "id"));
+            return false;
+        }
+        remove_new_files(m, p->repo);
+        mark_failed(p->repo, m,
+                    "interrupted: qbk-pull did not finish; "
+                    "rolled back by the next run");
+    }
+    return true;
+}
+
+/* ---- deciding what each disk needs ---- */
+
+/* The newest complete backup that has DISK and satisfies WANT_FULL. */
+static json_object *find_backup(GPtrArray *backups, const char *disk,
+                                bool want_full, const char *checkpoint)
+{
+    for (guint i = backups->len; i-- > 0;) {
+        json_object *m = backups->pdata[i];
+        json_object *d = manifest_disk(m, disk);
+
+        if (!d) {
+            continue;
+        }
+        if (want_full && g_strcmp0(json_str(d, "mode"), "full") != 0) {
+            continue;
+        }
+        if (checkpoint && g_strcmp0(json_str(m, "id"), checkpoint) != 0 &&
+            g_strcmp0(json_str(m, "checkpoint"), checkpoint) != 0 &&
+            g_strcmp0(json_str(m, "checkpoint_bitmap"), checkpoint) != 0) {
+            continue;
+        }
+        return m;
+    }
+    return NULL;
+}
+
+G_GNUC_PRINTF(4, 5)
+static bool need_full(Pull *p, PullDisk *pd, GError **error, const char *fmt,
+                      ...)
+{
+    g_autofree char *why = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    why = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    if (p->opts->mode != BACKUP_MODE_AUTO) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FULL_NEEDED,
+                    "disk '%s': %s: a full backup is needed", pd->qd->id, why);
+        return false;
+    }
+    pd->mode = BACKUP_MODE_FULL;
+    pd->reason = g_strdup(why);
+    return true;
+}
+
+static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
+                   BitmapCheck *check, GError **error)
+{
+    QmpDisk *qd = pd->qd;
+    bool want_full = p->opts->mode == BACKUP_MODE_DIFFERENTIAL;
+    json_object *m, *entry;
+    const BitmapDiskVerdict *v;
+    guint i;
+
+    if (qd->no_bitmaps) {
+        pd->mode = BACKUP_MODE_FULL;
+        pd->reason =
+            g_strdup_printf("no checkpoints on this disk (%s)", qd->no_bitmaps);
+        return p->opts->mode == BACKUP_MODE_AUTO ||
+               p->opts->mode == BACKUP_MODE_FULL ||
+               need_full(p, pd, error, "%s", pd->reason);
+    }
+    if (p->opts->mode == BACKUP_MODE_FULL && !p->opts->since) {
+        pd->mode = BACKUP_MODE_FULL;
+        pd->reason = g_strdup("asked for");
+        return true;
+    }
+    m = find_backup(backups, qd->id, want_full, p->opts->since);
+    if (!m) {
+        return need_full(p, pd, error, "%s",
+                         p->opts->since ? "no backup of it at that checkpoint"
+                                        : "no earlier backup of this disk");
+    }
+    entry = manifest_disk(m, qd->id);
+    if ((guint64)json_int(entry, "size") != qd->size) {
+        return need_full(p, pd, error, "resized since backup '%s'",
+                         json_str(m, "id"));
+    }
+    if (!json_str(m, "checkpoint_bitmap") ||
+        !json_flag(entry, "checkpointed")) {
+        return need_full(p, pd, error, "backup '%s' has no checkpoint",
+                         json_str(m, "id"));
+    }
+    v = bitmap_check_verdict(check, qd);
+    for (i = 0; v && i < v->chain->len; i++) {
+        if (g_strcmp0(((QmpBitmap *)v->chain->pdata[i])->name,
+                      json_str(m, "checkpoint_bitmap")) == 0) {
+            break;
+        }
+    }
+    if (!v || i == v->chain->len) {
+        return need_full(p, pd, error, "checkpoint '%s' is missing",
+                         json_str(m, "checkpoint"));
+    }
+    if (i < v->untrusted) {
+        return need_full(p, pd, error,
+                         "checkpoint '%s' cannot be trusted (QEMU was "
+                         "killed, or a bitmap is missing)",
+                         json_str(m, "checkpoint"));
+    }
+    pd->mode = p->opts->mode == BACKUP_MODE_DIFFERENTIAL
+                   ? BACKUP_MODE_DIFFERENTIAL
+                   : BACKUP_MODE_INCREMENTAL;
+    pd->base = g_strdup(json_str(m, "checkpoint_bitmap"));
+    pd->parent = g_strdup(json_str(m, "id"));
+    pd->parent_digests =
+        g_build_filename(p->repo, json_str(entry, "digests"), NULL);
+    pd->reason = g_strdup_printf("changes since checkpoint '%s'",
+                                 json_str(m, "checkpoint"));
+    return true;
+}
+
+/* ---- the manifest ---- */
+
+static json_object *disk_json(Pull *p, PullDisk *pd)
+{
+    json_object *o = json_object_new_object();
+    g_autofree char *file = repo_disk_file_name(pd->qd->id);
+    g_autofree char *image = g_strdup_printf("disks/%s/%s.qcow2", file, p->id);
+    g_autofree char *digests =
+        g_strdup_printf("disks/%s/%s.digests", file, p->id);
+
+    json_object_object_add(o, "disk", json_object_new_string(pd->qd->id));
+    json_object_object_add(o, "node", json_object_new_string(pd->qd->node));
+    json_object_object_add(o, "size", json_object_new_uint64(pd->qd->size));
+    json_object_object_add(o, "mode",
+                           json_object_new_string(mode_names[pd->mode]));
+    json_object_object_add(o, "reason", json_object_new_string(pd->reason));
+    json_object_object_add(
+        o, "parent", pd->parent ? json_object_new_string(pd->parent) : NULL);
+    json_object_object_add(o, "since_checkpoint",
+                           pd->base ? json_object_new_string(pd->base) : NULL);
+    json_object_object_add(
+        o, "since", pd->since ? json_object_new_string(pd->since) : NULL);
+    json_object_object_add(o, "checkpointed",
+                           json_object_new_boolean(!pd->qd->no_bitmaps));
+    json_object_object_add(o, "image", json_object_new_string(image));
+    json_object_object_add(o, "digests", json_object_new_string(digests));
+    return o;
+}
+
+static bool write_partial(Pull *p, GError **error)
+{
+    g_autofree char *path = repo_partial_path(p->repo, p->id);
+
+    return repo_write_json(path, p->manifest, error);
+}
+
+static void add_results(Pull *p)
+{
+    json_object *disks;
+    guint64 total = 0;
+    double seconds = (g_get_monotonic_time() - p->start_us) / 1e6;
+    g_autofree char *when = now_iso();
+
+    json_object_object_get_ex(p->manifest, "disks", &disks);
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+        json_object *d = json_object_array_get_idx(disks, i);
+        json_object *sum = json_object_new_object();
+        const CopierStats *s = &pd->stats;
+        double mib = s->bytes_read / 1048576.0;
+
+        json_object_object_add(d, "bytes_copied",
+                               json_object_new_uint64(s->bytes_written));
+        json_object_object_add(d, "bytes_read",
+                               json_object_new_uint64(s->bytes_read));
+        json_object_object_add(d, "bytes_zero",
+                               json_object_new_uint64(s->bytes_zero));
+        json_object_object_add(d, "bytes_skipped",
+                               json_object_new_uint64(s->bytes_skipped));
+        json_object_object_add(d, "seconds",
+                               json_object_new_double(s->seconds));
+        json_object_object_add(
+            d, "throughput_mib_s",
+            json_object_new_double(s->seconds > 0 ? mib / s->seconds : 0));
+        json_object_object_add(
+            sum, "algorithm",
+            json_object_new_string(COPIER_CHECKSUM_ALGORITHM));
+        json_object_object_add(sum, "value",
+                               json_object_new_string(pd->checksum));
+        json_object_object_add(d, "checksum", sum);
+        total += s->bytes_written;
+    }
+    json_object_object_add(p->manifest, "status",
+                           json_object_new_string("complete"));
+    json_object_object_add(p->manifest, "finished",
+                           json_object_new_string(when));
+    json_object_object_add(p->manifest, "seconds",
+                           json_object_new_double(seconds));
+    json_object_object_add(p->manifest, "bytes_copied",
+                           json_object_new_uint64(total));
+}
+
+/* ---- the steps ---- */
+
+static bool fleece(Pull *p, GError **error)
+{
+    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
+    g_autoptr(GPtrArray) targets = g_ptr_array_new();
+
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (!fleece_add_scratch(p->qmp, pd->fd, pd->qd->size, error)) {
+            return false;
+        }
+        g_ptr_array_add(p->fds, pd->fd);
+        if (!pd->qd->no_bitmaps) {
+            g_ptr_array_add(targets, pd->qd);
+        }
+        if (pd->base && !bitmap_add_since_actions(tx, p->disks, pd->qd,
+                                                  pd->base, pd->since, error)) {
+            return false;
+        }
+    }
+    if (targets->len && !(p->checkpoint = bitmap_add_checkpoint_actions(
+                              tx, p->disks, targets, p->id, 0, error))) {
+        return false;
+    }
+    for (guint i = 0; i < p->pds->len; i++) {
+        fleece_add_backup_action(tx, ((PullDisk *)p->pds->pdata[i])->fd);
+    }
+    json_object_object_add(p->manifest, "checkpoint_bitmap",
+                           p->checkpoint ? json_object_new_string(p->checkpoint)
+                                         : NULL);
+    /* Written before the transaction: if we die after it, the next run
+     * knows which checkpoint to roll back. */
+    if (!write_partial(p, error)) {
+        return false;
+    }
+    if (!qmp_transaction_run(p->qmp, tx, error)) {
+        g_prefix_error(error, "cannot start fleecing: ");
+        return false;
+    }
+    p->fleeced = true;
+    if (p->opts->fleeced) {
+        p->opts->fleeced(p->id, p->opts->fleeced_opaque);
+    }
+    return true;
+}
+
+static bool export_all(Pull *p, GError **error)
+{
+    p->private_dir = g_dir_make_tmp("qbk-pull-XXXXXX", error);
+    if (!p->private_dir) {
+        return false;
+    }
+    p->nbd_socket = g_build_filename(p->private_dir, "nbd.sock", NULL);
+    if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
+                             error)) {
+        return false;
+    }
+    /* Only a server we started is ours to stop, now or after a crash. */
+    json_object_object_add(p->manifest, "nbd_server_socket",
+                           json_object_new_string(p->nbd_socket));
+    if (!write_partial(p, error)) {
+        return false;
+    }
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (!fleece_export(p->qmp, pd->fd, pd->since, error)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool make_targets(Pull *p, GError **error)
+{
+    g_autoptr(GPtrArray) images = g_ptr_array_new();
+    g_autoptr(GPtrArray) names = g_ptr_array_new();
+
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+        g_autofree char *dir = repo_disk_dir(p->repo, pd->qd->id);
+        g_autofree char *backing =
+            pd->parent ? g_strconcat(pd->parent, ".qcow2", NULL) : NULL;
+
+        if (g_mkdir_with_parents(dir, 0755) < 0) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                        "cannot create '%s': %s", dir, g_strerror(errno));
+            return false;
+        }
+        if (!target_create_image(pd->image, pd->qd->size, backing, error)) {
+            return false;
+        }
+        g_ptr_array_add(images, pd->image);
+        g_ptr_array_add(names, pd->qd->id);
+    }
+    g_ptr_array_add(images, NULL);
+    g_ptr_array_add(names, NULL);
+    p->target =
+        target_start((char **)images->pdata, (char **)names->pdata, error);
+    return p->target != NULL;
+}
+
+typedef struct {
+    Pull *p;
+    guint index;
+} ProgressCtx;
+
+static void on_progress(const CopierStats *stats, void *opaque)
+{
+    ProgressCtx *ctx = opaque;
+    Pull *p = ctx->p;
+    BackupProgress bp = {
+        .disk = ((PullDisk *)p->pds->pdata[ctx->index])->qd->id,
+        .index = ctx->index,
+        .count = p->pds->len,
+        .stats = *stats,
+    };
+
+    p->opts->progress(&bp, p->opts->progress_opaque);
+}
+
+static bool copy_all(Pull *p, GError **error)
+{
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+        CopierEndpoint src = { p->nbd_socket, pd->qd->id };
+        CopierEndpoint dst = { p->target->socket, pd->qd->id };
+        ProgressCtx ctx = { p, i };
+        CopierOptions co;
+        int dfd, pfd = -1;
+        bool ok;
+
+        if (cancelled(p, error)) {
+            return false;
+        }
+        copier_options_init(&co);
+        if (p->opts->requests) {
+            co.requests = p->opts->requests;
+        }
+        if (p->opts->chunk_size) {
+            co.chunk_size = p->opts->chunk_size;
+        }
+        co.bitmap = pd->since;
+        co.target_zeroed = pd->mode == BACKUP_MODE_FULL;
+        co.rate_limit = p->opts->rate_limit;
+        co.cancel = p->opts->cancel;
+        if (p->opts->progress) {
+            co.progress = on_progress;
+            co.progress_opaque = &ctx;
+        }
+        dfd = open(pd->digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (pd->parent_digests) {
+            pfd = open(pd->parent_digests, O_RDONLY | O_CLOEXEC);
+        }
+        if (dfd < 0 || (pd->parent_digests && pfd < 0)) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                        "cannot open the digests of disk '%s': %s", pd->qd->id,
+                        g_strerror(errno));
+            if (dfd >= 0) {
+                close(dfd);
+            }
+            return false;
+        }
+        co.digest_fd = dfd;
+        co.digest_parent_fd = pfd;
+        ok = copier_copy(&src, &dst, &co, &pd->stats, error);
+        if (ok) {
+            pd->checksum = copier_digests_checksum(dfd, pd->qd->size, error);
+            ok = pd->checksum && fsync(dfd) == 0;
+        }
+        close(dfd);
+        if (pfd >= 0) {
+            close(pfd);
+        }
+        if (!ok) {
+            g_prefix_error(error, "disk '%s': ", pd->qd->id);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* The images are complete only when the daemon flushed and exited
+ * cleanly; then make them durable. */
+static bool finish_targets(Pull *p, GError **error)
+{
+    bool ok = target_stop(p->target, error);
+
+    target_free(p->target);
+    p->target = NULL;
+    for (guint i = 0; ok && i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+        g_autofree char *dir = g_path_get_dirname(pd->image);
+
+        ok = repo_fsync_path(pd->image, error) && repo_fsync_path(dir, error);
+    }
+    return ok;
+}
+
+static void fail_and_undo(Pull *p, GError *why)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(GPtrArray) since = g_ptr_array_new();
+    GString *reason = g_string_new(why->message);
+
+    target_free(p->target);
+    p->target = NULL;
+    if (p->fds->len &&
+        !fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
+        g_string_append_printf(reason, "; teardown: %s", err->message);
+        g_clear_error(&err);
+    }
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (pd->since) {
+            g_ptr_array_add(since, pd->since);
+        }
+    }
+    if (p->fleeced &&
+        !rollback_checkpoint(p->qmp, p->checkpoint, since, &err)) {
+        g_string_append_printf(reason,
+                               "; could not roll the checkpoint back (%s): "
+                               "the next backup of each disk will be full",
+                               err->message);
+    }
+    if (p->manifest) {
+        remove_new_files(p->manifest, p->repo);
+        mark_failed(p->repo, p->manifest, reason->str);
+    }
+    g_free(why->message);
+    why->message = g_string_free(reason, FALSE);
+}
+
+static bool unique_id(Pull *p, GError **error)
+{
+    g_autoptr(GDateTime) now = g_date_time_new_now_utc();
+    g_autofree char *base = g_date_time_format(now, "%Y%m%dT%H%M%SZ");
+
+    for (int n = 1; n < 1000; n++) {
+        g_autofree char *id =
+            n == 1 ? g_strdup(base) : g_strdup_printf("%s.%d", base, n);
+        g_autofree char *m = repo_manifest_path(p->repo, id);
+        g_autofree char *pm = repo_partial_path(p->repo, id);
+
+        if (!g_file_test(m, G_FILE_TEST_EXISTS) &&
+            !g_file_test(pm, G_FILE_TEST_EXISTS)) {
+            p->id = g_steal_pointer(&id);
+            return true;
+        }
+    }
+    g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                "cannot find a free backup id");
+    return false;
+}
+
+static bool prepare(Pull *p, GError **error)
+{
+    g_autoptr(GPtrArray) backups = NULL;
+    g_autoptr(BitmapCheck) check = NULL;
+    g_autofree char *foreign = NULL;
+    g_autofree char *when = now_iso();
+    g_autofree char *version = NULL;
+    json_object *jdisks;
+    int major, minor, micro;
+
+    if (!recover(p, error)) {
+        return false;
+    }
+    if (!fleece_cleanup_tag(p->qmp, NULL, &foreign, error)) {
+        return false;
+    }
+    if (foreign) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_LOCKED,
+                    "the VM has another backup at work (job '%s')", foreign);
+        return false;
+    }
+    p->disks = qmp_query_disks(p->qmp, error);
+    backups = p->disks ? backup_list(p->repo, error) : NULL;
+    if (!backups || !unique_id(p, error)) {
+        return false;
+    }
+    check = bitmap_check(p->disks);
+
+    for (guint i = 0; i < p->disks->len; i++) {
+        QmpDisk *qd = p->disks->pdata[i];
+        PullDisk *pd;
+        g_autofree char *dir = NULL;
+        g_autofree char *since = NULL;
+
+        if (p->opts->disks &&
+            !g_strv_contains((const char *const *)p->opts->disks, qd->id)) {
+            continue;
+        }
+        pd = g_new0(PullDisk, 1);
+        pd->qd = qd;
+        g_ptr_array_add(p->pds, pd);
+        if (!decide(p, pd, backups, check, error)) {
+            return false;
+        }
+        if (pd->base) {
+            pd->since = g_strdup_printf("qbk-since-%s-%u", p->id, i);
+        }
+        pd->fd = fleece_disk_new(qd->id, qd->node, i, p->id, p->scratch_dir);
+        dir = repo_disk_dir(p->repo, qd->id);
+        since = g_strdup_printf("%s.qcow2", p->id);
+        pd->image = g_build_filename(dir, since, NULL);
+        g_free(since);
+        since = g_strdup_printf("%s.digests", p->id);
+        pd->digests = g_build_filename(dir, since, NULL);
+    }
+    for (guint i = 0; p->opts->disks && p->opts->disks[i]; i++) {
+        if (!qmp_disk_find(p->disks, p->opts->disks[i])) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
+                        "the VM has no disk '%s'", p->opts->disks[i]);
+            return false;
+        }
+    }
+    if (p->pds->len == 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
+                    "the VM has no disk to back up");
+        return false;
+    }
+
+    qmp_get_version(p->qmp, &major, &minor, &micro);
+    p->manifest = json_object_new_object();
+    json_object_object_add(p->manifest, "format",
+                           json_object_new_string(MANIFEST_FORMAT));
+    json_object_object_add(p->manifest, "id", json_object_new_string(p->id));
+    json_object_object_add(p->manifest, "status",
+                           json_object_new_string("in-progress"));
+    json_object_object_add(p->manifest, "created",
+                           json_object_new_string(when));
+    version = g_strdup_printf("%d.%d.%d", major, minor, micro);
+    json_object_object_add(p->manifest, "qemu",
+                           json_object_new_string(version));
+    json_object_object_add(p->manifest, "checkpoint",
+                           json_object_new_string(p->id));
+    jdisks = json_object_new_array();
+    for (guint i = 0; i < p->pds->len; i++) {
+        json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));
+    }
+    json_object_object_add(p->manifest, "disks", jdisks);
+    return write_partial(p, error);
+}
+
+json_object *backup_pull(QmpClient *qmp, const char *repo,
+                         const BackupOptions *opts, GError **error)
+{
+    g_autoptr(Pull) p = g_new0(Pull, 1);
+    g_autoptr(GError) err = NULL;
+    g_autofree char *final_path = NULL;
+    g_autofree char *partial_path = NULL;
+
+    p->qmp = qmp;
+    p->repo = repo;
+    p->opts = opts;
+    p->start_us = g_get_monotonic_time();
+    p->pds = g_ptr_array_new_with_free_func((GDestroyNotify)pull_disk_free);
+    p->fds = g_ptr_array_new();
+    p->scratch_dir = opts->scratch_dir
+                         ? g_strdup(opts->scratch_dir)
+                         : g_build_filename(repo, ".scratch", NULL);
+
+    p->lock_fd = repo_open_locked(repo, error);
+    if (p->lock_fd < 0) {
+        return NULL;
+    }
+    if (g_mkdir_with_parents(p->scratch_dir, 0700) < 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot create '%s': %s", p->scratch_dir,
+                    g_strerror(errno));
+        return NULL;
+    }
+    if (!prepare(p, &err)) {
+        if (p->manifest) {
+            mark_failed(repo, p->manifest, err->message);
+        }
+        g_propagate_error(error, g_steal_pointer(&err));
+        return NULL;
+    }
+    if (!fleece(p, &err) || cancelled(p, &err) || !export_all(p, &err) ||
+        !make_targets(p, &err) || !copy_all(p, &err) ||
+        !finish_targets(p, &err) || cancelled(p, &err) ||
+        !fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
+        fail_and_undo(p, err);
+        if (err->domain != BACKUP_ERROR) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
+                        err->message);
+        } else {
+            g_propagate_error(error, g_steal_pointer(&err));
+        }
+        return NULL;
+    }
+    g_ptr_array_set_size(p->fds, 0); /* torn down */
+
+    /* The point of no return: the backup is good once this is durable. */
+    add_results(p);
+    json_object_object_del(p->manifest, "nbd_server_socket");
+    final_path = repo_manifest_path(repo, p->id);
+    partial_path = repo_partial_path(repo, p->id);
+    if (!repo_write_json(final_path, p->manifest, &err)) {
+        fail_and_undo(p, err);
+        g_propagate_error(error, g_steal_pointer(&err));
+        return NULL;
+    }
+    unlink(partial_path);
+
+    /* Commit: the new checkpoint stays, the "since" bitmaps go. A failure
+     * here loses nothing (they are transient); check reports them. */
+    {
+        g_autoptr(GPtrArray) since = g_ptr_array_new();
+
+        for (guint i = 0; i < p->pds->len; i++) {
+            PullDisk *pd = p->pds->pdata[i];
+
+            if (pd->since) {
+                g_ptr_array_add(since, pd->since);
+            }
+        }
+        rollback_checkpoint(p->qmp, NULL, since, NULL);
+    }
+    return json_object_get(p->manifest);
+}

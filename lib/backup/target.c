@@ -1,0 +1,117 @@
+/*
+ * The target of a backup: new qcow2 images in the repository, chained to
+ * their parents by relative backing file names, and written through a
+ * qemu-storage-daemon that qbk starts for the copy and stops afterwards, so
+ * that QEMU's own qcow2 code lays out every byte.
+ */
+#include <unistd.h>
+
+#include "internal.h"
+
+bool target_create_image(const char *image, guint64 size, const char *backing,
+                         GError **error)
+{
+    g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
+    g_autofree char *dir = g_path_get_dirname(image);
+    g_autofree char *err = NULL;
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    int status;
+
+    g_ptr_array_add(argv, "qemu-img");
+    g_ptr_array_add(argv, "create");
+    g_ptr_array_add(argv, "-q");
+    g_ptr_array_add(argv, "-f");
+    g_ptr_array_add(argv, "qcow2");
+    if (backing) {
+        g_ptr_array_add(argv, "-b");
+        g_ptr_array_add(argv, (char *)backing);
+        g_ptr_array_add(argv, "-F");
+        g_ptr_array_add(argv, "qcow2");
+    }
+    g_ptr_array_add(argv, (char *)image);
+    g_ptr_array_add(argv, size_s);
+    g_ptr_array_add(argv, NULL);
+    /* Relative backing names resolve from the image's directory. */
+    if (!g_spawn_sync(dir, (char **)argv->pdata, NULL, G_SPAWN_SEARCH_PATH,
+                      NULL, NULL, NULL, &err, &status, error)) {
+        return false;
+    }
+    if (!g_spawn_check_wait_status(status, NULL)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot create image '%s': %s", image, g_strstrip(err));
+        return false;
+    }
+    return true;
+}
+
+Target *target_start(char **images, char **names, GError **error)
+{
+    Target *t = g_new0(Target, 1);
+    json_object *args, *addr, *data;
+
+    t->dir = g_dir_make_tmp("qbk-target-XXXXXX", error);
+    if (!t->dir) {
+        target_free(t);
+        return NULL;
+    }
+    t->socket = g_build_filename(t->dir, "nbd.sock", NULL);
+    t->qsd = qmp_spawn_storage_daemon((const char *const *)images, 0, error);
+    if (!t->qsd) {
+        g_prefix_error(error, "cannot open the new images: ");
+        target_free(t);
+        return NULL;
+    }
+    args = json_object_new_object();
+    addr = json_object_new_object();
+    data = json_object_new_object();
+    json_object_object_add(data, "path", json_object_new_string(t->socket));
+    json_object_object_add(addr, "type", json_object_new_string("unix"));
+    json_object_object_add(addr, "data", data);
+    json_object_object_add(args, "addr", addr);
+    if (!qmp_run(t->qsd, "nbd-server-start", args, error)) {
+        target_free(t);
+        return NULL;
+    }
+    for (guint i = 0; images[i]; i++) {
+        g_autofree char *node = g_strdup_printf("img%u", i);
+        g_autofree char *id = g_strdup_printf("t%u", i);
+
+        args = json_object_new_object();
+        json_object_object_add(args, "type", json_object_new_string("nbd"));
+        json_object_object_add(args, "id", json_object_new_string(id));
+        json_object_object_add(args, "node-name", json_object_new_string(node));
+        json_object_object_add(args, "name", json_object_new_string(names[i]));
+        json_object_object_add(args, "writable", json_object_new_boolean(1));
+        if (!qmp_run(t->qsd, "block-export-add", args, error)) {
+            target_free(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+bool target_stop(Target *t, GError **error)
+{
+    bool ok = qmp_stop_storage_daemon(t->qsd, error);
+
+    qmp_free(t->qsd);
+    t->qsd = NULL;
+    return ok;
+}
+
+void target_free(Target *t)
+{
+    if (!t) {
+        return;
+    }
+    qmp_free(t->qsd); /* stops the daemon if still running */
+    if (t->socket) {
+        unlink(t->socket);
+    }
+    if (t->dir) {
+        rmdir(t->dir);
+    }
+    g_free(t->socket);
+    g_free(t->dir);
+    g_free(t);
+}
