@@ -50,7 +50,9 @@ static GOptionEntry entries[] = {
     { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
       "read at most this much per second from the VM, e.g. 50M", "SIZE" },
     { "progress-fd", 0, 0, G_OPTION_ARG_INT, &opt_progress_fd,
-      "write progress as JSON lines to this file descriptor", "FD" },
+      "write JSON lines to this file descriptor: the fleece point, then "
+      "progress",
+      "FD" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the manifest as one JSON object on stdout", NULL },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
@@ -101,7 +103,8 @@ static void on_progress(const BackupProgress *p, void *opaque)
 
     if (opt_progress_fd >= 0) {
         g_autofree char *line = g_strdup_printf(
-            "{\"disk\": \"%s\", \"index\": %u, \"count\": %u, \"done\": "
+            "{\"event\": \"progress\", \"disk\": \"%s\", \"index\": %u, "
+            "\"count\": %u, \"done\": "
             "%" G_GUINT64_FORMAT ", \"size\": %" G_GUINT64_FORMAT
             ", \"read\": %" G_GUINT64_FORMAT ", \"seconds\": %.3f}\n",
             p->disk, p->index, p->count, s->bytes_done, s->size, s->bytes_read,
@@ -118,6 +121,22 @@ static void on_progress(const BackupProgress *p, void *opaque)
         if (s->bytes_done >= s->size) {
             fputc('\n', stderr);
         }
+    }
+}
+
+/* The point in time is fixed: scripts may now let the guest go on. */
+static void on_fleeced(const char *id, void *opaque)
+{
+    if (opt_progress_fd >= 0) {
+        g_autofree char *line = g_strdup_printf(
+            "{\"event\": \"fleeced\", \"backup\": \"%s\"}\n", id);
+
+        if (write(opt_progress_fd, line, strlen(line)) < 0) {
+            opt_progress_fd = -1;
+        }
+    }
+    if (isatty(STDERR_FILENO)) {
+        cmd_info("backup %s: point in time fixed, copying", id);
     }
 }
 
@@ -238,6 +257,7 @@ int main(int argc, char **argv)
     opts.chunk_size = opt_chunk;
     opts.cancel = &cancel_flag;
     opts.progress = on_progress;
+    opts.fleeced = on_fleeced;
 
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);

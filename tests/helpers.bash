@@ -42,12 +42,14 @@ make_images() {
 }
 
 # launch_vm [EXTRA QEMU ARGS...]: start QEMU paused, no guest OS, on the
-# images of make_images. disk0 is a -blockdev with named nodes, disk1 a
+# images of make_images. qmp.sock is for qbk's tools, test.sock for the
+# test itself (QEMU serves one client per monitor). disk0 is a -blockdev with named nodes, disk1 a
 # -drive (auto-named node), disk2 raw, plus an empty CD-ROM drive.
 launch_vm() {
-    rm -f "$T/qmp.sock"
+    rm -f "$T/qmp.sock" "$T/test.sock"
     qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
         -qmp "unix:$T/qmp.sock,server=on,wait=off" \
+        -qmp "unix:$T/test.sock,server=on,wait=off" \
         -blockdev "driver=file,filename=$T/disk0.qcow2,node-name=disk0-file" \
         -blockdev "driver=qcow2,file=disk0-file,node-name=disk0-fmt" \
         -device virtio-blk-pci,drive=disk0-fmt,id=disk0 \
@@ -68,7 +70,7 @@ start_vm() {
 stop_vm() {
     local pid
     pid=$(cat "$T/qemu.pid")
-    qbk-qmp quit >/dev/null 2>&1 || true
+    qmp quit >/dev/null 2>&1 || true
     wait_gone "$pid"
 }
 
@@ -91,14 +93,14 @@ wait_gone() {
 }
 
 qmp() {
-    qbk-qmp "$@"
+    qbk-qmp --qmp "$T/test.sock" "$@"
 }
 
 # guest_write DISK OFFSET LENGTH [PATTERN]: a write through the device, as
 # the guest would do it (HMP qemu-io on the qdev).
 guest_write() {
     local out
-    out=$(qbk-qmp --hmp \
+    out=$(qmp --hmp \
         "qemu-io -d /machine/peripheral/$1/virtio-backend \"write -P ${4:-0x5a} $2 $3\"")
     if [ -n "$out" ]; then
         echo "guest_write: $out" >&2
@@ -149,4 +151,129 @@ assert_one_line_error() {
     [ "$status" -ne 0 ]
     [ "${#lines[@]}" -eq 1 ]
     [[ "${lines[0]}" == qbk-* ]]
+}
+
+# ---- the shadow model: what each disk must contain ----
+#
+# Every guest write goes to the VM and to $T/shadow-DISK.raw. At a backup's
+# fleece point the shadows are saved; the backup restored must equal them.
+
+shadow_init() {
+    local d
+    for d in "$@"; do
+        truncate -s "$DISK_SIZE" "$T/shadow-$d.raw"
+    done
+}
+
+# gw DISK OFFSET LENGTH PATTERN: guest write of bytes PATTERN (0-255)
+gw() {
+    guest_write "$1" "$2" "$3" "$4"
+    head -c "$3" /dev/zero | tr '\0' "\\$(printf '%03o' "$4")" |
+        dd of="$T/shadow-$1.raw" bs=64k seek="$2" oflag=seek_bytes \
+            conv=notrunc status=none
+}
+
+# random_writes N DISK...: N writes of 4-256 KiB at random 4 KiB offsets.
+random_writes() {
+    local n=$1 i d off len pat size
+    shift
+    size=$(stat -c %s "$T/shadow-$1.raw")
+    for i in $(seq "$n"); do
+        for d in "$@"; do
+            len=$(( (RANDOM % 64 + 1) * 4096 ))
+            off=$(( (RANDOM * 32768 + RANDOM) % ((size - len) / 4096) * 4096 ))
+            pat=$(( RANDOM % 255 + 1 ))
+            gw "$d" "$off" "$len" "$pat"
+        done
+    done
+}
+
+# snapshot NAME DISK...: save the shadows as the expected content.
+snapshot() {
+    local name=$1 d
+    shift
+    for d in "$@"; do
+        cp --sparse=always "$T/shadow-$d.raw" "$T/expect-$name-$d.raw"
+    done
+}
+
+# shadow_from_images DISK...: after a crash QEMU may have lost unflushed
+# writes; the shadows become what the images really hold.
+shadow_from_images() {
+    local d
+    for d in "$@"; do
+        qemu-img convert -U -O raw "$T/$d.qcow2" "$T/shadow-$d.raw"
+    done
+}
+
+# wait_fleeced PROGRESS-FILE PID: until qbk-pull PID reported its fleece
+# point on its --progress-fd, or has already ended (bounded). Either way
+# the point in time is fixed before the caller writes again.
+wait_fleeced() {
+    local i
+    for i in $(seq 600); do
+        if grep -q '"event": "fleeced"' "$1" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$2" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "qbk-pull did not reach its fleece point" >&2
+    return 1
+}
+
+# start_pull NAME ARGS...: qbk-pull in the background ($PULL_PID), fleece
+# point reported to $T/progress-NAME.
+start_pull() {
+    local name=$1
+    shift
+    qbk-pull --repo "$T/repo" --progress-fd 3 "$@" 3>"$T/progress-$name" \
+        >"$T/pull-$name.json" 2>"$T/pull-$name.err" &
+    PULL_PID=$!
+}
+
+# pull_with_writes NAME DISKS ARGS...: start qbk-pull slowed down, and once
+# it fleeced, snapshot the shadows and write during the copy.
+pull_with_writes() {
+    local name=$1 disks=$2 rc=0
+    shift 2
+    start_pull "$name" --rate-limit 8M --json "$@"
+    local pid=$PULL_PID
+    wait_fleeced "$T/progress-$name" "$pid"
+    # shellcheck disable=SC2086
+    snapshot "$name" $disks
+    # shellcheck disable=SC2086
+    random_writes 6 $disks
+    wait "$pid" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        cat "$T/pull-$name.err" >&2
+    fi
+    return "$rc"
+}
+
+# restore_matches NAME DISK [BACKUP-ID]: restore and compare byte by byte.
+restore_matches() {
+    local id=${3:-$(jq -r .id "$T/pull-$1.json")}
+    qbk-restore --repo "$T/repo" --disk "$2" --backup "$id" \
+        -o "$T/restored-$1-$2.raw"
+    cmp "$T/restored-$1-$2.raw" "$T/expect-$1-$2.raw"
+    rm -f "$T/restored-$1-$2.raw"
+}
+
+# assert_clean: nothing of qbk's left in QEMU, in the scratch dir, or running.
+assert_clean() {
+    [ "$(qmp query-jobs | jq length)" -eq 0 ]
+    [ "$(qmp query-block-exports | jq length)" -eq 0 ]
+    [ "$(qmp query-named-block-nodes '{"flat": true}' |
+        jq '[.[] | select(."node-name" | startswith("qbk-"))] | length')" -eq 0 ]
+    if [ -n "$(ls -A "$T/repo/.scratch" 2>/dev/null)" ]; then ls -la "$T/repo/.scratch" >&2; return 1; fi
+    ! pgrep -f "qemu-storage-daemon.*$T/repo" >/dev/null
+}
+
+# manifest_field NAME DISK FIELD
+manifest_field() {
+    jq -r --arg d "$2" --arg f "$3" '.disks[] | select(.disk == $d) | .[$f]' \
+        "$T/pull-$1.json"
 }

@@ -215,6 +215,22 @@ static void mark_failed(const char *repo, json_object *manifest,
     repo_write_json(path, manifest, NULL);
 }
 
+/* The scratch images of backup TAG (QEMU's node may no longer say where). */
+static void remove_scratch_files(const char *dir, const char *tag)
+{
+    g_autoptr(GDir) d = g_dir_open(dir, 0, NULL);
+    g_autofree char *suffix = g_strdup_printf("-%s.scratch.qcow2", tag);
+    const char *name;
+
+    while (d && (name = g_dir_read_name(d))) {
+        if (g_str_has_prefix(name, "qbk-s") && g_str_has_suffix(name, suffix)) {
+            g_autofree char *path = g_build_filename(dir, name, NULL);
+
+            unlink(path);
+        }
+    }
+}
+
 /* Undo what a qbk-pull that died left behind, as its partial manifest
  * tells. */
 static bool recover(Pull *p, GError **error)
@@ -258,6 +274,10 @@ static bool recover(Pull *p, GError **error)
                            "rolling back backup '%s': ", json_str(m, "id"));
             return false;
         }
+        remove_scratch_files(json_str(m, "scratch_dir")
+                                 ? json_str(m, "scratch_dir")
+                                 : p->scratch_dir,
+                             json_str(m, "id"));
         remove_new_files(m, p->repo);
         mark_failed(p->repo, m,
                     "interrupted: qbk-pull did not finish; "
@@ -322,12 +342,12 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
     guint i;
 
     if (qd->no_bitmaps) {
+        /* It can never have a chain: full every time, whatever the mode
+         * (an error here would block every incremental of the VM). */
         pd->mode = BACKUP_MODE_FULL;
         pd->reason =
             g_strdup_printf("no checkpoints on this disk (%s)", qd->no_bitmaps);
-        return p->opts->mode == BACKUP_MODE_AUTO ||
-               p->opts->mode == BACKUP_MODE_FULL ||
-               need_full(p, pd, error, "%s", pd->reason);
+        return true;
     }
     if (p->opts->mode == BACKUP_MODE_FULL && !p->opts->since) {
         pd->mode = BACKUP_MODE_FULL;
@@ -637,6 +657,13 @@ static bool copy_all(Pull *p, GError **error)
         if (pfd >= 0) {
             close(pfd);
         }
+        if (!ok &&
+            g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_CANCELLED)) {
+            g_clear_error(error);
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                        "interrupted by a signal");
+            return false;
+        }
         if (!ok) {
             g_prefix_error(error, "disk '%s': ", pd->qd->id);
             return false;
@@ -801,6 +828,8 @@ static bool prepare(Pull *p, GError **error)
                            json_object_new_string(version));
     json_object_object_add(p->manifest, "checkpoint",
                            json_object_new_string(p->id));
+    json_object_object_add(p->manifest, "scratch_dir",
+                           json_object_new_string(p->scratch_dir));
     jdisks = json_object_new_array();
     for (guint i = 0; i < p->pds->len; i++) {
         json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));
@@ -862,6 +891,7 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
     /* The point of no return: the backup is good once this is durable. */
     add_results(p);
     json_object_object_del(p->manifest, "nbd_server_socket");
+    json_object_object_del(p->manifest, "scratch_dir");
     final_path = repo_manifest_path(repo, p->id);
     partial_path = repo_partial_path(repo, p->id);
     if (!repo_write_json(final_path, p->manifest, &err)) {

@@ -151,7 +151,8 @@ static int extent_cb(void *opaque, const char *context, uint64_t offset,
             : NULL;
 
     if (into && into->len == 0) { /* keep the first answer per context */
-        g_array_append_vals(into, entries, n * 2);
+        /* N counts uint32 entries: (length, flags) pairs times two */
+        g_array_append_vals(into, entries, n);
     }
     return 0;
 }

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +16,15 @@
 #include "internal.h"
 
 #define QSD_BINARY "qemu-storage-daemon"
+
+/*
+ * The daemon must not outlive us: if we are killed, it gets SIGTERM, which
+ * it handles as a clean "quit" (bitmaps written back, images closed).
+ */
+static void die_with_parent(gpointer data)
+{
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+}
 
 /* What the daemon said on stderr, on one line, without its own echo. */
 static char *daemon_stderr(const char *dir)
@@ -133,7 +143,7 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images, int timeout_ms,
                          NULL, (char **)argv->pdata, NULL,
                          G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD |
                              G_SPAWN_STDOUT_TO_DEV_NULL,
-                         NULL, NULL, &pid, -1, -1, errfd, &local)) {
+                         die_with_parent, NULL, &pid, -1, -1, errfd, &local)) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
                     "cannot start " QSD_BINARY ": %s",
                     local ? local->message : g_strerror(errno));

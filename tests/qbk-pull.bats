@@ -1,0 +1,272 @@
+#!/usr/bin/env bats
+# qbk-pull and qbk-restore against a real QEMU with the guest writing
+# during every copy. Correctness is the shadow model (helpers.bash): each
+# backup, restored, equals byte for byte what the disks held at its
+# fleece point.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+setup() {
+    common_setup
+    start_vm
+    shadow_init disk0 disk1
+    gw disk0 0 1048576 17
+    gw disk0 $((20 << 20)) 3145728 34
+    gw disk1 $((5 << 20)) 2097152 51
+}
+
+teardown() {
+    if mountpoint -q "$T/small" 2>/dev/null; then
+        umount "$T/small"
+    fi
+    common_teardown
+}
+
+@test "full, 3 incrementals, differential, --since: each restore equals its point in time" {
+    pull_with_writes full "disk0 disk1"
+    [ "$(manifest_field full disk0 mode)" = full ]
+    [ "$(manifest_field full disk1 mode)" = full ]
+    restore_matches full disk0
+    restore_matches full disk1
+    assert_clean
+
+    for n in 1 2 3; do
+        random_writes 4 disk0 disk1
+        pull_with_writes inc$n "disk0 disk1"
+        [ "$(manifest_field inc$n disk0 mode)" = incremental ]
+        [ "$(manifest_field inc$n disk1 mode)" = incremental ]
+        restore_matches inc$n disk0
+        restore_matches inc$n disk1
+        assert_clean
+    done
+    # An incremental copies only what changed: far less than the disk.
+    [ "$(manifest_field inc2 disk0 bytes_copied)" -lt $((8 << 20)) ]
+    [ "$(manifest_field inc2 disk0 parent)" = "$(jq -r .id "$T/pull-inc1.json")" ]
+
+    random_writes 4 disk0 disk1
+    pull_with_writes diff "disk0 disk1" --mode differential
+    [ "$(manifest_field diff disk0 mode)" = differential ]
+    [ "$(manifest_field diff disk0 parent)" = "$(jq -r .id "$T/pull-full.json")" ]
+    restore_matches diff disk0
+    restore_matches diff disk1
+
+    random_writes 4 disk0 disk1
+    pull_with_writes since "disk0 disk1" --since "$(jq -r .id "$T/pull-inc1.json")"
+    [ "$(manifest_field since disk1 parent)" = "$(jq -r .id "$T/pull-inc1.json")" ]
+    restore_matches since disk0
+    restore_matches since disk1
+
+    # Every earlier backup still restores to its own point in time.
+    for name in full inc1 inc2 inc3 diff; do
+        restore_matches $name disk0
+        restore_matches $name disk1
+    done
+    # The chain is stock qcow2 with relative backing files.
+    img=$T/repo/$(manifest_field inc3 disk0 image)
+    [ "$(qemu-img info --output=json --backing-chain "$img" | jq length)" -eq 4 ]
+    [[ "$(qemu-img info --output=json "$img" | jq -r '."backing-filename"')" != /* ]]
+    assert_clean
+}
+
+@test "the manifest reports each disk; --json prints it and nothing else" {
+    run --separate-stderr qbk-pull --repo "$T/repo" --json
+    [ "$status" -eq 0 ]
+    m=$output
+    [ "$(jq -r .status <<<"$m")" = complete ]
+    [ "$(jq -r '.disks | length' <<<"$m")" -eq 3 ]   # the raw disk too
+    for f in mode image bytes_copied bytes_skipped bytes_zero seconds throughput_mib_s; do
+        [ "$(jq -r --arg f $f '.disks[] | select(.disk=="disk0") | .[$f]' <<<"$m")" != null ]
+    done
+    [ "$(jq -r '.disks[] | select(.disk=="disk0") | .bytes_copied' <<<"$m")" -eq $((4 << 20)) ]
+    [ "$(jq -r '.disks[] | select(.disk=="disk2") | .reason' <<<"$m")" = \
+      "no checkpoints on this disk (raw image: only qcow2 can hold persistent bitmaps)" ]
+    [ "$(jq -r '.disks[] | select(.disk=="disk0") | .checksum.algorithm' <<<"$m")" = sha256-blocks-64k ]
+    cmp <(jq -S . <<<"$m") <(jq -S . "$T/repo/backups/$(jq -r .id <<<"$m").json")
+    # The raw disk is backed up in full every time.
+    run --separate-stderr qbk-pull --repo "$T/repo" --json
+    [ "$(jq -r '.disks[] | select(.disk=="disk2") | .mode' <<<"$output")" = full ]
+    [ "$(jq -r '.disks[] | select(.disk=="disk0") | .mode' <<<"$output")" = incremental ]
+}
+
+@test "SIGKILL mid-copy: the next run cleans up, rolls back, and its backup is exact" {
+    pull_with_writes full "disk0 disk1"
+    ckpts_before=$(qbk-checkpoint list --json | jq -c '[.checkpoints[].bitmap]')
+    random_writes 4 disk0 disk1
+    start_pull killed --rate-limit 1M
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-killed" "$pid"
+    random_writes 3 disk0 disk1
+    kill -KILL "$pid"
+    wait "$pid" || true
+    # What it left: a job in QEMU and a partial manifest.
+    [ "$(qmp query-jobs | jq length)" -gt 0 ]
+    ls "$T"/repo/backups/*.partial.json
+    random_writes 3 disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    [ "$(manifest_field after disk0 mode)" = incremental ]
+    restore_matches after disk0
+    restore_matches after disk1
+    [ "$(jq -r .status "$T"/repo/backups/*.partial.json)" = failed ]
+    # the killed backup's checkpoint was merged away, the new one added
+    [ "$(qbk-checkpoint list --json | jq -c '[.checkpoints[].bitmap][:1]')" = "$ckpts_before" ]
+    [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 2 ]
+    assert_clean
+}
+
+@test "SIGINT mid-copy: rolled back at once, nothing left, next backup exact" {
+    pull_with_writes full "disk0 disk1"
+    list_before=$(qbk-checkpoint list --json | jq -c '[.checkpoints[] | .bitmap]')
+    random_writes 4 disk0 disk1
+    start_pull int --rate-limit 1M --quiet
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-int" "$pid"
+    random_writes 2 disk0 disk1
+    kill -INT "$pid"
+    rc=0
+    wait "$pid" || rc=$?
+    [ "$rc" -eq 1 ]
+    grep -q "interrupted" "$T/pull-int.err"
+    [ "$(wc -l <"$T/pull-int.err")" -eq 1 ]
+    assert_clean
+    [ "$(qbk-checkpoint list --json | jq -c '[.checkpoints[] | .bitmap]')" = "$list_before" ]
+    [ "$(jq -r .status "$T"/repo/backups/*.partial.json)" = failed ]
+    [ "$(ls "$T"/repo/disks/disk0 | wc -l)" -eq 2 ]   # full's image + digests
+    random_writes 2 disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    restore_matches after disk0
+    restore_matches after disk1
+}
+
+@test "the target daemon dies mid-copy: clean failure and rollback" {
+    pull_with_writes full "disk0 disk1"
+    start_pull kill --mode full --rate-limit 1M --quiet
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-kill" "$pid"
+    sleep 0.3
+    pkill -KILL -f "qemu-storage-daemon.*$T/repo" || pkill -KILL -f "qemu-storage-daemon.*qbk"
+    rc=0
+    wait "$pid" || rc=$?
+    [ "$rc" -eq 1 ]
+    [ "$(wc -l <"$T/pull-kill.err")" -eq 1 ]
+    assert_clean
+    random_writes 2 disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    [ "$(manifest_field after disk0 mode)" = incremental ]
+    restore_matches after disk0
+}
+
+@test "a full target disk (tiny tmpfs): one-line error, rollback, nothing lost" {
+    mkdir "$T/small"
+    mount -t tmpfs -o size=6m tmpfs "$T/small" 2>/dev/null || skip "cannot mount tmpfs here"
+    run qbk-pull --repo "$T/small/repo" --scratch-dir "$T/scratch"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"No space left on device"* ]] || [[ "$output" == *"ENOSPC"* ]] ||
+        [[ "$output" == *"space"* ]]
+    [ "$(qmp query-jobs | jq length)" -eq 0 ]
+    [ "$(qmp query-block-exports | jq length)" -eq 0 ]
+    [ -z "$(ls -A "$T/scratch")" ]
+    [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 0 ]
+    [ "$(jq -r .status "$T"/small/repo/backups/*.partial.json)" = failed ]
+}
+
+@test "QEMU killed mid-backup: error; after restart, auto takes full backups" {
+    pull_with_writes full "disk0 disk1"
+    start_pull crash --rate-limit 1M --quiet
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-crash" "$pid"
+    kill_vm
+    rc=0
+    wait "$pid" || rc=$?
+    [ "$rc" -eq 1 ]
+    [ "$(wc -l <"$T/pull-crash.err")" -eq 1 ]
+    launch_vm
+    shadow_from_images disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    [ "$(manifest_field after disk0 mode)" = full ]
+    [[ "$(manifest_field after disk0 reason)" == *"checkpoint"* ]]
+    restore_matches after disk0
+    restore_matches after disk1
+    assert_clean
+}
+
+@test "a missing bitmap on one disk: auto goes full there only; --mode incremental refuses" {
+    pull_with_writes full "disk0 disk1"
+    bitmap=$(jq -r .checkpoint_bitmap "$T/pull-full.json")
+    qmp block-dirty-bitmap-remove "{\"node\": \"$(node_of disk1)\", \"name\": \"$bitmap\"}"
+    random_writes 3 disk0 disk1
+    run qbk-pull --repo "$T/repo" --mode incremental
+    [ "$status" -eq 3 ]
+    assert_one_line_error
+    [[ "$output" == *"disk 'disk1'"*"full backup is needed"* ]]
+    assert_clean
+    pull_with_writes auto "disk0 disk1"
+    [ "$(manifest_field auto disk0 mode)" = incremental ]
+    [ "$(manifest_field auto disk1 mode)" = full ]
+    restore_matches auto disk0
+    restore_matches auto disk1
+}
+
+@test "a resized disk gets a full backup" {
+    pull_with_writes full "disk0 disk1"
+    qmp block_resize "{\"node-name\": \"disk0-fmt\", \"size\": $((96 << 20))}"
+    truncate -s 96M "$T/shadow-disk0.raw"
+    gw disk0 $((80 << 20)) 65536 99
+    pull_with_writes grown "disk0 disk1"
+    [ "$(manifest_field grown disk0 mode)" = full ]
+    [ "$(manifest_field grown disk1 mode)" = incremental ]
+    restore_matches grown disk0
+    restore_matches grown disk1
+}
+
+@test "one qbk-pull at a time per repository" {
+    start_pull first --rate-limit 1M
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-first" "$pid"
+    run qbk-pull --repo "$T/repo" --qmp "$T/test.sock"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"another qbk-pull"* ]]
+    kill -INT "$pid"
+    wait "$pid" || true
+    assert_clean
+}
+
+@test "bad input: unknown disk, bad mode, unknown backup, corrupt manifest" {
+    run qbk-pull --repo "$T/repo" --disk nope
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    run qbk-pull --repo "$T/repo" --mode sometimes
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    run qbk-pull --repo "$T/repo" --mode incremental
+    [ "$status" -eq 3 ]
+    assert_one_line_error
+    qbk-pull --repo "$T/repo" >/dev/null
+    run qbk-restore --repo "$T/repo" --disk disk0 --backup 19990101T000000Z -o "$T/x.raw"
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    run qbk-restore --repo "$T/repo" --disk nope -o "$T/x.raw"
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    echo '{"id": ' >"$(ls "$T"/repo/backups/*.json | head -1)"
+    run qbk-pull --repo "$T/repo"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"corrupt"* ]]
+    assert_clean
+}
+
+@test "restore detects a damaged backup image" {
+    qbk-pull --repo "$T/repo" >/dev/null
+    img=$(ls "$T"/repo/disks/disk0/*.qcow2)
+    # Change one data byte inside the image (not its metadata): the
+    # checksum of the restored disk no longer matches.
+    off=$(qemu-img map --output=json "$img" | jq '[.[] | select(.data)][0].offset')
+    printf '\xff' | dd of="$img" bs=1 seek=$((off + 100)) conv=notrunc status=none
+    run qbk-restore --repo "$T/repo" --disk disk0 -o "$T/x.raw"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"does not match"* ]]
+}
