@@ -3,6 +3,7 @@
  * one instant, full or incremental per disk, into a repository of qcow2
  * chains and JSON manifests.
  */
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -22,6 +23,7 @@ static gint64 opt_chunk;
 static char *opt_rate;
 static gint opt_progress_fd = -1;
 static gboolean opt_json;
+static gboolean opt_export_only;
 static gboolean opt_quiet;
 static gboolean opt_version;
 static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
@@ -53,6 +55,11 @@ static GOptionEntry entries[] = {
       "write JSON lines to this file descriptor: the fleece point, then "
       "progress",
       "FD" },
+    { "export-only", 'e', 0, G_OPTION_ARG_NONE, &opt_export_only,
+      "fleece and export over NBD without copying: print the exports as "
+      "JSON, then read 'commit' (keep the new checkpoint) or 'abort' on "
+      "stdin; EOF or a signal aborts",
+      NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the manifest as one JSON object on stdout", NULL },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
@@ -169,6 +176,54 @@ static void print_summary(json_object *m)
     }
 }
 
+/* --export-only: show the exports, then let the user decide. */
+static bool wait_for_commit(json_object *exports, void *opaque)
+{
+    g_autoptr(GIOChannel) in = g_io_channel_unix_new(STDIN_FILENO);
+    g_autofree char *line = NULL;
+    json_object *list = json_object_object_get(exports, "exports");
+
+    if (opt_json) {
+        puts(json_object_to_json_string_ext(
+            exports, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
+    } else {
+        for (size_t i = 0; i < json_object_array_length(list); i++) {
+            json_object *e = json_object_array_get_idx(list, i);
+            json_object *ctx = json_object_object_get(e, "bitmap_context");
+
+            printf("%s\t%s\t%s\n",
+                   json_object_get_string(json_object_object_get(e, "disk")),
+                   json_object_get_string(json_object_object_get(e, "uri")),
+                   ctx ? json_object_get_string(ctx) : "-");
+        }
+    }
+    fflush(stdout);
+    cmd_info("exports ready; type 'commit' to keep the checkpoint or "
+             "'abort' to roll back");
+    /* GLib retries reads on EINTR: poll, so that a signal aborts. */
+    while (!g_atomic_int_get(&cancel_flag)) {
+        struct pollfd pfd = { .fd = STDIN_FILENO, .events = POLLIN };
+
+        if (poll(&pfd, 1, 200) <= 0) {
+            continue;
+        }
+        if (g_io_channel_read_line(in, &line, NULL, NULL, NULL) !=
+            G_IO_STATUS_NORMAL) {
+            return false; /* EOF */
+        }
+        g_strstrip(line);
+        if (strcmp(line, "commit") == 0) {
+            return true;
+        }
+        if (strcmp(line, "abort") == 0) {
+            return false;
+        }
+        cmd_error("say 'commit' or 'abort', not '%s'", line);
+        g_clear_pointer(&line, g_free);
+    }
+    return false;
+}
+
 static int exit_code(const GError *error)
 {
     if (error->domain == BACKUP_ERROR) {
@@ -267,6 +322,18 @@ int main(int argc, char **argv)
     if (!qmp) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;
+    }
+    if (opt_export_only) {
+        json_object *info =
+            backup_export(qmp, opt_repo, &opts, wait_for_commit, NULL, &error);
+
+        if (!info) {
+            cmd_error("export failed: %s", error->message);
+            return exit_code(error);
+        }
+        cmd_info("committed: checkpoint kept, exports removed");
+        json_object_put(info);
+        return QBK_EXIT_OK;
     }
     manifest = backup_pull(qmp, opt_repo, &opts, &error);
     if (!manifest) {

@@ -270,3 +270,66 @@ teardown() {
     assert_one_line_error
     [[ "$output" == *"does not match"* ]]
 }
+
+# start_export NAME ARGS...: qbk-pull --export-only, its stdin on fd 7.
+start_export() {
+    mkfifo "$T/ctl-$1"
+    qbk-pull --repo "$T/repo" --export-only --json --quiet "${@:2}" \
+        <"$T/ctl-$1" >"$T/export-$1.json" 2>"$T/export-$1.err" &
+    EXPORT_PID=$!
+    exec 7>"$T/ctl-$1"
+    for i in $(seq 200); do
+        [ -s "$T/export-$1.json" ] && return 0
+        kill -0 "$EXPORT_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$T/export-$1.err" >&2
+    return 1
+}
+
+@test "--export-only: nbdinfo and nbdcopy read the point in time and its bitmap; commit keeps the checkpoint" {
+    qbk-checkpoint create base
+    gw disk0 $((8 << 20)) 131072 77
+    start_export one --since base
+    snapshot one disk0
+    random_writes 3 disk0            # after the fleece point: not exported
+    uri=$(jq -r '.exports[] | select(.disk=="disk0") | .uri' "$T/export-one.json")
+    ctx=$(jq -r '.exports[] | select(.disk=="disk0") | .bitmap_context' "$T/export-one.json")
+    [[ "$uri" == nbd+unix:///disk0?socket=* ]]
+    # The bitmap context marks exactly what was written since "base".
+    run nbdinfo --map="$ctx" "$uri"
+    [ "$status" -eq 0 ]
+    [ "$(awk '$3 == 1 { n += $2 } END { print n }' <<<"$output")" -eq 131072 ]
+    [ "$(awk '$3 == 1 { print $1 }' <<<"$output")" -eq $((8 << 20)) ]
+    nbdcopy "$uri" "$T/exported.raw"
+    cmp "$T/exported.raw" "$T/expect-one-disk0.raw"
+    echo commit >&7
+    exec 7>&-
+    wait "$EXPORT_PID"
+    [ "$(qmp query-block-exports | jq length)" -eq 0 ]
+    [ "$(qmp query-jobs | jq length)" -eq 0 ]
+    [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 2 ]
+    [ -z "$(bitmap_names disk0 | grep since)" ]
+    assert_clean
+}
+
+@test "--export-only: EOF on stdin or a signal rolls everything back" {
+    qbk-checkpoint create base
+    start_export abort --since base
+    exec 7>&-                       # EOF: abort
+    rc=0
+    wait "$EXPORT_PID" || rc=$?
+    [ "$rc" -eq 1 ]
+    grep -q "aborted" "$T/export-abort.err"
+    [ "$(bitmap_names disk0)" = "qbk-000001-base" ]
+    [ "$(bitmap_field disk0 qbk-000001-base recording)" = true ]
+    assert_clean
+    start_export term
+    kill -TERM "$EXPORT_PID"
+    rc=0
+    wait "$EXPORT_PID" || rc=$?
+    exec 7>&-
+    [ "$rc" -eq 1 ]
+    [ "$(bitmap_names disk0)" = "qbk-000001-base" ]
+    assert_clean
+}

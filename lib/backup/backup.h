@@ -85,6 +85,18 @@ void backup_options_init(BackupOptions *opts);
 json_object *backup_pull(QmpClient *qmp, const char *repo,
                          const BackupOptions *opts, GError **error);
 
+/*
+ * Fleece and export every (selected) disk as backup_pull() would, without
+ * copying: WAIT gets the exports ({backup, checkpoint, exports: [{disk,
+ * uri, size, mode, bitmap_context}]}, borrowed) and returns true to commit
+ * (tear down, keep the new checkpoint) or false to roll everything back.
+ * Returns the exports' description on commit (new reference).
+ */
+typedef bool (*BackupExportWait)(json_object *exports, void *opaque);
+json_object *backup_export(QmpClient *qmp, const char *repo,
+                           const BackupOptions *opts, BackupExportWait wait,
+                           void *opaque, GError **error);
+
 /* ---- repository (repo.c) ---- */
 
 /* Manifests of the complete backups in REPO, oldest first (new refs). */

@@ -73,7 +73,8 @@ typedef struct {
     QmpClient *qmp;
     const char *repo;
     const BackupOptions *opts;
-    char *id; /* backup id, also the tag of QEMU names */
+    char *id;         /* backup id, also the tag of QEMU names */
+    bool export_only; /* fleece and export for another NBD client */
     int lock_fd;
     char *scratch_dir;
     char *private_dir; /* mode 0700: the fleecing NBD socket */
@@ -347,6 +348,28 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
         pd->mode = BACKUP_MODE_FULL;
         pd->reason =
             g_strdup_printf("no checkpoints on this disk (%s)", qd->no_bitmaps);
+        return true;
+    }
+    if (p->export_only && p->opts->since) {
+        /* Another NBD client keeps its own chain: the checkpoint is
+         * looked up in the VM, not in the repository. */
+        g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(p->disks);
+        BitmapCheckpoint *cp = bitmap_find_checkpoint(cps, p->opts->since);
+
+        v = bitmap_check_verdict(check, qd);
+        for (i = 0; cp && v && i < v->chain->len; i++) {
+            if (v->chain->pdata[i] == qmp_disk_bitmap(qd, cp->bitmap)) {
+                break;
+            }
+        }
+        if (!cp || !v || i == v->chain->len || i < v->untrusted) {
+            return need_full(p, pd, error,
+                             "checkpoint '%s' is missing or untrusted",
+                             p->opts->since);
+        }
+        pd->mode = BACKUP_MODE_INCREMENTAL;
+        pd->base = g_strdup(cp->bitmap);
+        pd->reason = g_strdup_printf("changes since checkpoint '%s'", cp->name);
         return true;
     }
     if (p->opts->mode == BACKUP_MODE_FULL && !p->opts->since) {
@@ -838,17 +861,18 @@ static bool prepare(Pull *p, GError **error)
     return write_partial(p, error);
 }
 
-json_object *backup_pull(QmpClient *qmp, const char *repo,
-                         const BackupOptions *opts, GError **error)
+/* Lock, recover, decide: everything before QEMU is touched. */
+static Pull *pull_begin(QmpClient *qmp, const char *repo,
+                        const BackupOptions *opts, bool export_only,
+                        GError **error)
 {
     g_autoptr(Pull) p = g_new0(Pull, 1);
     g_autoptr(GError) err = NULL;
-    g_autofree char *final_path = NULL;
-    g_autofree char *partial_path = NULL;
 
     p->qmp = qmp;
     p->repo = repo;
     p->opts = opts;
+    p->export_only = export_only;
     p->start_us = g_get_monotonic_time();
     p->pds = g_ptr_array_new_with_free_func((GDestroyNotify)pull_disk_free);
     p->fds = g_ptr_array_new();
@@ -871,6 +895,117 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
             mark_failed(repo, p->manifest, err->message);
         }
         g_propagate_error(error, g_steal_pointer(&err));
+        return NULL;
+    }
+    return g_steal_pointer(&p);
+}
+
+/* Report ERR as the backup's failure, after undoing everything. */
+static void pull_fail(Pull *p, GError *err, GError **error)
+{
+    fail_and_undo(p, err);
+    if (err->domain != BACKUP_ERROR) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
+                    err->message);
+        g_error_free(err);
+    } else {
+        g_propagate_error(error, err);
+    }
+}
+
+/* Drop the transient "since" bitmaps, on the VM as it is now. */
+static void drop_since(Pull *p)
+{
+    g_autoptr(GPtrArray) since = g_ptr_array_new();
+
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (pd->since) {
+            g_ptr_array_add(since, pd->since);
+        }
+    }
+    rollback_checkpoint(p->qmp, NULL, since, NULL);
+}
+
+json_object *backup_export(QmpClient *qmp, const char *repo,
+                           const BackupOptions *opts, BackupExportWait wait,
+                           void *opaque, GError **error)
+{
+    g_autoptr(Pull) p = pull_begin(qmp, repo, opts, true, error);
+    GError *err = NULL;
+    json_object *info, *exports;
+    g_autofree char *path = NULL;
+    bool commit;
+
+    if (!p) {
+        return NULL;
+    }
+    if (!fleece(p, &err) || !export_all(p, &err)) {
+        pull_fail(p, err, error);
+        return NULL;
+    }
+    info = json_object_new_object();
+    exports = json_object_new_array();
+    json_object_object_add(info, "backup", json_object_new_string(p->id));
+    json_object_object_add(info, "checkpoint",
+                           p->checkpoint ? json_object_new_string(p->checkpoint)
+                                         : NULL);
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+        json_object *e = json_object_new_object();
+        g_autofree char *uri = g_strdup_printf("nbd+unix:///%s?socket=%s",
+                                               pd->qd->id, p->nbd_socket);
+        g_autofree char *ctx =
+            pd->since ? g_strconcat("qemu:dirty-bitmap:", pd->since, NULL)
+                      : NULL;
+
+        json_object_object_add(e, "disk", json_object_new_string(pd->qd->id));
+        json_object_object_add(e, "uri", json_object_new_string(uri));
+        json_object_object_add(e, "size", json_object_new_uint64(pd->qd->size));
+        json_object_object_add(e, "mode",
+                               json_object_new_string(mode_names[pd->mode]));
+        json_object_object_add(e, "bitmap_context",
+                               ctx ? json_object_new_string(ctx) : NULL);
+        json_object_array_add(exports, e);
+    }
+    json_object_object_add(info, "exports", exports);
+    commit = wait(info, opaque);
+    if (!commit || cancelled(p, &err)) {
+        if (!err) {
+            err = g_error_new(BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                              "the export was aborted");
+        }
+        json_object_put(info);
+        pull_fail(p, err, error);
+        return NULL;
+    }
+    if (!fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
+        json_object_put(info);
+        pull_fail(p, err, error);
+        return NULL;
+    }
+    g_ptr_array_set_size(p->fds, 0);
+    /* Committed: the checkpoint stays, the since bitmaps go; the repository
+     * records the export (it holds no images, so it is no backup). */
+    drop_since(p);
+    remove_new_files(p->manifest, p->repo);
+    json_object_object_add(p->manifest, "status",
+                           json_object_new_string("exported"));
+    path = repo_partial_path(p->repo, p->id);
+    repo_write_json(path, p->manifest, NULL);
+    return info;
+}
+
+json_object *backup_pull(QmpClient *qmp, const char *repo,
+                         const BackupOptions *opts, GError **error)
+{
+    g_autoptr(Pull) p = pull_begin(qmp, repo, opts, false, error);
+    g_autoptr(GError) err = NULL;
+    g_autofree char *final_path = NULL;
+    g_autofree char *partial_path = NULL;
+
+    if (!p) {
         return NULL;
     }
     if (!fleece(p, &err) || cancelled(p, &err) || !export_all(p, &err) ||
