@@ -18,6 +18,8 @@ static char *opt_mode;
 static char *opt_since;
 static char **opt_disks;
 static char *opt_scratch;
+static char *opt_format;
+static char *opt_nbd_server;
 static gint opt_requests;
 static gint64 opt_chunk;
 static char *opt_rate;
@@ -42,6 +44,14 @@ static GOptionEntry entries[] = {
       "CHECKPOINT" },
     { "disk", 'd', 0, G_OPTION_ARG_STRING_ARRAY, &opt_disks,
       "only this disk (repeat); default: every disk", "DISK" },
+    { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
+      "of full backups: qcow2 (default) or raw (sparse, written with Linux "
+      "AIO and O_DIRECT); incrementals are always qcow2",
+      "FORMAT" },
+    { "nbd-server", 0, 0, G_OPTION_ARG_FILENAME, &opt_nbd_server,
+      "QEMU already runs an NBD server on this unix socket: add the "
+      "exports there (it is never stopped)",
+      "SOCKET" },
     { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch,
       "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
     { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
@@ -308,6 +318,13 @@ int main(int argc, char **argv)
     opts.since = opt_since;
     opts.disks = opt_disks;
     opts.scratch_dir = opt_scratch;
+    if (opt_format && g_strcmp0(opt_format, "raw") != 0 &&
+        g_strcmp0(opt_format, "qcow2") != 0) {
+        cmd_error("--format must be qcow2 or raw");
+        return QBK_EXIT_USAGE;
+    }
+    opts.format = opt_format;
+    opts.nbd_server = opt_nbd_server;
     opts.requests = opt_requests;
     opts.chunk_size = opt_chunk;
     opts.cancel = &cancel_flag;

@@ -333,3 +333,46 @@ start_export() {
     [ "$(bitmap_names disk0)" = "qbk-000001-base" ]
     assert_clean
 }
+
+@test "--format raw: a sparse raw full (libaio), then qcow2 incrementals on it" {
+    # an odd size: the last O_DIRECT write is padded, the file cut back
+    odd=$(( (64 << 20) + 4608 ))
+    qmp block_resize "{\"node-name\": \"disk0-fmt\", \"size\": $odd}"
+    truncate -s "$odd" "$T/shadow-disk0.raw"
+    gw disk0 $((odd - 4608)) 4608 88
+    pull_with_writes full "disk0 disk1" --format raw
+    [ "$(manifest_field full disk0 format)" = raw ]
+    img=$T/repo/$(manifest_field full disk0 image)
+    [[ "$img" == *.raw ]]
+    [ "$(stat -c %s "$img")" -eq "$odd" ]
+    # sparse: the holes of the disk are holes in the file
+    [ "$(du -k "$img" | cut -f1)" -lt $((16 * 1024)) ]
+    restore_matches full disk0
+    restore_matches full disk1
+    random_writes 4 disk0 disk1
+    pull_with_writes inc "disk0 disk1" --format raw
+    [ "$(manifest_field inc disk0 format)" = qcow2 ]
+    inc=$T/repo/$(manifest_field inc disk0 image)
+    [ "$(qemu-img info --output=json "$inc" | jq -r '."backing-filename-format"')" = raw ]
+    restore_matches inc disk0
+    restore_matches inc disk1
+    assert_clean
+}
+
+@test "an NBD server already running in QEMU is reused with --nbd-server, never stopped" {
+    qmp nbd-server-start "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"$T/theirs.sock\"}}}"
+    run qbk-pull --repo "$T/repo"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"--nbd-server"* ]]
+    assert_clean
+    pull_with_writes full "disk0 disk1" --nbd-server "$T/theirs.sock"
+    restore_matches full disk0
+    restore_matches full disk1
+    assert_clean
+    # theirs still runs
+    run qmp nbd-server-start "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"$T/x.sock\"}}}"
+    [ "$status" -ne 0 ]
+    [[ "$output" == *"already running"* ]]
+    [ -S "$T/theirs.sock" ]
+}

@@ -60,6 +60,10 @@ typedef struct {
                                  since, on every disk; NULL: by mode */
     char **disks;            /* only these disks; NULL: every disk */
     const char *scratch_dir; /* NULL: REPO/.scratch */
+    const char *nbd_server;  /* QEMU already runs an NBD server on this unix
+                                socket: export there, never stop it */
+    const char *format;      /* of full backups: "qcow2" (NULL) or "raw"
+                                (sparse, written with Linux AIO) */
     guint requests;          /* copier requests in flight (0: default) */
     guint64 chunk_size;      /* copier chunk size (0: default) */
     guint64 rate_limit;      /* bytes/s read from the VM; 0: unlimited */

@@ -120,8 +120,8 @@ bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
     if (local->domain == QMP_COMMAND_ERROR &&
         strstr(local->message, "already running")) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "QEMU already runs an NBD server that is not qbk's, and "
-                    "QMP cannot tell its address");
+                    "QEMU already runs an NBD server and QMP cannot tell "
+                    "its address: give it with --nbd-server SOCKET");
         return false;
     }
     g_propagate_prefixed_error(error, g_steal_pointer(&local),

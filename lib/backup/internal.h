@@ -104,10 +104,10 @@ typedef struct {
 
 /*
  * Create IMAGE (qcow2, SIZE bytes) with BACKING (a file name relative to
- * IMAGE's directory, or NULL for a full backup).
+ * IMAGE's directory, or NULL for a full backup) of BACKING_FORMAT.
  */
 bool target_create_image(const char *image, guint64 size, const char *backing,
-                         GError **error);
+                         const char *backing_format, GError **error);
 
 /* Serve IMAGES[i] as export NAMES[i]. */
 Target *target_start(char **images, char **names, GError **error);

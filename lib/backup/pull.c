@@ -64,6 +64,8 @@ typedef struct {
     char *image;          /* absolute path of the new image */
     char *digests;        /* absolute path of its block digests */
     char *parent_digests; /* the parent's, or NULL */
+    char *parent_format;  /* of the parent's image: qcow2 or raw */
+    bool raw;             /* a full backup written as a raw file */
     CopierStats stats;
     char *checksum;
 } PullDisk;
@@ -102,6 +104,7 @@ static void pull_disk_free(PullDisk *pd)
     g_free(pd->image);
     g_free(pd->digests);
     g_free(pd->parent_digests);
+    g_free(pd->parent_format);
     g_free(pd->checksum);
     g_free(pd);
 }
@@ -112,8 +115,8 @@ static void pull_free(Pull *p)
         close(p->lock_fd);
     }
     target_free(p->target);
-    if (p->nbd_socket) {
-        unlink(p->nbd_socket);
+    if (p->nbd_socket && p->private_dir) {
+        unlink(p->nbd_socket); /* ours only */
     }
     if (p->private_dir) {
         rmdir(p->private_dir);
@@ -417,6 +420,8 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
     pd->parent = g_strdup(json_str(m, "id"));
     pd->parent_digests =
         g_build_filename(p->repo, json_str(entry, "digests"), NULL);
+    pd->parent_format = g_strdup(
+        json_str(entry, "format") ? json_str(entry, "format") : "qcow2");
     pd->reason = g_strdup_printf("changes since checkpoint '%s'",
                                  json_str(m, "checkpoint"));
     return true;
@@ -428,7 +433,8 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
 {
     json_object *o = json_object_new_object();
     g_autofree char *file = repo_disk_file_name(pd->qd->id);
-    g_autofree char *image = g_strdup_printf("disks/%s/%s.qcow2", file, p->id);
+    g_autofree char *image = g_strdup_printf("disks/%s/%s.%s", file, p->id,
+                                             pd->raw ? "raw" : "qcow2");
     g_autofree char *digests =
         g_strdup_printf("disks/%s/%s.digests", file, p->id);
 
@@ -447,6 +453,8 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
     json_object_object_add(o, "checkpointed",
                            json_object_new_boolean(!pd->qd->no_bitmaps));
     json_object_object_add(o, "image", json_object_new_string(image));
+    json_object_object_add(o, "format",
+                           json_object_new_string(pd->raw ? "raw" : "qcow2"));
     json_object_object_add(o, "digests", json_object_new_string(digests));
     return o;
 }
@@ -554,6 +562,19 @@ static bool fleece(Pull *p, GError **error)
 
 static bool export_all(Pull *p, GError **error)
 {
+    if (p->opts->nbd_server) {
+        /* Someone else's server: use it, never stop it. */
+        p->nbd_socket = g_strdup(p->opts->nbd_server);
+        p->server_started = false;
+        for (guint i = 0; i < p->pds->len; i++) {
+            PullDisk *pd = p->pds->pdata[i];
+
+            if (!fleece_export(p->qmp, pd->fd, pd->since, error)) {
+                return false;
+            }
+        }
+        return true;
+    }
     p->private_dir = g_dir_make_tmp("qbk-pull-XXXXXX", error);
     if (!p->private_dir) {
         return false;
@@ -587,19 +608,28 @@ static bool make_targets(Pull *p, GError **error)
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
         g_autofree char *dir = repo_disk_dir(p->repo, pd->qd->id);
-        g_autofree char *backing =
-            pd->parent ? g_strconcat(pd->parent, ".qcow2", NULL) : NULL;
+        g_autofree char *backing = NULL;
 
         if (g_mkdir_with_parents(dir, 0755) < 0) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                         "cannot create '%s': %s", dir, g_strerror(errno));
             return false;
         }
-        if (!target_create_image(pd->image, pd->qd->size, backing, error)) {
+        if (pd->raw) {
+            continue; /* the copier writes the file itself */
+        }
+        if (pd->parent) {
+            backing = g_strdup_printf("%s.%s", pd->parent, pd->parent_format);
+        }
+        if (!target_create_image(pd->image, pd->qd->size, backing,
+                                 pd->parent_format, error)) {
             return false;
         }
         g_ptr_array_add(images, pd->image);
         g_ptr_array_add(names, pd->qd->id);
+    }
+    if (images->len == 0) {
+        return true;
     }
     g_ptr_array_add(images, NULL);
     g_ptr_array_add(names, NULL);
@@ -631,8 +661,8 @@ static bool copy_all(Pull *p, GError **error)
 {
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
-        CopierEndpoint src = { p->nbd_socket, pd->qd->id };
-        CopierEndpoint dst = { p->target->socket, pd->qd->id };
+        CopierEndpoint src = { .socket = p->nbd_socket, .name = pd->qd->id };
+        CopierEndpoint dst = { .file = pd->image };
         ProgressCtx ctx = { p, i };
         CopierOptions co;
         int dfd, pfd = -1;
@@ -640,6 +670,10 @@ static bool copy_all(Pull *p, GError **error)
 
         if (cancelled(p, error)) {
             return false;
+        }
+        if (!pd->raw) {
+            dst = (CopierEndpoint){ .socket = p->target->socket,
+                                    .name = pd->qd->id };
         }
         copier_options_init(&co);
         if (p->opts->requests) {
@@ -699,7 +733,7 @@ static bool copy_all(Pull *p, GError **error)
  * cleanly; then make them durable. */
 static bool finish_targets(Pull *p, GError **error)
 {
-    bool ok = target_stop(p->target, error);
+    bool ok = !p->target || target_stop(p->target, error);
 
     target_free(p->target);
     p->target = NULL;
@@ -818,7 +852,9 @@ static bool prepare(Pull *p, GError **error)
         }
         pd->fd = fleece_disk_new(qd->id, qd->node, i, p->id, p->scratch_dir);
         dir = repo_disk_dir(p->repo, qd->id);
-        since = g_strdup_printf("%s.qcow2", p->id);
+        pd->raw = pd->mode == BACKUP_MODE_FULL &&
+                  g_strcmp0(p->opts->format, "raw") == 0;
+        since = g_strdup_printf("%s.%s", p->id, pd->raw ? "raw" : "qcow2");
         pd->image = g_build_filename(dir, since, NULL);
         g_free(since);
         since = g_strdup_printf("%s.digests", p->id);

@@ -34,7 +34,9 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
     json_object_put(m);
     image = g_build_filename(repo, json_str(entry, "image"), NULL);
 
-    const char *argv[] = { "qemu-img", "convert", "-f",   "qcow2", "-O",
+    const char *in_format =
+        json_str(entry, "format") ? json_str(entry, "format") : "qcow2";
+    const char *argv[] = { "qemu-img", "convert", "-f",   in_format, "-O",
                            format,     image,     output, NULL };
     if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
                       NULL, NULL, &err, &status, error)) {

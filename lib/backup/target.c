@@ -9,7 +9,7 @@
 #include "internal.h"
 
 bool target_create_image(const char *image, guint64 size, const char *backing,
-                         GError **error)
+                         const char *backing_format, GError **error)
 {
     g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
     g_autofree char *dir = g_path_get_dirname(image);
@@ -26,7 +26,8 @@ bool target_create_image(const char *image, guint64 size, const char *backing,
         g_ptr_array_add(argv, "-b");
         g_ptr_array_add(argv, (char *)backing);
         g_ptr_array_add(argv, "-F");
-        g_ptr_array_add(argv, "qcow2");
+        g_ptr_array_add(argv,
+                        (char *)(backing_format ? backing_format : "qcow2"));
     }
     g_ptr_array_add(argv, (char *)image);
     g_ptr_array_add(argv, size_s);

@@ -56,7 +56,8 @@ struct Copier {
     char *bitmap_context; /* "qemu:dirty-bitmap:NAME", or NULL */
     GMainContext *ctx;
     GMainLoop *loop;
-    struct nbd_handle *src, *dst;
+    struct nbd_handle *src, *dst; /* dst: NULL when writing a file */
+    FileSink *file;               /* the raw file target, or NULL */
     GSource *src_source, *dst_source, *tick;
     guint8 zero_digest[32];      /* of a whole zero block */
     guint8 zero_tail_digest[32]; /* of the shorter last block, if any */
@@ -274,8 +275,31 @@ static bool rate_allows(Copier *c, guint64 len)
            c->read_started + len <= elapsed * c->opts.rate_limit;
 }
 
+static void file_write_done(void *opaque, int err)
+{
+    Request *r = opaque;
+
+    r->error = err;
+    r->state = REQ_WRITE_DONE;
+}
+
 static void start_write(Copier *c, Request *r, bool zero)
 {
+    if (c->file) {
+        g_autoptr(GError) err = NULL;
+
+        r->state = REQ_WRITING;
+        if (!zero) {
+            file_sink_write(c->file, r->buf, r->chunk.length, r->chunk.offset,
+                            file_write_done, r);
+        } else if (!file_sink_zero(c->file, r->chunk.length, r->chunk.offset,
+                                   &err)) {
+            fail(c, COPIER_ERROR_WRITE, "%s", err->message);
+        } else {
+            file_write_done(r, 0);
+        }
+        return;
+    }
     nbd_completion_callback cb = { .callback = write_done, .user_data = r };
     int64_t rc;
 
@@ -416,7 +440,7 @@ static gboolean pump(gpointer data)
     if (nbd_aio_is_dead(c->src) || nbd_aio_is_closed(c->src)) {
         fail(c, COPIER_ERROR_READ, "the source NBD server went away");
     }
-    if (nbd_aio_is_dead(c->dst) || nbd_aio_is_closed(c->dst)) {
+    if (c->dst && (nbd_aio_is_dead(c->dst) || nbd_aio_is_closed(c->dst))) {
         fail(c, COPIER_ERROR_WRITE, "the target NBD server went away");
     }
 
@@ -440,10 +464,18 @@ static gboolean pump(gpointer data)
     if (!c->error && !c->flushing && c->plan_pos >= c->size &&
         !c->bs_in_flight && g_queue_is_empty(&c->chunks) && c->active == 0) {
         c->flushing = true;
-        if (nbd_aio_flush(c->dst,
-                          (nbd_completion_callback){ .callback = flush_done,
-                                                     .user_data = c },
-                          0) < 0) {
+        if (c->file) {
+            g_autoptr(GError) err = NULL;
+
+            if (file_sink_finish(c->file, &err)) {
+                c->flushed = true;
+            } else {
+                fail(c, COPIER_ERROR_WRITE, "%s", err->message);
+            }
+        } else if (nbd_aio_flush(c->dst,
+                                 (nbd_completion_callback){
+                                     .callback = flush_done, .user_data = c },
+                                 0) < 0) {
             fail(c, COPIER_ERROR_WRITE, "flush: %s", nbd_get_error());
         }
     }
@@ -476,6 +508,7 @@ static void copier_free(Copier *c)
     }
     nbd_close(c->src); /* abandons anything still in flight */
     nbd_close(c->dst);
+    file_sink_free(c->file); /* waits for the kernel to release buffers */
     for (guint i = 0; c->reqs && i < c->nreqs; i++) {
         free(c->reqs[i].buf);
     }
@@ -533,25 +566,39 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     if (!c->src) {
         return false;
     }
-    c->dst = nbd_source_connect(target, NULL, c->ctx, pump, c, &c->dst_source,
-                                error);
-    if (!c->dst) {
-        return false;
-    }
     src_size = nbd_get_size(c->src);
-    dst_size = nbd_get_size(c->dst);
-    if (src_size < 0 || src_size != dst_size) {
+    if (src_size < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
-                    "source (%" G_GINT64_FORMAT
-                    " bytes) and target (%" G_GINT64_FORMAT
-                    " bytes) differ in size",
-                    src_size, dst_size);
+                    "cannot get the source's size: %s", nbd_get_error());
         return false;
     }
-    if (nbd_is_read_only(c->dst) == 1 || nbd_can_zero(c->dst) != 1) {
-        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
-                    "the target export is read-only or cannot write zeros");
-        return false;
+    if (target->file) {
+        c->file = file_sink_open(target->file, src_size, c->opts.requests,
+                                 c->ctx, pump, c, error);
+        if (!c->file) {
+            return false;
+        }
+    } else {
+        c->dst = nbd_source_connect(target, NULL, c->ctx, pump, c,
+                                    &c->dst_source, error);
+        if (!c->dst) {
+            return false;
+        }
+        dst_size = nbd_get_size(c->dst);
+        if (src_size != dst_size) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "source (%" G_GINT64_FORMAT
+                        " bytes) and target (%" G_GINT64_FORMAT
+                        " bytes) differ in size",
+                        src_size, dst_size);
+            return false;
+        }
+        if (nbd_is_read_only(c->dst) == 1 || nbd_can_zero(c->dst) != 1) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "the target export is read-only or cannot write "
+                        "zeros");
+            return false;
+        }
     }
     c->size = c->stats.size = src_size;
     if (c->opts.digest_fd >= 0 &&

@@ -36,10 +36,12 @@ typedef enum {
 /* Digests cover blocks of this many bytes (the last may be shorter). */
 #define COPIER_BLOCK_SIZE (64 * 1024)
 
-/* An NBD export: a unix socket and an export name. */
+/* An NBD export (a unix socket and an export name), or, as a target only,
+ * a local raw file written with Linux AIO and O_DIRECT. */
 typedef struct {
     const char *socket;
     const char *name;
+    const char *file; /* target only: write this raw file instead */
 } CopierEndpoint;
 
 typedef struct {

@@ -4,6 +4,7 @@
 #ifndef QBK_COPIER_INTERNAL_H
 #define QBK_COPIER_INTERNAL_H
 
+#include <glib-unix.h>
 #include <libnbd.h>
 
 #include "copier.h"
@@ -64,5 +65,30 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
                                       GMainContext *ctx, GSourceFunc callback,
                                       gpointer data, GSource **source,
                                       GError **error);
+
+/* ---- a local raw file as the target (aio-file-sink.c) ---- */
+
+typedef struct FileSink FileSink;
+typedef void (*FileSinkDone)(void *opaque, int err);
+
+/*
+ * Create PATH as a sparse raw file of SIZE bytes, written through Linux AIO
+ * whose completions wake CTX and then run CALLBACK(DATA).
+ */
+FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
+                         GMainContext *ctx, GSourceFunc callback, gpointer data,
+                         GError **error);
+
+/* Write LEN bytes of BUF (page aligned) at OFFSET; DONE(OPAQUE, errno or 0)
+ * runs from the loop when it completed. */
+void file_sink_write(FileSink *s, void *buf, size_t len, guint64 offset,
+                     FileSinkDone done, void *opaque);
+
+/* Make [OFFSET, OFFSET + LEN) read as zeros (synchronous). */
+bool file_sink_zero(FileSink *s, guint64 len, guint64 offset, GError **error);
+
+/* All writes done: cut the file to size and make it durable. */
+bool file_sink_finish(FileSink *s, GError **error);
+void file_sink_free(FileSink *s);
 
 #endif /* QBK_COPIER_INTERNAL_H */
