@@ -270,6 +270,9 @@ assert_clean() {
         jq '[.[] | select(."node-name" | startswith("qbk-"))] | length')" -eq 0 ]
     if [ -n "$(ls -A "$T/repo/.scratch" 2>/dev/null)" ]; then ls -la "$T/repo/.scratch" >&2; return 1; fi
     ! pgrep -f "qemu-storage-daemon.*$T/repo" >/dev/null
+    # the device is attached to its own node again, not to a filter
+    [ "$(qmp query-block | jq -r '.[] | select(.qdev |
+        startswith("/machine/peripheral/disk0/")) | .inserted."node-name"')" = disk0-fmt ]
 }
 
 # manifest_field NAME DISK FIELD
