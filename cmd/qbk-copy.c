@@ -32,7 +32,7 @@ static GOptionEntry entries[] = {
     { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,
       "the target reads as zeros already: skip zero regions", NULL },
     { "digests", 'd', 0, G_OPTION_ARG_FILENAME, &opt_digests,
-      "write one SHA-256 per 64 KiB block to FILE and print the checksum",
+      "write one XXH3-128 per 64 KiB block to FILE and print the checksum",
       "FILE" },
     { "rate-limit", 0, 0, G_OPTION_ARG_INT64, &opt_rate,
       "read at most BYTES per second", "BYTES" },

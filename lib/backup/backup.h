@@ -10,7 +10,7 @@
  *   REPO/backups/ID.partial.json       a backup in progress, or failed
  *   REPO/disks/DISK/ID.qcow2           the disk at backup ID; its backing
  *                                      file is the parent's "PID.qcow2"
- *   REPO/disks/DISK/ID.digests         SHA-256 per 64 KiB block of the disk
+ *   REPO/disks/DISK/ID.digests         XXH3-128 per 64 KiB block of the disk
  *                                      at backup ID (see lib/copier)
  *   REPO/.scratch/                     fleecing scratch images (default)
  */

@@ -59,8 +59,8 @@ struct Copier {
     struct nbd_handle *src, *dst; /* dst: NULL when writing a file */
     FileSink *file;               /* the raw file target, or NULL */
     GSource *src_source, *dst_source, *tick;
-    guint8 zero_digest[32];      /* of a whole zero block */
-    guint8 zero_tail_digest[32]; /* of the shorter last block, if any */
+    guint8 zero_digest[COPIER_DIGEST_LEN];      /* of a whole zero block */
+    guint8 zero_tail_digest[COPIER_DIGEST_LEN]; /* of the shorter last one */
 
     /* planning: block status runs ahead of the requests */
     guint64 plan_pos; /* block status asked up to here */
@@ -85,7 +85,6 @@ struct Copier {
     CopierStats stats;
     guint64 read_started; /* bytes, for the rate limit */
     gint64 start_us, last_progress_us, last_activity_us;
-    GChecksum *sum;
 };
 
 void copier_options_init(CopierOptions *opts)
@@ -174,22 +173,12 @@ static bool is_zero(const guint8 *buf, size_t len)
     return len == 0 || (buf[0] == 0 && memcmp(buf, buf + 1, len - 1) == 0);
 }
 
-static void digest_block(Copier *c, const guint8 *data, size_t len,
-                         guint8 out[32])
-{
-    gsize dlen = 32;
-
-    g_checksum_reset(c->sum);
-    g_checksum_update(c->sum, data, len);
-    g_checksum_get_digest(c->sum, out, &dlen);
-}
-
 /* Write the digests of CHUNK's blocks: from BUF, or of zeros if NULL. */
 static bool write_digests(Copier *c, const Chunk *chunk, const guint8 *buf)
 {
     guint64 first = chunk->offset / COPIER_BLOCK_SIZE;
     guint64 nblocks = copier_block_count(chunk->offset + chunk->length) - first;
-    g_autofree guint8 *digests = g_malloc(nblocks * 32);
+    g_autofree guint8 *digests = g_malloc(nblocks * COPIER_DIGEST_LEN);
     ssize_t n;
 
     if (c->opts.digest_fd < 0) {
@@ -200,16 +189,18 @@ static bool write_digests(Copier *c, const Chunk *chunk, const guint8 *buf)
         size_t len = MIN(COPIER_BLOCK_SIZE, chunk->length - off);
 
         if (buf) {
-            digest_block(c, buf + off, len, digests + i * 32);
+            copier_block_digest(buf + off, len,
+                                digests + i * COPIER_DIGEST_LEN);
         } else {
-            memcpy(digests + i * 32,
+            memcpy(digests + i * COPIER_DIGEST_LEN,
                    len == COPIER_BLOCK_SIZE ? c->zero_digest
                                             : c->zero_tail_digest,
-                   32);
+                   COPIER_DIGEST_LEN);
         }
     }
-    n = pwrite(c->opts.digest_fd, digests, nblocks * 32, first * 32);
-    if (n != (ssize_t)(nblocks * 32)) {
+    n = pwrite(c->opts.digest_fd, digests, nblocks * COPIER_DIGEST_LEN,
+               first * COPIER_DIGEST_LEN);
+    if (n != (ssize_t)(nblocks * COPIER_DIGEST_LEN)) {
         fail(c, COPIER_ERROR_HASH, "cannot write block digests: %s",
              n < 0 ? g_strerror(errno) : "short write");
         return false;
@@ -518,9 +509,6 @@ static void copier_free(Copier *c)
         g_array_unref(c->bs_alloc);
         g_array_unref(c->bs_dirty);
     }
-    if (c->sum) {
-        g_checksum_free(c->sum);
-    }
     if (c->loop) {
         g_main_loop_unref(c->loop);
     }
@@ -559,7 +547,6 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     g_queue_init(&c->chunks);
     c->bs_alloc = g_array_new(FALSE, FALSE, sizeof(uint32_t));
     c->bs_dirty = g_array_new(FALSE, FALSE, sizeof(uint32_t));
-    c->sum = g_checksum_new(G_CHECKSUM_SHA256);
 
     c->src = nbd_source_connect(source, contexts, c->ctx, pump, c,
                                 &c->src_source, error);
@@ -606,8 +593,9 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
                              c->opts.digest_parent_fd, error)) {
         return false;
     }
-    digest_block(c, zeros, COPIER_BLOCK_SIZE, c->zero_digest);
-    digest_block(c, zeros, c->size % COPIER_BLOCK_SIZE, c->zero_tail_digest);
+    copier_block_digest(zeros, COPIER_BLOCK_SIZE, c->zero_digest);
+    copier_block_digest(zeros, c->size % COPIER_BLOCK_SIZE,
+                        c->zero_tail_digest);
 
     c->nreqs = c->opts.requests;
     c->reqs = g_new0(Request, c->nreqs);

@@ -36,6 +36,10 @@ typedef enum {
 /* Digests cover blocks of this many bytes (the last may be shorter). */
 #define COPIER_BLOCK_SIZE (64 * 1024)
 
+/* Bytes of one block's digest (XXH3-128: fast enough to hash every byte
+ * copied; it detects corruption, it is not a defence against tampering). */
+#define COPIER_DIGEST_LEN 16
+
 /* An NBD export (a unix socket and an export name), or, as a target only,
  * a local raw file written with Linux AIO and O_DIRECT. */
 typedef struct {
@@ -63,8 +67,8 @@ typedef struct {
     const char *bitmap;      /* copy only what the source's
                              "qemu:dirty-bitmap:BITMAP" marks; NULL: all */
     bool target_zeroed;      /* the target reads as zeros: skip zero regions */
-    int digest_fd;           /* -1, or a file receiving one SHA-256 per block at
-                             offset block * 32; it is first filled from
+    int digest_fd;           /* -1, or a file receiving one digest per block at
+                             offset block * COPIER_DIGEST_LEN; filled from
                              digest_parent_fd, so blocks not copied keep the
                              parent's digests */
     int digest_parent_fd;    /* the parent backup's digests; -1: the disk's
@@ -90,6 +94,10 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
 
 /* ---- block digests (blockhash.c) ---- */
 
+/* The digest of one block of LEN bytes. */
+void copier_block_digest(const void *data, size_t len,
+                         guint8 out[COPIER_DIGEST_LEN]);
+
 /* Number of blocks of a disk of SIZE bytes. */
 guint64 copier_block_count(guint64 size);
 
@@ -100,8 +108,8 @@ guint64 copier_block_count(guint64 size);
 bool copier_digests_init(int fd, guint64 size, int parent_fd, GError **error);
 
 /*
- * The image checksum: SHA-256 over the digest file's block digests, in
- * block order, as lowercase hex ("sha256-blocks-64k").
+ * The image checksum: XXH3-128 over the digest file's block digests, in
+ * block order, as lowercase hex (COPIER_CHECKSUM_ALGORITHM).
  */
 char *copier_digests_checksum(int fd, guint64 size, GError **error);
 
@@ -111,6 +119,6 @@ char *copier_digests_checksum(int fd, guint64 size, GError **error);
  */
 char *copier_file_checksum(const char *path, guint64 size, GError **error);
 
-#define COPIER_CHECKSUM_ALGORITHM "sha256-blocks-64k"
+#define COPIER_CHECKSUM_ALGORITHM "xxh3-128-blocks-64k"
 
 #endif /* QBK_COPIER_H */
