@@ -17,6 +17,7 @@ static char *opt_digests;
 static gint opt_requests = 16;
 static gint64 opt_chunk = 1024 * 1024;
 static gboolean opt_zeroed;
+static gboolean opt_sequential;
 static gboolean opt_json;
 static gboolean opt_progress;
 static gboolean opt_version;
@@ -29,6 +30,8 @@ static GOptionEntry entries[] = {
       "requests in flight (default 16)", "N" },
     { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
       "bytes per request, a multiple of 65536 (default 1 MiB)", "BYTES" },
+    { "sequential", 's', 0, G_OPTION_ARG_NONE, &opt_sequential,
+      "one request at a time in ascending order (the baseline)", NULL },
     { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,
       "the target reads as zeros already: skip zero regions", NULL },
     { "digests", 'd', 0, G_OPTION_ARG_FILENAME, &opt_digests,
@@ -89,7 +92,7 @@ static void show_progress(const CopierStats *s, void *opaque)
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
-        g_option_context_new("SOURCE-URI TARGET-URI - copy an NBD export");
+        g_option_context_new("SOURCE-URI TARGET - copy an NBD export");
     g_autoptr(GError) error = NULL;
     g_autofree char *ssock = NULL, *sname = NULL, *tsock = NULL, *tname = NULL,
                     *checksum = NULL;
@@ -103,7 +106,9 @@ int main(int argc, char **argv)
     g_option_context_add_main_entries(ctx, entries, NULL);
     g_option_context_set_description(
         ctx,
-        "URIs are nbd+unix:///EXPORT?socket=PATH.\n\nExample:\n"
+        "URIs are nbd+unix:///EXPORT?socket=PATH; a TARGET that is not a URI "
+        "is a local\nraw file, written sparse with Linux AIO and O_DIRECT."
+        "\n\nExample:\n"
         "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
         "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
         "      "
@@ -123,13 +128,18 @@ int main(int argc, char **argv)
                   COPIER_BLOCK_SIZE);
         return QBK_EXIT_USAGE;
     }
+    dst = (CopierEndpoint){ 0 };
+    if (!g_str_has_prefix(argv[2], "nbd+unix:")) {
+        dst.file = argv[2]; /* a local raw file, written with Linux AIO */
+        opt_zeroed = TRUE;  /* made sparse: it reads as zeros */
+    }
     if (!parse_uri(argv[1], &src, &ssock, &sname, &error) ||
-        !parse_uri(argv[2], &dst, &tsock, &tname, &error)) {
+        (!dst.file && !parse_uri(argv[2], &dst, &tsock, &tname, &error))) {
         cmd_error("%s", error->message);
         return QBK_EXIT_USAGE;
     }
     copier_options_init(&opts);
-    opts.requests = opt_requests;
+    opts.requests = opt_sequential ? 1 : opt_requests;
     opts.chunk_size = opt_chunk;
     opts.bitmap = opt_bitmap;
     opts.target_zeroed = opt_zeroed;

@@ -376,3 +376,16 @@ start_export() {
     [[ "$output" == *"already running"* ]]
     [ -S "$T/theirs.sock" ]
 }
+
+@test "a backup id never collides with a checkpoint the VM already has" {
+    # Another repository's backups of this VM took the names of the next
+    # seconds (ids are UTC times): this one must step around them.
+    now=$(date -u +%s)
+    for s in 0 1 2 3 4 5; do
+        qbk-checkpoint create "$(date -u -d "@$((now + s))" +%Y%m%dT%H%M%SZ)" >/dev/null
+    done
+    qbk-pull --repo "$T/repo" --json >"$T/a.json"
+    [[ "$(jq -r .id "$T/a.json")" == *.* ]]
+    [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 7 ]
+    assert_clean
+}

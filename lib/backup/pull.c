@@ -785,6 +785,9 @@ static bool unique_id(Pull *p, GError **error)
 {
     g_autoptr(GDateTime) now = g_date_time_new_now_utc();
     g_autofree char *base = g_date_time_format(now, "%Y%m%dT%H%M%SZ");
+    /* The id names the checkpoint too: another repository's backup of
+     * this VM in the same second must not collide with it. */
+    g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(p->disks);
 
     for (int n = 1; n < 1000; n++) {
         g_autofree char *id =
@@ -793,7 +796,8 @@ static bool unique_id(Pull *p, GError **error)
         g_autofree char *pm = repo_partial_path(p->repo, id);
 
         if (!g_file_test(m, G_FILE_TEST_EXISTS) &&
-            !g_file_test(pm, G_FILE_TEST_EXISTS)) {
+            !g_file_test(pm, G_FILE_TEST_EXISTS) &&
+            !bitmap_find_checkpoint(cps, id)) {
             p->id = g_steal_pointer(&id);
             return true;
         }
