@@ -54,7 +54,7 @@ CmdVm *cmd_vm_open(const char *qmp_address, char **images, int timeout_ms,
         for (guint i = 0; i < n; i++) {
             vm->nodes[i] = g_strdup_printf("img%u", i);
         }
-        vm->qmp = qmp_spawn_storage_daemon((const char *const *)images,
+        vm->qmp = qmp_spawn_storage_daemon((const char *const *)images, 0,
                                            timeout_ms, error);
     } else {
         vm->qmp = qmp_connect(qmp_address, timeout_ms, error);

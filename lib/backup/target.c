@@ -56,7 +56,14 @@ Target *target_start(char **images, char **names, GError **error)
         return NULL;
     }
     t->socket = g_build_filename(t->dir, "nbd.sock", NULL);
-    t->qsd = qmp_spawn_storage_daemon((const char *const *)images, 0, error);
+    /* Buffered writes and one fsync at the end are slow (DESIGN.md):
+     * bypass the page cache, unless the file system refuses (tmpfs). */
+    t->qsd = qmp_spawn_storage_daemon((const char *const *)images,
+                                      QMP_DAEMON_DIRECT_IO, 0, NULL);
+    if (!t->qsd) {
+        t->qsd =
+            qmp_spawn_storage_daemon((const char *const *)images, 0, 0, error);
+    }
     if (!t->qsd) {
         g_prefix_error(error, "cannot open the new images: ");
         target_free(t);

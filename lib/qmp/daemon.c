@@ -82,7 +82,7 @@ static int wait_exit(GPid pid, int timeout_ms)
     }
 }
 
-static char *blockdev_json(const char *image, guint index)
+static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
 {
     json_object *file = json_object_new_object();
     json_object *fmt = json_object_new_object();
@@ -91,6 +91,13 @@ static char *blockdev_json(const char *image, guint index)
 
     json_object_object_add(file, "driver", json_object_new_string("file"));
     json_object_object_add(file, "filename", json_object_new_string(image));
+    if (flags & QMP_DAEMON_DIRECT_IO) {
+        json_object *cache = json_object_new_object();
+
+        json_object_object_add(cache, "direct", json_object_new_boolean(1));
+        json_object_object_add(file, "cache", cache);
+        json_object_object_add(file, "aio", json_object_new_string("native"));
+    }
     json_object_object_add(fmt, "driver", json_object_new_string("qcow2"));
     json_object_object_add(fmt, "node-name", json_object_new_string(node));
     json_object_object_add(fmt, "file", file);
@@ -100,7 +107,8 @@ static char *blockdev_json(const char *image, guint index)
     return text;
 }
 
-QmpClient *qmp_spawn_storage_daemon(const char *const *images, int timeout_ms,
+QmpClient *qmp_spawn_storage_daemon(const char *const *images,
+                                    QmpDaemonFlags flags, int timeout_ms,
                                     GError **error)
 {
     g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
@@ -128,7 +136,7 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images, int timeout_ms,
     g_ptr_array_add(argv, g_strdup(QSD_BINARY));
     for (guint i = 0; images[i]; i++) {
         g_ptr_array_add(argv, g_strdup("--blockdev"));
-        g_ptr_array_add(argv, blockdev_json(images[i], i));
+        g_ptr_array_add(argv, blockdev_json(images[i], i, flags));
     }
     g_ptr_array_add(argv, g_strdup("--chardev"));
     g_ptr_array_add(

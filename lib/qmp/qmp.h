@@ -192,7 +192,13 @@ const QmpBitmap *qmp_disk_bitmap(const QmpDisk *disk, const char *name);
  * "img<i>". qmp_free() stops the daemon, which writes persistent bitmaps back
  * to the images.
  */
-QmpClient *qmp_spawn_storage_daemon(const char *const *images, int timeout_ms,
+typedef enum {
+    QMP_DAEMON_DIRECT_IO = 1 << 0, /* cache.direct + native AIO: bypass the
+                                      page cache (not on tmpfs) */
+} QmpDaemonFlags;
+
+QmpClient *qmp_spawn_storage_daemon(const char *const *images,
+                                    QmpDaemonFlags flags, int timeout_ms,
                                     GError **error);
 
 /*
