@@ -15,6 +15,7 @@
 static char *opt_bitmap;
 static char *opt_digests;
 static gint opt_requests = 16;
+static gint opt_connections = 1;
 static gint64 opt_chunk = 1024 * 1024;
 static gboolean opt_zeroed;
 static gboolean opt_sequential;
@@ -28,6 +29,10 @@ static GOptionEntry entries[] = {
       "copy only what the source's qemu:dirty-bitmap:BITMAP marks", "BITMAP" },
     { "requests", 'r', 0, G_OPTION_ARG_INT, &opt_requests,
       "requests in flight (default 16)", "N" },
+    { "connections", 'C', 0, G_OPTION_ARG_INT, &opt_connections,
+      "NBD connections to the source, requests spread over them (1-8, "
+      "default 1)",
+      "N" },
     { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
       "bytes per request, a multiple of 65536 (default 1 MiB)", "BYTES" },
     { "sequential", 's', 0, G_OPTION_ARG_NONE, &opt_sequential,
@@ -140,6 +145,7 @@ int main(int argc, char **argv)
     }
     copier_options_init(&opts);
     opts.requests = opt_sequential ? 1 : opt_requests;
+    opts.connections = opt_sequential ? 1 : opt_connections;
     opts.chunk_size = opt_chunk;
     opts.bitmap = opt_bitmap;
     opts.target_zeroed = opt_zeroed;

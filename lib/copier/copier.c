@@ -44,9 +44,10 @@ typedef struct Copier Copier;
 typedef struct {
     Copier *copier;
     RequestState state;
-    Chunk chunk; /* what this request works on */
-    guint8 *buf; /* chunk_size bytes, owned */
-    int error;   /* errno from the last completion, 0 if none */
+    struct nbd_handle *reader; /* the source connection it reads from */
+    Chunk chunk;               /* what this request works on */
+    guint8 *buf;               /* chunk_size bytes, owned */
+    int error;                 /* errno from the last completion, 0 if none */
 } Request;
 
 struct Copier {
@@ -58,6 +59,10 @@ struct Copier {
     GMainLoop *loop;
     struct nbd_handle *src, *dst; /* dst: NULL when writing a file */
     FileSink *file;               /* the raw file target, or NULL */
+    /* more connections to the source for reads; readers[0] is src */
+    struct nbd_handle *readers[COPIER_MAX_CONNECTIONS];
+    GSource *reader_sources[COPIER_MAX_CONNECTIONS];
+    guint nreaders;
     GSource *src_source, *dst_source, *tick;
     guint8 zero_digest[COPIER_DIGEST_LEN];      /* of a whole zero block */
     guint8 zero_tail_digest[COPIER_DIGEST_LEN]; /* of the shorter last one */
@@ -91,6 +96,7 @@ void copier_options_init(CopierOptions *opts)
 {
     *opts = (CopierOptions){
         .requests = 16,
+        .connections = 1,
         .chunk_size = 1024 * 1024,
         .digest_fd = -1,
         .digest_parent_fd = -1,
@@ -334,7 +340,7 @@ static bool start_next(Copier *c, Request *r)
     r->state = REQ_READING;
     c->read_started += r->chunk.length;
     if (nbd_aio_pread(
-            c->src, r->buf, r->chunk.length, r->chunk.offset,
+            r->reader, r->buf, r->chunk.length, r->chunk.offset,
             (nbd_completion_callback){ .callback = read_done, .user_data = r },
             0) < 0) {
         fail(c, COPIER_ERROR_READ, "read at %" G_GUINT64_FORMAT ": %s",
@@ -428,6 +434,12 @@ static gboolean pump(gpointer data)
         fail(c, COPIER_ERROR_STALLED, "no progress for %u s",
              c->opts.stall_seconds);
     }
+    for (guint i = 0; i < c->nreaders; i++) {
+        if (nbd_aio_is_dead(c->readers[i]) ||
+            nbd_aio_is_closed(c->readers[i])) {
+            fail(c, COPIER_ERROR_READ, "the source NBD server went away");
+        }
+    }
     if (nbd_aio_is_dead(c->src) || nbd_aio_is_closed(c->src)) {
         fail(c, COPIER_ERROR_READ, "the source NBD server went away");
     }
@@ -497,6 +509,11 @@ static void copier_free(Copier *c)
         g_source_destroy(c->dst_source);
         g_source_unref(c->dst_source);
     }
+    for (guint i = 1; i < c->nreaders; i++) {
+        g_source_destroy(c->reader_sources[i]);
+        g_source_unref(c->reader_sources[i]);
+        nbd_close(c->readers[i]);
+    }
     nbd_close(c->src); /* abandons anything still in flight */
     nbd_close(c->dst);
     file_sink_free(c->file); /* waits for the kernel to release buffers */
@@ -553,6 +570,20 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     if (!c->src) {
         return false;
     }
+    /* Reads spread over more connections: the point-in-time view does
+     * not change, so they are consistent whatever the server says about
+     * multi-conn. */
+    c->readers[0] = c->src;
+    c->reader_sources[0] = c->src_source;
+    c->nreaders = CLAMP(c->opts.connections, 1, COPIER_MAX_CONNECTIONS);
+    for (guint i = 1; i < c->nreaders; i++) {
+        c->readers[i] = nbd_source_connect(source, NULL, c->ctx, pump, c,
+                                           &c->reader_sources[i], error);
+        if (!c->readers[i]) {
+            c->nreaders = i;
+            return false;
+        }
+    }
     src_size = nbd_get_size(c->src);
     if (src_size < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
@@ -601,6 +632,7 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     c->reqs = g_new0(Request, c->nreqs);
     for (guint i = 0; i < c->nreqs; i++) {
         c->reqs[i].copier = c;
+        c->reqs[i].reader = c->readers[i % c->nreaders];
         /* page aligned, ready for an O_DIRECT sink */
         if (posix_memalign((void **)&c->reqs[i].buf, 4096,
                            c->opts.chunk_size) != 0) {

@@ -62,6 +62,8 @@ typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
 
 typedef struct {
     guint requests;          /* in flight at once (default 16) */
+    guint connections;       /* to the source; requests spread over them
+                             (default 1, at most COPIER_MAX_CONNECTIONS) */
     guint64 chunk_size;      /* bytes per request, a multiple of
                              COPIER_BLOCK_SIZE (default 1 MiB) */
     const char *bitmap;      /* copy only what the source's
@@ -80,6 +82,8 @@ typedef struct {
     CopierProgress progress; /* called at most every 250 ms, and at the end */
     void *progress_opaque;
 } CopierOptions;
+
+#define COPIER_MAX_CONNECTIONS 8
 
 /* Fill OPTS with the defaults. */
 void copier_options_init(CopierOptions *opts);
