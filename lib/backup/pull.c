@@ -746,10 +746,25 @@ static bool finish_targets(Pull *p, GError **error)
     return ok;
 }
 
+/* The "since" bitmaps of the backup's disks (borrowed strings). */
+static GPtrArray *since_bitmaps(Pull *p)
+{
+    GPtrArray *since = g_ptr_array_new();
+
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (pd->since) {
+            g_ptr_array_add(since, pd->since);
+        }
+    }
+    return since;
+}
+
 static void fail_and_undo(Pull *p, GError *why)
 {
     g_autoptr(GError) err = NULL;
-    g_autoptr(GPtrArray) since = g_ptr_array_new();
+    g_autoptr(GPtrArray) since = since_bitmaps(p);
     GString *reason = g_string_new(why->message);
 
     target_free(p->target);
@@ -758,13 +773,6 @@ static void fail_and_undo(Pull *p, GError *why)
         !fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
         g_string_append_printf(reason, "; teardown: %s", err->message);
         g_clear_error(&err);
-    }
-    for (guint i = 0; i < p->pds->len; i++) {
-        PullDisk *pd = p->pds->pdata[i];
-
-        if (pd->since) {
-            g_ptr_array_add(since, pd->since);
-        }
     }
     if (p->fleeced &&
         !rollback_checkpoint(p->qmp, p->checkpoint, since, &err)) {
@@ -956,15 +964,8 @@ static void pull_fail(Pull *p, GError *err, GError **error)
 /* Drop the transient "since" bitmaps, on the VM as it is now. */
 static void drop_since(Pull *p)
 {
-    g_autoptr(GPtrArray) since = g_ptr_array_new();
+    g_autoptr(GPtrArray) since = since_bitmaps(p);
 
-    for (guint i = 0; i < p->pds->len; i++) {
-        PullDisk *pd = p->pds->pdata[i];
-
-        if (pd->since) {
-            g_ptr_array_add(since, pd->since);
-        }
-    }
     rollback_checkpoint(p->qmp, NULL, since, NULL);
 }
 
@@ -1078,17 +1079,6 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
 
     /* Commit: the new checkpoint stays, the "since" bitmaps go. A failure
      * here loses nothing (they are transient); check reports them. */
-    {
-        g_autoptr(GPtrArray) since = g_ptr_array_new();
-
-        for (guint i = 0; i < p->pds->len; i++) {
-            PullDisk *pd = p->pds->pdata[i];
-
-            if (pd->since) {
-                g_ptr_array_add(since, pd->since);
-            }
-        }
-        rollback_checkpoint(p->qmp, NULL, since, NULL);
-    }
+    drop_since(p);
     return json_object_get(p->manifest);
 }
