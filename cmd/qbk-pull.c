@@ -21,6 +21,7 @@ static char *opt_scratch;
 static char *opt_format;
 static char *opt_nbd_server;
 static gint opt_requests;
+static gboolean opt_sequential;
 static gint64 opt_chunk;
 static char *opt_rate;
 static gint opt_progress_fd = -1;
@@ -56,6 +57,9 @@ static GOptionEntry entries[] = {
       "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
     { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
       "copier requests in flight (default 16)", "N" },
+    { "sequential", 0, 0, G_OPTION_ARG_NONE, &opt_sequential,
+      "copy with one request at a time in ascending order (the baseline)",
+      NULL },
     { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &opt_chunk,
       "copier bytes per request, a multiple of 64 KiB (default 1 MiB)",
       "BYTES" },
@@ -325,7 +329,7 @@ int main(int argc, char **argv)
     }
     opts.format = opt_format;
     opts.nbd_server = opt_nbd_server;
-    opts.requests = opt_requests;
+    opts.requests = opt_sequential ? 1 : opt_requests;
     opts.chunk_size = opt_chunk;
     opts.cancel = &cancel_flag;
     opts.progress = on_progress;
