@@ -366,48 +366,20 @@ static json_object *do_check(CmdVm *vm, GError **error)
 
 /* ---- text output, rendered from the JSON result ---- */
 
-static const char *jstr(json_object *o, const char *key)
-{
-    json_object *v;
-
-    return json_object_object_get_ex(o, key, &v) ? json_object_get_string(v)
-                                                 : NULL;
-}
-
-static gint64 jint(json_object *o, const char *key)
-{
-    json_object *v;
-
-    return json_object_object_get_ex(o, key, &v) ? json_object_get_int64(v) : 0;
-}
-
-static bool jbool(json_object *o, const char *key)
-{
-    json_object *v;
-
-    return json_object_object_get_ex(o, key, &v) && json_object_get_boolean(v);
-}
-
-static json_object *jarr(json_object *o, const char *key)
-{
-    json_object *v = NULL;
-
-    json_object_object_get_ex(o, key, &v);
-    return v;
-}
-
 static char *state_flags(json_object *b)
 {
     GString *s = g_string_new(NULL);
 
-    if (jbool(b, "inconsistent")) {
+    if (qmp_json_bool(b, "inconsistent")) {
         g_string_append(s, "INCONSISTENT,");
     }
-    g_string_append(s, jbool(b, "recording") ? "recording," : "disabled,");
-    if (jbool(b, "busy")) {
+    g_string_append(s,
+                    qmp_json_bool(b, "recording") ? "recording," : "disabled,");
+    if (qmp_json_bool(b, "busy")) {
         g_string_append(s, "busy,");
     }
-    g_string_append(s, jbool(b, "persistent") ? "persistent" : "TRANSIENT");
+    g_string_append(s, qmp_json_bool(b, "persistent") ? "persistent"
+                                                      : "TRANSIENT");
     return g_string_free(s, FALSE);
 }
 
@@ -422,9 +394,9 @@ static int column_width(json_object *arr, const char *sub, const char *key,
         json_object *o = json_object_array_get_idx(arr, i);
 
         if (sub) {
-            w = MAX(w, column_width(jarr(o, sub), NULL, key, min));
-        } else if (jstr(o, key)) {
-            w = MAX(w, (int)strlen(jstr(o, key)));
+            w = MAX(w, column_width(qmp_json_array(o, sub), NULL, key, min));
+        } else if (qmp_json_string(o, key)) {
+            w = MAX(w, (int)strlen(qmp_json_string(o, key)));
         }
     }
     return w;
@@ -432,7 +404,7 @@ static int column_width(json_object *arr, const char *sub, const char *key,
 
 static void print_list(json_object *res)
 {
-    json_object *cps = jarr(res, "checkpoints");
+    json_object *cps = qmp_json_array(res, "checkpoints");
     int nw, dw;
 
     if (json_object_array_length(cps) == 0) {
@@ -445,26 +417,28 @@ static void print_list(json_object *res)
            "DIRTY", "GRAIN", "STATE");
     for (size_t i = 0; i < json_object_array_length(cps); i++) {
         json_object *cp = json_object_array_get_idx(cps, i);
-        json_object *disks = jarr(cp, "disks");
+        json_object *disks = qmp_json_array(cp, "disks");
 
         for (size_t d = 0; d < json_object_array_length(disks); d++) {
             json_object *b = json_object_array_get_idx(disks, d);
-            g_autofree char *dirty = cmd_format_bytes(jint(b, "dirty_bytes"));
-            g_autofree char *grain = cmd_format_bytes(jint(b, "granularity"));
+            g_autofree char *dirty =
+                cmd_format_bytes(qmp_json_int(b, "dirty_bytes"));
+            g_autofree char *grain =
+                cmd_format_bytes(qmp_json_int(b, "granularity"));
             g_autofree char *flags = state_flags(b);
             g_autofree char *seq =
-                g_strdup_printf("%" G_GINT64_FORMAT, jint(cp, "seq"));
+                g_strdup_printf("%" G_GINT64_FORMAT, qmp_json_int(cp, "seq"));
 
             printf("%-6s %-*s %-*s %12s %9s  %s\n", d ? "" : seq, nw,
-                   d ? "" : jstr(cp, "name"), dw, jstr(b, "disk"), dirty, grain,
-                   flags);
+                   d ? "" : qmp_json_string(cp, "name"), dw,
+                   qmp_json_string(b, "disk"), dirty, grain, flags);
         }
     }
 }
 
 static void print_disks(json_object *res)
 {
-    json_object *disks = jarr(res, "disks");
+    json_object *disks = qmp_json_array(res, "disks");
     int dw = column_width(disks, NULL, "disk", 4);
     int nw = column_width(disks, NULL, "node", 4);
 
@@ -472,17 +446,19 @@ static void print_disks(json_object *res)
            "SIZE", "CKPTS", "FILE");
     for (size_t i = 0; i < json_object_array_length(disks); i++) {
         json_object *d = json_object_array_get_idx(disks, i);
-        g_autofree char *size = cmd_format_bytes(jint(d, "size"));
+        g_autofree char *size = cmd_format_bytes(qmp_json_int(d, "size"));
         g_autofree char *ckpts =
-            jbool(d, "checkpoints_supported")
-                ? g_strdup_printf("%" G_GINT64_FORMAT, jint(d, "checkpoints"))
+            qmp_json_bool(d, "checkpoints_supported")
+                ? g_strdup_printf("%" G_GINT64_FORMAT,
+                                  qmp_json_int(d, "checkpoints"))
                 : g_strdup("no");
 
-        printf("%-*s %-*s %-7s %10s  %-5s %s", dw, jstr(d, "disk"), nw,
-               jstr(d, "node"), jstr(d, "driver"), size, ckpts,
-               jstr(d, "file") ? jstr(d, "file") : "");
-        if (jstr(d, "reason")) {
-            printf("  (%s)", jstr(d, "reason"));
+        printf("%-*s %-*s %-7s %10s  %-5s %s", dw, qmp_json_string(d, "disk"),
+               nw, qmp_json_string(d, "node"), qmp_json_string(d, "driver"),
+               size, ckpts,
+               qmp_json_string(d, "file") ? qmp_json_string(d, "file") : "");
+        if (qmp_json_string(d, "reason")) {
+            printf("  (%s)", qmp_json_string(d, "reason"));
         }
         printf("\n");
     }
@@ -502,35 +478,36 @@ static char *join_names(json_object *arr)
 
 static void print_check(json_object *res)
 {
-    json_object *issues = jarr(res, "issues");
-    json_object *disks = jarr(res, "disks");
+    json_object *issues = qmp_json_array(res, "issues");
+    json_object *disks = qmp_json_array(res, "disks");
 
     for (size_t i = 0; i < json_object_array_length(issues); i++) {
         json_object *issue = json_object_array_get_idx(issues, i);
 
-        printf("%s: %s: %s\n", jstr(issue, "disk"), jstr(issue, "severity"),
-               jstr(issue, "message"));
+        printf("%s: %s: %s\n", qmp_json_string(issue, "disk"),
+               qmp_json_string(issue, "severity"),
+               qmp_json_string(issue, "message"));
     }
     if (json_object_object_get_ex(res, "repaired", NULL)) {
         printf("repaired: %" G_GINT64_FORMAT " bitmap(s) changed; now:\n",
-               jint(res, "repaired"));
+               qmp_json_int(res, "repaired"));
     }
     for (size_t i = 0; i < json_object_array_length(disks); i++) {
         json_object *d = json_object_array_get_idx(disks, i);
-        g_autofree char *trusted = join_names(jarr(d, "trusted"));
-        g_autofree char *untrusted = join_names(jarr(d, "untrusted"));
+        g_autofree char *trusted = join_names(qmp_json_array(d, "trusted"));
+        g_autofree char *untrusted = join_names(qmp_json_array(d, "untrusted"));
 
-        printf("%s: ", jstr(d, "disk"));
+        printf("%s: ", qmp_json_string(d, "disk"));
         if (*untrusted) {
             printf("untrusted: %s; ", untrusted);
         }
-        if (jbool(d, "full_backup_required")) {
+        if (qmp_json_bool(d, "full_backup_required")) {
             printf("next backup must be full\n");
         } else {
             printf("incremental since: %s\n", trusted);
         }
     }
-    printf("%s\n", jbool(res, "healthy")
+    printf("%s\n", qmp_json_bool(res, "healthy")
                        ? "checkpoints are healthy"
                        : "checkpoints need repair: run 'qbk-checkpoint check "
                          "--repair'");
@@ -545,26 +522,29 @@ static void print_text(const char *command, json_object *res)
     } else if (strcmp(command, "check") == 0) {
         print_check(res);
     } else if (strcmp(command, "create") == 0) {
-        printf("%s\n", jstr(res, "checkpoint"));
+        printf("%s\n", qmp_json_string(res, "checkpoint"));
         cmd_info("created checkpoint '%s' (bitmap %s) on %zu disk(s)",
-                 jstr(res, "checkpoint"), jstr(res, "bitmap"),
-                 json_object_array_length(jarr(res, "disks")));
+                 qmp_json_string(res, "checkpoint"),
+                 qmp_json_string(res, "bitmap"),
+                 json_object_array_length(qmp_json_array(res, "disks")));
     } else if (strcmp(command, "delete") == 0) {
         cmd_info("deleted checkpoint '%s' from %zu disk(s)",
-                 jstr(res, "deleted"),
-                 json_object_array_length(jarr(res, "disks")));
-    } else if (strcmp(command, "since") == 0 && jstr(res, "dropped")) {
+                 qmp_json_string(res, "deleted"),
+                 json_object_array_length(qmp_json_array(res, "disks")));
+    } else if (strcmp(command, "since") == 0 &&
+               qmp_json_string(res, "dropped")) {
         cmd_info("removed '%s' from %" G_GINT64_FORMAT " disk(s)",
-                 jstr(res, "dropped"), jint(res, "count"));
+                 qmp_json_string(res, "dropped"), qmp_json_int(res, "count"));
     } else if (strcmp(command, "since") == 0) {
-        json_object *disks = jarr(res, "disks");
+        json_object *disks = qmp_json_array(res, "disks");
 
         for (size_t i = 0; i < json_object_array_length(disks); i++) {
             json_object *b = json_object_array_get_idx(disks, i);
 
-            printf("%s\t%s\t%s\t%" G_GINT64_FORMAT "\n", jstr(b, "disk"),
-                   jstr(b, "node"), jstr(res, "bitmap"),
-                   jint(b, "dirty_bytes"));
+            printf("%s\t%s\t%s\t%" G_GINT64_FORMAT "\n",
+                   qmp_json_string(b, "disk"), qmp_json_string(b, "node"),
+                   qmp_json_string(res, "bitmap"),
+                   qmp_json_int(b, "dirty_bytes"));
         }
     }
 }
@@ -717,13 +697,14 @@ int main(int argc, char **argv)
     }
 
     if (opt_json) {
-        bool healthy = strcmp(cmd->name, "check") != 0 || jbool(res, "healthy");
+        bool healthy =
+            strcmp(cmd->name, "check") != 0 || qmp_json_bool(res, "healthy");
 
         cmd_print_json(res);
         return healthy ? QBK_EXIT_OK : QBK_EXIT_FULL_NEEDED;
     }
     print_text(cmd->name, res);
-    if (strcmp(cmd->name, "check") == 0 && !jbool(res, "healthy")) {
+    if (strcmp(cmd->name, "check") == 0 && !qmp_json_bool(res, "healthy")) {
         json_object_put(res);
         return QBK_EXIT_FULL_NEEDED;
     }

@@ -199,8 +199,8 @@ static GHashTable *present_names(QmpClient *qmp, GError **error)
         }
         for (size_t i = 0; i < json_object_array_length(ret); i++) {
             json_object *o = json_object_array_get_idx(ret, i);
-            const char *name = json_str(o, queries[q].key);
-            const char *file = json_str(o, "file");
+            const char *name = qmp_json_string(o, queries[q].key);
+            const char *file = qmp_json_string(o, "file");
 
             if (name && g_str_has_prefix(name, "qbk-")) {
                 g_hash_table_insert(names, g_strdup(name),

@@ -31,10 +31,6 @@ GPtrArray *repo_list_partial(const char *repo, GError **error);
 /* The manifest's entry for DISK, borrowed, or NULL. */
 json_object *manifest_disk(json_object *manifest, const char *disk);
 
-const char *json_str(json_object *obj, const char *key);
-gint64 json_int(json_object *obj, const char *key);
-bool json_flag(json_object *obj, const char *key);
-
 /* A disk id made safe as a file name. */
 char *repo_disk_file_name(const char *disk);
 

@@ -196,9 +196,9 @@ static void remove_new_files(json_object *manifest, const char *repo)
         const char *keys[] = { "image", "digests" };
 
         for (size_t k = 0; k < G_N_ELEMENTS(keys); k++) {
-            if (json_str(d, keys[k])) {
+            if (qmp_json_string(d, keys[k])) {
                 g_autofree char *path =
-                    g_build_filename(repo, json_str(d, keys[k]), NULL);
+                    g_build_filename(repo, qmp_json_string(d, keys[k]), NULL);
 
                 unlink(path);
             }
@@ -209,7 +209,8 @@ static void remove_new_files(json_object *manifest, const char *repo)
 static void mark_failed(const char *repo, json_object *manifest,
                         const char *reason)
 {
-    g_autofree char *path = repo_partial_path(repo, json_str(manifest, "id"));
+    g_autofree char *path =
+        repo_partial_path(repo, qmp_json_string(manifest, "id"));
     g_autofree char *when = now_iso();
 
     json_object_object_add(manifest, "status",
@@ -250,38 +251,40 @@ static bool recover(Pull *p, GError **error)
         g_autofree char *foreign = NULL;
         json_object *disks;
 
-        if (g_strcmp0(json_str(m, "status"), "in-progress") != 0) {
+        if (g_strcmp0(qmp_json_string(m, "status"), "in-progress") != 0) {
             continue;
         }
-        if (!fleece_cleanup_tag(p->qmp, json_str(m, "id"), &foreign, error)) {
-            g_prefix_error(
-                error, "cleaning up after backup '%s': ", json_str(m, "id"));
+        if (!fleece_cleanup_tag(p->qmp, qmp_json_string(m, "id"), &foreign,
+                                error)) {
+            g_prefix_error(error, "cleaning up after backup '%s': ",
+                           qmp_json_string(m, "id"));
             return false;
         }
-        if (json_str(m, "nbd_server_socket")) {
+        if (qmp_json_string(m, "nbd_server_socket")) {
             qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
-            unlink(json_str(m, "nbd_server_socket"));
+            unlink(qmp_json_string(m, "nbd_server_socket"));
         }
         if (json_object_object_get_ex(m, "disks", &disks)) {
             for (size_t d = 0; d < json_object_array_length(disks); d++) {
-                const char *s =
-                    json_str(json_object_array_get_idx(disks, d), "since");
+                const char *s = qmp_json_string(
+                    json_object_array_get_idx(disks, d), "since");
 
                 if (s) {
                     g_ptr_array_add(since, (char *)s);
                 }
             }
         }
-        if (!rollback_checkpoint(p->qmp, json_str(m, "checkpoint_bitmap"),
-                                 since, error)) {
-            g_prefix_error(error,
-                           "rolling back backup '%s': ", json_str(m, "id"));
+        if (!rollback_checkpoint(p->qmp,
+                                 qmp_json_string(m, "checkpoint_bitmap"), since,
+                                 error)) {
+            g_prefix_error(
+                error, "rolling back backup '%s': ", qmp_json_string(m, "id"));
             return false;
         }
-        remove_scratch_files(json_str(m, "scratch_dir")
-                                 ? json_str(m, "scratch_dir")
+        remove_scratch_files(qmp_json_string(m, "scratch_dir")
+                                 ? qmp_json_string(m, "scratch_dir")
                                  : p->scratch_dir,
-                             json_str(m, "id"));
+                             qmp_json_string(m, "id"));
         remove_new_files(m, p->repo);
         mark_failed(p->repo, m,
                     "interrupted: qbk-pull did not finish; "
@@ -303,12 +306,14 @@ static json_object *find_backup(GPtrArray *backups, const char *disk,
         if (!d) {
             continue;
         }
-        if (want_full && g_strcmp0(json_str(d, "mode"), "full") != 0) {
+        if (want_full && g_strcmp0(qmp_json_string(d, "mode"), "full") != 0) {
             continue;
         }
-        if (checkpoint && g_strcmp0(json_str(m, "id"), checkpoint) != 0 &&
-            g_strcmp0(json_str(m, "checkpoint"), checkpoint) != 0 &&
-            g_strcmp0(json_str(m, "checkpoint_bitmap"), checkpoint) != 0) {
+        if (checkpoint &&
+            g_strcmp0(qmp_json_string(m, "id"), checkpoint) != 0 &&
+            g_strcmp0(qmp_json_string(m, "checkpoint"), checkpoint) != 0 &&
+            g_strcmp0(qmp_json_string(m, "checkpoint_bitmap"), checkpoint) !=
+                0) {
             continue;
         }
         return m;
@@ -387,43 +392,44 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
                                         : "no earlier backup of this disk");
     }
     entry = manifest_disk(m, qd->id);
-    if ((guint64)json_int(entry, "size") != qd->size) {
+    if ((guint64)qmp_json_int(entry, "size") != qd->size) {
         return need_full(p, pd, error, "resized since backup '%s'",
-                         json_str(m, "id"));
+                         qmp_json_string(m, "id"));
     }
-    if (!json_str(m, "checkpoint_bitmap") ||
-        !json_flag(entry, "checkpointed")) {
+    if (!qmp_json_string(m, "checkpoint_bitmap") ||
+        !qmp_json_bool(entry, "checkpointed")) {
         return need_full(p, pd, error, "backup '%s' has no checkpoint",
-                         json_str(m, "id"));
+                         qmp_json_string(m, "id"));
     }
     v = bitmap_check_verdict(check, qd);
     for (i = 0; v && i < v->chain->len; i++) {
         if (g_strcmp0(((QmpBitmap *)v->chain->pdata[i])->name,
-                      json_str(m, "checkpoint_bitmap")) == 0) {
+                      qmp_json_string(m, "checkpoint_bitmap")) == 0) {
             break;
         }
     }
     if (!v || i == v->chain->len) {
         return need_full(p, pd, error, "checkpoint '%s' is missing",
-                         json_str(m, "checkpoint"));
+                         qmp_json_string(m, "checkpoint"));
     }
     if (i < v->untrusted) {
         return need_full(p, pd, error,
                          "checkpoint '%s' cannot be trusted (QEMU was "
                          "killed, or a bitmap is missing)",
-                         json_str(m, "checkpoint"));
+                         qmp_json_string(m, "checkpoint"));
     }
     pd->mode = p->opts->mode == BACKUP_MODE_DIFFERENTIAL
                    ? BACKUP_MODE_DIFFERENTIAL
                    : BACKUP_MODE_INCREMENTAL;
-    pd->base = g_strdup(json_str(m, "checkpoint_bitmap"));
-    pd->parent = g_strdup(json_str(m, "id"));
+    pd->base = g_strdup(qmp_json_string(m, "checkpoint_bitmap"));
+    pd->parent = g_strdup(qmp_json_string(m, "id"));
     pd->parent_digests =
-        g_build_filename(p->repo, json_str(entry, "digests"), NULL);
-    pd->parent_format = g_strdup(
-        json_str(entry, "format") ? json_str(entry, "format") : "qcow2");
+        g_build_filename(p->repo, qmp_json_string(entry, "digests"), NULL);
+    pd->parent_format = g_strdup(qmp_json_string(entry, "format")
+                                     ? qmp_json_string(entry, "format")
+                                     : "qcow2");
     pd->reason = g_strdup_printf("changes since checkpoint '%s'",
-                                 json_str(m, "checkpoint"));
+                                 qmp_json_string(m, "checkpoint"));
     return true;
 }
 

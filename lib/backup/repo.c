@@ -16,34 +16,6 @@ G_DEFINE_QUARK(qbk - backup - error - quark, backup_error)
 
 #define REPO_FORMAT "qbk-repo-1"
 
-const char *json_str(json_object *obj, const char *key)
-{
-    json_object *v;
-
-    if (!obj || !json_object_object_get_ex(obj, key, &v) ||
-        !json_object_is_type(v, json_type_string)) {
-        return NULL;
-    }
-    return json_object_get_string(v);
-}
-
-gint64 json_int(json_object *obj, const char *key)
-{
-    json_object *v;
-
-    return obj && json_object_object_get_ex(obj, key, &v)
-               ? json_object_get_int64(v)
-               : 0;
-}
-
-bool json_flag(json_object *obj, const char *key)
-{
-    json_object *v;
-
-    return obj && json_object_object_get_ex(obj, key, &v) &&
-           json_object_get_boolean(v);
-}
-
 char *repo_manifest_path(const char *repo, const char *id)
 {
     g_autofree char *name = g_strconcat(id, ".json", NULL);
@@ -159,7 +131,7 @@ json_object *repo_read_json(const char *path, GError **error)
     }
     obj = json_tokener_parse(text);
     if (!obj || !json_object_is_type(obj, json_type_object) ||
-        !json_str(obj, "id") || !json_str(obj, "format")) {
+        !qmp_json_string(obj, "id") || !qmp_json_string(obj, "format")) {
         json_object_put(obj);
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
                     "manifest '%s' is corrupt", path);
@@ -221,7 +193,7 @@ static gint compare_ids(gconstpointer a, gconstpointer b)
     json_object *x = *(json_object *const *)a;
     json_object *y = *(json_object *const *)b;
 
-    return g_strcmp0(json_str(x, "id"), json_str(y, "id"));
+    return g_strcmp0(qmp_json_string(x, "id"), qmp_json_string(y, "id"));
 }
 
 static void put_json(gpointer obj)
@@ -300,7 +272,7 @@ json_object *manifest_disk(json_object *manifest, const char *disk)
     for (size_t i = 0; i < json_object_array_length(disks); i++) {
         json_object *d = json_object_array_get_idx(disks, i);
 
-        if (g_strcmp0(json_str(d, "disk"), disk) == 0) {
+        if (g_strcmp0(qmp_json_string(d, "disk"), disk) == 0) {
             return d;
         }
     }

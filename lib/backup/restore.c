@@ -24,18 +24,20 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
         return NULL;
     }
     entry = manifest_disk(m, disk);
-    if (!entry || !json_str(entry, "image")) {
+    if (!entry || !qmp_json_string(entry, "image")) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
-                    "backup '%s' has no disk '%s'", json_str(m, "id"), disk);
+                    "backup '%s' has no disk '%s'", qmp_json_string(m, "id"),
+                    disk);
         json_object_put(m);
         return NULL;
     }
     entry = json_object_get(entry);
     json_object_put(m);
-    image = g_build_filename(repo, json_str(entry, "image"), NULL);
+    image = g_build_filename(repo, qmp_json_string(entry, "image"), NULL);
 
-    const char *in_format =
-        json_str(entry, "format") ? json_str(entry, "format") : "qcow2";
+    const char *in_format = qmp_json_string(entry, "format")
+                                ? qmp_json_string(entry, "format")
+                                : "qcow2";
     const char *argv[] = { "qemu-img", "convert", "-f",   in_format, "-O",
                            format,     image,     output, NULL };
     if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
@@ -55,8 +57,8 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
         return entry; /* verified by the caller re-reading, if wanted */
     }
     json_object_object_get_ex(entry, "checksum", &checksum);
-    expected = json_str(checksum, "value");
-    sum = copier_file_checksum(output, json_int(entry, "size"), error);
+    expected = qmp_json_string(checksum, "value");
+    sum = copier_file_checksum(output, qmp_json_int(entry, "size"), error);
     if (!sum) {
         json_object_put(entry);
         return NULL;

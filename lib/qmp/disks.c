@@ -18,33 +18,6 @@ static bool is_filter(const char *driver)
     return driver && g_strv_contains(filter_drivers, driver);
 }
 
-static const char *get_str(json_object *obj, const char *key)
-{
-    json_object *v;
-
-    if (!json_object_object_get_ex(obj, key, &v) ||
-        !json_object_is_type(v, json_type_string)) {
-        return NULL;
-    }
-    return json_object_get_string(v);
-}
-
-static bool get_bool(json_object *obj, const char *key)
-{
-    json_object *v;
-
-    return json_object_object_get_ex(obj, key, &v) &&
-           json_object_get_boolean(v);
-}
-
-static uint64_t get_u64(json_object *obj, const char *key)
-{
-    json_object *v;
-
-    return json_object_object_get_ex(obj, key, &v) ? json_object_get_uint64(v)
-                                                   : 0;
-}
-
 static void bitmap_free(QmpBitmap *b)
 {
     g_free(b->name);
@@ -76,7 +49,7 @@ static GHashTable *index_nodes(json_object *nodes)
 
     for (size_t i = 0; i < json_object_array_length(nodes); i++) {
         json_object *n = json_object_array_get_idx(nodes, i);
-        const char *name = get_str(n, "node-name");
+        const char *name = qmp_json_string(n, "node-name");
 
         if (name) {
             g_hash_table_insert(byname, (gpointer)name, n);
@@ -105,24 +78,24 @@ static const char *filter_child(QmpClient *qmp, json_object **graph,
     json_object_object_get_ex(*graph, "edges", &edges);
     for (size_t i = 0; i < json_object_array_length(nodes); i++) {
         json_object *n = json_object_array_get_idx(nodes, i);
-        const char *nname = get_str(n, "name");
+        const char *nname = qmp_json_string(n, "name");
 
         if (nname && strcmp(nname, name) == 0) {
-            parent = get_u64(n, "id");
+            parent = qmp_json_uint(n, "id");
         }
     }
     for (size_t i = 0; i < json_object_array_length(edges); i++) {
         json_object *e = json_object_array_get_idx(edges, i);
 
-        if ((int64_t)get_u64(e, "parent") != parent ||
-            g_strcmp0(get_str(e, "name"), "file") != 0) {
+        if ((int64_t)qmp_json_uint(e, "parent") != parent ||
+            g_strcmp0(qmp_json_string(e, "name"), "file") != 0) {
             continue;
         }
         for (size_t j = 0; j < json_object_array_length(nodes); j++) {
             json_object *n = json_object_array_get_idx(nodes, j);
 
-            if (get_u64(n, "id") == get_u64(e, "child")) {
-                return get_str(n, "name");
+            if (qmp_json_uint(n, "id") == qmp_json_uint(e, "child")) {
+                return qmp_json_string(n, "name");
             }
         }
     }
@@ -135,11 +108,11 @@ static void fill_from_node(QmpDisk *disk, json_object *info)
 {
     json_object *image, *bitmaps;
 
-    disk->driver = g_strdup(get_str(info, "drv"));
-    disk->read_only = get_bool(info, "ro");
-    disk->filename = g_strdup(get_str(info, "file"));
+    disk->driver = g_strdup(qmp_json_string(info, "drv"));
+    disk->read_only = qmp_json_bool(info, "ro");
+    disk->filename = g_strdup(qmp_json_string(info, "file"));
     if (json_object_object_get_ex(info, "image", &image)) {
-        disk->size = get_u64(image, "virtual-size");
+        disk->size = qmp_json_uint(image, "virtual-size");
     }
     disk->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
     if (json_object_object_get_ex(info, "dirty-bitmaps", &bitmaps)) {
@@ -147,18 +120,18 @@ static void fill_from_node(QmpDisk *disk, json_object *info)
             json_object *jb = json_object_array_get_idx(bitmaps, i);
             QmpBitmap *b;
 
-            if (!get_str(jb, "name")) {
+            if (!qmp_json_string(jb, "name")) {
                 disk->nameless_bitmaps++; /* a job's or a filter's */
                 continue;
             }
             b = g_new0(QmpBitmap, 1);
-            b->name = g_strdup(get_str(jb, "name"));
-            b->count = get_u64(jb, "count");
-            b->granularity = (uint32_t)get_u64(jb, "granularity");
-            b->recording = get_bool(jb, "recording");
-            b->busy = get_bool(jb, "busy");
-            b->persistent = get_bool(jb, "persistent");
-            b->inconsistent = get_bool(jb, "inconsistent");
+            b->name = g_strdup(qmp_json_string(jb, "name"));
+            b->count = qmp_json_uint(jb, "count");
+            b->granularity = (uint32_t)qmp_json_uint(jb, "granularity");
+            b->recording = qmp_json_bool(jb, "recording");
+            b->busy = qmp_json_bool(jb, "busy");
+            b->persistent = qmp_json_bool(jb, "persistent");
+            b->inconsistent = qmp_json_bool(jb, "inconsistent");
             g_ptr_array_add(disk->bitmaps, b);
         }
     }
@@ -217,13 +190,14 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
         const char *node;
         g_autoptr(QmpDisk) disk = NULL;
 
-        if (get_bool(bi, "removable") ||
+        if (qmp_json_bool(bi, "removable") ||
             !json_object_object_get_ex(bi, "inserted", &inserted)) {
             continue; /* CD-ROM, floppy or empty drive */
         }
-        node = get_str(inserted, "node-name");
+        node = qmp_json_string(inserted, "node-name");
         info = node ? g_hash_table_lookup(byname, node) : NULL;
-        for (int depth = 0; info && is_filter(get_str(info, "drv")); depth++) {
+        for (int depth = 0; info && is_filter(qmp_json_string(info, "drv"));
+             depth++) {
             node = depth < 16 ? filter_child(qmp, &graph, node, error) : NULL;
             if (!node) {
                 ok = false;
@@ -238,8 +212,8 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
             continue;
         }
         disk = g_new0(QmpDisk, 1);
-        disk->qdev = g_strdup(get_str(bi, "qdev"));
-        disk->device = g_strdup(get_str(bi, "device"));
+        disk->qdev = g_strdup(qmp_json_string(bi, "qdev"));
+        disk->device = g_strdup(qmp_json_string(bi, "device"));
         disk->node = g_strdup(node);
         disk->id = qdev_id(disk->qdev);
         if (!disk->id) {

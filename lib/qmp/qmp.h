@@ -109,6 +109,15 @@ guint qmp_pending_events(QmpClient *qmp);
 /* Take the oldest queued event, or NULL. */
 json_object *qmp_pop_event(QmpClient *qmp);
 
+/* ---- json-c getters (json.c): borrowed values; NULL/0/false if the key
+ * is missing or of another type ---- */
+
+const char *qmp_json_string(json_object *obj, const char *key);
+gint64 qmp_json_int(json_object *obj, const char *key);
+guint64 qmp_json_uint(json_object *obj, const char *key);
+bool qmp_json_bool(json_object *obj, const char *key);
+json_object *qmp_json_array(json_object *obj, const char *key);
+
 /* ---- transactions (transaction.c) ---- */
 
 /*

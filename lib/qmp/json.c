@@ -1,0 +1,54 @@
+/*
+ * Small getters for json-c objects: QMP replies and manifests alike. Each
+ * returns a borrowed value, or a neutral one when the key is missing or of
+ * another type, so that callers read optional members without ceremony.
+ */
+#include "qmp.h"
+
+const char *qmp_json_string(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    if (!obj || !json_object_object_get_ex(obj, key, &v) ||
+        !json_object_is_type(v, json_type_string)) {
+        return NULL;
+    }
+    return json_object_get_string(v);
+}
+
+gint64 qmp_json_int(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    return obj && json_object_object_get_ex(obj, key, &v)
+               ? json_object_get_int64(v)
+               : 0;
+}
+
+guint64 qmp_json_uint(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    return obj && json_object_object_get_ex(obj, key, &v)
+               ? json_object_get_uint64(v)
+               : 0;
+}
+
+bool qmp_json_bool(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    return obj && json_object_object_get_ex(obj, key, &v) &&
+           json_object_get_boolean(v);
+}
+
+json_object *qmp_json_array(json_object *obj, const char *key)
+{
+    json_object *v;
+
+    if (!obj || !json_object_object_get_ex(obj, key, &v) ||
+        !json_object_is_type(v, json_type_array)) {
+        return NULL;
+    }
+    return v;
+}
