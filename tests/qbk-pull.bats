@@ -389,3 +389,20 @@ start_export() {
     [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 7 ]
     assert_clean
 }
+
+@test "killed after its manifest was written: the next run keeps that backup's checkpoint" {
+    pull_with_writes full "disk0 disk1"
+    id=$(jq -r .id "$T/pull-full.json")
+    # As if qbk-pull died between writing the manifest and removing the
+    # partial one.
+    jq '.status = "in-progress"' "$T/repo/backups/$id.json" >"$T/repo/backups/$id.partial.json"
+    random_writes 3 disk0 disk1
+    pull_with_writes next "disk0 disk1"
+    [ "$(manifest_field next disk0 mode)" = incremental ]
+    [ "$(manifest_field next disk0 parent)" = "$id" ]
+    [ ! -e "$T/repo/backups/$id.partial.json" ]
+    restore_matches full disk0
+    restore_matches next disk0
+    restore_matches next disk1
+    assert_clean
+}

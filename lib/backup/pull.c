@@ -251,7 +251,30 @@ static bool recover(Pull *p, GError **error)
         g_autofree char *foreign = NULL;
         json_object *disks;
 
+        g_autofree char *final = NULL;
+        g_autofree char *partial = NULL;
+
         if (g_strcmp0(qmp_json_string(m, "status"), "in-progress") != 0) {
+            continue;
+        }
+        if (json_object_object_get_ex(m, "disks", &disks)) {
+            for (size_t d = 0; d < json_object_array_length(disks); d++) {
+                const char *s = qmp_json_string(
+                    json_object_array_get_idx(disks, d), "since");
+
+                if (s) {
+                    g_ptr_array_add(since, (char *)s);
+                }
+            }
+        }
+        final = repo_manifest_path(p->repo, qmp_json_string(m, "id"));
+        if (g_file_test(final, G_FILE_TEST_EXISTS)) {
+            /* It completed (QEMU was torn down before the manifest was
+             * written) and died in its last steps: only the transient
+             * bitmaps and this file are left. Its checkpoint is good. */
+            rollback_checkpoint(p->qmp, NULL, since, NULL);
+            partial = repo_partial_path(p->repo, qmp_json_string(m, "id"));
+            unlink(partial);
             continue;
         }
         if (!fleece_cleanup_tag(p->qmp, qmp_json_string(m, "id"), &foreign,
@@ -263,16 +286,6 @@ static bool recover(Pull *p, GError **error)
         if (qmp_json_string(m, "nbd_server_socket")) {
             qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
             unlink(qmp_json_string(m, "nbd_server_socket"));
-        }
-        if (json_object_object_get_ex(m, "disks", &disks)) {
-            for (size_t d = 0; d < json_object_array_length(disks); d++) {
-                const char *s = qmp_json_string(
-                    json_object_array_get_idx(disks, d), "since");
-
-                if (s) {
-                    g_ptr_array_add(since, (char *)s);
-                }
-            }
         }
         if (!rollback_checkpoint(p->qmp,
                                  qmp_json_string(m, "checkpoint_bitmap"), since,
