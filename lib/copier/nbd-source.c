@@ -79,6 +79,9 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
     for (guint i = 0; meta_contexts && meta_contexts[i]; i++) {
         nbd_add_meta_context(nbd, meta_contexts[i]);
     }
+    /* libnbd zeroes every read buffer first, in case a caller ignores a
+     * failed read; we never do, and it cost 6% of the copier's CPU. */
+    nbd_set_pread_initialize(nbd, false);
     if (nbd_set_export_name(nbd, endpoint->name ? endpoint->name : "") < 0 ||
         nbd_connect_unix(nbd, endpoint->socket) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
