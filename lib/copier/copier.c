@@ -31,18 +31,9 @@ typedef enum {
     REQ_WRITE_DONE,
 } RequestState;
 
-static const char *const state_names[] G_GNUC_UNUSED = {
-    [REQ_IDLE] = "idle",
-    [REQ_READING] = "reading",
-    [REQ_READ_DONE] = "read-done",
-    [REQ_WRITING] = "writing",
-    [REQ_WRITE_DONE] = "write-done",
-};
-
 typedef struct Copier Copier;
 
 typedef struct {
-    Copier *copier;
     RequestState state;
     struct nbd_handle *reader; /* the source connection it reads from */
     Chunk chunk;               /* what this request works on */
@@ -631,7 +622,6 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     c->nreqs = c->opts.requests;
     c->reqs = g_new0(Request, c->nreqs);
     for (guint i = 0; i < c->nreqs; i++) {
-        c->reqs[i].copier = c;
         c->reqs[i].reader = c->readers[i % c->nreaders];
         /* page aligned, ready for an O_DIRECT sink */
         if (posix_memalign((void **)&c->reqs[i].buf, 4096,
