@@ -12,7 +12,10 @@
 
 #include "internal.h"
 
-G_DEFINE_QUARK(qbk - backup - error - quark, backup_error)
+/* G_DEFINE_QUARK stringifies the quark name as written. */
+/* clang-format off */
+G_DEFINE_QUARK(qbk-backup-error-quark, backup_error)
+/* clang-format on */
 
 #define REPO_FORMAT "qbk-repo-1"
 

@@ -7,7 +7,10 @@
 
 #include "internal.h"
 
-G_DEFINE_QUARK(qbk - bitmap - error - quark, bitmap_error)
+/* G_DEFINE_QUARK stringifies the quark name as written. */
+/* clang-format off */
+G_DEFINE_QUARK(qbk-bitmap-error-quark, bitmap_error)
+/* clang-format on */
 
 #define BITMAP_PREFIX "qbk-"
 #define SEQ_DIGITS    6

@@ -17,7 +17,10 @@
 
 #include "internal.h"
 
-G_DEFINE_QUARK(qbk - copier - error - quark, copier_error)
+/* G_DEFINE_QUARK stringifies the quark name as written. */
+/* clang-format off */
+G_DEFINE_QUARK(qbk-copier-error-quark, copier_error)
+/* clang-format on */
 
 #define WINDOW_BYTES (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
 #define TICK_MS      50                            /* cancel/rate/stall */

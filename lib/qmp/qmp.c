@@ -18,8 +18,11 @@
 
 #include "internal.h"
 
-G_DEFINE_QUARK(qmp - error - quark, qmp_error)
-G_DEFINE_QUARK(qmp - command - error - quark, qmp_command_error)
+/* G_DEFINE_QUARK stringifies the quark name as written. */
+/* clang-format off */
+G_DEFINE_QUARK(qmp-error-quark, qmp_error)
+G_DEFINE_QUARK(qmp-command-error-quark, qmp_command_error)
+/* clang-format on */
 
 /* Indexed by QmpCommandErrorCode. */
 static const char *const error_classes[] = {
