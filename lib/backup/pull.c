@@ -361,7 +361,7 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
     bool want_full = p->opts->mode == BACKUP_MODE_DIFFERENTIAL;
     json_object *m, *entry;
     const BitmapDiskVerdict *v;
-    guint i;
+    int i;
 
     if (qd->no_bitmaps) {
         /* It can never have a chain: full every time, whatever the mode
@@ -378,12 +378,8 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
         BitmapCheckpoint *cp = bitmap_find_checkpoint(cps, p->opts->since);
 
         v = bitmap_check_verdict(check, qd);
-        for (i = 0; cp && v && i < v->chain->len; i++) {
-            if (v->chain->pdata[i] == qmp_disk_bitmap(qd, cp->bitmap)) {
-                break;
-            }
-        }
-        if (!cp || !v || i == v->chain->len || i < v->untrusted) {
+        i = bitmap_verdict_find(v, cp ? cp->bitmap : NULL);
+        if (i < 0 || (guint)i < v->untrusted) {
             return need_full(p, pd, error,
                              "checkpoint '%s' is missing or untrusted",
                              p->opts->since);
@@ -415,17 +411,12 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
                          qmp_json_string(m, "id"));
     }
     v = bitmap_check_verdict(check, qd);
-    for (i = 0; v && i < v->chain->len; i++) {
-        if (g_strcmp0(((QmpBitmap *)v->chain->pdata[i])->name,
-                      qmp_json_string(m, "checkpoint_bitmap")) == 0) {
-            break;
-        }
-    }
-    if (!v || i == v->chain->len) {
+    i = bitmap_verdict_find(v, qmp_json_string(m, "checkpoint_bitmap"));
+    if (i < 0) {
         return need_full(p, pd, error, "checkpoint '%s' is missing",
                          qmp_json_string(m, "checkpoint"));
     }
-    if (i < v->untrusted) {
+    if ((guint)i < v->untrusted) {
         return need_full(p, pd, error,
                          "checkpoint '%s' cannot be trusted (QEMU was "
                          "killed, or a bitmap is missing)",

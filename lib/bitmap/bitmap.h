@@ -173,6 +173,9 @@ const char *bitmap_issue_kind_name(BitmapIssueKind kind);
 /* Whether CHECK found any error. */
 bool bitmap_check_has_errors(const BitmapCheck *check);
 
+/* Where BITMAP stands in V's chain (trusted if >= V->untrusted), or -1. */
+int bitmap_verdict_find(const BitmapDiskVerdict *v, const char *bitmap);
+
 /* The verdict on DISK, or NULL. */
 const BitmapDiskVerdict *bitmap_check_verdict(const BitmapCheck *check,
                                               const QmpDisk *disk);

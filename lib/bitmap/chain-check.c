@@ -224,6 +224,18 @@ bool bitmap_check_has_errors(const BitmapCheck *check)
     return false;
 }
 
+int bitmap_verdict_find(const BitmapDiskVerdict *v, const char *bitmap)
+{
+    for (guint i = 0; v && bitmap && i < v->chain->len; i++) {
+        const QmpBitmap *b = v->chain->pdata[i];
+
+        if (strcmp(b->name, bitmap) == 0) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
 const BitmapDiskVerdict *bitmap_check_verdict(const BitmapCheck *check,
                                               const QmpDisk *disk)
 {

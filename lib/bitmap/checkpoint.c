@@ -383,7 +383,8 @@ bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
     const BitmapDiskVerdict *v;
     json_object *add, *merge, *sources;
     guint start;
-    uint32_t granularity = 0;
+    int found;
+    uint32_t granularity;
 
     if (!cp) {
         return false;
@@ -395,21 +396,16 @@ bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
         return false;
     }
     v = bitmap_check_verdict(check, disk);
-    for (start = 0; start < v->chain->len; start++) {
-        QmpBitmap *b = v->chain->pdata[start];
-
-        if (strcmp(b->name, cp->bitmap) == 0) {
-            granularity = b->granularity;
-            break;
-        }
-    }
-    if (start == v->chain->len) {
+    found = bitmap_verdict_find(v, cp->bitmap);
+    if (found < 0) {
         g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
                     "disk '%s' has no checkpoint '%s': it needs a full "
                     "backup",
                     disk->id, cp->name);
         return false;
     }
+    start = (guint)found;
+    granularity = ((QmpBitmap *)v->chain->pdata[start])->granularity;
     if (start < v->untrusted) {
         g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
                     "disk '%s': the changes since checkpoint '%s' are not "

@@ -154,6 +154,15 @@ static void test_check_inconsistent_middle(void)
     g_assert_true(bitmap_check_has_errors(check));
     g_assert_cmpuint(count_kind(check, BITMAP_ISSUE_INCONSISTENT), ==, 2);
     g_assert_cmpuint(bitmap_check_verdict(check, a)->untrusted, ==, 2);
+    g_assert_cmpint(
+        bitmap_verdict_find(bitmap_check_verdict(check, a), "qbk-000003-z"), ==,
+        2);
+    g_assert_cmpint(
+        bitmap_verdict_find(bitmap_check_verdict(check, a), "qbk-000001-x"), ==,
+        0);
+    g_assert_cmpint(
+        bitmap_verdict_find(bitmap_check_verdict(check, a), "vendor"), ==, -1);
+    g_assert_cmpint(bitmap_verdict_find(NULL, "qbk-000001-x"), ==, -1);
 }
 
 static void test_check_missing_and_partial(void)
