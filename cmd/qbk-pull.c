@@ -163,30 +163,27 @@ static void on_fleeced(const char *id, void *opaque)
 
 static void print_summary(json_object *m)
 {
-    json_object *disks = NULL;
+    json_object *disks = qmp_json_array(m, "disks");
 
-    json_object_object_get_ex(m, "disks", &disks);
-    printf("backup %s: %s\n",
-           json_object_get_string(json_object_object_get(m, "id")),
-           json_object_get_string(json_object_object_get(m, "status")));
+    printf("backup %s: %s\n", qmp_json_string(m, "id"),
+           qmp_json_string(m, "status"));
     printf("%-12s %-13s %-18s %11s %11s %9s  %s\n", "DISK", "MODE", "PARENT",
            "COPIED", "SKIPPED", "MiB/s", "IMAGE");
     for (size_t i = 0; i < json_object_array_length(disks); i++) {
         json_object *d = json_object_array_get_idx(disks, i);
-        json_object *parent = json_object_object_get(d, "parent");
-        g_autofree char *copied = cmd_format_bytes(
-            json_object_get_uint64(json_object_object_get(d, "bytes_copied")));
+        g_autofree char *copied =
+            cmd_format_bytes(qmp_json_uint(d, "bytes_copied"));
         g_autofree char *skipped = cmd_format_bytes(
-            json_object_get_uint64(json_object_object_get(d, "bytes_skipped")) +
-            json_object_get_uint64(json_object_object_get(d, "bytes_zero")));
+            qmp_json_uint(d, "bytes_skipped") + qmp_json_uint(d, "bytes_zero"));
 
         printf("%-12s %-13s %-18s %11s %11s %9.1f  %s\n",
-               json_object_get_string(json_object_object_get(d, "disk")),
-               json_object_get_string(json_object_object_get(d, "mode")),
-               parent ? json_object_get_string(parent) : "-", copied, skipped,
+               qmp_json_string(d, "disk"), qmp_json_string(d, "mode"),
+               qmp_json_string(d, "parent") ? qmp_json_string(d, "parent")
+                                            : "-",
+               copied, skipped,
                json_object_get_double(
                    json_object_object_get(d, "throughput_mib_s")),
-               json_object_get_string(json_object_object_get(d, "image")));
+               qmp_json_string(d, "image"));
     }
 }
 
@@ -195,7 +192,7 @@ static bool wait_for_commit(json_object *exports, void *opaque)
 {
     g_autoptr(GIOChannel) in = g_io_channel_unix_new(STDIN_FILENO);
     g_autofree char *line = NULL;
-    json_object *list = json_object_object_get(exports, "exports");
+    json_object *list = qmp_json_array(exports, "exports");
 
     if (opt_json) {
         puts(json_object_to_json_string_ext(
@@ -203,12 +200,10 @@ static bool wait_for_commit(json_object *exports, void *opaque)
     } else {
         for (size_t i = 0; i < json_object_array_length(list); i++) {
             json_object *e = json_object_array_get_idx(list, i);
-            json_object *ctx = json_object_object_get(e, "bitmap_context");
+            const char *ctx = qmp_json_string(e, "bitmap_context");
 
-            printf("%s\t%s\t%s\n",
-                   json_object_get_string(json_object_object_get(e, "disk")),
-                   json_object_get_string(json_object_object_get(e, "uri")),
-                   ctx ? json_object_get_string(ctx) : "-");
+            printf("%s\t%s\t%s\n", qmp_json_string(e, "disk"),
+                   qmp_json_string(e, "uri"), ctx ? ctx : "-");
         }
     }
     fflush(stdout);

@@ -58,18 +58,15 @@ static int list_backups(void)
     arr = json_object_new_array();
     for (guint i = 0; i < all->len; i++) {
         json_object *m = all->pdata[i];
-        json_object *disks = json_object_object_get(m, "disks");
+        json_object *disks = qmp_json_array(m, "disks");
 
         if (!opt_json) {
-            printf("%s",
-                   json_object_get_string(json_object_object_get(m, "id")));
+            printf("%s", qmp_json_string(m, "id"));
             for (size_t d = 0; d < json_object_array_length(disks); d++) {
                 json_object *e = json_object_array_get_idx(disks, d);
 
-                printf(
-                    "  %s:%s",
-                    json_object_get_string(json_object_object_get(e, "disk")),
-                    json_object_get_string(json_object_object_get(e, "mode")));
+                printf("  %s:%s", qmp_json_string(e, "disk"),
+                       qmp_json_string(e, "mode"));
             }
             printf("\n");
         }
@@ -135,11 +132,8 @@ int main(int argc, char **argv)
     if (opt_json) {
         cmd_print_json(entry);
     } else {
-        cmd_info(
-            "restored disk '%s' to '%s'%s", opt_disk, opt_output,
-            json_object_get_boolean(json_object_object_get(entry, "verified"))
-                ? ", checksum verified"
-                : "");
+        cmd_info("restored disk '%s' to '%s'%s", opt_disk, opt_output,
+                 qmp_json_bool(entry, "verified") ? ", checksum verified" : "");
         json_object_put(entry);
     }
     return QBK_EXIT_OK;
