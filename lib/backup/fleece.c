@@ -177,7 +177,7 @@ static bool has_id(json_object *ev, void *opaque)
 static GHashTable *present_names(QmpClient *qmp, GError **error)
 {
     GHashTable *names =
-        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+        g_hash_table_new_full(g_str_hash, g_str_equal, g_free, NULL);
     struct {
         const char *cmd, *key;
         bool flat;
@@ -200,11 +200,9 @@ static GHashTable *present_names(QmpClient *qmp, GError **error)
         for (size_t i = 0; i < json_object_array_length(ret); i++) {
             json_object *o = json_object_array_get_idx(ret, i);
             const char *name = qmp_json_string(o, queries[q].key);
-            const char *file = qmp_json_string(o, "file");
 
             if (name && g_str_has_prefix(name, "qbk-")) {
-                g_hash_table_insert(names, g_strdup(name),
-                                    g_strdup(file ? file : ""));
+                g_hash_table_add(names, g_strdup(name));
             }
         }
         json_object_put(ret);
@@ -303,8 +301,8 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
     return true;
 }
 
-bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, char **foreign,
-                        GError **error)
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
+                        const char *scratch_dir, char **foreign, GError **error)
 {
     g_autoptr(GHashTable) present = present_names(qmp, error);
     g_autoptr(GPtrArray) fds =
@@ -312,14 +310,14 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, char **foreign,
     g_autoptr(GHashTable) indexes = g_hash_table_new(NULL, NULL);
     g_autofree char *suffix = g_strconcat("-", tag ? tag : "", NULL);
     GHashTableIter it;
-    gpointer key, value;
+    gpointer key;
 
     if (!present) {
         return false;
     }
     *foreign = NULL;
     g_hash_table_iter_init(&it, present);
-    while (g_hash_table_iter_next(&it, &key, &value)) {
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
         const char *name = key;
         char kind;
         guint index;
@@ -334,19 +332,13 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, char **foreign,
             *foreign = g_strdup(name); /* another backup's job */
         }
     }
-    /* Rebuild each disk's names from its index; the scratch file's name
-     * comes from the node, if it is still there. */
+    /* Rebuild each disk's names, scratch file included, from its index.
+     * (QEMU can't say where the file is: a node whose backing was set at
+     * blockdev-add reports a json: pseudo file name.) */
     g_hash_table_iter_init(&it, indexes);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
-        FleeceDisk *fd = fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1, tag,
-                                         "/nonexistent");
-        const char *file = g_hash_table_lookup(present, fd->scratch);
-
-        if (file && *file) {
-            g_free(fd->file);
-            fd->file = g_strdup(file);
-        }
-        g_ptr_array_add(fds, fd);
+        g_ptr_array_add(fds, fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1,
+                                             tag, scratch_dir));
     }
     return fleece_teardown(qmp, fds, false, error);
 }

@@ -81,11 +81,13 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
                      GError **error);
 
 /*
- * Tear down whatever a backup tagged TAG left in QEMU (names only; used to
- * recover after a qbk-pull was killed). Other tags are reported in
- * *FOREIGN (a job id), meaning another backup is at work.
+ * Tear down whatever a backup tagged TAG left in QEMU, and its scratch
+ * files in SCRATCH_DIR (names only; used to recover after a qbk-pull was
+ * killed). Other tags are reported in *FOREIGN (a job id), meaning another
+ * backup is at work. TAG NULL: only look for *FOREIGN.
  */
-bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, char **foreign,
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
+                        const char *scratch_dir, char **foreign,
                         GError **error);
 
 /* ---- where the data goes (target.c) ---- */

@@ -253,6 +253,7 @@ static bool recover(Pull *p, GError **error)
 
         g_autofree char *final = NULL;
         g_autofree char *partial = NULL;
+        const char *scratch_dir;
 
         if (g_strcmp0(qmp_json_string(m, "status"), "in-progress") != 0) {
             continue;
@@ -277,8 +278,11 @@ static bool recover(Pull *p, GError **error)
             unlink(partial);
             continue;
         }
-        if (!fleece_cleanup_tag(p->qmp, qmp_json_string(m, "id"), &foreign,
-                                error)) {
+        scratch_dir = qmp_json_string(m, "scratch_dir")
+                          ? qmp_json_string(m, "scratch_dir")
+                          : p->scratch_dir;
+        if (!fleece_cleanup_tag(p->qmp, qmp_json_string(m, "id"), scratch_dir,
+                                &foreign, error)) {
             g_prefix_error(error, "cleaning up after backup '%s': ",
                            qmp_json_string(m, "id"));
             return false;
@@ -294,10 +298,8 @@ static bool recover(Pull *p, GError **error)
                 error, "rolling back backup '%s': ", qmp_json_string(m, "id"));
             return false;
         }
-        remove_scratch_files(qmp_json_string(m, "scratch_dir")
-                                 ? qmp_json_string(m, "scratch_dir")
-                                 : p->scratch_dir,
-                             qmp_json_string(m, "id"));
+        /* the nodes may be gone (QEMU restarted) while files stay */
+        remove_scratch_files(scratch_dir, qmp_json_string(m, "id"));
         remove_new_files(m, p->repo);
         mark_failed(p->repo, m,
                     "interrupted: qbk-pull did not finish; "
@@ -838,7 +840,7 @@ static bool prepare(Pull *p, GError **error)
     if (!recover(p, error)) {
         return false;
     }
-    if (!fleece_cleanup_tag(p->qmp, NULL, &foreign, error)) {
+    if (!fleece_cleanup_tag(p->qmp, NULL, NULL, &foreign, error)) {
         return false;
     }
     if (foreign) {
