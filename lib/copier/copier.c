@@ -12,6 +12,7 @@
  * first failure. Memory: requests x chunk size, plus one window of extents.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -23,8 +24,10 @@ G_DEFINE_QUARK(qbk-copier-error-quark, copier_error)
 /* clang-format on */
 
 #define WINDOW_BYTES (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
-#define TICK_MS      50                            /* cancel/rate/stall */
+#define TICK_MS      10 /* cancel, rate, stall, notices, pacing */
 #define PROGRESS_US  (250 * 1000)
+#define PACING_US    (100 * 1000) /* one pacing decision per period */
+#define MAX_RELEASES 64           /* trims in flight at once */
 
 typedef enum {
     REQ_IDLE,
@@ -42,6 +45,7 @@ typedef struct {
     Chunk chunk;               /* what this request works on */
     guint8 *buf;               /* chunk_size bytes, owned */
     int error;                 /* errno from the last completion, 0 if none */
+    gint64 read_start_us;
 } Request;
 
 struct Copier {
@@ -68,7 +72,27 @@ struct Copier {
     int bs_error;
     GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */
     GArray *bs_dirty;
-    GQueue chunks; /* Chunk*, planned and not started */
+    ChunkQueue *queue; /* planned and not started */
+    GQueue releases;   /* Chunk*: planned as not needed, to trim */
+    guint releases_in_flight;
+
+    /* guest-write notices: sweeps of the notice export's map */
+    struct nbd_handle *notice;
+    GSource *notice_source;
+    bool notice_depth;     /* the context is qemu:allocation-depth */
+    bool notice_in_flight; /* a block status call is out */
+    bool notice_done;      /* ... and its answer is in */
+    int notice_error;
+    guint64 notice_pos;     /* where the sweep goes on */
+    gint64 next_sweep_us;   /* when the next sweep starts */
+    GArray *notice_extents; /* uint32 pairs of the answer */
+
+    /* pacing */
+    guint window;                       /* requests allowed in flight */
+    guint64 paced_reads, paced_read_us; /* this period */
+    gint64 pacing_since_us;
+    double window_integral; /* window x seconds */
+    guint64 all_reads, all_read_us;
 
     /* the requests */
     Request *reqs;
@@ -95,6 +119,9 @@ void copier_options_init(CopierOptions *opts)
         .digest_fd = -1,
         .digest_parent_fd = -1,
         .stall_seconds = 60,
+        .notice_ms = 20,
+        .notice_radius = 4 * 1024 * 1024,
+        .trace_fd = -1,
     };
 }
 
@@ -164,6 +191,194 @@ static int bs_done_cb(void *opaque, int *error)
     c->bs_error = *error;
     c->bs_done = true;
     return 1;
+}
+
+G_GNUC_PRINTF(2, 3)
+static void trace(Copier *c, const char *fmt, ...)
+{
+    g_autofree char *line = NULL;
+    va_list ap;
+
+    if (c->opts.trace_fd < 0) {
+        return;
+    }
+    va_start(ap, fmt);
+    line = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    dprintf(c->opts.trace_fd, "%" G_GINT64_FORMAT "000 %s\n",
+            g_get_monotonic_time(), line);
+}
+
+/* ---- release: trim what is copied, so QEMU can forget it ---- */
+
+static int release_done(void *opaque, int *error)
+{
+    Copier *c = opaque;
+
+    c->releases_in_flight--;
+    if (*error) {
+        c->stats.release_errors++;
+    }
+    return 1;
+}
+
+static void release(Copier *c, guint64 offset, guint64 length)
+{
+    if (!c->opts.release || length == 0) {
+        return;
+    }
+    if (nbd_aio_trim(c->src, length, offset,
+                     (nbd_completion_callback){ .callback = release_done,
+                                                .user_data = c },
+                     0) < 0) {
+        c->stats.release_errors++;
+        return;
+    }
+    c->releases_in_flight++;
+    c->stats.bytes_released += length;
+    trace(c, "release %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT, offset,
+          length);
+}
+
+/* Trim the regions planning found need no copy, a few at a time. */
+static void release_planned(Copier *c)
+{
+    while (c->releases_in_flight < MAX_RELEASES) {
+        Chunk *r = g_queue_pop_head(&c->releases);
+
+        if (!r) {
+            return;
+        }
+        release(c, r->offset, r->length);
+        g_free(r);
+    }
+}
+
+/* ---- guest-write notices ---- */
+
+static int notice_extent_cb(void *opaque, const char *context, uint64_t offset,
+                            uint32_t *entries, size_t n, int *error)
+{
+    Copier *c = opaque;
+
+    if (strcmp(context, c->opts.notice_context) == 0 &&
+        c->notice_extents->len == 0) {
+        g_array_append_vals(c->notice_extents, entries, n);
+    }
+    return 0;
+}
+
+static int notice_done_cb(void *opaque, int *error)
+{
+    Copier *c = opaque;
+
+    c->notice_error = *error;
+    c->notice_done = true;
+    return 1;
+}
+
+static void start_notice(Copier *c)
+{
+    guint64 len = MIN(WINDOW_BYTES * 4, c->size - c->notice_pos);
+
+    g_array_set_size(c->notice_extents, 0);
+    c->notice_done = false;
+    c->notice_error = 0;
+    if (nbd_aio_block_status(c->notice, len, c->notice_pos,
+                             (nbd_extent_callback){
+                                 .callback = notice_extent_cb, .user_data = c },
+                             (nbd_completion_callback){
+                                 .callback = notice_done_cb, .user_data = c },
+                             0) < 0) {
+        fail(c, COPIER_ERROR_READ, "notice map at %" G_GUINT64_FORMAT ": %s",
+             c->notice_pos, nbd_get_error());
+        return;
+    }
+    c->notice_in_flight = true;
+}
+
+/* What the guest wrote goes next, then its neighbourhood. */
+static void finish_notice(Copier *c)
+{
+    const uint32_t *e = (const uint32_t *)c->notice_extents->data;
+    guint64 pos = c->notice_pos;
+
+    c->notice_in_flight = false;
+    if (c->notice_error || c->notice_extents->len == 0) {
+        fail(c, COPIER_ERROR_READ,
+             "the notice map at %" G_GUINT64_FORMAT " failed: %s",
+             c->notice_pos,
+             c->notice_error ? g_strerror(c->notice_error) : "no extents");
+        return;
+    }
+    for (guint i = 0; i + 1 < c->notice_extents->len && pos < c->size; i += 2) {
+        guint64 len = MIN(e[i], c->size - pos);
+        bool written =
+            c->notice_depth ? e[i + 1] == 1 : !(e[i + 1] & LIBNBD_STATE_HOLE);
+
+        if (written) {
+            guint64 r = c->opts.notice_radius;
+            guint64 lo = pos > r ? pos - r : 0;
+            guint64 hi = MIN(pos + len + r, c->size);
+            guint64 hot = chunk_queue_bump(c->queue, pos, len, 2);
+
+            hot += chunk_queue_bump(c->queue, lo, hi - lo, 1);
+            if (hot) {
+                c->stats.notices++;
+                c->stats.bytes_bumped += hot;
+                trace(c, "notice %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT, pos,
+                      len);
+            }
+        }
+        pos += len;
+    }
+    c->notice_pos = pos >= c->size ? 0 : pos;
+    if (c->notice_pos == 0) {
+        c->next_sweep_us = g_get_monotonic_time() + c->opts.notice_ms * 1000;
+    }
+}
+
+static void step_notices(Copier *c)
+{
+    if (!c->notice) {
+        return;
+    }
+    if (c->notice_in_flight && c->notice_done) {
+        finish_notice(c);
+    }
+    if (!c->error && !c->notice_in_flight && !chunk_queue_is_empty(c->queue) &&
+        (c->notice_pos > 0 || g_get_monotonic_time() >= c->next_sweep_us)) {
+        start_notice(c);
+    }
+}
+
+/* ---- pacing: AIMD on the requests in flight ---- */
+
+static void step_pacing(Copier *c, gint64 now)
+{
+    double mean_us;
+
+    if (!c->opts.latency_target_us || now - c->pacing_since_us < PACING_US) {
+        return;
+    }
+    c->window_integral += c->window * (now - c->pacing_since_us) / 1e6;
+    c->pacing_since_us = now;
+    if (c->paced_reads == 0) {
+        return;
+    }
+    mean_us = (double)c->paced_read_us / c->paced_reads;
+    c->paced_reads = c->paced_read_us = 0;
+    if (mean_us > c->opts.latency_target_us && c->window > 1) {
+        c->window = MAX(1, c->window / 2);
+        c->stats.pacing_cuts++;
+    } else if (mean_us < c->opts.latency_target_us && c->window < c->nreqs) {
+        c->window++;
+    } else {
+        return;
+    }
+    c->stats.window_min = MIN(c->stats.window_min, c->window);
+    c->stats.window_max = MAX(c->stats.window_max, c->window);
+    trace(c, "window %u %.0f", c->window, mean_us);
 }
 
 /* ---- digests ---- */
@@ -248,8 +463,37 @@ static void finish_block_status(Copier *c)
                      c->bs_alloc->len / 2,
                      c->bitmap_context ? (uint32_t *)c->bs_dirty->data : NULL,
                      c->bs_dirty->len / 2, &end);
-    c->stats.bytes_skipped +=
-        plan_chunks(regions, c->size, c->opts.chunk_size, &c->chunks);
+    {
+        GQueue planned = G_QUEUE_INIT;
+        Chunk *ch;
+
+        c->stats.bytes_skipped +=
+            plan_chunks(regions, c->size, c->opts.chunk_size, &planned);
+        while ((ch = g_queue_pop_head(&planned))) {
+            chunk_queue_push(c->queue, ch->offset, ch->length, ch->zero);
+            g_free(ch);
+        }
+    }
+    if (c->opts.release) {
+        /* Not to be copied: release now, in whole blocks only (a partial
+         * block's other part may be copied). */
+        for (guint i = 0; i < regions->len; i++) {
+            const Region *r = &g_array_index(regions, Region, i);
+            guint64 s = r->offset + COPIER_BLOCK_SIZE - 1;
+            guint64 e = r->offset + r->length;
+
+            s -= s % COPIER_BLOCK_SIZE;
+            if (e != c->size) {
+                e -= e % COPIER_BLOCK_SIZE;
+            }
+            if (r->kind == REGION_SKIP && s < e) {
+                Chunk *rel = g_new(Chunk, 1);
+
+                *rel = (Chunk){ .offset = s, .length = e - s };
+                g_queue_push_tail(&c->releases, rel);
+            }
+        }
+    }
     c->plan_pos = end;
     c->last_activity_us = g_get_monotonic_time();
 }
@@ -307,14 +551,11 @@ static void start_write(Copier *c, Request *r, bool zero)
 /* Give an idle request its next chunk. Returns false if there is none. */
 static bool start_next(Copier *c, Request *r)
 {
-    Chunk *chunk = g_queue_peek_head(&c->chunks);
-
-    if (!chunk || (!chunk->zero && !rate_allows(c, chunk->length))) {
+    if (c->active >= c->window || chunk_queue_is_empty(c->queue) ||
+        !rate_allows(c, c->opts.chunk_size)) {
         return false;
     }
-    g_queue_pop_head(&c->chunks);
-    r->chunk = *chunk;
-    g_free(chunk);
+    chunk_queue_pop(c->queue, &r->chunk);
     r->error = 0;
 
     if (r->chunk.zero) {
@@ -324,6 +565,7 @@ static bool start_next(Copier *c, Request *r)
         if (c->opts.target_zeroed) {
             c->stats.bytes_skipped += r->chunk.length;
             c->stats.bytes_done += r->chunk.length;
+            release(c, r->chunk.offset, r->chunk.length);
             return true; /* nothing to send; still idle */
         }
         c->active++;
@@ -332,6 +574,7 @@ static bool start_next(Copier *c, Request *r)
     }
     c->active++;
     r->state = REQ_READING;
+    r->read_start_us = g_get_monotonic_time();
     c->read_started += r->chunk.length;
     if (nbd_aio_pread(
             r->reader, r->buf, r->chunk.length, r->chunk.offset,
@@ -348,6 +591,10 @@ static void step_request(Copier *c, Request *r)
     switch (r->state) {
     case REQ_READ_DONE:
         c->last_activity_us = g_get_monotonic_time();
+        c->paced_reads++;
+        c->paced_read_us += c->last_activity_us - r->read_start_us;
+        c->all_reads++;
+        c->all_read_us += c->last_activity_us - r->read_start_us;
         if (r->error) {
             fail(c, COPIER_ERROR_READ,
                  "reading %" G_GUINT64_FORMAT "+%" G_GUINT64_FORMAT
@@ -364,6 +611,7 @@ static void step_request(Copier *c, Request *r)
                 /* read, found zero: nothing to write on a zeroed target */
                 c->stats.bytes_skipped += r->chunk.length;
                 c->stats.bytes_done += r->chunk.length;
+                release(c, r->chunk.offset, r->chunk.length);
                 r->state = REQ_IDLE;
                 c->active--;
                 return;
@@ -389,12 +637,18 @@ static void step_request(Copier *c, Request *r)
             c->stats.bytes_written += r->chunk.length;
         }
         c->stats.bytes_done += r->chunk.length;
+        release(c, r->chunk.offset, r->chunk.length);
         r->state = REQ_IDLE;
         c->active--;
         return;
     default:
         return;
     }
+}
+
+static double now_seconds(Copier *c)
+{
+    return (g_get_monotonic_time() - c->start_us) / 1e6;
 }
 
 static void report(Copier *c, bool final)
@@ -434,7 +688,9 @@ static gboolean pump(gpointer data)
             fail(c, COPIER_ERROR_READ, "the source NBD server went away");
         }
     }
-    if (nbd_aio_is_dead(c->src) || nbd_aio_is_closed(c->src)) {
+    if (nbd_aio_is_dead(c->src) || nbd_aio_is_closed(c->src) ||
+        (c->notice &&
+         (nbd_aio_is_dead(c->notice) || nbd_aio_is_closed(c->notice)))) {
         fail(c, COPIER_ERROR_READ, "the source NBD server went away");
     }
     if (c->dst && (nbd_aio_is_dead(c->dst) || nbd_aio_is_closed(c->dst))) {
@@ -447,19 +703,26 @@ static gboolean pump(gpointer data)
     if (!c->error && c->bs_in_flight && c->bs_done) {
         finish_block_status(c);
     }
+    if (!c->error) {
+        step_notices(c);
+        step_pacing(c, now);
+        release_planned(c);
+    }
     for (guint i = 0; !c->error && i < c->nreqs; i++) {
         Request *r = &c->reqs[i];
 
         while (!c->error && r->state == REQ_IDLE && start_next(c, r)) {
         }
     }
-    /* Plan ahead so that requests never wait for block status. */
-    if (!c->error && !c->bs_in_flight && c->plan_pos < c->size &&
-        g_queue_get_length(&c->chunks) < c->nreqs * 2) {
+    /* Plan the whole disk ahead (memory follows its extents), so that
+     * requests never wait for block status and notices can reach any
+     * region still to copy. */
+    if (!c->error && !c->bs_in_flight && c->plan_pos < c->size) {
         start_block_status(c);
     }
     if (!c->error && !c->flushing && c->plan_pos >= c->size &&
-        !c->bs_in_flight && g_queue_is_empty(&c->chunks) && c->active == 0) {
+        !c->bs_in_flight && chunk_queue_is_empty(c->queue) && c->active == 0 &&
+        g_queue_is_empty(&c->releases) && c->releases_in_flight == 0) {
         c->flushing = true;
         if (c->file) {
             g_autoptr(GError) err = NULL;
@@ -515,7 +778,16 @@ static void copier_free(Copier *c)
         free(c->reqs[i].buf);
     }
     g_free(c->reqs);
-    g_queue_clear_full(&c->chunks, g_free);
+    chunk_queue_free(c->queue);
+    g_queue_clear_full(&c->releases, g_free);
+    if (c->notice_source) {
+        g_source_destroy(c->notice_source);
+        g_source_unref(c->notice_source);
+    }
+    nbd_close(c->notice);
+    if (c->notice_extents) {
+        g_array_unref(c->notice_extents);
+    }
     if (c->bs_alloc) {
         g_array_unref(c->bs_alloc);
         g_array_unref(c->bs_dirty);
@@ -555,7 +827,9 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     }
     c->ctx = g_main_context_new();
     c->loop = g_main_loop_new(c->ctx, FALSE);
-    g_queue_init(&c->chunks);
+    c->queue = chunk_queue_new(c->opts.chunk_size);
+    g_queue_init(&c->releases);
+    c->notice_extents = g_array_new(FALSE, FALSE, sizeof(uint32_t));
     c->bs_alloc = g_array_new(FALSE, FALSE, sizeof(uint32_t));
     c->bs_dirty = g_array_new(FALSE, FALSE, sizeof(uint32_t));
 
@@ -613,6 +887,40 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
         }
     }
     c->size = c->stats.size = src_size;
+    if (c->opts.release &&
+        (nbd_is_read_only(c->src) == 1 || nbd_can_trim(c->src) != 1)) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "cannot release copied regions: the source export is "
+                    "read-only or cannot trim");
+        return false;
+    }
+    if (c->opts.notices) {
+        const char *nctx[2] = { c->opts.notice_context, NULL };
+
+        if (!c->opts.notice_context) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "guest-write notices need a map context");
+            return false;
+        }
+        c->notice = nbd_source_connect(c->opts.notices, nctx, c->ctx, pump, c,
+                                       &c->notice_source, error);
+        if (!c->notice) {
+            return false;
+        }
+        if (nbd_can_meta_context(c->notice, c->opts.notice_context) != 1) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "the notice export has no '%s' map",
+                        c->opts.notice_context);
+            return false;
+        }
+        if (nbd_get_size(c->notice) != src_size) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "the notice export's size is not the source's");
+            return false;
+        }
+        c->notice_depth =
+            strcmp(c->opts.notice_context, "qemu:allocation-depth") == 0;
+    }
     if (c->opts.digest_fd >= 0 &&
         !copier_digests_init(c->opts.digest_fd, c->size,
                              c->opts.digest_parent_fd, error)) {
@@ -623,6 +931,9 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
                         c->zero_tail_digest);
 
     c->nreqs = c->opts.requests;
+    /* Pacing starts half open and finds its level within a second. */
+    c->window = c->opts.latency_target_us ? MAX(1, c->nreqs / 2) : c->nreqs;
+    c->stats.window_min = c->stats.window_max = c->window;
     c->reqs = g_new0(Request, c->nreqs);
     for (guint i = 0; i < c->nreqs; i++) {
         c->reqs[i].reader = c->readers[i % c->nreaders];
@@ -640,11 +951,23 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     g_source_attach(c->tick, c->ctx);
 
     c->start_us = c->last_activity_us = g_get_monotonic_time();
+    c->pacing_since_us = c->start_us;
     c->last_progress_us = 0;
     pump(c);
     if (!c->error && !c->flushed) {
         g_main_loop_run(c->loop);
     }
+    if (c->opts.latency_target_us) {
+        gint64 now = g_get_monotonic_time();
+
+        c->window_integral += c->window * (now - c->pacing_since_us) / 1e6;
+    }
+    c->stats.window_mean = c->window;
+    if (c->opts.latency_target_us && now_seconds(c) > 0) {
+        c->stats.window_mean = c->window_integral / now_seconds(c);
+    }
+    c->stats.read_ms_mean =
+        c->all_reads ? c->all_read_us / 1e3 / c->all_reads : 0;
     report(c, true);
     if (stats) {
         *stats = c->stats;

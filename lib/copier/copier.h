@@ -56,6 +56,15 @@ typedef struct {
     guint64 bytes_skipped; /* not dirty, or zero on a zeroed target */
     guint64 bytes_done;    /* of size: accounted for so far */
     double seconds;        /* wall time of the copy */
+    /* guest-write notices, release, pacing (zero when not asked for) */
+    guint64 notices;              /* written extents seen in the notice map */
+    guint64 bytes_bumped;         /* moved ahead in the queue by notices */
+    guint64 bytes_released;       /* trimmed on the source after copying */
+    guint64 release_errors;       /* trims the source refused (not fatal) */
+    double read_ms_mean;          /* mean latency of a read request */
+    guint window_min, window_max; /* requests allowed in flight (pacing) */
+    double window_mean;           /* time-weighted */
+    guint pacing_cuts;            /* times the window was cut */
 } CopierStats;
 
 typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
@@ -81,6 +90,32 @@ typedef struct {
                               stop the copy; may be NULL */
     CopierProgress progress; /* called at most every 250 ms, and at the end */
     void *progress_opaque;
+
+    /*
+     * Guest-write notices: NOTICES is an export whose NOTICE_CONTEXT map
+     * shows where the guest wrote since the point in time ("base:allocation"
+     * of a scratch image: allocated = written; "qemu:allocation-depth" of a
+     * scheme-A fleecing export: depth 1 = written). It is swept every
+     * NOTICE_MS; what the guest wrote is copied next, then what lies within
+     * NOTICE_RADIUS of it (guests write with locality).
+     */
+    const CopierEndpoint *notices;
+    const char *notice_context;
+    guint notice_ms;       /* default 20 */
+    guint64 notice_radius; /* bytes each side; default 4 MiB */
+    /* Trim the source once a region is in the target, and regions that
+     * need no copy once planned: on a snapshot-access export this frees
+     * QEMU's scratch space and ends copy-before-write there. A released
+     * region can never be read again. */
+    bool release;
+    /* Guest-aware pacing: keep the mean read latency near this many
+     * microseconds by cutting the requests in flight in half when above
+     * and adding one when below (0: off). Reads wait in the same queue as
+     * the guest's I/O, so their latency is what the guest feels. */
+    guint latency_target_us;
+    /* -1, or a file receiving text lines "NS EVENT OFFSET LENGTH" (events:
+     * release, notice, window), NS on CLOCK_MONOTONIC, for benchmarks. */
+    int trace_fd;
 } CopierOptions;
 
 #define COPIER_MAX_CONNECTIONS 8

@@ -53,6 +53,39 @@ GArray *plan_regions(guint64 start, guint64 size, const uint32_t *alloc,
 guint64 plan_chunks(GArray *regions, guint64 size, guint64 chunk_size,
                     GQueue *chunks);
 
+/* ---- the work queue (queue.c) ---- */
+
+/*
+ * What is left to copy, taken chunk by chunk: hot ranges first (higher
+ * level, then newer bump, then lower offset), then the rest in offset
+ * order. Memory follows the number of ranges, not the disk's size.
+ */
+typedef struct ChunkQueue ChunkQueue;
+
+ChunkQueue *chunk_queue_new(guint64 chunk_size);
+void chunk_queue_free(ChunkQueue *q);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(ChunkQueue, chunk_queue_free)
+
+/* Add [OFFSET, OFFSET + LENGTH), block aligned, after everything pushed
+ * so far (a part that overlaps what was pushed is dropped). */
+void chunk_queue_push(ChunkQueue *q, guint64 offset, guint64 length, bool zero);
+
+/* Take the next chunk (at most the chunk size; zeros up to 64 times that).
+ * Returns false when the queue is empty. */
+bool chunk_queue_pop(ChunkQueue *q, Chunk *out);
+
+/*
+ * Make what is still queued in [OFFSET, OFFSET + LENGTH) (widened to whole
+ * blocks) hot at LEVEL (> 0), newer than every earlier bump; parts already
+ * at LEVEL or hotter keep their place. Returns the bytes that got hotter.
+ */
+guint64 chunk_queue_bump(ChunkQueue *q, guint64 offset, guint64 length,
+                         guint level);
+
+guint64 chunk_queue_bytes(const ChunkQueue *q);
+bool chunk_queue_is_empty(const ChunkQueue *q);
+guint chunk_queue_entries(const ChunkQueue *q); /* ranges held */
+
 /* ---- a libnbd handle on a GMainContext (nbd-source.c) ---- */
 
 /*
