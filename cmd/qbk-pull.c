@@ -3,6 +3,8 @@
  * one instant, full or incremental per disk, into a repository of qcow2
  * chains and JSON manifests.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -22,6 +24,11 @@ static char *opt_format;
 static char *opt_nbd_server;
 static gint opt_requests;
 static gboolean opt_sequential;
+static char *opt_fleece;
+static gboolean opt_no_notices;
+static gboolean opt_no_release;
+static double opt_latency_ms;
+static char *opt_trace;
 static gint64 opt_chunk;
 static char *opt_rate;
 static gint opt_progress_fd = -1;
@@ -58,8 +65,32 @@ static GOptionEntry entries[] = {
     { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
       "copier requests in flight (default 16)", "N" },
     { "sequential", 0, 0, G_OPTION_ARG_NONE, &opt_sequential,
-      "copy with one request at a time in ascending order (the baseline)",
+      "copy with one request at a time in ascending order, no notices "
+      "(the baseline)",
       NULL },
+    { "fleece", 0, 0, G_OPTION_ARG_STRING, &opt_fleece,
+      "how the point in time is kept: B (copy-before-write + "
+      "snapshot-access, QEMU >= 7.1: copied regions are released, so the "
+      "scratch image stays small and the guest stops paying for copies "
+      "there), A (backup job + scratch image backed by the disk), or auto "
+      "(default: B when QEMU and every disk allow it)",
+      "A|B|auto" },
+    { "no-notices", 0, 0, G_OPTION_ARG_NONE, &opt_no_notices,
+      "copy in offset order only: don't copy first the regions the guest "
+      "writes during the backup (and their neighbourhood)",
+      NULL },
+    { "no-release", 0, 0, G_OPTION_ARG_NONE, &opt_no_release,
+      "scheme B: keep copied regions in the scratch image until the end",
+      NULL },
+    { "guest-latency-target", 0, 0, G_OPTION_ARG_DOUBLE, &opt_latency_ms,
+      "pace the copy: halve the requests in flight when their mean latency "
+      "(which the guest's I/O shares) is above MS milliseconds, add one "
+      "when below; the result is in the manifest (disks[].copier.pacing)",
+      "MS" },
+    { "trace", 0, 0, G_OPTION_ARG_FILENAME, &opt_trace,
+      "write the copier's events (release, notice, window) to FILE, one "
+      "line each with a CLOCK_MONOTONIC time in ns (for benchmarks)",
+      "FILE" },
     { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &opt_chunk,
       "copier bytes per request, a multiple of 64 KiB (default 1 MiB)",
       "BYTES" },
@@ -256,6 +287,7 @@ int main(int argc, char **argv)
     g_autoptr(QmpClient) qmp = NULL;
     struct sigaction sa = { .sa_handler = on_signal };
     BackupOptions opts;
+    int trace_fd = -1; /* closed at exit */
     json_object *manifest;
 
     g_set_prgname("qbk-pull");
@@ -325,6 +357,32 @@ int main(int argc, char **argv)
     opts.format = opt_format;
     opts.nbd_server = opt_nbd_server;
     opts.requests = opt_sequential ? 1 : opt_requests;
+    opts.no_notices = opt_no_notices || opt_sequential;
+    opts.no_release = opt_no_release;
+    if (!opt_fleece || g_ascii_strcasecmp(opt_fleece, "auto") == 0) {
+        opts.fleece = BACKUP_FLEECE_AUTO;
+    } else if (g_ascii_strcasecmp(opt_fleece, "a") == 0) {
+        opts.fleece = BACKUP_FLEECE_A;
+    } else if (g_ascii_strcasecmp(opt_fleece, "b") == 0) {
+        opts.fleece = BACKUP_FLEECE_B;
+    } else {
+        cmd_error("--fleece must be A, B or auto");
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_latency_ms < 0 || opt_latency_ms > 60000) {
+        cmd_error("--guest-latency-target must be between 0 and 60000 ms");
+        return QBK_EXIT_USAGE;
+    }
+    opts.latency_target_us = (guint)(opt_latency_ms * 1000);
+    if (opt_trace) {
+        trace_fd =
+            open(opt_trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (trace_fd < 0) {
+            cmd_error("cannot write '%s': %s", opt_trace, g_strerror(errno));
+            return QBK_EXIT_USAGE;
+        }
+        opts.trace_fd = trace_fd;
+    }
     opts.chunk_size = opt_chunk;
     opts.cancel = &cancel_flag;
     opts.progress = on_progress;

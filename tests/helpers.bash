@@ -273,6 +273,8 @@ assert_clean() {
     # the device is attached to its own node again, not to a filter
     [ "$(qmp query-block | jq -r '.[] | select(.qdev |
         startswith("/machine/peripheral/disk0/")) | .inserted."node-name"')" = disk0-fmt ]
+    [ "$(qmp query-block | jq '[.[] | select(.inserted."node-name" // "" |
+        startswith("qbk-"))] | length')" -eq 0 ]
 }
 
 # manifest_field NAME DISK FIELD

@@ -99,8 +99,9 @@ teardown() {
     random_writes 3 disk0 disk1
     kill -KILL "$pid"
     wait "$pid" || true
-    # What it left: a job in QEMU and a partial manifest.
-    [ "$(qmp query-jobs | jq length)" -gt 0 ]
+    # What it left: fleecing nodes in QEMU and a partial manifest.
+    [ "$(qmp query-named-block-nodes '{"flat": true}' |
+        jq '[.[] | select(."node-name" | startswith("qbk-"))] | length')" -gt 0 ]
     ls "$T"/repo/backups/*.partial.json
     random_writes 3 disk0 disk1
     pull_with_writes after "disk0 disk1"

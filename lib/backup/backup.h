@@ -46,6 +46,14 @@ typedef enum {
 const char *backup_mode_name(BackupMode mode);
 bool backup_mode_parse(const char *text, BackupMode *mode);
 
+/* How the point in time is kept (DESIGN.md, "Fleecing"). */
+typedef enum {
+    BACKUP_FLEECE_AUTO, /* B where QEMU and the disks allow it, else A */
+    BACKUP_FLEECE_A,    /* backup job + scratch with the disk as backing */
+    BACKUP_FLEECE_B,    /* copy-before-write + snapshot-access: copied
+                           regions are released as the copy goes */
+} BackupFleece;
+
 typedef struct {
     const char *disk;   /* being copied */
     guint index, count; /* which of how many disks */
@@ -67,6 +75,11 @@ typedef struct {
     guint requests;          /* copier requests in flight (0: default) */
     guint64 chunk_size;      /* copier chunk size (0: default) */
     guint64 rate_limit;      /* bytes/s read from the VM; 0: unlimited */
+    BackupFleece fleece;
+    bool no_notices;         /* don't copy what the guest writes first */
+    bool no_release;         /* scheme B: keep copied regions in scratch */
+    guint latency_target_us; /* guest-aware pacing (0: off) */
+    int trace_fd;            /* copier trace (benchmarks), or -1 */
     volatile gint *cancel;   /* set by a signal handler to stop */
     BackupProgressFn progress;
     void *progress_opaque;

@@ -29,6 +29,9 @@ FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
     fd->filter = g_strdup_printf("qbk-f%u-%s", index, tag);
     fd->job = g_strdup_printf("qbk-j%u-%s", index, tag);
     fd->export_ = g_strdup_printf("qbk-e%u-%s", index, tag);
+    fd->cbw = g_strdup_printf("qbk-c%u-%s", index, tag);
+    fd->access = g_strdup_printf("qbk-a%u-%s", index, tag);
+    fd->notice_export = g_strdup_printf("qbk-x%u-%s", index, tag);
     base = g_strdup_printf("%s.scratch.qcow2", fd->scratch);
     fd->file = g_build_filename(scratch_dir, base, NULL);
     return fd;
@@ -46,6 +49,11 @@ void fleece_disk_free(FleeceDisk *fd)
     g_free(fd->job);
     g_free(fd->export_);
     g_free(fd->file);
+    g_free(fd->cbw);
+    g_free(fd->access);
+    g_free(fd->notice_export);
+    g_free(fd->qom);
+    g_free(fd->root);
     g_free(fd);
 }
 
@@ -77,11 +85,79 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
     json_object_object_add(args, "node-name",
                            json_object_new_string(fd->scratch));
     json_object_object_add(args, "file", file);
-    json_object_object_add(args, "backing", json_object_new_string(fd->node));
+    if (fd->scheme_b) {
+        /* released clusters go back to the file system */
+        json_object_object_add(file, "discard",
+                               json_object_new_string("unmap"));
+        json_object_object_add(args, "discard",
+                               json_object_new_string("unmap"));
+    } else {
+        json_object_object_add(args, "backing",
+                               json_object_new_string(fd->node));
+    }
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,
                        "cannot add scratch node for disk '%s': ", fd->disk);
         unlink(fd->file);
+        return false;
+    }
+    return true;
+}
+
+bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error)
+{
+    json_object *args = json_object_new_object();
+
+    json_object_object_add(args, "driver",
+                           json_object_new_string("copy-before-write"));
+    json_object_object_add(args, "node-name", json_object_new_string(fd->cbw));
+    json_object_object_add(args, "file", json_object_new_string(fd->root));
+    json_object_object_add(args, "target", json_object_new_string(fd->scratch));
+    /* A slow or failing copy breaks the snapshot (our reads fail), never
+     * the guest's write. */
+    json_object_object_add(args, "on-cbw-error",
+                           json_object_new_string("break-snapshot"));
+    json_object_object_add(args, "cbw-timeout", json_object_new_int(60));
+    if (!qmp_run(qmp, "blockdev-add", args, error)) {
+        g_prefix_error(error,
+                       "cannot add the copy-before-write filter of "
+                       "disk '%s': ",
+                       fd->disk);
+        return false;
+    }
+    return true;
+}
+
+static bool set_drive(QmpClient *qmp, const char *qom, const char *node,
+                      GError **error)
+{
+    json_object *args = json_object_new_object();
+
+    json_object_object_add(args, "path", json_object_new_string(qom));
+    json_object_object_add(args, "property", json_object_new_string("drive"));
+    json_object_object_add(args, "value", json_object_new_string(node));
+    return qmp_run(qmp, "qom-set", args, error);
+}
+
+bool fleece_b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error)
+{
+    json_object *args;
+
+    if (!set_drive(qmp, fd->qom, fd->cbw, error)) {
+        g_prefix_error(error,
+                       "cannot put the filter under disk '%s': ", fd->disk);
+        return false;
+    }
+    args = json_object_new_object();
+    json_object_object_add(args, "driver",
+                           json_object_new_string("snapshot-access"));
+    json_object_object_add(args, "node-name",
+                           json_object_new_string(fd->access));
+    json_object_object_add(args, "file", json_object_new_string(fd->cbw));
+    json_object_object_add(args, "discard", json_object_new_string("unmap"));
+    if (!qmp_run(qmp, "blockdev-add", args, error)) {
+        g_prefix_error(error,
+                       "cannot add the snapshot of disk '%s': ", fd->disk);
         return false;
     }
     return true;
@@ -136,12 +212,16 @@ bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
 
     json_object_object_add(args, "type", json_object_new_string("nbd"));
     json_object_object_add(args, "id", json_object_new_string(fd->export_));
-    json_object_object_add(args, "node-name",
-                           json_object_new_string(fd->scratch));
+    json_object_object_add(
+        args, "node-name",
+        json_object_new_string(fd->scheme_b ? fd->access : fd->scratch));
     json_object_object_add(args, "name", json_object_new_string(fd->disk));
-    json_object_object_add(args, "writable", json_object_new_boolean(0));
+    /* B: writable only so that trims (releases) reach snapshot-access,
+     * which refuses writes */
+    json_object_object_add(args, "writable",
+                           json_object_new_boolean(fd->scheme_b));
     json_object_object_add(args, "allocation-depth",
-                           json_object_new_boolean(1));
+                           json_object_new_boolean(!fd->scheme_b));
     if (bitmap) {
         json_object *list = json_object_new_array();
         json_object *ref = json_object_new_object();
@@ -153,6 +233,23 @@ bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
     }
     if (!qmp_run(qmp, "block-export-add", args, error)) {
         g_prefix_error(error, "cannot export disk '%s': ", fd->disk);
+        return false;
+    }
+    if (!fd->scheme_b) {
+        return true;
+    }
+    args = json_object_new_object();
+    json_object_object_add(args, "type", json_object_new_string("nbd"));
+    json_object_object_add(args, "id",
+                           json_object_new_string(fd->notice_export));
+    json_object_object_add(args, "node-name",
+                           json_object_new_string(fd->scratch));
+    json_object_object_add(args, "name",
+                           json_object_new_string(fd->notice_export));
+    json_object_object_add(args, "writable", json_object_new_boolean(0));
+    if (!qmp_run(qmp, "block-export-add", args, error)) {
+        g_prefix_error(
+            error, "cannot export the scratch image of disk '%s': ", fd->disk);
         return false;
     }
     return true;
@@ -222,26 +319,63 @@ static void keep_first(GError **first, const char *fmt, ...)
     }
 }
 
+static void export_del(QmpClient *qmp, GHashTable *present, const char *id,
+                       GError **first)
+{
+    g_autoptr(GError) err = NULL;
+    json_object *args, *ev;
+
+    if (!g_hash_table_contains(present, id)) {
+        return;
+    }
+    args = json_object_new_object();
+    json_object_object_add(args, "id", json_object_new_string(id));
+    json_object_object_add(args, "mode", json_object_new_string("hard"));
+    if (qmp_run(qmp, "block-export-del", args, &err)) {
+        ev = qmp_wait_event(qmp, "BLOCK_EXPORT_DELETED", has_id, (void *)id,
+                            EVENT_TIMEOUT_MS, &err);
+        json_object_put(ev);
+    }
+    if (err) {
+        keep_first(first, "removing export '%s': %s", id, err->message);
+    }
+}
+
+static void node_del(QmpClient *qmp, GHashTable *present, const char *node,
+                     GError **first)
+{
+    g_autoptr(GError) err = NULL;
+    json_object *args;
+
+    if (!g_hash_table_contains(present, node)) {
+        return;
+    }
+    args = json_object_new_object();
+    json_object_object_add(args, "node-name", json_object_new_string(node));
+    if (!qmp_run(qmp, "blockdev-del", args, &err)) {
+        keep_first(first, "removing node '%s': %s", node, err->message);
+    }
+}
+
 static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
                          GError **first)
 {
     g_autoptr(GError) err = NULL;
     json_object *args, *ev;
 
-    if (g_hash_table_contains(present, fd->export_)) {
-        args = json_object_new_object();
-        json_object_object_add(args, "id", json_object_new_string(fd->export_));
-        json_object_object_add(args, "mode", json_object_new_string("hard"));
-        if (qmp_run(qmp, "block-export-del", args, &err)) {
-            ev = qmp_wait_event(qmp, "BLOCK_EXPORT_DELETED", has_id,
-                                fd->export_, EVENT_TIMEOUT_MS, &err);
-            json_object_put(ev);
-        }
-        if (err) {
-            keep_first(first, "removing export '%s': %s", fd->export_,
-                       err->message);
+    export_del(qmp, present, fd->export_, first);
+    export_del(qmp, present, fd->notice_export, first);
+    /* Scheme B: the snapshot goes first (while it reads through the
+     * filter, the filter lets no one else write below it), then the device
+     * goes back to its own node, then the filter. */
+    node_del(qmp, present, fd->access, first);
+    if (g_hash_table_contains(present, fd->cbw)) {
+        if (fd->qom && fd->root && !set_drive(qmp, fd->qom, fd->root, &err)) {
+            keep_first(first, "putting disk '%s' back on node '%s': %s",
+                       fd->disk, fd->root, err->message);
             g_clear_error(&err);
         }
+        node_del(qmp, present, fd->cbw, first);
     }
     if (g_hash_table_contains(present, fd->job)) {
         args = json_object_new_object();
@@ -258,16 +392,7 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
             g_clear_error(&err);
         }
     }
-    if (g_hash_table_contains(present, fd->scratch)) {
-        args = json_object_new_object();
-        json_object_object_add(args, "node-name",
-                               json_object_new_string(fd->scratch));
-        if (!qmp_run(qmp, "blockdev-del", args, &err)) {
-            keep_first(first, "removing node '%s': %s", fd->scratch,
-                       err->message);
-            g_clear_error(&err);
-        }
-    }
+    node_del(qmp, present, fd->scratch, first);
     unlink(fd->file);
 }
 
@@ -323,13 +448,13 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
         guint index;
 
         if (sscanf(name, "qbk-%c%u-", &kind, &index) != 2 ||
-            !strchr("sfje", kind)) {
+            !strchr("sfjecax", kind)) {
             continue;
         }
         if (tag && g_str_has_suffix(name, suffix)) {
             g_hash_table_add(indexes, GUINT_TO_POINTER(index + 1));
-        } else if (!*foreign && kind == 'j') {
-            *foreign = g_strdup(name); /* another backup's job */
+        } else if (!*foreign && (kind == 'j' || kind == 'c')) {
+            *foreign = g_strdup(name); /* another backup's job or filter */
         }
     }
     /* Rebuild each disk's names, scratch file included, from its index.
@@ -337,8 +462,30 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
      * blockdev-add reports a json: pseudo file name.) */
     g_hash_table_iter_init(&it, indexes);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
-        g_ptr_array_add(fds, fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1,
-                                             tag, scratch_dir));
+        FleeceDisk *fd = fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1, tag,
+                                         scratch_dir);
+
+        g_ptr_array_add(fds, fd);
+        /* Scheme B: the device still on our filter goes back to the node
+         * under it. */
+        if (g_hash_table_contains(present, fd->cbw)) {
+            g_autoptr(GPtrArray) disks = qmp_query_disks(qmp, error);
+
+            if (!disks) {
+                return false;
+            }
+            for (guint i = 0; i < disks->len; i++) {
+                QmpDisk *d = disks->pdata[i];
+
+                if (g_strcmp0(d->root, fd->cbw) == 0 && d->qom &&
+                    d->root_file) {
+                    g_free(fd->disk);
+                    fd->disk = g_strdup(d->id);
+                    fd->qom = g_strdup(d->qom);
+                    fd->root = g_strdup(d->root_file);
+                }
+            }
+        }
     }
     return fleece_teardown(qmp, fds, false, error);
 }

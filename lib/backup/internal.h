@@ -41,10 +41,17 @@ typedef struct {
     char *disk;    /* the disk's id */
     char *node;    /* its format node */
     char *scratch; /* scratch node */
-    char *filter;  /* the backup job's filter node */
-    char *job;     /* the sync=none backup job */
+    char *filter;  /* scheme A: the backup job's filter node */
+    char *job;     /* scheme A: the sync=none backup job */
     char *export_; /* NBD export id; the export's name is the disk id */
     char *file;    /* scratch image file */
+    /* scheme B */
+    bool scheme_b;
+    char *cbw;           /* copy-before-write filter node */
+    char *access;        /* snapshot-access node: the point-in-time view */
+    char *notice_export; /* id and name of the scratch node's export */
+    char *qom;           /* the device whose drive the filter replaces */
+    char *root;          /* the device's node before: put back at the end */
 } FleeceDisk;
 
 /* Names for disk INDEX of backup TAG (short, QEMU limits names to 31). */
@@ -52,9 +59,18 @@ FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
                             const char *tag, const char *scratch_dir);
 void fleece_disk_free(FleeceDisk *fd);
 
-/* Create the scratch image and add its node (backing: the disk). */
+/* Create the scratch image and add its node: scheme A with the disk as its
+ * backing; scheme B alone, discarding what is released. */
 bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
                         GError **error);
+
+/* Scheme B: add the copy-before-write filter above FD->root (not yet in
+ * the device's path). */
+bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error);
+
+/* Scheme B: put the filter under the device (from now on the scratch
+ * node keeps the point in time) and add the snapshot-access node. */
+bool fleece_b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error);
 
 /* The sync=none backup that fleeces FD: one action of the caller's
  * transaction, so that the point in time is that of the bitmap actions. */
@@ -67,8 +83,10 @@ void fleece_add_backup_action(QmpTransaction *tx, FleeceDisk *fd);
 bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
                          GError **error);
 
-/* Export FD's point-in-time view read-only, with BITMAP (may be NULL) of
- * the disk's node as a dirty-bitmap context. */
+/* Export FD's point-in-time view, with BITMAP (may be NULL) of the disk's
+ * node as a dirty-bitmap context: scheme A read-only with the scratch's
+ * allocation depth; scheme B writable (for trims: release) and, as
+ * FD->notice_export, the scratch node read-only (its map: guest writes). */
 bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
                    GError **error);
 

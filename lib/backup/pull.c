@@ -49,7 +49,7 @@ bool backup_mode_parse(const char *text, BackupMode *mode)
 
 void backup_options_init(BackupOptions *opts)
 {
-    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO };
+    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO, .trace_fd = -1 };
 }
 
 /* One disk of the backup. */
@@ -77,6 +77,8 @@ typedef struct {
     const BackupOptions *opts;
     char *id;         /* backup id, also the tag of QEMU names */
     bool export_only; /* fleece and export for another NBD client */
+    bool scheme_b;    /* fleecing with copy-before-write + snapshot-access */
+    double pause_ms;  /* the VM was paused this long to fleece (B) */
     int lock_fd;
     char *scratch_dir;
     char *private_dir; /* mode 0700: the fleecing NBD socket */
@@ -478,6 +480,35 @@ static bool write_partial(Pull *p, GError **error)
     return repo_write_json(path, p->manifest, error);
 }
 
+/* What the copier did beyond copying: notices, releases, pacing. */
+static json_object *copier_json(Pull *p, const CopierStats *s)
+{
+    json_object *o = json_object_new_object();
+
+    json_object_object_add(o, "read_ms_mean",
+                           json_object_new_double(s->read_ms_mean));
+    json_object_object_add(o, "notices", json_object_new_uint64(s->notices));
+    json_object_object_add(o, "bytes_bumped",
+                           json_object_new_uint64(s->bytes_bumped));
+    json_object_object_add(o, "bytes_released",
+                           json_object_new_uint64(s->bytes_released));
+    json_object_object_add(o, "release_errors",
+                           json_object_new_uint64(s->release_errors));
+    if (p->opts->latency_target_us) {
+        json_object *w = json_object_new_object();
+
+        json_object_object_add(
+            w, "target_us", json_object_new_uint64(p->opts->latency_target_us));
+        json_object_object_add(w, "min", json_object_new_int(s->window_min));
+        json_object_object_add(w, "max", json_object_new_int(s->window_max));
+        json_object_object_add(w, "mean",
+                               json_object_new_double(s->window_mean));
+        json_object_object_add(w, "cuts", json_object_new_int(s->pacing_cuts));
+        json_object_object_add(o, "pacing", w);
+    }
+    return o;
+}
+
 static void add_results(Pull *p)
 {
     json_object *disks;
@@ -512,6 +543,7 @@ static void add_results(Pull *p)
         json_object_object_add(sum, "value",
                                json_object_new_string(pd->checksum));
         json_object_object_add(d, "checksum", sum);
+        json_object_object_add(d, "copier", copier_json(p, s));
         total += s->bytes_written;
     }
     json_object_object_add(p->manifest, "status",
@@ -526,10 +558,111 @@ static void add_results(Pull *p)
 
 /* ---- the steps ---- */
 
+static bool vm_running(QmpClient *qmp)
+{
+    json_object *st = qmp_execute(qmp, "query-status", NULL, NULL);
+    bool running = st && qmp_json_bool(st, "running");
+
+    json_object_put(st);
+    return running;
+}
+
+/*
+ * Scheme B. The filter goes in with qom-set, which no transaction can
+ * hold, so: (1) one transaction adds the new checkpoint (and the "since"
+ * bitmaps, recording); (2) the filters go in: that is the point in time,
+ * the same instant for all disks because a running VM is paused around
+ * it; (3) a second transaction stops the older checkpoints and the "since"
+ * bitmaps. Every write before (2) is in the old bitmaps, every write after
+ * it in the new one; writes between (1) and (3) are in both, which costs
+ * a few bytes of the next backup, never a missed write.
+ */
+static bool fleece_b(Pull *p, GError **error)
+{
+    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
+    g_autoptr(QmpTransaction) later = qmp_transaction_new();
+    g_autoptr(GPtrArray) targets = g_ptr_array_new();
+    g_autoptr(GError) cont_err = NULL;
+    bool stopped = false, ok = true;
+    gint64 paused_at = 0;
+
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (!fleece_add_scratch(p->qmp, pd->fd, pd->qd->size, error)) {
+            return false;
+        }
+        g_ptr_array_add(p->fds, pd->fd);
+        if (!fleece_b_add_filter(p->qmp, pd->fd, error)) {
+            return false;
+        }
+        if (!pd->qd->no_bitmaps) {
+            g_ptr_array_add(targets, pd->qd);
+        }
+        if (pd->base && !bitmap_add_since_actions(tx, later, p->disks, pd->qd,
+                                                  pd->base, pd->since, error)) {
+            return false;
+        }
+    }
+    if (targets->len && !(p->checkpoint = bitmap_add_checkpoint_actions_split(
+                              tx, later, p->disks, targets, p->id, 0, error))) {
+        return false;
+    }
+    json_object_object_add(p->manifest, "checkpoint_bitmap",
+                           p->checkpoint ? json_object_new_string(p->checkpoint)
+                                         : NULL);
+    if (!write_partial(p, error)) {
+        return false;
+    }
+    if (!qmp_transaction_run(p->qmp, tx, error)) {
+        g_prefix_error(error, "cannot start fleecing: ");
+        return false;
+    }
+    p->fleeced = true;
+    if (p->pds->len > 1 && vm_running(p->qmp)) {
+        paused_at = g_get_monotonic_time();
+        if (!qmp_run(p->qmp, "stop", NULL, error)) {
+            g_prefix_error(error, "cannot pause the VM: ");
+            return false;
+        }
+        stopped = true;
+    }
+    for (guint i = 0; ok && i < p->pds->len; i++) {
+        ok = fleece_b_insert(p->qmp, ((PullDisk *)p->pds->pdata[i])->fd, error);
+    }
+    if (stopped) {
+        if (!qmp_run(p->qmp, "cont", NULL, &cont_err) && ok) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                        "the VM was paused to fleece and could not be "
+                        "resumed: %s",
+                        cont_err->message);
+            ok = false;
+        }
+        p->pause_ms = (g_get_monotonic_time() - paused_at) / 1e3;
+        json_object_object_add(p->manifest, "pause_ms",
+                               json_object_new_double(p->pause_ms));
+    }
+    if (!ok) {
+        return false;
+    }
+    if (!qmp_transaction_run(p->qmp, later, error)) {
+        g_prefix_error(error, "cannot stop the older checkpoints: ");
+        return false;
+    }
+    if (p->opts->fleeced) {
+        p->opts->fleeced(p->id, p->opts->fleeced_opaque);
+    }
+    return true;
+}
+
 static bool fleece(Pull *p, GError **error)
 {
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
     g_autoptr(GPtrArray) targets = g_ptr_array_new();
+
+    if (p->scheme_b) {
+        return fleece_b(p, error);
+    }
 
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
@@ -541,7 +674,7 @@ static bool fleece(Pull *p, GError **error)
         if (!pd->qd->no_bitmaps) {
             g_ptr_array_add(targets, pd->qd);
         }
-        if (pd->base && !bitmap_add_since_actions(tx, p->disks, pd->qd,
+        if (pd->base && !bitmap_add_since_actions(tx, NULL, p->disks, pd->qd,
                                                   pd->base, pd->since, error)) {
             return false;
         }
@@ -675,6 +808,10 @@ static bool copy_all(Pull *p, GError **error)
         PullDisk *pd = p->pds->pdata[i];
         CopierEndpoint src = { .socket = p->nbd_socket, .name = pd->qd->id };
         CopierEndpoint dst = { .file = pd->image };
+        CopierEndpoint notices = {
+            .socket = p->nbd_socket,
+            .name = p->scheme_b ? pd->fd->notice_export : pd->qd->id,
+        };
         ProgressCtx ctx = { p, i };
         CopierOptions co;
         int dfd, pfd = -1;
@@ -697,6 +834,16 @@ static bool copy_all(Pull *p, GError **error)
         co.bitmap = pd->since;
         co.target_zeroed = pd->mode == BACKUP_MODE_FULL;
         co.rate_limit = p->opts->rate_limit;
+        if (!p->opts->no_notices) {
+            /* A: the fleecing export's own allocation depth; B: the
+             * scratch node's map. Both show what the guest overwrote. */
+            co.notices = &notices;
+            co.notice_context =
+                p->scheme_b ? "base:allocation" : "qemu:allocation-depth";
+        }
+        co.release = p->scheme_b && !p->opts->no_release;
+        co.latency_target_us = p->opts->latency_target_us;
+        co.trace_fd = p->opts->trace_fd;
         co.cancel = p->opts->cancel;
         if (p->opts->progress) {
             co.progress = on_progress;
@@ -827,6 +974,44 @@ static bool unique_id(Pull *p, GError **error)
     return false;
 }
 
+/*
+ * Scheme B (copy-before-write + snapshot-access, QEMU >= 7.1) releases
+ * copied regions; it needs every disk under a device (the filter goes in
+ * with qom-set). --export-only stays on A: a foreign client could not be
+ * told that a trim makes a region unreadable.
+ */
+static bool choose_scheme(Pull *p, int version, GError **error)
+{
+    const char *why = NULL;
+
+    if (version < 701) {
+        why = "QEMU is older than 7.1 (no snapshot-access)";
+    } else if (p->export_only) {
+        why = "--export-only serves another NBD client";
+    }
+    for (guint i = 0; !why && i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (!pd->qd->qom || !pd->qd->root) {
+            why = "a disk has no device to put the filter under";
+        }
+    }
+    if (p->opts->fleece == BACKUP_FLEECE_B && why) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot fleece with scheme B: %s", why);
+        return false;
+    }
+    p->scheme_b = p->opts->fleece != BACKUP_FLEECE_A && !why;
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        pd->fd->scheme_b = p->scheme_b;
+        pd->fd->qom = g_strdup(pd->qd->qom);
+        pd->fd->root = g_strdup(pd->qd->root);
+    }
+    return true;
+}
+
 static bool prepare(Pull *p, GError **error)
 {
     g_autoptr(GPtrArray) backups = NULL;
@@ -845,7 +1030,7 @@ static bool prepare(Pull *p, GError **error)
     }
     if (foreign) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_LOCKED,
-                    "the VM has another backup at work (job '%s')", foreign);
+                    "the VM has another backup at work ('%s')", foreign);
         return false;
     }
     p->disks = qmp_query_disks(p->qmp, error);
@@ -898,6 +1083,9 @@ static bool prepare(Pull *p, GError **error)
     }
 
     qmp_get_version(p->qmp, &major, &minor, &micro);
+    if (!choose_scheme(p, major * 100 + minor, error)) {
+        return false;
+    }
     p->manifest = json_object_new_object();
     json_object_object_add(p->manifest, "format",
                            json_object_new_string(MANIFEST_FORMAT));
@@ -913,6 +1101,8 @@ static bool prepare(Pull *p, GError **error)
                            json_object_new_string(p->id));
     json_object_object_add(p->manifest, "scratch_dir",
                            json_object_new_string(p->scratch_dir));
+    json_object_object_add(p->manifest, "fleece",
+                           json_object_new_string(p->scheme_b ? "B" : "A"));
     jdisks = json_object_new_array();
     for (guint i = 0; i < p->pds->len; i++) {
         json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));

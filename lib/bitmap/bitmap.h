@@ -92,6 +92,19 @@ char *bitmap_add_checkpoint_actions(QmpTransaction *tx, GPtrArray *disks,
                                     uint32_t granularity, GError **error);
 
 /*
+ * The same, but the older checkpoints keep recording until the caller runs
+ * LATER, where their disable actions go: for a point in time fixed between
+ * the two transactions (fleecing with a filter inserted by qom-set), the
+ * new bitmap starts before it and the old ones end after it, so no write
+ * is missed and the overlap only costs a few extra bytes next time.
+ */
+char *bitmap_add_checkpoint_actions_split(QmpTransaction *tx,
+                                          QmpTransaction *later,
+                                          GPtrArray *disks, GPtrArray *targets,
+                                          const char *name,
+                                          uint32_t granularity, GError **error);
+
+/*
  * Delete checkpoint NAME on every disk that holds it, in one transaction
  * that merges it into the disk's previous checkpoint (so "since" older
  * checkpoints stays complete) and, when it was the recording one, lets the
@@ -110,10 +123,13 @@ bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
 bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
                   const char *name, const char *target_bitmap, GError **error);
 
-/* The actions of bitmap_since() for one DISK, added to the caller's TX. */
-bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
-                              const QmpDisk *disk, const char *name,
-                              const char *target_bitmap, GError **error);
+/* The actions of bitmap_since() for one DISK, added to the caller's TX.
+ * LATER non-NULL: the new bitmap records until LATER (which disables it)
+ * runs, so it also covers writes up to a point in time between the two. */
+bool bitmap_add_since_actions(QmpTransaction *tx, QmpTransaction *later,
+                              GPtrArray *disks, const QmpDisk *disk,
+                              const char *name, const char *target_bitmap,
+                              GError **error);
 
 /* Remove TARGET_BITMAP (a "since" bitmap) from every target disk that has it;
  * returns how many were removed, or -1. */

@@ -233,6 +233,16 @@ char *bitmap_add_checkpoint_actions(QmpTransaction *tx, GPtrArray *disks,
                                     GPtrArray *targets, const char *name,
                                     uint32_t granularity, GError **error)
 {
+    return bitmap_add_checkpoint_actions_split(tx, tx, disks, targets, name,
+                                               granularity, error);
+}
+
+char *bitmap_add_checkpoint_actions_split(QmpTransaction *tx,
+                                          QmpTransaction *later,
+                                          GPtrArray *disks, GPtrArray *targets,
+                                          const char *name,
+                                          uint32_t granularity, GError **error)
+{
     g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
     g_autofree char *chosen = NULL;
     guint seq = 1;
@@ -295,7 +305,7 @@ char *bitmap_add_checkpoint_actions(QmpTransaction *tx, GPtrArray *disks,
             QmpBitmap *b = chain->pdata[j];
 
             if (b->recording && !b->inconsistent) {
-                qmp_transaction_add(tx, "block-dirty-bitmap-disable",
+                qmp_transaction_add(later, "block-dirty-bitmap-disable",
                                     bitmap_ref(disk, b->name));
             }
         }
@@ -373,9 +383,10 @@ bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
     return true;
 }
 
-bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
-                              const QmpDisk *disk, const char *name,
-                              const char *target_bitmap, GError **error)
+bool bitmap_add_since_actions(QmpTransaction *tx, QmpTransaction *later,
+                              GPtrArray *disks, const QmpDisk *disk,
+                              const char *name, const char *target_bitmap,
+                              GError **error)
 {
     g_autoptr(GPtrArray) checkpoints = bitmap_list_checkpoints(disks);
     g_autoptr(BitmapCheck) check = bitmap_check(disks);
@@ -422,7 +433,7 @@ bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
 
     add = bitmap_ref(disk, target_bitmap);
     json_object_object_add(add, "persistent", json_object_new_boolean(0));
-    json_object_object_add(add, "disabled", json_object_new_boolean(1));
+    json_object_object_add(add, "disabled", json_object_new_boolean(!later));
     json_object_object_add(add, "granularity",
                            json_object_new_int64(granularity));
     qmp_transaction_add(tx, "block-dirty-bitmap-add", add);
@@ -439,6 +450,10 @@ bool bitmap_add_since_actions(QmpTransaction *tx, GPtrArray *disks,
                            json_object_new_string(target_bitmap));
     json_object_object_add(merge, "bitmaps", sources);
     qmp_transaction_add(tx, "block-dirty-bitmap-merge", merge);
+    if (later) {
+        qmp_transaction_add(later, "block-dirty-bitmap-disable",
+                            bitmap_ref(disk, target_bitmap));
+    }
     return true;
 }
 
@@ -453,7 +468,7 @@ bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
         return false;
     }
     for (guint i = 0; i < targets->len; i++) {
-        if (!bitmap_add_since_actions(tx, disks, targets->pdata[i], name,
+        if (!bitmap_add_since_actions(tx, NULL, disks, targets->pdata[i], name,
                                       target_bitmap, error)) {
             return false;
         }

@@ -637,6 +637,8 @@ static void step_request(Copier *c, Request *r)
             c->stats.bytes_written += r->chunk.length;
         }
         c->stats.bytes_done += r->chunk.length;
+        trace(c, "copy %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT,
+              r->chunk.offset, r->chunk.length);
         release(c, r->chunk.offset, r->chunk.length);
         r->state = REQ_IDLE;
         c->active--;

@@ -114,7 +114,8 @@ typedef struct {
      * the guest's I/O, so their latency is what the guest feels. */
     guint latency_target_us;
     /* -1, or a file receiving text lines "NS EVENT OFFSET LENGTH" (events:
-     * release, notice, window), NS on CLOCK_MONOTONIC, for benchmarks. */
+     * copy, release, notice; "NS window N MEAN_US" for pacing), NS on
+     * CLOCK_MONOTONIC, for tests and benchmarks. */
     int trace_fd;
 } CopierOptions;
 

@@ -31,6 +31,9 @@ void qmp_disk_free(QmpDisk *disk)
     }
     g_free(disk->id);
     g_free(disk->qdev);
+    g_free(disk->qom);
+    g_free(disk->root);
+    g_free(disk->root_file);
     g_free(disk->device);
     g_free(disk->node);
     g_free(disk->driver);
@@ -144,6 +147,22 @@ static void fill_from_node(QmpDisk *disk, json_object *info)
     }
 }
 
+/*
+ * Where to set a device's "drive": the qdev path, less a trailing
+ * "/virtio-backend" (QEMU 7.2 aborts when it is set on the backend; the
+ * virtio proxy forwards it). NULL without a device.
+ */
+static char *qom_path(const char *qdev)
+{
+    if (!qdev || !*qdev) {
+        return NULL;
+    }
+    if (g_str_has_suffix(qdev, "/virtio-backend")) {
+        return g_strndup(qdev, strlen(qdev) - strlen("/virtio-backend"));
+    }
+    return g_strdup(qdev);
+}
+
 /* The qdev id in "/machine/peripheral/ID/virtio-backend", or NULL. */
 static char *qdev_id(const char *qdev)
 {
@@ -187,7 +206,7 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
     for (size_t i = 0; ok && i < json_object_array_length(block); i++) {
         json_object *bi = json_object_array_get_idx(block, i);
         json_object *inserted, *info;
-        const char *node;
+        const char *node, *root, *root_file;
         g_autoptr(QmpDisk) disk = NULL;
 
         if (qmp_json_bool(bi, "removable") ||
@@ -196,6 +215,8 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
         }
         node = qmp_json_string(inserted, "node-name");
         info = node ? g_hash_table_lookup(byname, node) : NULL;
+        root = node;
+        root_file = NULL;
         for (int depth = 0; info && is_filter(qmp_json_string(info, "drv"));
              depth++) {
             node = depth < 16 ? filter_child(qmp, &graph, node, error) : NULL;
@@ -204,6 +225,9 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
                 break;
             }
             info = g_hash_table_lookup(byname, node);
+            if (depth == 0) {
+                root_file = node;
+            }
         }
         if (!ok) {
             break;
@@ -215,6 +239,9 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
         disk->qdev = g_strdup(qmp_json_string(bi, "qdev"));
         disk->device = g_strdup(qmp_json_string(bi, "device"));
         disk->node = g_strdup(node);
+        disk->root = g_strdup(root);
+        disk->root_file = g_strdup(root_file);
+        disk->qom = qom_path(disk->qdev);
         disk->id = qdev_id(disk->qdev);
         if (!disk->id) {
             disk->id = g_strdup(*disk->device ? disk->device : node);

@@ -156,13 +156,17 @@ typedef struct {
 
 /* A disk of the VM: a device's BlockBackend and its top format node. */
 typedef struct {
-    char *id;       /* what users type: qdev id, else drive id, else node */
-    char *qdev;     /* qdev path; NULL without a device */
-    char *device;   /* BlockBackend name; "" for -blockdev disks */
-    char *node;     /* top format node: where checkpoint bitmaps live */
-    char *driver;   /* format driver of that node: qcow2, raw, ... */
-    char *filename; /* image file name */
-    uint64_t size;  /* virtual size, bytes */
+    char *id;        /* what users type: qdev id, else drive id, else node */
+    char *qdev;      /* qdev path; NULL without a device */
+    char *qom;       /* QOM path whose "drive" property can be set (the
+                       device, not its virtio backend); NULL: none */
+    char *root;      /* the device's top node (maybe a filter) */
+    char *root_file; /* when ROOT is a filter: its "file" child */
+    char *device;    /* BlockBackend name; "" for -blockdev disks */
+    char *node;      /* top format node: where checkpoint bitmaps live */
+    char *driver;    /* format driver of that node: qcow2, raw, ... */
+    char *filename;  /* image file name */
+    uint64_t size;   /* virtual size, bytes */
     bool read_only;
     char *no_bitmaps;       /* why it cannot hold persistent bitmaps, or NULL */
     GPtrArray *bitmaps;     /* QmpBitmap*, named bitmaps of the node, owned */
