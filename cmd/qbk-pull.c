@@ -19,6 +19,7 @@ static char *opt_repo;
 static char *opt_mode;
 static char *opt_since;
 static char **opt_disks;
+static char **opt_nodes;
 static char *opt_scratch;
 static char *opt_format;
 static char *opt_nbd_server;
@@ -52,6 +53,11 @@ static GOptionEntry entries[] = {
       "CHECKPOINT" },
     { "disk", 'd', 0, G_OPTION_ARG_STRING_ARRAY, &opt_disks,
       "only this disk (repeat); default: every disk", "DISK" },
+    { "node", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_nodes,
+      "back up this format node as disk ID (repeat; for a "
+      "qemu-storage-daemon, which has no devices); default: the VM's "
+      "devices",
+      "NODE[=ID]" },
     { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
       "of full backups: qcow2 (default) or raw (sparse, written with Linux "
       "AIO and O_DIRECT); incrementals are always qcow2",
@@ -348,6 +354,7 @@ int main(int argc, char **argv)
     }
     opts.since = opt_since;
     opts.disks = opt_disks;
+    opts.nodes = opt_nodes;
     opts.scratch_dir = opt_scratch;
     if (opt_format && g_strcmp0(opt_format, "raw") != 0 &&
         g_strcmp0(opt_format, "qcow2") != 0) {

@@ -56,7 +56,7 @@ notice_scenario() {
     # 16 MiB would rightly go first)
     wait_trace "$T/trace-$scheme" copy $((28 << 20))
     random_writes 4 disk0
-    wait "$pid"
+    wait "$pid" || { cat "$T/pull-$scheme.err" >&2; false; }
     restore_matches "$scheme" disk0
     [ "$(jq -r .fleece "$T/pull-$scheme.json")" = "$scheme" ]
     [ "$(manifest_field "$scheme" disk0 copier | jq .notices)" -ge 1 ]

@@ -67,6 +67,9 @@ typedef struct {
     const char *since;       /* checkpoint (or backup id) to copy changes
                                  since, on every disk; NULL: by mode */
     char **disks;            /* only these disks; NULL: every disk */
+    char **nodes;            /* "NODE[=ID]": back up these format nodes
+                                (a qemu-storage-daemon has no devices);
+                                NULL: the VM's devices */
     const char *scratch_dir; /* NULL: REPO/.scratch */
     const char *nbd_server;  /* QEMU already runs an NBD server on this unix
                                 socket: export there, never stop it */

@@ -52,8 +52,7 @@ void fleece_disk_free(FleeceDisk *fd)
     g_free(fd->cbw);
     g_free(fd->access);
     g_free(fd->notice_export);
-    g_free(fd->qom);
-    g_free(fd->root);
+    qmp_insert_point_clear(&fd->point);
     g_free(fd);
 }
 
@@ -111,7 +110,7 @@ bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error)
     json_object_object_add(args, "driver",
                            json_object_new_string("copy-before-write"));
     json_object_object_add(args, "node-name", json_object_new_string(fd->cbw));
-    json_object_object_add(args, "file", json_object_new_string(fd->root));
+    json_object_object_add(args, "file", json_object_new_string(fd->node));
     json_object_object_add(args, "target", json_object_new_string(fd->scratch));
     /* A slow or failing copy breaks the snapshot (our reads fail), never
      * the guest's write. */
@@ -128,12 +127,22 @@ bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error)
     return true;
 }
 
-static bool set_drive(QmpClient *qmp, const char *qom, const char *node,
-                      GError **error)
+/* Make PT's user (a device or a pass-through filter) use NODE. */
+static bool set_user_child(QmpClient *qmp, const QmpInsertPoint *pt,
+                           const char *node, GError **error)
 {
     json_object *args = json_object_new_object();
 
-    json_object_object_add(args, "path", json_object_new_string(qom));
+    if (pt->reopen) {
+        json_object *opts = NULL, *list = json_object_new_array();
+
+        json_object_deep_copy(pt->reopen, &opts, NULL);
+        json_object_object_add(opts, "file", json_object_new_string(node));
+        json_object_array_add(list, opts);
+        json_object_object_add(args, "options", list);
+        return qmp_run(qmp, "blockdev-reopen", args, error);
+    }
+    json_object_object_add(args, "path", json_object_new_string(pt->qom));
     json_object_object_add(args, "property", json_object_new_string("drive"));
     json_object_object_add(args, "value", json_object_new_string(node));
     return qmp_run(qmp, "qom-set", args, error);
@@ -143,9 +152,9 @@ bool fleece_b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error)
 {
     json_object *args;
 
-    if (!set_drive(qmp, fd->qom, fd->cbw, error)) {
+    if (!set_user_child(qmp, &fd->point, fd->cbw, error)) {
         g_prefix_error(error,
-                       "cannot put the filter under disk '%s': ", fd->disk);
+                       "cannot put the filter above disk '%s': ", fd->disk);
         return false;
     }
     args = json_object_new_object();
@@ -366,15 +375,22 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
     export_del(qmp, present, fd->export_, first);
     export_del(qmp, present, fd->notice_export, first);
     /* Scheme B: the snapshot goes first (while it reads through the
-     * filter, the filter lets no one else write below it), then the device
-     * goes back to its own node, then the filter. */
+     * filter, the filter lets no one else write below it), then the disk's
+     * user goes back to the disk's node, then the filter. */
     node_del(qmp, present, fd->access, first);
     if (g_hash_table_contains(present, fd->cbw)) {
-        if (fd->qom && fd->root && !set_drive(qmp, fd->qom, fd->root, &err)) {
-            keep_first(first, "putting disk '%s' back on node '%s': %s",
-                       fd->disk, fd->root, err->message);
+        QmpInsertPoint pt;
+
+        /* Whoever uses the filter now (device or pass-through node; none
+         * if it never went in) goes back to the node under it. */
+        if (!qmp_insert_point(qmp, fd->cbw, &pt, &err) ||
+            ((pt.reopen || pt.qom) &&
+             !set_user_child(qmp, &pt, pt.file, &err))) {
+            keep_first(first, "putting disk '%s' back under its user: %s",
+                       fd->disk, err->message);
             g_clear_error(&err);
         }
+        qmp_insert_point_clear(&pt);
         node_del(qmp, present, fd->cbw, first);
     }
     if (g_hash_table_contains(present, fd->job)) {
@@ -466,26 +482,6 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
                                          scratch_dir);
 
         g_ptr_array_add(fds, fd);
-        /* Scheme B: the device still on our filter goes back to the node
-         * under it. */
-        if (g_hash_table_contains(present, fd->cbw)) {
-            g_autoptr(GPtrArray) disks = qmp_query_disks(qmp, error);
-
-            if (!disks) {
-                return false;
-            }
-            for (guint i = 0; i < disks->len; i++) {
-                QmpDisk *d = disks->pdata[i];
-
-                if (g_strcmp0(d->root, fd->cbw) == 0 && d->qom &&
-                    d->root_file) {
-                    g_free(fd->disk);
-                    fd->disk = g_strdup(d->id);
-                    fd->qom = g_strdup(d->qom);
-                    fd->root = g_strdup(d->root_file);
-                }
-            }
-        }
     }
     return fleece_teardown(qmp, fds, false, error);
 }

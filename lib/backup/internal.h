@@ -47,11 +47,10 @@ typedef struct {
     char *file;    /* scratch image file */
     /* scheme B */
     bool scheme_b;
-    char *cbw;           /* copy-before-write filter node */
-    char *access;        /* snapshot-access node: the point-in-time view */
-    char *notice_export; /* id and name of the scratch node's export */
-    char *qom;           /* the device whose drive the filter replaces */
-    char *root;          /* the device's node before: put back at the end */
+    char *cbw;            /* copy-before-write filter node */
+    char *access;         /* snapshot-access node: the point-in-time view */
+    char *notice_export;  /* id and name of the scratch node's export */
+    QmpInsertPoint point; /* where the filter goes: above NODE */
 } FleeceDisk;
 
 /* Names for disk INDEX of backup TAG (short, QEMU limits names to 31). */

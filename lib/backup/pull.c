@@ -159,16 +159,54 @@ static char *now_iso(void)
     return g_date_time_format_iso8601(now);
 }
 
+/* The VM's disks, or the nodes the caller named (a qemu-storage-daemon
+ * has no devices). */
+static GPtrArray *query_disks(Pull *p, GError **error)
+{
+    g_autoptr(GPtrArray) nodes = NULL;
+    g_autoptr(GPtrArray) ids = NULL;
+    g_autoptr(GError) err = NULL;
+    GPtrArray *disks;
+
+    if (!p->opts->nodes) {
+        return qmp_query_disks(p->qmp, error);
+    }
+    nodes = g_ptr_array_new_with_free_func(g_free);
+    ids = g_ptr_array_new_with_free_func(g_free);
+    for (guint i = 0; p->opts->nodes[i]; i++) {
+        const char *spec = p->opts->nodes[i];
+        const char *eq = strchr(spec, '=');
+
+        g_ptr_array_add(nodes,
+                        eq ? g_strndup(spec, eq - spec) : g_strdup(spec));
+        g_ptr_array_add(ids, g_strdup(eq ? eq + 1 : spec));
+    }
+    g_ptr_array_add(nodes, NULL);
+    g_ptr_array_add(ids, NULL);
+    disks = qmp_query_node_disks(p->qmp, (const char *const *)nodes->pdata,
+                                 (const char *const *)ids->pdata, &err);
+    if (!disks && g_error_matches(err, QMP_ERROR, QMP_ERROR_PROTOCOL)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND, "%s",
+                    err->message); /* a node that isn't there */
+        return NULL;
+    }
+    if (!disks) {
+        g_propagate_error(error, g_steal_pointer(&err));
+    }
+    return disks;
+}
+
 /* ---- undoing: the checkpoint of a backup that did not complete ---- */
 
 /*
  * Merge checkpoint BITMAP back into its predecessor and drop the "since"
  * bitmaps SINCE, on the VM as it is now.
  */
-static bool rollback_checkpoint(QmpClient *qmp, const char *bitmap,
-                                GPtrArray *since, GError **error)
+static bool rollback_checkpoint(Pull *p, const char *bitmap, GPtrArray *since,
+                                GError **error)
 {
-    g_autoptr(GPtrArray) disks = qmp_query_disks(qmp, error);
+    QmpClient *qmp = p->qmp;
+    g_autoptr(GPtrArray) disks = query_disks(p, error);
     g_autoptr(GPtrArray) cps = NULL;
 
     if (!disks) {
@@ -275,7 +313,7 @@ static bool recover(Pull *p, GError **error)
             /* It completed (QEMU was torn down before the manifest was
              * written) and died in its last steps: only the transient
              * bitmaps and this file are left. Its checkpoint is good. */
-            rollback_checkpoint(p->qmp, NULL, since, NULL);
+            rollback_checkpoint(p, NULL, since, NULL);
             partial = repo_partial_path(p->repo, qmp_json_string(m, "id"));
             unlink(partial);
             continue;
@@ -293,9 +331,8 @@ static bool recover(Pull *p, GError **error)
             qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
             unlink(qmp_json_string(m, "nbd_server_socket"));
         }
-        if (!rollback_checkpoint(p->qmp,
-                                 qmp_json_string(m, "checkpoint_bitmap"), since,
-                                 error)) {
+        if (!rollback_checkpoint(p, qmp_json_string(m, "checkpoint_bitmap"),
+                                 since, error)) {
             g_prefix_error(
                 error, "rolling back backup '%s': ", qmp_json_string(m, "id"));
             return false;
@@ -568,8 +605,8 @@ static bool vm_running(QmpClient *qmp)
 }
 
 /*
- * Scheme B. The filter goes in with qom-set, which no transaction can
- * hold, so: (1) one transaction adds the new checkpoint (and the "since"
+ * Scheme B. The filter goes in with qom-set or blockdev-reopen, which no
+ * transaction can hold, so: (1) one transaction adds the new checkpoint (and the "since"
  * bitmaps, recording); (2) the filters go in: that is the point in time,
  * the same instant for all disks because a running VM is paused around
  * it; (3) a second transaction stops the older checkpoints and the "since"
@@ -933,8 +970,7 @@ static void fail_and_undo(Pull *p, GError *why)
         g_string_append_printf(reason, "; teardown: %s", err->message);
         g_clear_error(&err);
     }
-    if (p->fleeced &&
-        !rollback_checkpoint(p->qmp, p->checkpoint, since, &err)) {
+    if (p->fleeced && !rollback_checkpoint(p, p->checkpoint, since, &err)) {
         g_string_append_printf(reason,
                                "; could not roll the checkpoint back (%s): "
                                "the next backup of each disk will be full",
@@ -974,26 +1010,47 @@ static bool unique_id(Pull *p, GError **error)
     return false;
 }
 
+/* Whether QEMU can pause the guest (a system emulator, not a
+ * qemu-storage-daemon). */
+static bool can_pause(QmpClient *qmp)
+{
+    json_object *st = qmp_execute(qmp, "query-status", NULL, NULL);
+
+    json_object_put(st);
+    return st != NULL;
+}
+
 /*
  * Scheme B (copy-before-write + snapshot-access, QEMU >= 7.1) releases
- * copied regions; it needs every disk under a device (the filter goes in
- * with qom-set). --export-only stays on A: a foreign client could not be
- * told that a trim makes a region unreadable.
+ * copied regions. The filter goes right above each disk's format node,
+ * under its one user (a device, or a pass-through filter such as throttle):
+ * a node with other users (an export, a job) would have writes the filter
+ * misses. Several disks need a pause for one instant, which only a system
+ * emulator can do. --export-only stays on A: a foreign client could not
+ * be told that a trim makes a region unreadable. Auto falls back to A
+ * wherever B cannot be done; an explicit B fails with the reason.
  */
 static bool choose_scheme(Pull *p, int version, GError **error)
 {
-    const char *why = NULL;
+    g_autofree char *why = NULL;
 
     if (version < 701) {
-        why = "QEMU is older than 7.1 (no snapshot-access)";
+        why = g_strdup("QEMU is older than 7.1 (no snapshot-access)");
     } else if (p->export_only) {
-        why = "--export-only serves another NBD client";
+        why = g_strdup("--export-only serves another NBD client");
+    } else if (p->opts->fleece == BACKUP_FLEECE_A) {
+        why = g_strdup("--fleece A");
+    } else if (p->pds->len > 1 && !can_pause(p->qmp)) {
+        why = g_strdup("QEMU cannot pause to fleece several disks at once");
     }
     for (guint i = 0; !why && i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
+        g_autoptr(GError) err = NULL;
 
-        if (!pd->qd->qom || !pd->qd->root) {
-            why = "a disk has no device to put the filter under";
+        if (!qmp_insert_point(p->qmp, pd->qd->node, &pd->fd->point, &err)) {
+            why = g_strdup_printf("disk '%s': %s", pd->qd->id, err->message);
+        } else if (!pd->fd->point.reopen && !pd->fd->point.qom) {
+            why = g_strdup_printf("disk '%s' has no user", pd->qd->id);
         }
     }
     if (p->opts->fleece == BACKUP_FLEECE_B && why) {
@@ -1001,13 +1058,9 @@ static bool choose_scheme(Pull *p, int version, GError **error)
                     "cannot fleece with scheme B: %s", why);
         return false;
     }
-    p->scheme_b = p->opts->fleece != BACKUP_FLEECE_A && !why;
+    p->scheme_b = !why;
     for (guint i = 0; i < p->pds->len; i++) {
-        PullDisk *pd = p->pds->pdata[i];
-
-        pd->fd->scheme_b = p->scheme_b;
-        pd->fd->qom = g_strdup(pd->qd->qom);
-        pd->fd->root = g_strdup(pd->qd->root);
+        ((PullDisk *)p->pds->pdata[i])->fd->scheme_b = p->scheme_b;
     }
     return true;
 }
@@ -1033,7 +1086,7 @@ static bool prepare(Pull *p, GError **error)
                     "the VM has another backup at work ('%s')", foreign);
         return false;
     }
-    p->disks = qmp_query_disks(p->qmp, error);
+    p->disks = query_disks(p, error);
     backups = p->disks ? backup_list(p->repo, error) : NULL;
     if (!backups || !unique_id(p, error)) {
         return false;
@@ -1168,7 +1221,7 @@ static void drop_since(Pull *p)
 {
     g_autoptr(GPtrArray) since = since_bitmaps(p);
 
-    rollback_checkpoint(p->qmp, NULL, since, NULL);
+    rollback_checkpoint(p, NULL, since, NULL);
 }
 
 json_object *backup_export(QmpClient *qmp, const char *repo,

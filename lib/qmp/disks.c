@@ -31,9 +31,6 @@ void qmp_disk_free(QmpDisk *disk)
     }
     g_free(disk->id);
     g_free(disk->qdev);
-    g_free(disk->qom);
-    g_free(disk->root);
-    g_free(disk->root_file);
     g_free(disk->device);
     g_free(disk->node);
     g_free(disk->driver);
@@ -206,7 +203,7 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
     for (size_t i = 0; ok && i < json_object_array_length(block); i++) {
         json_object *bi = json_object_array_get_idx(block, i);
         json_object *inserted, *info;
-        const char *node, *root, *root_file;
+        const char *node;
         g_autoptr(QmpDisk) disk = NULL;
 
         if (qmp_json_bool(bi, "removable") ||
@@ -215,8 +212,6 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
         }
         node = qmp_json_string(inserted, "node-name");
         info = node ? g_hash_table_lookup(byname, node) : NULL;
-        root = node;
-        root_file = NULL;
         for (int depth = 0; info && is_filter(qmp_json_string(info, "drv"));
              depth++) {
             node = depth < 16 ? filter_child(qmp, &graph, node, error) : NULL;
@@ -225,9 +220,6 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
                 break;
             }
             info = g_hash_table_lookup(byname, node);
-            if (depth == 0) {
-                root_file = node;
-            }
         }
         if (!ok) {
             break;
@@ -239,9 +231,6 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
         disk->qdev = g_strdup(qmp_json_string(bi, "qdev"));
         disk->device = g_strdup(qmp_json_string(bi, "device"));
         disk->node = g_strdup(node);
-        disk->root = g_strdup(root);
-        disk->root_file = g_strdup(root_file);
-        disk->qom = qom_path(disk->qdev);
         disk->id = qdev_id(disk->qdev);
         if (!disk->id) {
             disk->id = g_strdup(*disk->device ? disk->device : node);
@@ -314,4 +303,186 @@ const QmpBitmap *qmp_disk_bitmap(const QmpDisk *disk, const char *name)
         }
     }
     return NULL;
+}
+
+/* ---- where a filter goes (fleecing scheme B) ---- */
+
+void qmp_insert_point_clear(QmpInsertPoint *pt)
+{
+    g_clear_pointer(&pt->qom, g_free);
+    g_clear_pointer(&pt->file, g_free);
+    if (pt->reopen) {
+        json_object_put(pt->reopen);
+        pt->reopen = NULL;
+    }
+}
+
+/* The graph's id of node NAME, or -1. */
+static int64_t graph_id(json_object *graph, const char *name)
+{
+    json_object *nodes;
+
+    json_object_object_get_ex(graph, "nodes", &nodes);
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        json_object *n = json_object_array_get_idx(nodes, i);
+
+        if (g_strcmp0(qmp_json_string(n, "type"), "block-driver") == 0 &&
+            g_strcmp0(qmp_json_string(n, "name"), name) == 0) {
+            return (int64_t)qmp_json_uint(n, "id");
+        }
+    }
+    return -1;
+}
+
+static json_object *graph_node(json_object *graph, uint64_t id)
+{
+    json_object *nodes;
+
+    json_object_object_get_ex(graph, "nodes", &nodes);
+    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
+        json_object *n = json_object_array_get_idx(nodes, i);
+
+        if (qmp_json_uint(n, "id") == id) {
+            return n;
+        }
+    }
+    return NULL;
+}
+
+/* A pass-through filter's options for blockdev-reopen, less "file"; only
+ * drivers whose options we can recover (throttle keeps its group in the
+ * json: name QEMU reports). */
+static json_object *reopen_options(json_object *info, GError **error)
+{
+    const char *drv = qmp_json_string(info, "drv");
+    const char *name = qmp_json_string(info, "node-name");
+    json_object *o = json_object_new_object();
+
+    json_object_object_add(o, "driver", json_object_new_string(drv));
+    json_object_object_add(o, "node-name", json_object_new_string(name));
+    if (g_strcmp0(drv, "throttle") == 0) {
+        const char *file = qmp_json_string(info, "file");
+        json_object *spec = file && g_str_has_prefix(file, "json:")
+                                ? json_tokener_parse(file + 5)
+                                : NULL;
+        const char *group =
+            spec ? qmp_json_string(spec, "throttle-group") : NULL;
+
+        if (group) {
+            json_object_object_add(o, "throttle-group",
+                                   json_object_new_string(group));
+        }
+        json_object_put(spec);
+        if (group) {
+            return o;
+        }
+    } else if (g_strcmp0(drv, "copy-on-read") == 0) {
+        return o;
+    }
+    json_object_put(o);
+    g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                "cannot reopen filter '%s' (%s) to put a node under it", name,
+                drv);
+    return NULL;
+}
+
+bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
+                      GError **error)
+{
+    g_autoptr(GHashTable) byname = NULL;
+    json_object *graph, *nodes, *block = NULL, *edges;
+    int64_t id;
+    guint users = 0;
+    bool ok = false;
+
+    memset(pt, 0, sizeof(*pt));
+    graph = qmp_execute(qmp, "x-debug-query-block-graph", NULL, error);
+    nodes = graph ? qmp_execute(qmp, "query-named-block-nodes",
+                                json_tokener_parse("{\"flat\": true}"), error)
+                  : NULL;
+    if (!nodes) {
+        json_object_put(graph);
+        return false;
+    }
+    byname = index_nodes(nodes);
+    id = graph_id(graph, node);
+    if (id < 0) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "QEMU has no block node '%s'", node);
+        goto out;
+    }
+    json_object_object_get_ex(graph, "edges", &edges);
+    ok = true;
+    for (size_t i = 0; ok && i < json_object_array_length(edges); i++) {
+        json_object *e = json_object_array_get_idx(edges, i);
+        json_object *parent = graph_node(graph, qmp_json_uint(e, "parent"));
+        const char *type = qmp_json_string(parent, "type");
+        const char *pname = qmp_json_string(parent, "name");
+        const char *edge = qmp_json_string(e, "name");
+
+        if ((int64_t)qmp_json_uint(e, "parent") == id &&
+            g_strcmp0(edge, "file") == 0) {
+            json_object *child = graph_node(graph, qmp_json_uint(e, "child"));
+
+            pt->file = g_strdup(qmp_json_string(child, "name"));
+        }
+        if ((int64_t)qmp_json_uint(e, "child") != id) {
+            continue;
+        }
+        if (pname && g_str_has_prefix(pname, "qbk-a")) {
+            continue; /* our own snapshot-access reads the filter */
+        }
+        users++;
+        if (g_strcmp0(type, "block-driver") == 0 &&
+            g_strcmp0(edge, "file") == 0 &&
+            is_filter(
+                qmp_json_string(g_hash_table_lookup(byname, pname), "drv"))) {
+            pt->reopen =
+                reopen_options(g_hash_table_lookup(byname, pname), error);
+            ok = pt->reopen != NULL;
+        } else if (g_strcmp0(type, "block-backend") == 0 &&
+                   g_strcmp0(edge, "root") == 0) {
+            /* a device's? find it by the node it shows */
+            if (!block) {
+                block = qmp_execute(qmp, "query-block", NULL, error);
+                ok = block != NULL;
+            }
+            for (size_t b = 0; ok && b < json_object_array_length(block); b++) {
+                json_object *bi = json_object_array_get_idx(block, b);
+                json_object *ins;
+
+                if (json_object_object_get_ex(bi, "inserted", &ins) &&
+                    g_strcmp0(qmp_json_string(ins, "node-name"), node) == 0) {
+                    pt->qom = qom_path(qmp_json_string(bi, "qdev"));
+                }
+            }
+            if (ok && !pt->qom) {
+                g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                            "node '%s' is used by an export or a job, not "
+                            "only by a device",
+                            node);
+                ok = false;
+            }
+        } else {
+            g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                        "node '%s' is used by '%s' as '%s'", node,
+                        pname && *pname ? pname : type, edge);
+            ok = false;
+        }
+    }
+    if (ok && users > 1) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "node '%s' has %u users: a filter under one of them "
+                    "would miss the others' writes",
+                    node, users);
+        ok = false;
+    }
+out:
+    if (!ok) {
+        qmp_insert_point_clear(pt);
+    }
+    json_object_put(block);
+    json_object_put(nodes);
+    json_object_put(graph);
+    return ok;
 }

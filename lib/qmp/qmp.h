@@ -156,17 +156,13 @@ typedef struct {
 
 /* A disk of the VM: a device's BlockBackend and its top format node. */
 typedef struct {
-    char *id;        /* what users type: qdev id, else drive id, else node */
-    char *qdev;      /* qdev path; NULL without a device */
-    char *qom;       /* QOM path whose "drive" property can be set (the
-                       device, not its virtio backend); NULL: none */
-    char *root;      /* the device's top node (maybe a filter) */
-    char *root_file; /* when ROOT is a filter: its "file" child */
-    char *device;    /* BlockBackend name; "" for -blockdev disks */
-    char *node;      /* top format node: where checkpoint bitmaps live */
-    char *driver;    /* format driver of that node: qcow2, raw, ... */
-    char *filename;  /* image file name */
-    uint64_t size;   /* virtual size, bytes */
+    char *id;       /* what users type: qdev id, else drive id, else node */
+    char *qdev;     /* qdev path; NULL without a device */
+    char *device;   /* BlockBackend name; "" for -blockdev disks */
+    char *node;     /* top format node: where checkpoint bitmaps live */
+    char *driver;   /* format driver of that node: qcow2, raw, ... */
+    char *filename; /* image file name */
+    uint64_t size;  /* virtual size, bytes */
     bool read_only;
     char *no_bitmaps;       /* why it cannot hold persistent bitmaps, or NULL */
     GPtrArray *bitmaps;     /* QmpBitmap*, named bitmaps of the node, owned */
@@ -189,6 +185,24 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error);
  */
 GPtrArray *qmp_query_node_disks(QmpClient *qmp, const char *const *nodes,
                                 const char *const *ids, GError **error);
+
+/*
+ * The one user of a block node, as a place to put a filter above the node:
+ * REOPEN, the options of a pass-through filter (throttle, copy-on-read) to
+ * blockdev-reopen with a new "file"; or QOM, a device whose "drive" can be
+ * set. Both NULL: the node has no user. FILE: the node's own "file" child.
+ * Fails if the node has several users (a filter under one would miss the
+ * others' writes) or one we cannot move (an export, a job).
+ */
+typedef struct {
+    json_object *reopen;
+    char *qom;
+    char *file;
+} QmpInsertPoint;
+
+bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
+                      GError **error);
+void qmp_insert_point_clear(QmpInsertPoint *pt);
 
 /* The disk whose id, qdev path, drive name or node name is NAME, or NULL. */
 QmpDisk *qmp_disk_find(GPtrArray *disks, const char *name);
