@@ -34,7 +34,7 @@ static GOptionEntry entries[] = {
       "default 1)",
       "N" },
     { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
-      "bytes per request, a multiple of 65536 (default 1 MiB)", "BYTES" },
+      "bytes per request, a multiple of 65536 (default 256 KiB)", "BYTES" },
     { "sequential", 's', 0, G_OPTION_ARG_NONE, &opt_sequential,
       "one request at a time in ascending order (the baseline)", NULL },
     { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,

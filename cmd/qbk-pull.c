@@ -98,7 +98,8 @@ static GOptionEntry entries[] = {
       "line each with a CLOCK_MONOTONIC time in ns (for benchmarks)",
       "FILE" },
     { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &opt_chunk,
-      "copier bytes per request, a multiple of 64 KiB (default 1 MiB)",
+      "copier bytes per request, a multiple of 64 KiB (default 256 KiB: "
+      "smaller requests wait less behind each other, and so does the guest)",
       "BYTES" },
     { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
       "read at most this much per second from the VM, e.g. 50M", "SIZE" },

@@ -23,11 +23,13 @@
 G_DEFINE_QUARK(qbk-copier-error-quark, copier_error)
 /* clang-format on */
 
-#define WINDOW_BYTES (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
-#define TICK_MS      10 /* cancel, rate, stall, notices, pacing */
-#define PROGRESS_US  (250 * 1000)
-#define PACING_US    (100 * 1000) /* one pacing decision per period */
-#define MAX_RELEASES 64           /* trims in flight at once */
+#define WINDOW_BYTES     (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
+#define TICK_MS          10 /* cancel, rate, stall, notices, pacing */
+#define PROGRESS_US      (250 * 1000)
+#define PACING_US        (100 * 1000) /* one pacing decision per period */
+#define MAX_RELEASES     64           /* trims in flight at once */
+#define RELEASE_GATHER   (16 << 20)   /* bytes per trim, at most */
+#define RELEASE_DELAY_US (5 * 1000)   /* a gathered trim waits no longer */
 
 typedef enum {
     REQ_IDLE,
@@ -75,6 +77,8 @@ struct Copier {
     ChunkQueue *queue; /* planned and not started */
     GQueue releases;   /* Chunk*: planned as not needed, to trim */
     guint releases_in_flight;
+    guint64 rel_offset, rel_length; /* copied, being gathered into a trim */
+    gint64 rel_since_us;
 
     /* guest-write notices: sweeps of the notice export's map */
     struct nbd_handle *notice;
@@ -115,7 +119,8 @@ void copier_options_init(CopierOptions *opts)
     *opts = (CopierOptions){
         .requests = 16,
         .connections = 1,
-        .chunk_size = 1024 * 1024,
+        .chunk_size =
+            256 * 1024, /* bench/cow: guest p99 2.3 vs 6.5 ms at 1 MiB */
         .digest_fd = -1,
         .digest_parent_fd = -1,
         .stall_seconds = 60,
@@ -222,9 +227,9 @@ static int release_done(void *opaque, int *error)
     return 1;
 }
 
-static void release(Copier *c, guint64 offset, guint64 length)
+static void send_release(Copier *c, guint64 offset, guint64 length)
 {
-    if (!c->opts.release || length == 0) {
+    if (length == 0) {
         return;
     }
     if (nbd_aio_trim(c->src, length, offset,
@@ -240,6 +245,35 @@ static void release(Copier *c, guint64 offset, guint64 length)
           length);
 }
 
+/* Send the release being gathered. */
+static void flush_release(Copier *c)
+{
+    send_release(c, c->rel_offset, c->rel_length);
+    c->rel_length = 0;
+}
+
+/*
+ * Release [OFFSET, OFFSET + LENGTH): copies mostly complete in offset
+ * order, so adjacent ranges are gathered into one trim of up to
+ * RELEASE_GATHER bytes, sent at the latest RELEASE_DELAY_US later (each
+ * trim costs QEMU a request).
+ */
+static void release(Copier *c, guint64 offset, guint64 length)
+{
+    if (!c->opts.release || length == 0) {
+        return;
+    }
+    if (c->rel_length && c->rel_offset + c->rel_length == offset &&
+        c->rel_length + length <= RELEASE_GATHER) {
+        c->rel_length += length;
+        return;
+    }
+    flush_release(c);
+    c->rel_offset = offset;
+    c->rel_length = length;
+    c->rel_since_us = g_get_monotonic_time();
+}
+
 /* Trim the regions planning found need no copy, a few at a time. */
 static void release_planned(Copier *c)
 {
@@ -249,7 +283,7 @@ static void release_planned(Copier *c)
         if (!r) {
             return;
         }
-        release(c, r->offset, r->length);
+        send_release(c, r->offset, r->length);
         g_free(r);
     }
 }
@@ -709,6 +743,11 @@ static gboolean pump(gpointer data)
         step_notices(c);
         step_pacing(c, now);
         release_planned(c);
+        if (c->rel_length &&
+            (now - c->rel_since_us >= RELEASE_DELAY_US ||
+             (chunk_queue_is_empty(c->queue) && c->active == 0))) {
+            flush_release(c);
+        }
     }
     for (guint i = 0; !c->error && i < c->nreqs; i++) {
         Request *r = &c->reqs[i];
@@ -724,7 +763,8 @@ static gboolean pump(gpointer data)
     }
     if (!c->error && !c->flushing && c->plan_pos >= c->size &&
         !c->bs_in_flight && chunk_queue_is_empty(c->queue) && c->active == 0 &&
-        g_queue_is_empty(&c->releases) && c->releases_in_flight == 0) {
+        g_queue_is_empty(&c->releases) && c->rel_length == 0 &&
+        c->releases_in_flight == 0) {
         c->flushing = true;
         if (c->file) {
             g_autoptr(GError) err = NULL;

@@ -74,7 +74,7 @@ typedef struct {
     guint connections;       /* to the source; requests spread over them
                              (default 1, at most COPIER_MAX_CONNECTIONS) */
     guint64 chunk_size;      /* bytes per request, a multiple of
-                             COPIER_BLOCK_SIZE (default 1 MiB) */
+                             COPIER_BLOCK_SIZE (default 256 KiB) */
     const char *bitmap;      /* copy only what the source's
                              "qemu:dirty-bitmap:BITMAP" marks; NULL: all */
     bool target_zeroed;      /* the target reads as zeros: skip zero regions */
