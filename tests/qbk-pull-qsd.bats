@@ -44,6 +44,9 @@ qsd_clean() {
 
 setup() {
     common_setup
+    if [[ "$BATS_TEST_DESCRIPTION" == *"over 4 GiB"* ]]; then
+        DISK_SIZE=5G
+    fi
     start_qsd
     shadow_init disk0
     gw disk0 0 $((8 << 20)) 17
@@ -94,4 +97,15 @@ teardown() {
     restore_matches auto disk0
     run -2 qbk-pull --repo "$T/repo" --node nosuch=disk0
     [[ "$output" == *"no block node 'nosuch'"* ]]
+}
+
+@test "a disk over 4 GiB: planning and notice sweeps in NBD-sized pieces; exact" {
+    gw disk0 $((4608 << 20)) 1048576 68     # at 4.5 GiB
+    pull_with_writes full disk0 --node d0-fmt=disk0 --nbd-server "$T/nbd.sock"
+    [ "$(jq -r .fleece "$T/pull-full.json")" = B ]
+    restore_matches full disk0
+    random_writes 6 disk0
+    pull_with_writes inc disk0 --node d0-fmt=disk0 --nbd-server "$T/nbd.sock" --fleece A
+    restore_matches inc disk0
+    qsd_clean
 }

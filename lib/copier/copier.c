@@ -24,6 +24,7 @@ G_DEFINE_QUARK(qbk-copier-error-quark, copier_error)
 /* clang-format on */
 
 #define WINDOW_BYTES     (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
+#define NOTICE_BYTES     ((G_GUINT64_CONSTANT(1) << 32) - COPIER_BLOCK_SIZE)
 #define TICK_MS          10 /* cancel, rate, stall, notices, pacing */
 #define PROGRESS_US      (250 * 1000)
 #define PACING_US        (100 * 1000) /* one pacing decision per period */
@@ -313,7 +314,8 @@ static int notice_done_cb(void *opaque, int *error)
 
 static void start_notice(Copier *c)
 {
-    guint64 len = MIN(WINDOW_BYTES * 4, c->size - c->notice_pos);
+    /* NBD lengths are 32-bit: up to 4 GiB less a block per call */
+    guint64 len = MIN(NOTICE_BYTES, c->size - c->notice_pos);
 
     g_array_set_size(c->notice_extents, 0);
     c->notice_done = false;
@@ -331,6 +333,16 @@ static void start_notice(Copier *c)
     c->notice_in_flight = true;
 }
 
+static void noticed(guint64 offset, guint64 length, guint64 bumped,
+                    void *opaque)
+{
+    Copier *c = opaque;
+
+    c->stats.notices++;
+    c->stats.bytes_bumped += bumped;
+    trace(c, "notice %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT, offset, length);
+}
+
 /* What the guest wrote goes next, then its neighbourhood. */
 static void finish_notice(Copier *c)
 {
@@ -345,27 +357,8 @@ static void finish_notice(Copier *c)
              c->notice_error ? g_strerror(c->notice_error) : "no extents");
         return;
     }
-    for (guint i = 0; i + 1 < c->notice_extents->len && pos < c->size; i += 2) {
-        guint64 len = MIN(e[i], c->size - pos);
-        bool written =
-            c->notice_depth ? e[i + 1] == 1 : !(e[i + 1] & LIBNBD_STATE_HOLE);
-
-        if (written) {
-            guint64 r = c->opts.notice_radius;
-            guint64 lo = pos > r ? pos - r : 0;
-            guint64 hi = MIN(pos + len + r, c->size);
-            guint64 hot = chunk_queue_bump(c->queue, pos, len, 2);
-
-            hot += chunk_queue_bump(c->queue, lo, hi - lo, 1);
-            if (hot) {
-                c->stats.notices++;
-                c->stats.bytes_bumped += hot;
-                trace(c, "notice %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT, pos,
-                      len);
-            }
-        }
-        pos += len;
-    }
+    pos = notice_apply(c->queue, pos, c->size, e, c->notice_extents->len,
+                       c->notice_depth, c->opts.notice_radius, noticed, c);
     c->notice_pos = pos >= c->size ? 0 : pos;
     if (c->notice_pos == 0) {
         c->next_sweep_us = g_get_monotonic_time() + c->opts.notice_ms * 1000;

@@ -82,6 +82,20 @@ bool chunk_queue_pop(ChunkQueue *q, Chunk *out);
 guint64 chunk_queue_bump(ChunkQueue *q, guint64 offset, guint64 length,
                          guint level);
 
+/*
+ * Guest-write notices: apply one answer of the notice map, N uint32s of
+ * (length, flags) pairs from POS (DEPTH: "qemu:allocation-depth", where 1
+ * means written; else "base:allocation", where allocated means written).
+ * What the guest wrote goes to level 2, RADIUS bytes around it to level 1.
+ * FN (may be NULL) hears of each written extent that made something
+ * hotter. Returns where the answer ended.
+ */
+typedef void (*NoticeFn)(guint64 offset, guint64 length, guint64 bumped,
+                         void *opaque);
+guint64 notice_apply(ChunkQueue *q, guint64 pos, guint64 size,
+                     const uint32_t *entries, size_t n, bool depth,
+                     guint64 radius, NoticeFn fn, void *opaque);
+
 guint64 chunk_queue_bytes(const ChunkQueue *q);
 bool chunk_queue_is_empty(const ChunkQueue *q);
 guint chunk_queue_entries(const ChunkQueue *q); /* ranges held */

@@ -239,3 +239,28 @@ guint64 chunk_queue_bump(ChunkQueue *q, guint64 offset, guint64 length,
     }
     return bumped;
 }
+
+guint64 notice_apply(ChunkQueue *q, guint64 pos, guint64 size,
+                     const uint32_t *entries, size_t n, bool depth,
+                     guint64 radius, NoticeFn fn, void *opaque)
+{
+    for (size_t i = 0; i + 1 < n && pos < size; i += 2) {
+        guint64 len = MIN(entries[i], size - pos);
+        /* depth 1: in the scratch image itself; 0 or 2+: not written */
+        bool written =
+            depth ? entries[i + 1] == 1 : !(entries[i + 1] & LIBNBD_STATE_HOLE);
+
+        if (written) {
+            guint64 lo = pos > radius ? pos - radius : 0;
+            guint64 hi = MIN(pos + len + radius, size);
+            guint64 hot = chunk_queue_bump(q, pos, len, 2);
+
+            hot += chunk_queue_bump(q, lo, hi - lo, 1);
+            if (hot && fn) {
+                fn(pos, len, hot, opaque);
+            }
+        }
+        pos += len;
+    }
+    return pos;
+}

@@ -5,6 +5,8 @@
  */
 #include <string.h>
 
+#include <libnbd.h>
+
 #include "../../lib/copier/internal.h"
 
 #define B   COPIER_BLOCK_SIZE
@@ -163,6 +165,53 @@ static void test_entries_bounded(void)
     g_assert_cmpuint(chunk_queue_entries(q), <=, 2001);
 }
 
+static guint noticed_count;
+
+static void count_notice(guint64 offset, guint64 length, guint64 bumped,
+                         void *opaque)
+{
+    noticed_count++;
+}
+
+/* Notices: written extents first, then their neighbourhood, then the rest;
+ * depth 0 and 2 (backing) are not writes; holes are not writes. */
+static void test_notices(void)
+{
+    g_autoptr(ChunkQueue) q = chunk_queue_new(MiB);
+    /* allocation depth over 64 MiB: 0..40 backing (2), 40..41 scratch (1),
+     * 41..50 unallocated (0), 50..64 backing (2) */
+    const uint32_t depth[] = { 40 * MiB, 2, MiB, 1, 9 * MiB, 0, 14 * MiB, 2 };
+    /* base:allocation of a scratch image: 10..11 allocated, rest holes */
+    const uint32_t alloc[] = {
+        10 * MiB, LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO, MiB, 0,
+        53 * MiB, LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO
+    };
+
+    chunk_queue_push(q, 0, 64 * MiB, false);
+    noticed_count = 0;
+    g_assert_cmpuint(notice_apply(q, 0, 64 * MiB, depth, G_N_ELEMENTS(depth),
+                                  true, 2 * MiB, count_notice, NULL),
+                     ==, 64 * MiB);
+    g_assert_cmpuint(noticed_count, ==, 1);
+    g_assert_cmpuint(pop(q).offset, ==, 40 * MiB); /* written */
+    g_assert_cmpuint(pop(q).offset, ==, 38 * MiB); /* neighbourhood */
+    g_assert_cmpuint(pop(q).offset, ==, 39 * MiB);
+    g_assert_cmpuint(pop(q).offset, ==, 41 * MiB);
+    g_assert_cmpuint(pop(q).offset, ==, 42 * MiB);
+    g_assert_cmpuint(pop(q).offset, ==, 0); /* then offset order */
+    /* the same map again: nothing left to bump there */
+    noticed_count = 0;
+    notice_apply(q, 0, 64 * MiB, depth, G_N_ELEMENTS(depth), true, 2 * MiB,
+                 count_notice, NULL);
+    g_assert_cmpuint(noticed_count, ==, 0);
+
+    notice_apply(q, 0, 64 * MiB, alloc, G_N_ELEMENTS(alloc), false, 0,
+                 count_notice, NULL);
+    g_assert_cmpuint(noticed_count, ==, 1);
+    g_assert_cmpuint(pop(q).offset, ==, 10 * MiB);
+    g_assert_cmpuint(pop(q).offset, ==, MiB);
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -171,5 +220,6 @@ int main(int argc, char **argv)
     g_test_add_func("/queue/levels-and-recency", test_levels_and_recency);
     g_test_add_func("/queue/random", test_random);
     g_test_add_func("/queue/entries-bounded", test_entries_bounded);
+    g_test_add_func("/queue/notices", test_notices);
     return g_test_run();
 }
