@@ -144,3 +144,23 @@ notice_scenario() {
     [ "$(qmp query-status | jq -r .status)" = running ]
     assert_clean
 }
+
+@test "killed while the VM was paused to fleece: the next run resumes it (staged)" {
+    qmp cont >/dev/null
+    pull_with_writes first "disk0 disk1" --fleece B
+    start_pull killed --fleece B --rate-limit 1M
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-killed" "$pid"
+    kill -KILL "$pid"
+    wait "$pid" || true
+    # as if the kill came between 'stop' and 'cont'
+    partial=$(ls "$T"/repo/backups/*.partial.json)
+    jq '.pausing = true' "$partial" >"$T/p.json" && mv "$T/p.json" "$partial"
+    qmp stop >/dev/null
+    [ "$(qmp query-status | jq -r .status)" = paused ]
+    pull_with_writes after "disk0 disk1" --fleece B
+    [ "$(qmp query-status | jq -r .status)" = running ]
+    restore_matches after disk0
+    restore_matches after disk1
+    assert_clean
+}

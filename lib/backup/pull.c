@@ -327,6 +327,15 @@ static bool recover(Pull *p, GError **error)
                            qmp_json_string(m, "id"));
             return false;
         }
+        if (qmp_json_bool(m, "pausing")) {
+            /* killed while the VM was paused to fleece: resume it */
+            json_object *st = qmp_execute(p->qmp, "query-status", NULL, NULL);
+
+            if (st && g_strcmp0(qmp_json_string(st, "status"), "paused") == 0) {
+                qmp_run(p->qmp, "cont", NULL, NULL);
+            }
+            json_object_put(st);
+        }
         if (qmp_json_string(m, "nbd_server_socket")) {
             qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
             unlink(qmp_json_string(m, "nbd_server_socket"));
@@ -657,6 +666,12 @@ static bool fleece_b(Pull *p, GError **error)
     }
     p->fleeced = true;
     if (p->pds->len > 1 && vm_running(p->qmp)) {
+        /* a run that finds this set after a kill resumes the VM */
+        json_object_object_add(p->manifest, "pausing",
+                               json_object_new_boolean(1));
+        if (!write_partial(p, error)) {
+            return false;
+        }
         paused_at = g_get_monotonic_time();
         if (!qmp_run(p->qmp, "stop", NULL, error)) {
             g_prefix_error(error, "cannot pause the VM: ");
@@ -678,6 +693,10 @@ static bool fleece_b(Pull *p, GError **error)
         p->pause_ms = (g_get_monotonic_time() - paused_at) / 1e3;
         json_object_object_add(p->manifest, "pause_ms",
                                json_object_new_double(p->pause_ms));
+        json_object_object_del(p->manifest, "pausing");
+        if (ok && !write_partial(p, error)) {
+            return false;
+        }
     }
     if (!ok) {
         return false;
@@ -762,14 +781,18 @@ static bool export_all(Pull *p, GError **error)
         return false;
     }
     p->nbd_socket = g_build_filename(p->private_dir, "nbd.sock", NULL);
-    if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
-                             error)) {
-        return false;
-    }
-    /* Only a server we started is ours to stop, now or after a crash. */
+    /* Only a server we started is ours to stop, now or after a crash:
+     * say so before starting it (a kill right after must not leave it),
+     * and take it back if one was running already. */
     json_object_object_add(p->manifest, "nbd_server_socket",
                            json_object_new_string(p->nbd_socket));
     if (!write_partial(p, error)) {
+        return false;
+    }
+    if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
+                             error)) {
+        json_object_object_del(p->manifest, "nbd_server_socket");
+        write_partial(p, NULL);
         return false;
     }
     for (guint i = 0; i < p->pds->len; i++) {
