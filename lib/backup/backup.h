@@ -134,4 +134,15 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
                             const char *output, const char *format,
                             GError **error);
 
+/*
+ * Verify DISK of backup ID ("latest" for the newest) without the VM: each
+ * link of its chain is there, whole, and backed by the parent its manifest
+ * names (else BACKUP_ERROR_CORRUPT); the chain read back hashes to the
+ * checksum recorded at backup time (else BACKUP_ERROR_MISMATCH, saying
+ * where the first block differs). Returns {backup, disk, chain, checksum,
+ * bytes_read, seconds}.
+ */
+json_object *backup_verify(const char *repo, const char *id, const char *disk,
+                           GError **error);
+
 #endif /* QBK_BACKUP_H */

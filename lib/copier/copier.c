@@ -60,6 +60,7 @@ struct Copier {
     GMainLoop *loop;
     struct nbd_handle *src, *dst; /* dst: NULL when writing a file */
     FileSink *file;               /* the raw file target, or NULL */
+    bool null_sink;               /* no target: read and hash only */
     /* more connections to the source for reads; readers[0] is src */
     struct nbd_handle *readers[COPIER_MAX_CONNECTIONS];
     GSource *reader_sources[COPIER_MAX_CONNECTIONS];
@@ -547,6 +548,10 @@ static void file_write_done(void *opaque, int err)
 
 static void start_write(Copier *c, Request *r, bool zero)
 {
+    if (c->null_sink) {
+        r->state = REQ_WRITE_DONE; /* read (and hashed) only */
+        return;
+    }
     if (c->file) {
         g_autoptr(GError) err = NULL;
 
@@ -759,7 +764,9 @@ static gboolean pump(gpointer data)
         g_queue_is_empty(&c->releases) && c->rel_length == 0 &&
         c->releases_in_flight == 0) {
         c->flushing = true;
-        if (c->file) {
+        if (c->null_sink) {
+            c->flushed = true;
+        } else if (c->file) {
             g_autoptr(GError) err = NULL;
 
             if (file_sink_finish(c->file, &err)) {
@@ -893,7 +900,10 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
                     "cannot get the source's size: %s", nbd_get_error());
         return false;
     }
-    if (target->file) {
+    c->null_sink = !target->file && !target->socket;
+    if (c->null_sink) {
+        /* nothing to write: reading and hashing (verification) */
+    } else if (target->file) {
         c->file = file_sink_open(target->file, src_size, c->opts.requests,
                                  c->ctx, pump, c, error);
         if (!c->file) {

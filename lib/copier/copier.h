@@ -41,7 +41,8 @@ typedef enum {
 #define COPIER_DIGEST_LEN 16
 
 /* An NBD export (a unix socket and an export name), or, as a target only,
- * a local raw file written with Linux AIO and O_DIRECT. */
+ * a local raw file written with Linux AIO and O_DIRECT, or nothing (socket
+ * and file NULL: the data is read and hashed only, to verify). */
 typedef struct {
     const char *socket;
     const char *name;
