@@ -34,6 +34,8 @@ typedef enum {
     BACKUP_ERROR_NOT_FOUND,   /* no such disk, backup or checkpoint */
     BACKUP_ERROR_CORRUPT,     /* a manifest or image is damaged */
     BACKUP_ERROR_MISMATCH,    /* verification found different content */
+    BACKUP_ERROR_NOT_IN_CHAIN, /* merge: the backup is not in the disk's
+                                  chain (e.g. the disk had a full since) */
 } BackupErrorCode;
 
 typedef enum {
@@ -119,6 +121,10 @@ json_object *backup_export(QmpClient *qmp, const char *repo,
 
 /* ---- repository (repo.c) ---- */
 
+/* Take REPO's lock (one writer at a time: qbk-pull, qbk-merge); returns
+ * the fd that holds it (close to release), or -1. */
+int backup_lock(const char *repo, GError **error);
+
 /* Manifests of the complete backups in REPO, oldest first (new refs). */
 GPtrArray *backup_list(const char *repo, GError **error);
 
@@ -144,5 +150,23 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
  */
 json_object *backup_verify(const char *repo, const char *id, const char *disk,
                            GError **error);
+
+/*
+ * Merge DISK's backups FROM..TO (FROM an older link of TO's chain) into
+ * one: TO keeps its point in time and checksum, its image now stands on
+ * FROM's parent (or on nothing if FROM is the full backup), and the links
+ * from FROM up to TO's parent lose DISK. FROM NULL: make TO a synthetic
+ * full (FORMAT "qcow2" or "raw"; older backups stay). Copies only what the
+ * merged links hold; the result is verified against TO's checksum before
+ * anything changes, and a journal makes the swap crash-safe. Refuses to
+ * drop a link another backup stands on. Returns {disk, backup, parent,
+ * format, dropped, bytes_copied, bytes_read, checksum, seconds}.
+ */
+json_object *backup_merge(const char *repo, const char *disk, const char *from,
+                          const char *to, const char *format, GError **error);
+
+/* Finish a merge a crash interrupted (REPO/merge-journal.json), and remove
+ * unfinished merge copies. */
+bool backup_merge_recover(const char *repo, GError **error);
 
 #endif /* QBK_BACKUP_H */

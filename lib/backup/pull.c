@@ -280,8 +280,13 @@ static void remove_scratch_files(const char *dir, const char *tag)
  * tells. */
 static bool recover(Pull *p, GError **error)
 {
-    g_autoptr(GPtrArray) partials = repo_list_partial(p->repo, error);
+    g_autoptr(GPtrArray) partials = NULL;
 
+    if (!backup_merge_recover(p->repo, error)) {
+        g_prefix_error(error, "finishing an interrupted qbk-merge: ");
+        return false;
+    }
+    partials = repo_list_partial(p->repo, error);
     if (!partials) {
         return false;
     }

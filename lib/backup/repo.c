@@ -281,3 +281,15 @@ json_object *manifest_disk(json_object *manifest, const char *disk)
     }
     return NULL;
 }
+
+int backup_lock(const char *repo, GError **error)
+{
+    g_autofree char *marker = g_build_filename(repo, "qbk-repo.json", NULL);
+
+    if (!g_file_test(marker, G_FILE_TEST_EXISTS)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
+                    "'%s' is not a qbk repository", repo);
+        return -1;
+    }
+    return repo_open_locked(repo, error);
+}

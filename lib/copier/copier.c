@@ -486,6 +486,14 @@ static void finish_block_status(Copier *c)
              c->bs_error ? g_strerror(c->bs_error) : "no extents");
         return;
     }
+    if (c->opts.depth_limit) {
+        /* allocation depth -> dirty flag: written in the top layers */
+        uint32_t *e = (uint32_t *)c->bs_dirty->data;
+
+        for (guint i = 1; i < c->bs_dirty->len; i += 2) {
+            e[i] = e[i] >= 1 && e[i] <= c->opts.depth_limit;
+        }
+    }
     regions =
         plan_regions(c->plan_pos, c->size, (uint32_t *)c->bs_alloc->data,
                      c->bs_alloc->len / 2,
@@ -862,9 +870,17 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
                     COPIER_BLOCK_SIZE);
         return false;
     }
+    if (opts->bitmap && opts->depth_limit) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "copy by a bitmap or by allocation depth, not both");
+        return false;
+    }
     if (opts->bitmap) {
         c->bitmap_context =
             g_strconcat("qemu:dirty-bitmap:", opts->bitmap, NULL);
+        contexts[1] = c->bitmap_context;
+    } else if (opts->depth_limit) {
+        c->bitmap_context = g_strdup("qemu:allocation-depth");
         contexts[1] = c->bitmap_context;
     }
     c->ctx = g_main_context_new();

@@ -78,6 +78,10 @@ typedef struct {
                              COPIER_BLOCK_SIZE (default 256 KiB) */
     const char *bitmap;      /* copy only what the source's
                              "qemu:dirty-bitmap:BITMAP" marks; NULL: all */
+    guint depth_limit;       /* instead of a bitmap: copy only what the
+                                source's "qemu:allocation-depth" puts in
+                                its top DEPTH_LIMIT layers (a backing
+                                chain's newest links); 0: off */
     bool target_zeroed;      /* the target reads as zeros: skip zero regions */
     int digest_fd;           /* -1, or a file receiving one digest per block at
                              offset block * COPIER_DIGEST_LEN; filled from

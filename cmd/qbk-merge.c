@@ -1,0 +1,186 @@
+/*
+ * qbk-merge: consolidate backup chains without touching the VM: N adjacent
+ * increments into one, or a synthetic full at any backup.
+ */
+#include <stdio.h>
+#include <unistd.h>
+
+#include "backup.h"
+#include "cmd-common.h"
+
+static char *opt_repo;
+static char **opt_disks;
+static char *opt_from;
+static char *opt_to;
+static char *opt_full_at;
+static char *opt_format;
+static gboolean opt_json;
+static gboolean opt_quiet;
+static gboolean opt_version;
+
+static GOptionEntry entries[] = {
+    { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo, "backup repository",
+      "DIR" },
+    { "disk", 'd', 0, G_OPTION_ARG_STRING_ARRAY, &opt_disks,
+      "only this disk (repeat); default: every disk of the backup", "DISK" },
+    { "from", 0, 0, G_OPTION_ARG_STRING, &opt_from,
+      "oldest backup of the range to merge (with --to)", "ID" },
+    { "to", 0, 0, G_OPTION_ARG_STRING, &opt_to,
+      "newest backup of the range: it keeps its point in time and now "
+      "stands on FROM's parent; the backups from FROM to TO's parent lose "
+      "the disk",
+      "ID" },
+    { "full-at", 0, 0, G_OPTION_ARG_STRING, &opt_full_at,
+      "make backup ID a full backup (synthetic: nothing read from the VM); "
+      "older backups stay",
+      "ID" },
+    { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
+      "of a synthetic full: qcow2 (default) or raw", "FORMAT" },
+    { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
+      "print {results: [...]} as one JSON object", NULL },
+    { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
+      "print nothing on stderr but errors", NULL },
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+static int exit_code(const GError *error)
+{
+    if (error->domain == BACKUP_ERROR &&
+        (error->code == BACKUP_ERROR_NOT_FOUND ||
+         error->code == BACKUP_ERROR_NOT_IN_CHAIN)) {
+        return QBK_EXIT_USAGE;
+    }
+    return QBK_EXIT_FAILURE;
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GOptionContext) ctx =
+        g_option_context_new("- merge backups of a repository");
+    g_autoptr(GError) error = NULL;
+    json_object *m, *disks, *results;
+    const char *to;
+    int lock;
+
+    g_set_prgname("qbk-merge");
+    g_option_context_add_main_entries(ctx, entries, NULL);
+    g_option_context_set_summary(
+        ctx,
+        "Merges backups inside a repository; the VM and its checkpoints are "
+        "not touched\n(merging backups is independent of the bitmaps on the "
+        "VM). Only the data the\nmerged links hold is copied (qemu-nbd "
+        "serves the chain with its allocation\ndepth; lib/copier copies the "
+        "newest layers), and the result must hash to the\nbackup's recorded "
+        "checksum before anything changes. A journal\n"
+        "(REPO/merge-journal.json) makes the swap crash-safe: the next "
+        "qbk-merge\nfinishes an interrupted one, and every kept backup "
+        "restores at every step.");
+    g_option_context_set_description(
+        ctx, "Examples:\n"
+             "  qbk-merge --repo /backups/vm1 --from MON --to SUN    # seven "
+             "dailies -> one weekly\n"
+             "  qbk-merge --repo /backups/vm1 --full-at SUN --disk disk0\n"
+             "  qbk-merge --repo /backups/vm1                       # only "
+             "finish an interrupted merge\n"
+             "\n" QBK_EXIT_CODES_HELP);
+    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
+        cmd_error("%s (see --help)", error->message);
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_version) {
+        printf("qbk-merge %s\n", QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    cmd_set_quiet(opt_quiet);
+    if (argc != 1 || !opt_repo || (!opt_from != !opt_to) ||
+        (opt_to && opt_full_at)) {
+        cmd_error("give --repo DIR and either --from ID --to ID or "
+                  "--full-at ID (see --help)");
+        return QBK_EXIT_USAGE;
+    }
+    if (opt_format && (!opt_full_at || (g_strcmp0(opt_format, "raw") != 0 &&
+                                        g_strcmp0(opt_format, "qcow2") != 0))) {
+        cmd_error("--format (raw or qcow2) goes with --full-at");
+        return QBK_EXIT_USAGE;
+    }
+    lock = backup_lock(opt_repo, &error);
+    if (lock < 0) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    if (!backup_merge_recover(opt_repo, &error)) {
+        cmd_error("finishing an interrupted merge: %s", error->message);
+        return QBK_EXIT_FAILURE;
+    }
+    if (!opt_to && !opt_full_at) {
+        cmd_info("nothing to merge; the repository is consistent");
+        return QBK_EXIT_OK;
+    }
+    to = opt_to ? opt_to : opt_full_at;
+    m = backup_load(opt_repo, to, &error);
+    if (!m) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    disks = qmp_json_array(m, "disks");
+    results = json_object_new_array();
+    for (size_t i = 0; disks && i < json_object_array_length(disks); i++) {
+        const char *disk =
+            qmp_json_string(json_object_array_get_idx(disks, i), "disk");
+        json_object *r;
+
+        if (opt_disks &&
+            !g_strv_contains((const char *const *)opt_disks, disk)) {
+            continue;
+        }
+        r = backup_merge(opt_repo, disk, opt_from, qmp_json_string(m, "id"),
+                         opt_format, &error);
+        if (!r && !opt_disks &&
+            g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN)) {
+            cmd_info("disk '%s': nothing to merge (%s)", disk, error->message);
+            g_clear_error(&error);
+            continue;
+        }
+        if (!r) {
+            cmd_error("%s", error->message);
+            json_object_put(results);
+            json_object_put(m);
+            return exit_code(error);
+        }
+        if (!opt_json) {
+            g_autofree char *copied =
+                cmd_format_bytes(qmp_json_uint(r, "bytes_read"));
+
+            cmd_info(
+                "disk '%s' of '%s' now stands on %s%s%s (%s read, "
+                "%zu backup(s) dropped the disk, %.2f s)",
+                disk, qmp_json_string(m, "id"),
+                qmp_json_string(r, "parent") ? "'" : "",
+                qmp_json_string(r, "parent") ? qmp_json_string(r, "parent")
+                                             : "nothing: a synthetic full",
+                qmp_json_string(r, "parent") ? "'" : "", copied,
+                json_object_array_length(qmp_json_array(r, "dropped")),
+                json_object_get_double(json_object_object_get(r, "seconds")));
+        }
+        json_object_array_add(results, r);
+    }
+    if (json_object_array_length(results) == 0) {
+        cmd_error("nothing merged in backup '%s'", qmp_json_string(m, "id"));
+        json_object_put(results);
+        json_object_put(m);
+        return QBK_EXIT_USAGE;
+    }
+    json_object_put(m);
+    if (opt_json) {
+        json_object *out = json_object_new_object();
+
+        json_object_object_add(out, "results", results);
+        cmd_print_json(out);
+    } else {
+        json_object_put(results);
+    }
+    close(lock);
+    return QBK_EXIT_OK;
+}

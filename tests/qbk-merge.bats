@@ -1,0 +1,147 @@
+#!/usr/bin/env bats
+# qbk-merge: chains built by real qbk-pull runs with the guest writing
+# during each copy (shadow model), then merged without the VM; after every
+# merge, and after a crash at every step of one, each kept backup restores
+# byte-identical to its point in time and qbk-verify passes.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+setup() {
+    common_setup
+    start_vm
+    shadow_init disk0 disk1
+    gw disk0 0 $((4 << 20)) 17
+    gw disk1 $((5 << 20)) 2097152 51
+    pull_with_writes full "disk0 disk1"
+    for n in 1 2 3; do
+        random_writes 6 disk0 disk1
+        pull_with_writes inc$n "disk0 disk1"
+    done
+    FULL=$(jq -r .id "$T/pull-full.json")
+    INC1=$(jq -r .id "$T/pull-inc1.json")
+    INC2=$(jq -r .id "$T/pull-inc2.json")
+    INC3=$(jq -r .id "$T/pull-inc3.json")
+}
+
+teardown() {
+    common_teardown
+}
+
+# kept NAME...: each restores exactly, for both disks
+kept() {
+    local n
+    for n in "$@"; do
+        restore_matches "$n" disk0
+        restore_matches "$n" disk1
+    done
+}
+
+parent_of() { # BACKUP DISK
+    jq -r --arg d "$2" '.disks[] | select(.disk == $d) | .parent' \
+        "$T/repo/backups/$1.json"
+}
+
+@test "--from --to: adjacent increments become one; every kept point exact; verify passes" {
+    run -0 --separate-stderr qbk-merge --repo "$T/repo" --from "$INC1" --to "$INC2" --json
+    echo "$output"
+    # disk2 (raw, always full) has nothing to merge and says so
+    [ "$(jq '.results | length' <<<"$output")" -eq 2 ]
+    [ "$(jq -r '.results[0].dropped | join(",")' <<<"$output")" = "$INC1" ]
+    [ "$(parent_of "$INC2" disk0)" = "$FULL" ]
+    [ "$(parent_of "$INC3" disk0)" = "$INC2" ]
+    [ ! -e "$T/repo/disks/disk0/$INC1.qcow2" ]
+    [ -e "$T/repo/backups/$INC1.json" ]   # keeps disk2
+    [ "$(jq '.disks | length' "$T/repo/backups/$INC1.json")" -eq 1 ]
+    # the merged image holds the union of the two increments, no more
+    q1=$(qemu-img map --output=json "$T/repo/disks/disk0/$INC2.qcow2" |
+        jq '[.[] | select(.depth == 0 and .data) | .length] | add')
+    [ "$q1" -gt 0 ]
+    kept full inc2 inc3
+    run -0 qbk-verify --repo "$T/repo"
+    # merging the rest: FROM the full backup gives a full at INC3
+    run -0 qbk-merge --repo "$T/repo" --disk disk0 --from "$FULL" --to "$INC3"
+    [ "$(parent_of "$INC3" disk0)" = null ]
+    [ "$(jq -r '.disks[] | select(.disk == "disk0") | .mode' "$T/repo/backups/$INC3.json")" = full ]
+    restore_matches inc3 disk0
+    restore_matches inc3 disk1
+    run -0 qbk-verify --repo "$T/repo"
+    assert_clean
+}
+
+@test "--full-at: a synthetic full (qcow2 and raw) at any point; later backups stay exact" {
+    run -0 qbk-merge --repo "$T/repo" --full-at "$INC2" --disk disk0
+    [ "$(parent_of "$INC2" disk0)" = null ]
+    [ -z "$(qemu-img info --output=json "$T/repo/disks/disk0/$INC2.qcow2" | jq -r '."backing-filename" // empty')" ]
+    kept full inc1 inc2 inc3
+    run -0 qbk-merge --repo "$T/repo" --full-at "$INC1" --disk disk1 --format raw
+    [ -e "$T/repo/disks/disk1/$INC1.raw" ]
+    [ ! -e "$T/repo/disks/disk1/$INC1.qcow2" ]
+    kept full inc1 inc2 inc3
+    run -0 qbk-verify --repo "$T/repo"
+    # a new backup after the merges still chains on correctly
+    random_writes 4 disk0 disk1
+    pull_with_writes inc4 "disk0 disk1"
+    [ "$(manifest_field inc4 disk0 mode)" = incremental ]
+    kept inc4
+}
+
+@test "a crash at each step of a merge: every kept point restores; the next run finishes it" {
+    cp -a "$T/repo" "$T/repo.orig"
+    for step in 1 2 3 4 5 6; do
+        rm -rf "$T/repo"
+        cp -a "$T/repo.orig" "$T/repo"
+        run env QBK_MERGE_CRASH_AT=$step qbk-merge --repo "$T/repo" \
+            --disk disk0 --from "$INC1" --to "$INC2"
+        [ "$status" -eq 99 ]
+        # whatever the step: every backup still listed restores exactly
+        for n in full inc1 inc2 inc3; do
+            id=$(jq -r .id "$T/pull-$n.json")
+            if [ -e "$T/repo/backups/$id.json" ] &&
+               jq -e '.disks[] | select(.disk == "disk0")' "$T/repo/backups/$id.json" >/dev/null; then
+                restore_matches "$n" disk0
+            fi
+        done
+        # the next run finishes it (a journal) or undoes it (none yet)
+        run qbk-merge --repo "$T/repo"
+        echo "step $step: $output"
+        [ "$status" -eq 0 ]
+        [ ! -e "$T/repo/merge-journal.json" ]
+        [ -z "$(ls "$T"/repo/disks/disk0/*merging* 2>/dev/null)" ]
+        if [ "$step" -le 2 ]; then
+            [ "$(parent_of "$INC2" disk0)" = "$INC1" ]
+        else
+            [ "$(parent_of "$INC2" disk0)" = "$FULL" ]
+            [ ! -e "$T/repo/disks/disk0/$INC1.qcow2" ]
+        fi
+        restore_matches inc2 disk0
+        restore_matches inc3 disk0
+        run -0 qbk-verify --repo "$T/repo" --disk disk0
+    done
+}
+
+@test "refusals: a damaged link, a backup standing on a link, bad input; nothing changes" {
+    # a differential stands on the full backup
+    random_writes 3 disk0 disk1
+    pull_with_writes diff "disk0 disk1" --mode differential
+    DIFF=$(jq -r .id "$T/pull-diff.json")
+    before=$(cat "$T"/repo/backups/*.json | md5sum)
+    run -1 qbk-merge --repo "$T/repo" --disk disk0 --from "$FULL" --to "$INC2"
+    [[ "$output" == *"cannot drop what another backup needs: backup '$DIFF' stands on '$FULL'"* ]]
+    # a flipped byte in INC1, where INC2 still shows it: the merge would
+    # not equal INC2 (depth 1 of INC2's chain is INC1's own layer)
+    img=$T/repo/disks/disk0/$INC1.qcow2
+    off=$(qemu-img map --output=json "$T/repo/disks/disk0/$INC2.qcow2" |
+        jq -r '[.[] | select(.data and .depth == 1 and .offset != null)][0].offset')
+    [ "$off" != null ]
+    printf '\xff' | dd of="$img" bs=1 seek="$((off + 77))" conv=notrunc status=none
+    run -1 qbk-merge --repo "$T/repo" --disk disk0 --from "$INC1" --to "$INC2"
+    [[ "$output" == *"the merged image would not equal backup '$INC2'"* ]]
+    [ "$(cat "$T"/repo/backups/*.json | md5sum)" = "$before" ]
+    [ -z "$(ls "$T"/repo/disks/disk0/*merging* 2>/dev/null)" ]
+    run -2 qbk-merge --repo "$T/repo" --from "$INC1"
+    run -2 qbk-merge --repo "$T/repo" --full-at nosuch
+    run -2 qbk-merge --repo "$T/repo" --disk disk0 --from "$INC3" --to "$INC1"
+    run -2 qbk-merge --repo "$T/nowhere" --full-at "$INC1"
+    [[ "$output" == *"not a qbk repository"* ]]
+}
