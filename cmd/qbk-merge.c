@@ -14,6 +14,8 @@ static char *opt_from;
 static char *opt_to;
 static char *opt_full_at;
 static char *opt_format;
+static gint opt_daily = -1, opt_weekly = -1, opt_monthly = -1;
+static gboolean opt_dry_run;
 static gboolean opt_json;
 static gboolean opt_quiet;
 static gboolean opt_version;
@@ -34,6 +36,16 @@ static GOptionEntry entries[] = {
       "make backup ID a full backup (synthetic: nothing read from the VM); "
       "older backups stay",
       "ID" },
+    { "keep-daily", 0, 0, G_OPTION_ARG_INT, &opt_daily,
+      "retention: keep the newest backup of each of the last N days", "N" },
+    { "keep-weekly", 0, 0, G_OPTION_ARG_INT, &opt_weekly,
+      "... of each of the last N ISO weeks", "N" },
+    { "keep-monthly", 0, 0, G_OPTION_ARG_INT, &opt_monthly,
+      "... of each of the last N months (the newest backup is always kept; "
+      "the others are merged into the kept backups above them)",
+      "N" },
+    { "dry-run", 'n', 0, G_OPTION_ARG_NONE, &opt_dry_run,
+      "retention: print the plan, change nothing", NULL },
     { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
       "of a synthetic full: qcow2 (default) or raw", "FORMAT" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
@@ -55,6 +67,59 @@ static int exit_code(const GError *error)
     return QBK_EXIT_FAILURE;
 }
 
+static void print_ids(const char *title, json_object *list)
+{
+    printf("%s (%zu):\n", title, json_object_array_length(list));
+    for (size_t i = 0; i < json_object_array_length(list); i++) {
+        json_object *o = json_object_array_get_idx(list, i);
+        json_object *why = qmp_json_array(o, "why");
+
+        printf("  %s  %s", qmp_json_string(o, "id"),
+               qmp_json_string(o, "created"));
+        for (size_t k = 0; why && k < json_object_array_length(why); k++) {
+            printf("%s%s", k ? ", " : "  ",
+                   json_object_get_string(json_object_array_get_idx(why, k)));
+        }
+        printf("\n");
+    }
+}
+
+static int apply_retention(void)
+{
+    g_autoptr(GError) error = NULL;
+    BackupRetention policy = {
+        .daily = MAX(opt_daily, 0),
+        .weekly = MAX(opt_weekly, 0),
+        .monthly = MAX(opt_monthly, 0),
+    };
+    json_object *plan =
+        backup_retention(opt_repo, &policy, opt_dry_run, &error);
+    json_object *merges;
+
+    if (!plan) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    if (opt_json) {
+        cmd_print_json(plan);
+        return QBK_EXIT_OK;
+    }
+    print_ids("keep", qmp_json_array(plan, "keep"));
+    print_ids(opt_dry_run ? "would remove" : "removed",
+              qmp_json_array(plan, "remove"));
+    merges = qmp_json_array(plan, "merges");
+    for (size_t i = 0; i < json_object_array_length(merges); i++) {
+        json_object *a = json_object_array_get_idx(merges, i);
+
+        printf("%s disk %s: %s..%s into %s\n",
+               opt_dry_run ? "would merge" : "merged",
+               qmp_json_string(a, "disk"), qmp_json_string(a, "merge"),
+               qmp_json_string(a, "into"), qmp_json_string(a, "into"));
+    }
+    json_object_put(plan);
+    return QBK_EXIT_OK;
+}
+
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
@@ -62,6 +127,7 @@ int main(int argc, char **argv)
     g_autoptr(GError) error = NULL;
     json_object *m, *disks, *results;
     const char *to;
+    bool retention;
     int lock;
 
     g_set_prgname("qbk-merge");
@@ -82,6 +148,8 @@ int main(int argc, char **argv)
              "  qbk-merge --repo /backups/vm1 --from MON --to SUN    # seven "
              "dailies -> one weekly\n"
              "  qbk-merge --repo /backups/vm1 --full-at SUN --disk disk0\n"
+             "  qbk-merge --repo /backups/vm1 --keep-daily 7 --keep-weekly 4 "
+             "--keep-monthly 12 --dry-run\n"
              "  qbk-merge --repo /backups/vm1                       # only "
              "finish an interrupted merge\n"
              "\n" QBK_EXIT_CODES_HELP);
@@ -94,10 +162,12 @@ int main(int argc, char **argv)
         return QBK_EXIT_OK;
     }
     cmd_set_quiet(opt_quiet);
+    retention = opt_daily >= 0 || opt_weekly >= 0 || opt_monthly >= 0;
     if (argc != 1 || !opt_repo || (!opt_from != !opt_to) ||
-        (opt_to && opt_full_at)) {
-        cmd_error("give --repo DIR and either --from ID --to ID or "
-                  "--full-at ID (see --help)");
+        (opt_to && opt_full_at) || (retention && (opt_to || opt_full_at)) ||
+        (opt_dry_run && !retention)) {
+        cmd_error("give --repo DIR and one of: --from ID --to ID, "
+                  "--full-at ID, --keep-* [--dry-run] (see --help)");
         return QBK_EXIT_USAGE;
     }
     if (opt_format && (!opt_full_at || (g_strcmp0(opt_format, "raw") != 0 &&
@@ -113,6 +183,9 @@ int main(int argc, char **argv)
     if (!backup_merge_recover(opt_repo, &error)) {
         cmd_error("finishing an interrupted merge: %s", error->message);
         return QBK_EXIT_FAILURE;
+    }
+    if (retention) {
+        return apply_retention();
     }
     if (!opt_to && !opt_full_at) {
         cmd_info("nothing to merge; the repository is consistent");

@@ -145,3 +145,53 @@ parent_of() { # BACKUP DISK
     run -2 qbk-merge --repo "$T/nowhere" --full-at "$INC1"
     [[ "$output" == *"not a qbk repository"* ]]
 }
+
+# Retention over a synthetic calendar: 12 real backups (full + 11
+# incrementals, the guest writing during each), dated every 3 days from
+# 2026-10-20 to 2026-11-22; the expected kept set is computed here with jq.
+@test "retention: --dry-run plans, the run keeps exactly the policy's points, each exact" {
+    for n in $(seq 4 11); do
+        random_writes 4 disk0 disk1
+        pull_with_writes inc$n "disk0 disk1"
+    done
+    names=(full inc1 inc2 inc3 inc4 inc5 inc6 inc7 inc8 inc9 inc10 inc11)
+    for i in "${!names[@]}"; do
+        id=$(jq -r .id "$T/pull-${names[$i]}.json")
+        when=$(date -u -d "2026-10-20 +$((i * 3)) days 12:00" +%Y-%m-%dT%H:%M:%SZ)
+        jq --arg w "$when" '.created = $w' "$T/repo/backups/$id.json" >"$T/m.json"
+        mv "$T/m.json" "$T/repo/backups/$id.json"
+        echo "${names[$i]} $id $when" >>"$T/calendar"
+    done
+    expected=$(jq -R -s -c '
+        [split("\n")[] | select(length > 0) | split(" ") | {n: .[0], id: .[1], c: .[2]}]
+        | sort_by(.c) | reverse as $all
+        | def keep(k; fmt): reduce $all[] as $b ({seen: [], ids: []};
+              ($b.c | strptime("%Y-%m-%dT%H:%M:%SZ") | mktime | strftime(fmt)) as $key
+              | if (.seen | length) >= k or (.seen | any(. == $key)) then .
+                else .seen += [$key] | .ids += [$b.id] end) | .ids;
+          ([$all[0].id] + keep(3; "%Y-%m-%d") + keep(2; "%G-W%V") + keep(2; "%Y-%m"))
+          | unique' "$T/calendar")
+    echo "expected: $expected"
+    before=$(cat "$T"/repo/backups/*.json | md5sum)
+    run -0 --separate-stderr qbk-merge --repo "$T/repo" --keep-daily 3 \
+        --keep-weekly 2 --keep-monthly 2 --dry-run --json
+    [ "$(jq -c '[.keep[].id] | sort' <<<"$output")" = "$expected" ]
+    [ "$(cat "$T"/repo/backups/*.json | md5sum)" = "$before" ]
+    run -0 qbk-merge --repo "$T/repo" --keep-daily 3 --keep-weekly 2 --keep-monthly 2
+    echo "$output"
+    # the repository holds the kept points (disk2, raw, is in each)
+    have=$(for f in "$T"/repo/backups/*.json; do jq -r .id "$f"; done | jq -R -s -c 'split("\n") | map(select(length > 0)) | sort')
+    [ "$have" = "$expected" ]
+    while read -r name id when; do
+        if jq -e --arg id "$id" 'index($id)' <<<"$expected" >/dev/null; then
+            restore_matches "$name" disk0
+            restore_matches "$name" disk1
+        fi
+    done <"$T/calendar"
+    run -0 qbk-verify --repo "$T/repo"
+    # and backups go on from there
+    random_writes 3 disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    [ "$(manifest_field after disk0 mode)" = incremental ]
+    restore_matches after disk0
+}

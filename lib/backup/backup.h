@@ -169,4 +169,21 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
  * unfinished merge copies. */
 bool backup_merge_recover(const char *repo, GError **error);
 
+/* A retention policy: keep the newest backup of each of the last DAILY
+ * days, WEEKLY ISO weeks and MONTHLY months (by creation time, UTC), and
+ * always the newest backup. */
+typedef struct {
+    guint daily, weekly, monthly;
+} BackupRetention;
+
+/*
+ * Apply POLICY to REPO (the caller holds the lock): {keep: [{id, created,
+ * why}], remove: [{id, created}], merges: [{disk, merge, into}]}. Removed
+ * links under a kept backup are merged into it (backup_merge), the rest
+ * lose their disks; a removed backup several kept ones stand on is kept
+ * ("needed by several backups"). DRY_RUN: only the plan.
+ */
+json_object *backup_retention(const char *repo, const BackupRetention *policy,
+                              bool dry_run, GError **error);
+
 #endif /* QBK_BACKUP_H */

@@ -131,4 +131,11 @@ Target *target_start(char **images, char **names, GError **error);
 bool target_stop(Target *t, GError **error);
 void target_free(Target *t);
 
+/* ---- merge (merge.c) ---- */
+
+/* Remove DISK from backup ID: its manifest entry first (the manifest goes
+ * with its last disk), then its files. Idempotent. */
+bool backup_drop_disk(const char *repo, const char *id, const char *disk,
+                      GError **error);
+
 #endif /* QBK_BACKUP_INTERNAL_H */

@@ -103,7 +103,7 @@ static char *dependent(const char *repo, const char *disk, GPtrArray *drop,
 
 /* Remove DISK from backup ID (files, then the manifest's entry; the
  * manifest goes when no disk is left). Idempotent. */
-static bool drop_disk(const char *repo, const char *id, const char *disk,
+bool backup_drop_disk(const char *repo, const char *id, const char *disk,
                       GError **error)
 {
     g_autofree char *path = repo_manifest_path(repo, id);
@@ -218,7 +218,7 @@ static bool roll_forward(const char *repo, json_object *j, GError **error)
      * another format goes too */
     drop = qmp_json_array(j, "drop");
     for (size_t i = 0; drop && i < json_object_array_length(drop); i++) {
-        if (!drop_disk(
+        if (!backup_drop_disk(
                 repo,
                 json_object_get_string(json_object_array_get_idx(drop, i)),
                 disk, error)) {
