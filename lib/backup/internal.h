@@ -131,6 +131,20 @@ Target *target_start(char **images, char **names, GError **error);
 bool target_stop(Target *t, GError **error);
 void target_free(Target *t);
 
+/* ---- qemu-nbd on a private socket (nbd-serve.c) ---- */
+
+typedef struct {
+    char *dir, *socket, *pidfile;
+    GPid pid;
+} NbdServer;
+
+/* Serve IMAGE (FORMAT) as export "": read-only with its allocation depth
+ * (a backup chain), or WRITABLE (cache=none). */
+NbdServer *nbd_serve(const char *image, const char *format, bool writable,
+                     GError **error);
+/* Stop it (if still running) and remove its files. */
+void nbd_server_stop(NbdServer *s);
+
 /* ---- merge (merge.c) ---- */
 
 /* Remove DISK from backup ID: its manifest entry first (the manifest goes

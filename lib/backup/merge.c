@@ -309,34 +309,6 @@ bool backup_merge_recover(const char *repo, GError **error)
 
 /* ---- making the new image ---- */
 
-/* Serve IMAGE (FORMAT) read-only with its allocation depth on SOCKET. */
-static GPid serve_chain(const char *image, const char *format,
-                        const char *socket, const char *pidfile, GError **error)
-{
-    g_autofree char *fmt = g_strdup_printf("--format=%s", format);
-    g_autofree char *sock = g_strdup_printf("--socket=%s", socket);
-    g_autofree char *pid = g_strdup_printf("--pid-file=%s", pidfile);
-    const char *argv[] = { "qemu-nbd", "--read-only", "--allocation-depth",
-                           "--fork",   fmt,           sock,
-                           pid,        image,         NULL };
-    g_autofree char *err = NULL;
-    g_autofree char *text = NULL;
-    int status;
-
-    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                      NULL, NULL, &err, &status, error)) {
-        return 0;
-    }
-    if (!g_spawn_check_wait_status(status, NULL) ||
-        !g_file_get_contents(pidfile, &text, NULL, NULL)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                    "cannot read the chain of '%s': %s", image,
-                    g_strstrip(err));
-        return 0;
-    }
-    return (GPid)atoi(text);
-}
-
 json_object *backup_merge(const char *repo, const char *disk, const char *from,
                           const char *to, const char *format, GError **error)
 {
@@ -350,7 +322,6 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     g_autofree char *rel_dig = NULL, *rel_tmp_dig = NULL;
     g_autofree char *tmp = NULL, *tmp_dig = NULL, *top = NULL;
     g_autofree char *backing = NULL, *parent_dig = NULL;
-    g_autofree char *sockdir = NULL, *sock = NULL, *pidfile = NULL;
     g_autofree char *sum = NULL;
     g_autofree char *jpath = journal_path(repo);
     json_object *te, *pe = NULL, *j, *jdrop, *result;
@@ -359,7 +330,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     CopierOptions co;
     CopierStats stats = { 0 };
     Target *t = NULL;
-    GPid pid = 0;
+    NbdServer *nbd = NULL;
     int dfd = -1, pfd = -1;
     bool full, ok;
     gint64 t0 = g_get_monotonic_time();
@@ -455,14 +426,9 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
                                     : NULL,
                              error);
     crash_point(1);
-    sockdir = ok ? g_dir_make_tmp("qbk-merge-XXXXXX", error) : NULL;
-    ok = sockdir != NULL;
     if (ok) {
-        sock = g_build_filename(sockdir, "nbd.sock", NULL);
-        pidfile = g_build_filename(sockdir, "qemu-nbd.pid", NULL);
-        pid = serve_chain(top, qmp_json_string(te, "format"), sock, pidfile,
-                          error);
-        ok = pid != 0;
+        nbd = nbd_serve(top, qmp_json_string(te, "format"), false, error);
+        ok = nbd != NULL;
     }
     if (ok && strcmp(format, "qcow2") == 0) {
         char *images[] = { tmp, NULL };
@@ -481,7 +447,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
         }
     }
     if (ok) {
-        CopierEndpoint src = { .socket = sock, .name = "" };
+        CopierEndpoint src = { .socket = nbd->socket, .name = "" };
         CopierEndpoint dst = { .socket = t ? t->socket : NULL,
                                .name = "merge",
                                .file = t ? NULL : tmp };
@@ -504,9 +470,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
         }
         ok = ok && fsync(dfd) == 0;
     }
-    if (pid) {
-        kill(pid, SIGTERM);
-    }
+    nbd_server_stop(nbd);
     if (t) {
         ok = target_stop(t, ok ? error : NULL) && ok;
         target_free(t);
@@ -516,11 +480,6 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     }
     if (pfd >= 0) {
         close(pfd);
-    }
-    if (sockdir) {
-        unlink(sock);
-        unlink(pidfile);
-        rmdir(sockdir);
     }
     ok = ok && repo_fsync_path(tmp, error);
     if (!ok) {

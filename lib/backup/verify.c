@@ -146,32 +146,6 @@ static json_object *check_chain(const char *repo, const char *id,
     return top;
 }
 
-/* Serve IMAGE read-only on SOCKET with qemu-nbd; returns its pid or 0. */
-static GPid serve(const char *image, const char *format, const char *socket,
-                  const char *pidfile, GError **error)
-{
-    g_autofree char *fmt = g_strdup_printf("--format=%s", format);
-    g_autofree char *sock = g_strdup_printf("--socket=%s", socket);
-    g_autofree char *pid = g_strdup_printf("--pid-file=%s", pidfile);
-    const char *argv[] = { "qemu-nbd", "--read-only", "--fork", fmt,
-                           sock,       pid,           image,    NULL };
-    g_autofree char *err = NULL;
-    g_autofree char *text = NULL;
-    int status;
-
-    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                      NULL, NULL, &err, &status, error)) {
-        return 0;
-    }
-    if (!g_spawn_check_wait_status(status, NULL) ||
-        !g_file_get_contents(pidfile, &text, NULL, NULL)) {
-        corrupt(error, BACKUP_ERROR_CORRUPT,
-                "cannot read the chain of '%s': %s", image, g_strstrip(err));
-        return 0;
-    }
-    return (GPid)atoi(text);
-}
-
 /* Where the fresh digests (FD) first differ from the stored ones (PATH). */
 static char *first_difference(int fd, const char *path, guint64 size)
 {
@@ -204,8 +178,6 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
 {
     g_autoptr(GPtrArray) chain = g_ptr_array_new_with_free_func(g_free);
     g_autofree char *dir = NULL;
-    g_autofree char *socket = NULL;
-    g_autofree char *pidfile = NULL;
     g_autofree char *digests = NULL;
     g_autofree char *image = NULL;
     g_autofree char *sum = NULL;
@@ -214,7 +186,7 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
     CopierEndpoint src = { 0 }, none = { 0 };
     CopierOptions co;
     CopierStats stats;
-    GPid pid;
+    NbdServer *nbd;
     int dfd;
     bool ok;
 
@@ -237,20 +209,17 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
         json_object_put(entry);
         return NULL;
     }
-    socket = g_build_filename(dir, "nbd.sock", NULL);
-    pidfile = g_build_filename(dir, "qemu-nbd.pid", NULL);
     digests = g_build_filename(dir, "digests", NULL);
     image = g_build_filename(repo, qmp_json_string(entry, "image"), NULL);
-    pid =
-        serve(image, qmp_json_string(entry, "format"), socket, pidfile, error);
+    nbd = nbd_serve(image, qmp_json_string(entry, "format"), false, error);
     dfd = open(digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    ok = pid && dfd >= 0;
-    if (pid && dfd < 0) {
+    ok = nbd && dfd >= 0;
+    if (nbd && dfd < 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", digests,
                     g_strerror(errno));
     }
     if (ok) {
-        src = (CopierEndpoint){ .socket = socket, .name = "" };
+        src = (CopierEndpoint){ .socket = nbd->socket, .name = "" };
         copier_options_init(&co);
         co.digest_fd = dfd;
         ok = copier_copy(&src, &none, &co, &stats, error) &&
@@ -274,15 +243,11 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
             ok = false;
         }
     }
-    if (pid) {
-        kill(pid, SIGTERM);
-    }
+    nbd_server_stop(nbd);
     if (dfd >= 0) {
         close(dfd);
     }
     unlink(digests);
-    unlink(socket);
-    unlink(pidfile);
     rmdir(dir);
     if (!ok) {
         json_object_put(entry);

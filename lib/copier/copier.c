@@ -473,12 +473,49 @@ static void start_block_status(Copier *c)
     c->bs_in_flight = true;
 }
 
+/* The caller's ranges as a dirty context's extents over the window that
+ * block status was asked for: (length, 1) inside a range, (length, 0)
+ * outside. */
+static void ranges_as_extents(Copier *c)
+{
+    guint64 pos = c->plan_pos;
+    guint64 end = c->plan_pos + MIN(WINDOW_BYTES, c->size - c->plan_pos);
+    const CopierRange *r = (const CopierRange *)c->opts.ranges->data;
+    guint n = c->opts.ranges->len;
+
+    g_array_set_size(c->bs_dirty, 0);
+    for (guint i = 0; i < n && pos < end; i++) {
+        guint64 rs = MAX(r[i].offset, pos);
+        guint64 re = MIN(r[i].offset + r[i].length, end);
+        uint32_t e[4];
+
+        if (re <= rs) {
+            continue;
+        }
+        e[0] = (uint32_t)(rs - pos);
+        e[1] = 0;
+        e[2] = (uint32_t)(re - rs);
+        e[3] = 1;
+        g_array_append_vals(c->bs_dirty, rs > pos ? e : e + 2,
+                            rs > pos ? 4 : 2);
+        pos = re;
+    }
+    if (pos < end) {
+        uint32_t e[2] = { (uint32_t)(end - pos), 0 };
+
+        g_array_append_vals(c->bs_dirty, e, 2);
+    }
+}
+
 static void finish_block_status(Copier *c)
 {
     g_autoptr(GArray) regions = NULL;
     guint64 end;
 
     c->bs_in_flight = false;
+    if (c->opts.ranges) {
+        ranges_as_extents(c);
+    }
     if (c->bs_error || c->bs_alloc->len == 0 ||
         (c->bitmap_context && c->bs_dirty->len == 0)) {
         fail(c, COPIER_ERROR_READ,
@@ -870,7 +907,7 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
                     COPIER_BLOCK_SIZE);
         return false;
     }
-    if (opts->bitmap && opts->depth_limit) {
+    if (!!opts->bitmap + !!opts->depth_limit + !!opts->ranges > 1) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
                     "copy by a bitmap or by allocation depth, not both");
         return false;
@@ -882,6 +919,9 @@ bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
     } else if (opts->depth_limit) {
         c->bitmap_context = g_strdup("qemu:allocation-depth");
         contexts[1] = c->bitmap_context;
+    } else if (opts->ranges) {
+        /* no context: ranges_as_extents() fills the dirty extents */
+        c->bitmap_context = g_strdup("qbk:ranges");
     }
     c->ctx = g_main_context_new();
     c->loop = g_main_loop_new(c->ctx, FALSE);

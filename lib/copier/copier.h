@@ -49,6 +49,12 @@ typedef struct {
     const char *file; /* target only: write this raw file instead */
 } CopierEndpoint;
 
+/* A byte range of the disk. */
+typedef struct {
+    guint64 offset;
+    guint64 length;
+} CopierRange;
+
 typedef struct {
     guint64 size;          /* of the disk, bytes */
     guint64 bytes_read;    /* read from the source */
@@ -82,6 +88,8 @@ typedef struct {
                                 source's "qemu:allocation-depth" puts in
                                 its top DEPTH_LIMIT layers (a backing
                                 chain's newest links); 0: off */
+    const GArray *ranges;    /* instead of a bitmap: copy only these
+                                CopierRange (sorted, disjoint); NULL: off */
     bool target_zeroed;      /* the target reads as zeros: skip zero regions */
     int digest_fd;           /* -1, or a file receiving one digest per block at
                              offset block * COPIER_DIGEST_LEN; filled from
