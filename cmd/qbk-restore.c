@@ -14,6 +14,9 @@ static char *opt_output;
 static char *opt_format;
 static gboolean opt_json;
 static gboolean opt_list;
+static char *opt_into;
+static char *opt_from;
+static gboolean opt_verify;
 static gboolean opt_version;
 
 static GOptionEntry entries[] = {
@@ -27,6 +30,17 @@ static GOptionEntry entries[] = {
       "file to write (sparse)", "FILE" },
     { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
       "raw (default; verified against the checksum) or qcow2", "FORMAT" },
+    { "into", 0, 0, G_OPTION_ARG_FILENAME, &opt_into,
+      "bring this existing image (raw or qcow2), which equals backup FROM, "
+      "to the backup asked for, forward or back, writing only the regions "
+      "that differ",
+      "IMAGE" },
+    { "from", 0, 0, G_OPTION_ARG_STRING, &opt_from,
+      "with --into: the backup the image equals now", "ID" },
+    { "verify", 0, 0, G_OPTION_ARG_NONE, &opt_verify,
+      "with --into: then re-read the whole image and check it against the "
+      "backup's checksum",
+      NULL },
     { "list", 'l', 0, G_OPTION_ARG_NONE, &opt_list,
       "list the repository's backups instead", NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
@@ -39,7 +53,8 @@ static GOptionEntry entries[] = {
 static int exit_code(const GError *error)
 {
     if (error->domain == BACKUP_ERROR &&
-        error->code == BACKUP_ERROR_NOT_FOUND) {
+        (error->code == BACKUP_ERROR_NOT_FOUND ||
+         error->code == BACKUP_ERROR_NOT_IN_CHAIN)) {
         return QBK_EXIT_USAGE;
     }
     return QBK_EXIT_FAILURE;
@@ -80,6 +95,63 @@ static int list_backups(void)
     return QBK_EXIT_OK;
 }
 
+static int restore_into(void)
+{
+    g_autoptr(GError) error = NULL;
+    json_object *r;
+
+    if (!opt_into || !opt_from || !opt_disk || opt_output) {
+        cmd_error("--into IMAGE goes with --from ID and --disk DISK, not "
+                  "--output (see --help)");
+        return QBK_EXIT_USAGE;
+    }
+    r = backup_restore_into(opt_repo, opt_from,
+                            opt_backup ? opt_backup : "latest", opt_disk,
+                            opt_into, &error);
+    if (!r) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    if (opt_verify) {
+        const char *argv[] = { "qemu-img", "info", "--output=json", opt_into,
+                               NULL };
+        g_autofree char *out = NULL;
+        json_object *info = NULL;
+        int status;
+
+        if (g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
+                         NULL, &out, NULL, &status, NULL) &&
+            g_spawn_check_wait_status(status, NULL)) {
+            info = json_tokener_parse(out);
+        }
+        if (!info || !backup_check_image(
+                         opt_repo, qmp_json_string(r, "backup"), opt_disk,
+                         opt_into, qmp_json_string(info, "format"), &error)) {
+            cmd_error("%s", error ? error->message : "cannot read the image");
+            json_object_put(info);
+            json_object_put(r);
+            return QBK_EXIT_FAILURE;
+        }
+        json_object_put(info);
+        json_object_object_add(r, "verified", json_object_new_boolean(1));
+    }
+    if (opt_json) {
+        cmd_print_json(r);
+    } else {
+        g_autofree char *changed =
+            cmd_format_bytes(qmp_json_uint(r, "bytes_changed"));
+
+        cmd_info("'%s' now holds disk '%s' as backup '%s' (from '%s' via "
+                 "'%s': %s rewritten)%s",
+                 opt_into, opt_disk, qmp_json_string(r, "backup"),
+                 qmp_json_string(r, "from"), qmp_json_string(r, "common"),
+                 changed,
+                 qmp_json_bool(r, "verified") ? ", checksum verified" : "");
+        json_object_put(r);
+    }
+    return QBK_EXIT_OK;
+}
+
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
@@ -90,12 +162,15 @@ int main(int argc, char **argv)
     g_set_prgname("qbk-restore");
     g_option_context_add_main_entries(ctx, entries, NULL);
     g_option_context_set_description(
-        ctx, "Examples:\n"
-             "  qbk-restore --repo /backups/vm1 --list\n"
-             "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
-             "  qbk-restore --repo /backups/vm1 --disk disk0 --backup "
-             "20261122T213500Z \\\n      -o disk0.qcow2 --format qcow2\n"
-             "\n" QBK_EXIT_CODES_HELP);
+        ctx,
+        "Examples:\n"
+        "  qbk-restore --repo /backups/vm1 --list\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 --backup "
+        "20261122T213500Z \\\n      -o disk0.qcow2 --format qcow2\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 --into vm1-disk0.qcow2 "
+        "--from TUE --backup MON --verify\n"
+        "\n" QBK_EXIT_CODES_HELP);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
         cmd_error("%s (see --help)", error->message);
         return QBK_EXIT_USAGE;
@@ -110,6 +185,9 @@ int main(int argc, char **argv)
     }
     if (opt_list) {
         return list_backups();
+    }
+    if (opt_into || opt_from || opt_verify) {
+        return restore_into();
     }
     if (!opt_disk || !opt_output) {
         cmd_error("give --disk DISK and --output FILE (see --help)");

@@ -195,3 +195,39 @@ parent_of() { # BACKUP DISK
     [ "$(manifest_field after disk0 mode)" = incremental ]
     restore_matches after disk0
 }
+
+@test "restore --into: forward, back, across a branch, qcow2; only what differs is written" {
+    qbk-restore --repo "$T/repo" --disk disk0 --backup "$FULL" -o "$T/live.raw"
+    size=$(stat -c %s "$T/live.raw")
+    run -0 --separate-stderr qbk-restore --repo "$T/repo" --disk disk0 \
+        --into "$T/live.raw" --from "$FULL" --backup "$INC3" --verify --json
+    [ "$(jq -r .verified <<<"$output")" = true ]
+    [ "$(jq -r .common <<<"$output")" = "$FULL" ]
+    [ "$(jq .bytes_changed <<<"$output")" -lt $((size / 4)) ]
+    cmp "$T/live.raw" "$T/expect-inc3-disk0.raw"
+    # back in time
+    run -0 --separate-stderr qbk-restore --repo "$T/repo" --disk disk0 \
+        --into "$T/live.raw" --from "$INC3" --backup "$INC1" --json
+    [ "$(jq -r .common <<<"$output")" = "$INC1" ]
+    cmp "$T/live.raw" "$T/expect-inc1-disk0.raw"
+    # across a branch: a differential stands on the full backup
+    random_writes 3 disk0 disk1
+    pull_with_writes diff "disk0 disk1" --mode differential
+    DIFF=$(jq -r .id "$T/pull-diff.json")
+    run -0 --separate-stderr qbk-restore --repo "$T/repo" --disk disk0 \
+        --into "$T/live.raw" --from "$INC1" --backup "$DIFF" --json
+    [ "$(jq -r .common <<<"$output")" = "$FULL" ]
+    cmp "$T/live.raw" "$T/expect-diff-disk0.raw"
+    # a qcow2 image, checked
+    qbk-restore --repo "$T/repo" --disk disk1 --backup "$INC2" -o "$T/live1.qcow2" --format qcow2
+    run -0 qbk-restore --repo "$T/repo" --disk disk1 --into "$T/live1.qcow2" \
+        --from "$INC2" --backup "$FULL" --verify
+    qemu-img convert -O raw "$T/live1.qcow2" "$T/live1.raw"
+    cmp "$T/live1.raw" "$T/expect-full-disk1.raw"
+    # a wrong claim about the image is caught by --verify
+    qbk-restore --repo "$T/repo" --disk disk0 --backup "$INC1" -o "$T/one.raw"
+    run -1 qbk-restore --repo "$T/repo" --disk disk0 --into "$T/one.raw" \
+        --from "$INC2" --backup "$INC3" --verify
+    [[ "$output" == *"does not equal disk 'disk0' of backup '$INC3'"* ]]
+    run -2 qbk-restore --repo "$T/repo" --disk disk0 --into "$T/one.raw" --backup "$INC3"
+}

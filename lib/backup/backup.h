@@ -186,4 +186,21 @@ typedef struct {
 json_object *backup_retention(const char *repo, const BackupRetention *policy,
                               bool dry_run, GError **error);
 
+/*
+ * Incremental restore: IMAGE (raw or qcow2, any path) holds DISK as backup
+ * FROM; bring it to backup ID, forward or back, by writing only the
+ * regions that the links above their newest common backup changed. The
+ * caller checks the result (backup_check_image) if it does not trust
+ * that IMAGE equalled FROM. Returns {disk, from, backup, common,
+ * bytes_changed, bytes_written, seconds}.
+ */
+json_object *backup_restore_into(const char *repo, const char *from,
+                                 const char *id, const char *disk,
+                                 const char *image, GError **error);
+
+/* Whether IMAGE (FORMAT) reads exactly as DISK of backup ID: its block
+ * checksum against the manifest's (BACKUP_ERROR_MISMATCH if not). */
+bool backup_check_image(const char *repo, const char *id, const char *disk,
+                        const char *image, const char *format, GError **error);
+
 #endif /* QBK_BACKUP_H */

@@ -270,3 +270,63 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
     json_object_put(entry);
     return result;
 }
+
+bool backup_check_image(const char *repo, const char *id, const char *disk,
+                        const char *image, const char *format, GError **error)
+{
+    g_autofree char *dir = NULL;
+    g_autofree char *digests = NULL;
+    g_autofree char *sum = NULL;
+    json_object *m, *e, *checksum = NULL;
+    NbdServer *nbd;
+    CopierOptions co;
+    CopierStats stats;
+    int dfd;
+    bool ok;
+
+    m = backup_load(repo, id, error);
+    e = m ? manifest_disk(m, disk) : NULL;
+    if (!e) {
+        if (m) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
+                        "backup '%s' has no disk '%s'", id, disk);
+        }
+        json_object_put(m);
+        return false;
+    }
+    json_object_object_get_ex(e, "checksum", &checksum);
+    dir = g_dir_make_tmp("qbk-check-XXXXXX", error);
+    nbd = dir ? nbd_serve(image, format, false, error) : NULL;
+    digests = dir ? g_build_filename(dir, "digests", NULL) : NULL;
+    dfd =
+        nbd ? open(digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600) : -1;
+    ok = dfd >= 0;
+    if (ok) {
+        copier_options_init(&co);
+        co.digest_fd = dfd;
+        ok = copier_copy(&(CopierEndpoint){ .socket = nbd->socket, .name = "" },
+                         &(CopierEndpoint){ 0 }, &co, &stats, error) &&
+             (sum = copier_digests_checksum(dfd, stats.size, error));
+        if (ok && g_strcmp0(sum, qmp_json_string(checksum, "value")) != 0) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
+                        "'%s' does not equal disk '%s' of backup '%s' "
+                        "(checksum %s, expected %s)",
+                        image, disk, qmp_json_string(m, "id"), sum,
+                        qmp_json_string(checksum, "value"));
+            ok = false;
+        }
+        close(dfd);
+    } else if (nbd) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", digests,
+                    g_strerror(errno));
+    }
+    nbd_server_stop(nbd);
+    if (digests) {
+        unlink(digests);
+    }
+    if (dir) {
+        rmdir(dir);
+    }
+    json_object_put(m);
+    return ok;
+}
