@@ -179,6 +179,13 @@ int main(int argc, char **argv)
         printf("qbk-restore %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
+    if (opt_repo) {
+        /* children (qemu-nbd --fork) run elsewhere: no relative paths */
+        char *abs = g_canonicalize_filename(opt_repo, NULL);
+
+        g_free(opt_repo);
+        opt_repo = abs;
+    }
     if (argc != 1 || !opt_repo) {
         cmd_error("give --repo DIR (see --help)");
         return QBK_EXIT_USAGE;

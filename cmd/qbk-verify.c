@@ -107,6 +107,13 @@ int main(int argc, char **argv)
         printf("qbk-verify %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
+    if (opt_repo) {
+        /* children (qemu-nbd --fork) run elsewhere: no relative paths */
+        char *abs = g_canonicalize_filename(opt_repo, NULL);
+
+        g_free(opt_repo);
+        opt_repo = abs;
+    }
     if (argc != 1 || !opt_repo) {
         cmd_error("give --repo DIR and no other argument (see --help)");
         return QBK_EXIT_USAGE;

@@ -27,13 +27,13 @@
 GQuark backup_error_quark(void);
 
 typedef enum {
-    BACKUP_ERROR_FAILED,      /* the backup failed; rolled back */
-    BACKUP_ERROR_LOCKED,      /* another qbk-pull works on this repo or VM */
-    BACKUP_ERROR_FULL_NEEDED, /* an incremental was asked for but a disk's
+    BACKUP_ERROR_FAILED,       /* the backup failed; rolled back */
+    BACKUP_ERROR_LOCKED,       /* another qbk-pull works on this repo or VM */
+    BACKUP_ERROR_FULL_NEEDED,  /* an incremental was asked for but a disk's
                                  chain is broken: a full backup is needed */
-    BACKUP_ERROR_NOT_FOUND,   /* no such disk, backup or checkpoint */
-    BACKUP_ERROR_CORRUPT,     /* a manifest or image is damaged */
-    BACKUP_ERROR_MISMATCH,    /* verification found different content */
+    BACKUP_ERROR_NOT_FOUND,    /* no such disk, backup or checkpoint */
+    BACKUP_ERROR_CORRUPT,      /* a manifest or image is damaged */
+    BACKUP_ERROR_MISMATCH,     /* verification found different content */
     BACKUP_ERROR_NOT_IN_CHAIN, /* merge: the backup is not in the disk's
                                   chain (e.g. the disk had a full since) */
 } BackupErrorCode;

@@ -134,7 +134,7 @@ void target_free(Target *t);
 /* ---- qemu-nbd on a private socket (nbd-serve.c) ---- */
 
 typedef struct {
-    char *dir, *socket, *pidfile;
+    char *dir, *socket;
     GPid pid;
 } NbdServer;
 
@@ -142,8 +142,9 @@ typedef struct {
  * (a backup chain), or WRITABLE (cache=none). */
 NbdServer *nbd_serve(const char *image, const char *format, bool writable,
                      GError **error);
-/* Stop it (if still running) and remove its files. */
-void nbd_server_stop(NbdServer *s);
+/* Stop it (it ends by itself when its client is gone) and remove its
+ * files; false if it did not exit cleanly (a written image may be bad). */
+bool nbd_server_stop(NbdServer *s, GError **error);
 
 /* ---- merge (merge.c) ---- */
 

@@ -329,7 +329,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     guint depth = 0;
     CopierOptions co;
     CopierStats stats = { 0 };
-    Target *t = NULL;
+    NbdServer *t = NULL; /* serves the new qcow2 image, writable */
     NbdServer *nbd = NULL;
     int dfd = -1, pfd = -1;
     bool full, ok;
@@ -431,10 +431,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
         ok = nbd != NULL;
     }
     if (ok && strcmp(format, "qcow2") == 0) {
-        char *images[] = { tmp, NULL };
-        char *names[] = { "merge", NULL };
-
-        t = target_start(images, names, error);
+        t = nbd_serve(tmp, "qcow2", true, error);
         ok = t != NULL;
     }
     if (ok) {
@@ -449,7 +446,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     if (ok) {
         CopierEndpoint src = { .socket = nbd->socket, .name = "" };
         CopierEndpoint dst = { .socket = t ? t->socket : NULL,
-                               .name = "merge",
+                               .name = "",
                                .file = t ? NULL : tmp };
 
         copier_options_init(&co);
@@ -470,11 +467,9 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
         }
         ok = ok && fsync(dfd) == 0;
     }
-    nbd_server_stop(nbd);
-    if (t) {
-        ok = target_stop(t, ok ? error : NULL) && ok;
-        target_free(t);
-    }
+    nbd_server_stop(nbd, NULL);
+    /* the new image is whole only if qemu-nbd closed it cleanly */
+    ok = nbd_server_stop(t, ok ? error : NULL) && ok;
     if (dfd >= 0) {
         close(dfd);
     }
@@ -551,6 +546,8 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     json_object_object_add(result, "bytes_read",
                            json_object_new_uint64(stats.bytes_read));
     json_object_object_add(result, "checksum", json_object_new_string(sum));
+    json_object_object_add(result, "copy_seconds",
+                           json_object_new_double(stats.seconds));
     json_object_object_add(
         result, "seconds",
         json_object_new_double((g_get_monotonic_time() - t0) / 1e6));

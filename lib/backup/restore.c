@@ -276,8 +276,8 @@ json_object *backup_restore_into(const char *repo, const char *from,
                      &(CopierEndpoint){ .socket = dst->socket, .name = "" },
                      &co, &stats, error);
 out:
-    nbd_server_stop(src);
-    nbd_server_stop(dst);
+    nbd_server_stop(src, NULL);
+    ok = nbd_server_stop(dst, ok ? error : NULL) && ok;
     if (!ok) {
         json_object_put(xe);
         json_object_put(ye);

@@ -12,7 +12,8 @@ bool target_create_image(const char *image, guint64 size, const char *backing,
                          const char *backing_format, GError **error)
 {
     g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
-    g_autofree char *dir = g_path_get_dirname(image);
+    g_autofree char *abs = g_canonicalize_filename(image, NULL);
+    g_autofree char *dir = g_path_get_dirname(abs);
     g_autofree char *err = NULL;
     g_autoptr(GPtrArray) argv = g_ptr_array_new();
     int status;
@@ -29,7 +30,7 @@ bool target_create_image(const char *image, guint64 size, const char *backing,
         g_ptr_array_add(argv,
                         (char *)(backing_format ? backing_format : "qcow2"));
     }
-    g_ptr_array_add(argv, (char *)image);
+    g_ptr_array_add(argv, abs);
     g_ptr_array_add(argv, size_s);
     g_ptr_array_add(argv, NULL);
     /* Relative backing names resolve from the image's directory. */

@@ -243,7 +243,7 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
             ok = false;
         }
     }
-    nbd_server_stop(nbd);
+    nbd_server_stop(nbd, NULL);
     if (dfd >= 0) {
         close(dfd);
     }
@@ -320,7 +320,7 @@ bool backup_check_image(const char *repo, const char *id, const char *disk,
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", digests,
                     g_strerror(errno));
     }
-    nbd_server_stop(nbd);
+    nbd_server_stop(nbd, NULL);
     if (digests) {
         unlink(digests);
     }
