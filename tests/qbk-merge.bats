@@ -231,3 +231,30 @@ parent_of() { # BACKUP DISK
     [[ "$output" == *"does not equal disk 'disk0' of backup '$INC3'"* ]]
     run -2 qbk-restore --repo "$T/repo" --disk disk0 --into "$T/one.raw" --backup "$INC3"
 }
+
+@test "every adjacent pair, and a synthetic full at every point, each on a fresh copy: all exact" {
+    # (not "i": bats' run uses that name)
+    cp -a "$T/repo" "$T/repo.orig"
+    names=(full inc1 inc2 inc3)
+    ids=("$FULL" "$INC1" "$INC2" "$INC3")
+    for pair in 0 1 2; do
+        rm -rf "$T/repo" && cp -a "$T/repo.orig" "$T/repo"
+        run -0 qbk-merge --repo "$T/repo" --from "${ids[$pair]}" --to "${ids[$((pair + 1))]}"
+        for k in "${!names[@]}"; do
+            [ "$k" -eq "$pair" ] && continue  # merged away
+            restore_matches "${names[$k]}" disk0
+            restore_matches "${names[$k]}" disk1
+        done
+        run -0 qbk-verify --repo "$T/repo" --quiet
+    done
+    for point in 1 2 3; do
+        rm -rf "$T/repo" && cp -a "$T/repo.orig" "$T/repo"
+        run -0 qbk-merge --repo "$T/repo" --full-at "${ids[$point]}"
+        [ "$(parent_of "${ids[$point]}" disk0)" = null ]
+        for n in "${names[@]}"; do
+            restore_matches "$n" disk0
+            restore_matches "$n" disk1
+        done
+        run -0 qbk-verify --repo "$T/repo" --quiet
+    done
+}
