@@ -23,6 +23,10 @@ static gboolean opt_repair;
 static gboolean opt_drop;
 static char *opt_into;
 static gint64 opt_granularity;
+static char *opt_to;
+static char *opt_uri;
+static char **opt_maps;
+static int opt_migrate_timeout = 600;
 static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 
 static GOptionEntry entries[] = {
@@ -50,6 +54,18 @@ static GOptionEntry entries[] = {
       "BITMAP" },
     { "drop", 0, 0, G_OPTION_ARG_NONE, &opt_drop,
       "since: remove the temporary bitmap instead of making it", NULL },
+    { "to", 0, 0, G_OPTION_ARG_FILENAME, &opt_to,
+      "migrate: QMP socket of the destination QEMU, started with "
+      "-incoming defer",
+      "SOCKET" },
+    { "uri", 0, 0, G_OPTION_ARG_STRING, &opt_uri,
+      "migrate: migration URI, unix:PATH or tcp:HOST:PORT", "URI" },
+    { "map", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_maps,
+      "migrate: the source node SRC is DST on the destination (repeat; "
+      "default: disks pair by id)",
+      "SRC=DST" },
+    { "migrate-timeout", 0, 0, G_OPTION_ARG_INT, &opt_migrate_timeout,
+      "migrate: cancel after this many seconds (default 600)", "SECONDS" },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
       "seconds to wait for QEMU before giving up (default: 30)", "SECONDS" },
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
@@ -72,6 +88,10 @@ static const char summary[] =
     "                  bitmaps missing or not recording); --repair removes "
     "them\n"
     "  disks           the VM's disks and whether they can hold checkpoints\n"
+    "  migrate         live-migrate the VM to --to (started with -incoming\n"
+    "                  defer) over --uri, with every checkpoint; then check\n"
+    "                  each one arrived intact (count, state, content) and\n"
+    "                  make persistent any that arrived otherwise\n"
     "\n"
     "A checkpoint is a persistent dirty bitmap named qbk-<seq>-<NAME> on each\n"
     "disk: it records what the guest writes from its creation until the next\n"
@@ -85,6 +105,8 @@ static const char description[] =
     "  qbk-checkpoint --qmp /run/vm1/qmp.sock delete monday\n"
     "  qbk-checkpoint --qmp /run/vm1/qmp.sock check --repair\n"
     "  qbk-checkpoint --image vm1-a.qcow2 --image vm1-b.qcow2 list\n"
+    "  qbk-checkpoint --qmp src.sock migrate --to dst.sock --uri "
+    "unix:/run/vm1/mig.sock\n"
     "\n" QBK_EXIT_CODES_HELP;
 
 /* ---- JSON builders ---- */
@@ -571,14 +593,63 @@ static int exit_code(const GError *error)
     return QBK_EXIT_FAILURE;
 }
 
+static void on_migrate_progress(json_object *q, void *opaque)
+{
+    json_object *ram = NULL;
+
+    json_object_object_get_ex(q, "ram", &ram);
+    cmd_info("migration %s: %" G_GUINT64_FORMAT " MiB sent, %" G_GUINT64_FORMAT
+             " MiB left",
+             qmp_json_string(q, "status"),
+             (guint64)qmp_json_uint(ram, "transferred") >> 20,
+             (guint64)qmp_json_uint(ram, "remaining") >> 20);
+}
+
+static json_object *do_migrate(CmdVm *vm, GError **error)
+{
+    g_autoptr(QmpClient) dst = qmp_connect(opt_to, opt_timeout * 1000, error);
+    BitmapMigrateOptions o = {
+        .uri = opt_uri,
+        .maps = opt_maps,
+        .timeout_s = opt_migrate_timeout > 0 ? opt_migrate_timeout : 600,
+        .progress = on_migrate_progress,
+    };
+    json_object *res;
+
+    if (!dst) {
+        g_prefix_error(error, "destination: ");
+        return NULL;
+    }
+    res = bitmap_migrate(vm->qmp, dst, &o, error);
+    if (res && !opt_json) {
+        json_object *cps = qmp_json_array(res, "checkpoints");
+
+        for (size_t i = 0; i < json_object_array_length(cps); i++) {
+            json_object *c = json_object_array_get_idx(cps, i);
+
+            printf("%-10s %-36s %12" G_GUINT64_FORMAT " bytes  %s\n",
+                   qmp_json_string(c, "disk"), qmp_json_string(c, "bitmap"),
+                   (guint64)qmp_json_uint(c, "count"),
+                   qmp_json_bool(c, "ok") ? "arrived intact" : "PROBLEM");
+        }
+        cmd_info("migrated in %.1f s; %zu checkpoint(s) verified on the "
+                 "destination, %d made persistent again",
+                 json_object_get_double(json_object_object_get(res, "seconds")),
+                 json_object_array_length(cps),
+                 (int)qmp_json_int(res, "made_persistent"));
+    }
+    return res;
+}
+
 typedef struct {
     const char *name;
     int min_args, max_args; /* positional arguments after the command */
 } Command;
 
 static const Command commands[] = {
-    { "list", 0, 0 },  { "create", 0, 1 }, { "delete", 1, 1 },
-    { "since", 1, 1 }, { "check", 0, 0 },  { "disks", 0, 0 },
+    { "list", 0, 0 },    { "create", 0, 1 }, { "delete", 1, 1 },
+    { "since", 1, 1 },   { "check", 0, 0 },  { "disks", 0, 0 },
+    { "migrate", 0, 0 },
 };
 
 G_GNUC_PRINTF(1, 2)
@@ -645,6 +716,16 @@ int main(int argc, char **argv)
     if (opt_granularity && strcmp(cmd->name, "create") != 0) {
         return usage_error("%s", "--granularity goes with 'create'");
     }
+    if ((opt_to || opt_uri || opt_maps) && strcmp(cmd->name, "migrate") != 0) {
+        return usage_error("%s", "--to, --uri and --map go with 'migrate'");
+    }
+    if (strcmp(cmd->name, "migrate") == 0 && (!opt_to || !opt_uri)) {
+        return usage_error("%s", "'migrate' needs --to SOCKET and --uri URI");
+    }
+    if (strcmp(cmd->name, "migrate") == 0 && opt_images) {
+        return usage_error("%s",
+                           "'migrate' works on a running VM, not --image");
+    }
     if (opt_timeout <= 0) {
         return usage_error("%s", "--timeout must be positive");
     }
@@ -682,6 +763,8 @@ int main(int argc, char **argv)
         res = do_delete(vm, name, &error);
     } else if (strcmp(cmd->name, "since") == 0) {
         res = do_since(vm, targets, name, &error);
+    } else if (strcmp(cmd->name, "migrate") == 0) {
+        res = do_migrate(vm, &error);
     } else {
         res = do_check(vm, &error);
     }

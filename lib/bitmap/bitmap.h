@@ -136,6 +136,31 @@ bool bitmap_add_since_actions(QmpTransaction *tx, QmpTransaction *later,
 int bitmap_drop_since(QmpClient *qmp, GPtrArray *targets,
                       const char *target_bitmap, GError **error);
 
+/* ---- live migration (migrate.c) ---- */
+
+typedef struct {
+    const char *uri;   /* migration URI, e.g. unix:/path or tcp:host:port */
+    char **maps;       /* "SRCNODE=DSTNODE"; other disks pair by disk id */
+    guint timeout_s;   /* give up (and cancel) after this long; 0: 600 */
+    void (*progress)(json_object *query_migrate, void *opaque);
+    void *progress_opaque;
+} BitmapMigrateOptions;
+
+/*
+ * Migrate the VM at SRC to the QEMU at DST (started with -incoming defer)
+ * with every checkpoint: the traps are checked first (destination
+ * waiting, no qbk backup at work, no NBD export on the source), then
+ * dirty-bitmaps and block-bitmap-mapping are set on both sides, the
+ * migration runs, and every checkpoint is compared, source's final state
+ * against the destination's (count, recording, content hash); one that
+ * arrived non-persistent is made persistent. On a failed migration the
+ * source keeps its checkpoints (their flags put right) and the error says
+ * so. Returns {status, seconds, checkpoints: [{disk, bitmap, count,
+ * sha256, ok}], made_persistent, verified}.
+ */
+json_object *bitmap_migrate(QmpClient *src, QmpClient *dst,
+                            const BitmapMigrateOptions *opts, GError **error);
+
 /* ---- checking a VM's checkpoints (chain-check.c) ---- */
 
 typedef enum {
