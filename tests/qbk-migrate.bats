@@ -152,7 +152,7 @@ teardown() {
     [ "$(hashes "$T/test.sock")" = "$want" ]
 }
 
-@test "the destination dies mid-migration: the source keeps its checkpoints and its state" {
+@test "the destination dies mid-migration: the source keeps its checkpoints; a second attempt succeeds and they outlive a restart" {
     qbk-checkpoint create one
     gw disk0 $((8 << 20)) 65536 9
     before=$(hashes "$T/test.sock")
@@ -175,4 +175,78 @@ teardown() {
     [ "$(hashes "$T/test.sock")" = "$before" ]
     run -0 qbk-checkpoint check
     [ "$(qmp query-status | jq -r .running)" = false ]
+    # then a second attempt succeeds, and the checkpoints outlive a
+    # restart of the destination
+    qmp migrate-set-parameters '{"max-bandwidth": 1073741824}' >/dev/null
+    launch_dst
+    run --separate-stderr qbk-checkpoint migrate --to "$T/dst-qmp.sock" \
+        --uri "unix:$T/mig2.sock" --json
+    echo "second attempt: status $status: $stderr" >&2
+    [ "$status" -eq 0 ]
+    [ "$(jq -r .verified <<<"$output")" = true ]
+    want=$(hashes "$T/dst-test.sock")
+    [ "$want" = "$before" ]
+    qmp quit >/dev/null 2>&1 || true
+    become_dst
+    stop_vm
+    launch_vm
+    [ "$(hashes "$T/test.sock")" = "$want" ]
+    run -0 qbk-checkpoint check
+}
+
+# launch_dst_on_copies: the destination on copies of the images (no
+# shared storage), made while the source is paused and flushed.
+launch_dst_on_copies() {
+    local d
+    for d in disk0 disk1; do
+        qmp --hmp "qemu-io -d /machine/peripheral/$d/virtio-backend flush" >/dev/null
+    done
+    mkdir -p "$T/copy"
+    cp --sparse=always "$T/disk0.qcow2" "$T/disk1.qcow2" "$T/disk2.raw" "$T/copy/"
+    rm -f "$T/dst-qmp.sock" "$T/dst-test.sock"
+    qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
+        -qmp "unix:$T/dst-qmp.sock,server=on,wait=off" \
+        -qmp "unix:$T/dst-test.sock,server=on,wait=off" \
+        -blockdev "driver=file,filename=$T/copy/disk0.qcow2,node-name=disk0-file" \
+        -blockdev "driver=qcow2,file=disk0-file,node-name=disk0-fmt" \
+        -device virtio-blk-pci,drive=disk0-fmt,id=disk0 \
+        -drive "file=$T/copy/disk1.qcow2,format=qcow2,if=none,id=drive1" \
+        -device virtio-blk-pci,drive=drive1,id=disk1 \
+        -drive "file=$T/copy/disk2.raw,format=raw,if=none,id=drive2" \
+        -device virtio-blk-pci,drive=drive2,id=disk2 \
+        -drive if=none,id=cd0,media=cdrom -device ide-cd,drive=cd0,bus=ide.0 \
+        -incoming defer -pidfile "$T/dst.pid" -daemonize
+}
+
+@test "separate copies of the images: checkpoints arrive intact; the next backup there is exact" {
+    pull_with_writes full "disk0 disk1"
+    random_writes 4 disk0 disk1
+    launch_dst_on_copies
+    run --separate-stderr qbk-checkpoint migrate --to "$T/dst-qmp.sock" \
+        --uri "unix:$T/mig.sock" --json
+    echo "migrate: status $status: $stderr" >&2
+    [ "$status" -eq 0 ]
+    [ "$(jq -r .verified <<<"$output")" = true ]
+    [ "$(hashes "$T/test.sock")" = "$(hashes "$T/dst-test.sock")" ]
+    qmp quit >/dev/null 2>&1 || true
+    become_dst
+    random_writes 4 disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    [ "$(manifest_field after disk0 mode)" = incremental ]
+    restore_matches after disk0
+    restore_matches after disk1
+}
+
+@test "through storage: stopped on one side, started on the other on the same files; next backup exact" {
+    pull_with_writes full "disk0 disk1"
+    random_writes 4 disk0 disk1
+    want=$(hashes "$T/test.sock")
+    stop_vm
+    launch_vm   # "the other host": a new QEMU on the same qcow2 files
+    [ "$(hashes "$T/test.sock")" = "$want" ]
+    random_writes 4 disk0 disk1
+    pull_with_writes after "disk0 disk1"
+    [ "$(manifest_field after disk0 mode)" = incremental ]
+    restore_matches after disk0
+    restore_matches after disk1
 }
