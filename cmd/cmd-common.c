@@ -155,3 +155,15 @@ void cmd_print_json(json_object *obj)
     fflush(stdout);
     json_object_put(obj);
 }
+
+void cmd_make_absolute(char **path)
+{
+    char *abs;
+
+    if (!*path) {
+        return;
+    }
+    abs = g_canonicalize_filename(*path, NULL);
+    g_free(*path);
+    *path = abs;
+}

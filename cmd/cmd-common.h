@@ -71,4 +71,8 @@ char *cmd_format_bytes(guint64 bytes);
 /* Print OBJ as pretty JSON on stdout, then put it. */
 void cmd_print_json(json_object *obj);
 
+/* Make *PATH (a g_free-able string, may be NULL) absolute: qemu-img and
+ * qemu-nbd resolve names elsewhere than our working directory. */
+void cmd_make_absolute(char **path);
+
 #endif /* QBK_CMD_COMMON_H */

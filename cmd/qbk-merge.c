@@ -163,13 +163,7 @@ int main(int argc, char **argv)
     }
     cmd_set_quiet(opt_quiet);
     retention = opt_daily >= 0 || opt_weekly >= 0 || opt_monthly >= 0;
-    if (opt_repo) {
-        /* children (qemu-nbd --fork) run elsewhere: no relative paths */
-        char *abs = g_canonicalize_filename(opt_repo, NULL);
-
-        g_free(opt_repo);
-        opt_repo = abs;
-    }
+    cmd_make_absolute(&opt_repo);
     if (argc != 1 || !opt_repo || (!opt_from != !opt_to) ||
         (opt_to && opt_full_at) || (retention && (opt_to || opt_full_at)) ||
         (opt_dry_run && !retention)) {

@@ -330,13 +330,7 @@ int main(int argc, char **argv)
     if (!opt_qmp) {
         opt_qmp = g_strdup(g_getenv("QBK_QMP"));
     }
-    if (opt_repo) {
-        /* children (qemu-nbd --fork) run elsewhere: no relative paths */
-        char *abs = g_canonicalize_filename(opt_repo, NULL);
-
-        g_free(opt_repo);
-        opt_repo = abs;
-    }
+    cmd_make_absolute(&opt_repo);
     if (argc != 1 || !opt_qmp || !opt_repo) {
         cmd_error("give --qmp SOCKET and --repo DIR, and no other argument "
                   "(see --help)");

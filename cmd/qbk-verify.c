@@ -107,13 +107,7 @@ int main(int argc, char **argv)
         printf("qbk-verify %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
-    if (opt_repo) {
-        /* children (qemu-nbd --fork) run elsewhere: no relative paths */
-        char *abs = g_canonicalize_filename(opt_repo, NULL);
-
-        g_free(opt_repo);
-        opt_repo = abs;
-    }
+    cmd_make_absolute(&opt_repo);
     if (argc != 1 || !opt_repo) {
         cmd_error("give --repo DIR and no other argument (see --help)");
         return QBK_EXIT_USAGE;

@@ -258,3 +258,16 @@ parent_of() { # BACKUP DISK
         run -0 qbk-verify --repo "$T/repo" --quiet
     done
 }
+
+@test "a relative --repo works for every command (qemu-img and qemu-nbd run elsewhere)" {
+    cd "$T"
+    random_writes 3 disk0 disk1
+    run -0 qbk-pull --repo repo --quiet
+    run -0 qbk-verify --repo repo --backup latest --quiet
+    run -0 qbk-merge --repo repo --from "$INC3" --to latest --disk disk0
+    run -0 qbk-merge --repo repo --full-at "$INC2" --disk disk1
+    run -0 qbk-restore --repo repo --disk disk0 -o out.raw
+    run -0 qbk-restore --repo repo --disk disk0 --into out.raw --from latest --backup "$INC2" --verify
+    cmp out.raw "$T/expect-inc2-disk0.raw"
+    run -0 qbk-verify --repo repo --quiet
+}

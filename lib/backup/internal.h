@@ -31,6 +31,11 @@ GPtrArray *repo_list_partial(const char *repo, GError **error);
 /* The manifest's entry for DISK, borrowed, or NULL. */
 json_object *manifest_disk(json_object *manifest, const char *disk);
 
+/* The ids of DISK's chain from backup ID down to its full backup, newest
+ * first, into IDS (strings); their manifests (new refs) into MANIFESTS. */
+bool repo_disk_chain(const char *repo, const char *id, const char *disk,
+                     GPtrArray *ids, GPtrArray *manifests, GError **error);
+
 /* A disk id made safe as a file name. */
 char *repo_disk_file_name(const char *disk);
 

@@ -49,33 +49,6 @@ static void crash_point(int step)
     }
 }
 
-/* The ids of DISK's chain from ID down to its full backup, newest first;
- * the manifests (new refs) in MANIFESTS. */
-static bool disk_chain(const char *repo, const char *id, const char *disk,
-                       GPtrArray *ids, GPtrArray *manifests, GError **error)
-{
-    g_autofree char *cur = g_strdup(id);
-
-    while (cur) {
-        json_object *m = backup_load(repo, cur, error);
-        json_object *e = m ? manifest_disk(m, disk) : NULL;
-
-        if (!e) {
-            if (m) {
-                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
-                            "backup '%s' has no disk '%s'", cur, disk);
-                json_object_put(m);
-            }
-            return false;
-        }
-        g_ptr_array_add(ids, g_strdup(qmp_json_string(m, "id")));
-        g_ptr_array_add(manifests, m);
-        g_free(cur);
-        cur = g_strdup(qmp_json_string(e, "parent"));
-    }
-    return true;
-}
-
 /* Some complete backup outside DROP whose DISK stands on one in DROP. */
 static char *dependent(const char *repo, const char *disk, GPtrArray *drop,
                        const char *to, GError **error)
@@ -335,7 +308,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     bool full, ok;
     gint64 t0 = g_get_monotonic_time();
 
-    if (!disk_chain(repo, to, disk, ids, ms, error)) {
+    if (!repo_disk_chain(repo, to, disk, ids, ms, error)) {
         return NULL;
     }
     te = manifest_disk(ms->pdata[0], disk);

@@ -293,3 +293,28 @@ int backup_lock(const char *repo, GError **error)
     }
     return repo_open_locked(repo, error);
 }
+
+bool repo_disk_chain(const char *repo, const char *id, const char *disk,
+                     GPtrArray *ids, GPtrArray *manifests, GError **error)
+{
+    g_autofree char *cur = g_strdup(id);
+
+    while (cur) {
+        json_object *m = backup_load(repo, cur, error);
+        json_object *e = m ? manifest_disk(m, disk) : NULL;
+
+        if (!e) {
+            if (m) {
+                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
+                            "backup '%s' has no disk '%s'", cur, disk);
+                json_object_put(m);
+            }
+            return false;
+        }
+        g_ptr_array_add(ids, g_strdup(qmp_json_string(m, "id")));
+        g_ptr_array_add(manifests, m);
+        g_free(cur);
+        cur = g_strdup(qmp_json_string(e, "parent"));
+    }
+    return true;
+}

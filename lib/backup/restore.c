@@ -77,38 +77,9 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
 
 /* ---- incremental restore: only what differs ---- */
 
-/* DISK's chain from ID down (ids newest first). */
-static GPtrArray *chain_ids(const char *repo, const char *id, const char *disk,
-                            json_object **top, GError **error)
+static void put_json(gpointer obj)
 {
-    GPtrArray *ids = g_ptr_array_new_with_free_func(g_free);
-    g_autofree char *cur = g_strdup(id);
-
-    *top = NULL;
-    while (cur) {
-        json_object *m = backup_load(repo, cur, error);
-        json_object *e = m ? manifest_disk(m, disk) : NULL;
-
-        if (!e) {
-            if (m) {
-                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
-                            "backup '%s' has no disk '%s'", cur, disk);
-            }
-            json_object_put(m);
-            json_object_put(*top);
-            *top = NULL;
-            g_ptr_array_unref(ids);
-            return NULL;
-        }
-        if (!*top) {
-            *top = json_object_get(e);
-        }
-        g_ptr_array_add(ids, g_strdup(qmp_json_string(m, "id")));
-        g_free(cur);
-        cur = g_strdup(qmp_json_string(e, "parent"));
-        json_object_put(m);
-    }
-    return ids;
+    json_object_put(obj);
 }
 
 /* Add to RANGES what IMAGE's newest DEPTH links hold (qemu-img map). */
@@ -166,8 +137,10 @@ json_object *backup_restore_into(const char *repo, const char *from,
                                  const char *id, const char *disk,
                                  const char *image, GError **error)
 {
-    g_autoptr(GPtrArray) xs = NULL;
-    g_autoptr(GPtrArray) ys = NULL;
+    g_autoptr(GPtrArray) xs = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) ys = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) xms = g_ptr_array_new_with_free_func(put_json);
+    g_autoptr(GPtrArray) yms = g_ptr_array_new_with_free_func(put_json);
     g_autoptr(GArray) ranges = g_array_new(FALSE, FALSE, sizeof(CopierRange));
     g_autoptr(GArray) merged = g_array_new(FALSE, FALSE, sizeof(CopierRange));
     g_autofree char *xtop = NULL, *ytop = NULL, *fmt = NULL;
@@ -180,11 +153,12 @@ json_object *backup_restore_into(const char *repo, const char *from,
     guint64 changed = 0;
     bool ok = false;
 
-    xs = chain_ids(repo, from, disk, &xe, error);
-    ys = xs ? chain_ids(repo, id, disk, &ye, error) : NULL;
-    if (!ys) {
+    if (!repo_disk_chain(repo, from, disk, xs, xms, error) ||
+        !repo_disk_chain(repo, id, disk, ys, yms, error)) {
         goto out;
     }
+    xe = manifest_disk(xms->pdata[0], disk); /* borrowed */
+    ye = manifest_disk(yms->pdata[0], disk);
     /* the newest backup both chains hold: what differs is what the links
      * above it wrote, on either side */
     for (guint i = 0; i < xs->len && !common; i++) {
@@ -279,8 +253,6 @@ out:
     nbd_server_stop(src, NULL);
     ok = nbd_server_stop(dst, ok ? error : NULL) && ok;
     if (!ok) {
-        json_object_put(xe);
-        json_object_put(ye);
         return NULL;
     }
     result = json_object_new_object();
@@ -297,7 +269,5 @@ out:
         json_object_new_uint64(stats.bytes_written + stats.bytes_zero));
     json_object_object_add(result, "seconds",
                            json_object_new_double(stats.seconds));
-    json_object_put(xe);
-    json_object_put(ye);
     return result;
 }
