@@ -334,12 +334,11 @@ static bool recover(Pull *p, GError **error)
         }
         if (qmp_json_bool(m, "pausing")) {
             /* killed while the VM was paused to fleece: resume it */
-            json_object *st = qmp_execute(p->qmp, "query-status", NULL, NULL);
+            g_autofree char *st = qmp_query_status(p->qmp, NULL, NULL);
 
-            if (st && g_strcmp0(qmp_json_string(st, "status"), "paused") == 0) {
+            if (g_strcmp0(st, "paused") == 0) {
                 qmp_run(p->qmp, "cont", NULL, NULL);
             }
-            json_object_put(st);
         }
         if (qmp_json_string(m, "nbd_server_socket")) {
             qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
@@ -611,11 +610,10 @@ static void add_results(Pull *p)
 
 static bool vm_running(QmpClient *qmp)
 {
-    json_object *st = qmp_execute(qmp, "query-status", NULL, NULL);
-    bool running = st && qmp_json_bool(st, "running");
+    bool running = false;
+    g_autofree char *st = qmp_query_status(qmp, &running, NULL);
 
-    json_object_put(st);
-    return running;
+    return st && running;
 }
 
 /*
@@ -1042,9 +1040,8 @@ static bool unique_id(Pull *p, GError **error)
  * qemu-storage-daemon). */
 static bool can_pause(QmpClient *qmp)
 {
-    json_object *st = qmp_execute(qmp, "query-status", NULL, NULL);
+    g_autofree char *st = qmp_query_status(qmp, NULL, NULL);
 
-    json_object_put(st);
     return st != NULL;
 }
 

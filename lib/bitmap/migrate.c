@@ -155,27 +155,11 @@ static bool set_mapping(QmpClient *qmp, json_object *list, GError **error)
     return qmp_run(qmp, "migrate-set-parameters", args, error);
 }
 
-static const char *status_of(QmpClient *qmp, GError **error)
-{
-    static char status[32];
-    json_object *st = qmp_execute(qmp, "query-status", NULL, error);
-
-    if (!st) {
-        return NULL;
-    }
-    g_strlcpy(status,
-              qmp_json_string(st, "status") ? qmp_json_string(st, "status")
-                                            : "",
-              sizeof(status));
-    json_object_put(st);
-    return status;
-}
-
 /* The traps, before anything is set. */
 static bool preflight(QmpClient *src, QmpClient *dst, GPtrArray *sdisks,
                       GError **error)
 {
-    const char *st = status_of(dst, error);
+    g_autofree char *st = qmp_query_status(dst, NULL, error);
     json_object *exports, *nodes;
     bool ok = true;
 

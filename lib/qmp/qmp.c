@@ -391,6 +391,23 @@ void qmp_set_timeout(QmpClient *qmp, int timeout_ms)
     qmp->timeout_ms = timeout_ms > 0 ? timeout_ms : QMP_DEFAULT_TIMEOUT_MS;
 }
 
+char *qmp_query_status(QmpClient *qmp, bool *running, GError **error)
+{
+    json_object *st = qmp_execute(qmp, "query-status", NULL, error);
+    char *status;
+
+    if (!st) {
+        return NULL;
+    }
+    status = g_strdup(
+        qmp_json_string(st, "status") ? qmp_json_string(st, "status") : "");
+    if (running) {
+        *running = qmp_json_bool(st, "running");
+    }
+    json_object_put(st);
+    return status;
+}
+
 void qmp_get_version(QmpClient *qmp, int *major, int *minor, int *micro)
 {
     if (major) {

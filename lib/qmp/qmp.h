@@ -73,6 +73,11 @@ void qmp_set_timeout(QmpClient *qmp, int timeout_ms);
 /* QEMU's version from the greeting. */
 void qmp_get_version(QmpClient *qmp, int *major, int *minor, int *micro);
 
+/* The VM's run state ("running", "paused", "inmigrate", ...; new string)
+ * and, in *RUNNING (may be NULL), whether the guest runs. NULL if QEMU
+ * cannot tell: a qemu-storage-daemon has no run state. */
+char *qmp_query_status(QmpClient *qmp, bool *running, GError **error);
+
 /*
  * Run COMMAND with ARGUMENTS (taken over; may be NULL) and return QEMU's
  * "return" value as a new reference (an empty object for "{}"). Events that
