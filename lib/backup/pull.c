@@ -617,57 +617,22 @@ static bool vm_running(QmpClient *qmp)
 }
 
 /*
- * Scheme B. The filter goes in with qom-set or blockdev-reopen, which no
- * transaction can hold, so: (1) one transaction adds the new checkpoint (and the "since"
- * bitmaps, recording); (2) the filters go in: that is the point in time,
- * the same instant for all disks because a running VM is paused around
- * it; (3) a second transaction stops the older checkpoints and the "since"
- * bitmaps. Every write before (2) is in the old bitmaps, every write after
- * it in the new one; writes between (1) and (3) are in both, which costs
- * a few bytes of the next backup, never a missed write.
+ * Scheme B, after the first transaction: put the filters in and stop the
+ * older bitmaps. The filter goes in with qom-set or blockdev-reopen,
+ * which no transaction can hold, so: (1) the first transaction added the
+ * new checkpoint (and the "since" bitmaps, recording); (2) the filters go
+ * in: that is the point in time, the same instant for all disks because a
+ * running VM is paused around it; (3) LATER stops the older checkpoints
+ * and the "since" bitmaps. Every write before (2) is in the old bitmaps,
+ * every write after it in the new one; writes between (1) and (3) are in
+ * both, which costs a few bytes of the next backup, never a missed write.
  */
-static bool fleece_b(Pull *p, GError **error)
+static bool insert_filters(Pull *p, QmpTransaction *later, GError **error)
 {
-    g_autoptr(QmpTransaction) tx = qmp_transaction_new();
-    g_autoptr(QmpTransaction) later = qmp_transaction_new();
-    g_autoptr(GPtrArray) targets = g_ptr_array_new();
     g_autoptr(GError) cont_err = NULL;
     bool stopped = false, ok = true;
     gint64 paused_at = 0;
 
-    for (guint i = 0; i < p->pds->len; i++) {
-        PullDisk *pd = p->pds->pdata[i];
-
-        if (!fleece_add_scratch(p->qmp, pd->fd, pd->qd->size, error)) {
-            return false;
-        }
-        g_ptr_array_add(p->fds, pd->fd);
-        if (!fleece_b_add_filter(p->qmp, pd->fd, error)) {
-            return false;
-        }
-        if (!pd->qd->no_bitmaps) {
-            g_ptr_array_add(targets, pd->qd);
-        }
-        if (pd->base && !bitmap_add_since_actions(tx, later, p->disks, pd->qd,
-                                                  pd->base, pd->since, error)) {
-            return false;
-        }
-    }
-    if (targets->len && !(p->checkpoint = bitmap_add_checkpoint_actions_split(
-                              tx, later, p->disks, targets, p->id, 0, error))) {
-        return false;
-    }
-    json_object_object_add(p->manifest, "checkpoint_bitmap",
-                           p->checkpoint ? json_object_new_string(p->checkpoint)
-                                         : NULL);
-    if (!write_partial(p, error)) {
-        return false;
-    }
-    if (!qmp_transaction_run(p->qmp, tx, error)) {
-        g_prefix_error(error, "cannot start fleecing: ");
-        return false;
-    }
-    p->fleeced = true;
     if (p->pds->len > 1 && vm_running(p->qmp)) {
         /* a run that finds this set after a kill resumes the VM */
         json_object_object_add(p->manifest, "pausing",
@@ -708,20 +673,21 @@ static bool fleece_b(Pull *p, GError **error)
         g_prefix_error(error, "cannot stop the older checkpoints: ");
         return false;
     }
-    if (p->opts->fleeced) {
-        p->opts->fleeced(p->id, p->opts->fleeced_opaque);
-    }
     return true;
 }
 
+/*
+ * Fix the point in time. Scheme A: one transaction adds the checkpoint
+ * and "since" bitmaps, stops the older ones and starts the sync=none
+ * backup jobs. Scheme B: the same bitmap actions, but the older ones stop
+ * in a second transaction once the filters are in (insert_filters).
+ */
 static bool fleece(Pull *p, GError **error)
 {
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
+    g_autoptr(QmpTransaction) later =
+        p->scheme_b ? qmp_transaction_new() : NULL;
     g_autoptr(GPtrArray) targets = g_ptr_array_new();
-
-    if (p->scheme_b) {
-        return fleece_b(p, error);
-    }
 
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
@@ -730,19 +696,23 @@ static bool fleece(Pull *p, GError **error)
             return false;
         }
         g_ptr_array_add(p->fds, pd->fd);
+        if (p->scheme_b && !fleece_b_add_filter(p->qmp, pd->fd, error)) {
+            return false;
+        }
         if (!pd->qd->no_bitmaps) {
             g_ptr_array_add(targets, pd->qd);
         }
-        if (pd->base && !bitmap_add_since_actions(tx, NULL, p->disks, pd->qd,
+        if (pd->base && !bitmap_add_since_actions(tx, later, p->disks, pd->qd,
                                                   pd->base, pd->since, error)) {
             return false;
         }
     }
-    if (targets->len && !(p->checkpoint = bitmap_add_checkpoint_actions(
-                              tx, p->disks, targets, p->id, 0, error))) {
+    if (targets->len &&
+        !(p->checkpoint = bitmap_add_checkpoint_actions_split(
+              tx, later ? later : tx, p->disks, targets, p->id, 0, error))) {
         return false;
     }
-    for (guint i = 0; i < p->pds->len; i++) {
+    for (guint i = 0; !p->scheme_b && i < p->pds->len; i++) {
         fleece_add_backup_action(tx, ((PullDisk *)p->pds->pdata[i])->fd);
     }
     json_object_object_add(p->manifest, "checkpoint_bitmap",
@@ -758,6 +728,9 @@ static bool fleece(Pull *p, GError **error)
         return false;
     }
     p->fleeced = true;
+    if (later && !insert_filters(p, later, error)) {
+        return false;
+    }
     if (p->opts->fleeced) {
         p->opts->fleeced(p->id, p->opts->fleeced_opaque);
     }
