@@ -77,10 +77,17 @@ static uint64_t parse_size(const char *s)
     uint64_t v = strtoull(s, &end, 10);
 
     switch (*end) {
-    case 'k': case 'K': return v << 10;
-    case 'm': case 'M': return v << 20;
-    case 'g': case 'G': return v << 30;
-    default: return v;
+    case 'k':
+    case 'K':
+        return v << 10;
+    case 'm':
+    case 'M':
+        return v << 20;
+    case 'g':
+    case 'G':
+        return v << 30;
+    default:
+        return v;
     }
 }
 
@@ -128,16 +135,35 @@ int main(int argc, char **argv)
 
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
-        case 's': seconds = atof(optarg); break;
-        case 'r': rate = atof(optarg); break;
-        case 'm': min = parse_size(optarg); break;
-        case 'M': max = parse_size(optarg); break;
-        case 'h': spots = strtoull(optarg, NULL, 10); break;
-        case 'f': hot_fraction = atof(optarg); break;
-        case 'S': hot_share = atof(optarg); break;
-        case 'e': seed = strtoull(optarg, NULL, 10); break;
-        case 'l': log_path = optarg; break;
-        default: usage();
+        case 's':
+            seconds = atof(optarg);
+            break;
+        case 'r':
+            rate = atof(optarg);
+            break;
+        case 'm':
+            min = parse_size(optarg);
+            break;
+        case 'M':
+            max = parse_size(optarg);
+            break;
+        case 'h':
+            spots = strtoull(optarg, NULL, 10);
+            break;
+        case 'f':
+            hot_fraction = atof(optarg);
+            break;
+        case 'S':
+            hot_share = atof(optarg);
+            break;
+        case 'e':
+            seed = strtoull(optarg, NULL, 10);
+            break;
+        case 'l':
+            log_path = optarg;
+            break;
+        default:
+            usage();
         }
     }
     if (optind + 1 != argc || min < ALIGN || max < min || spots > 64 ||
@@ -239,8 +265,7 @@ int main(int argc, char **argv)
     printf("{\"writes\": %" PRIu64 ", \"bytes\": %" PRIu64
            ", \"seconds\": %.3f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
            "\"max_ms\": %.3f}\n",
-           nlat, bytes, (now_ns() - t0) / 1e9,
-           nlat ? lat[nlat / 2] / 1e6 : 0.0,
+           nlat, bytes, (now_ns() - t0) / 1e9, nlat ? lat[nlat / 2] / 1e6 : 0.0,
            nlat ? lat[nlat * 99 / 100] / 1e6 : 0.0,
            nlat ? lat[nlat - 1] / 1e6 : 0.0);
     free(lat);

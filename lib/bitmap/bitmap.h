@@ -139,9 +139,9 @@ int bitmap_drop_since(QmpClient *qmp, GPtrArray *targets,
 /* ---- live migration (migrate.c) ---- */
 
 typedef struct {
-    const char *uri;   /* migration URI, e.g. unix:/path or tcp:host:port */
-    char **maps;       /* "SRCNODE=DSTNODE"; other disks pair by disk id */
-    guint timeout_s;   /* give up (and cancel) after this long; 0: 600 */
+    const char *uri; /* migration URI, e.g. unix:/path or tcp:host:port */
+    char **maps;     /* "SRCNODE=DSTNODE"; other disks pair by disk id */
+    guint timeout_s; /* give up (and cancel) after this long; 0: 600 */
     void (*progress)(json_object *query_migrate, void *opaque);
     void *progress_opaque;
 } BitmapMigrateOptions;
