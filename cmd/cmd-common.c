@@ -5,6 +5,8 @@
 
 #include "cmd-common.h"
 
+#include "backup.h"
+
 static bool quiet;
 
 void cmd_set_quiet(bool q)
@@ -166,4 +168,20 @@ void cmd_make_absolute(char **path)
     abs = g_canonicalize_filename(*path, NULL);
     g_free(*path);
     *path = abs;
+}
+
+int cmd_backup_exit_code(const GError *error)
+{
+    if (error->domain != BACKUP_ERROR) {
+        return QBK_EXIT_FAILURE;
+    }
+    switch ((BackupErrorCode)error->code) {
+    case BACKUP_ERROR_FULL_NEEDED:
+        return QBK_EXIT_FULL_NEEDED;
+    case BACKUP_ERROR_NOT_FOUND:
+    case BACKUP_ERROR_NOT_IN_CHAIN:
+        return QBK_EXIT_USAGE;
+    default:
+        return QBK_EXIT_FAILURE;
+    }
 }

@@ -71,6 +71,10 @@ char *cmd_format_bytes(guint64 bytes);
 /* Print OBJ as pretty JSON on stdout, then put it. */
 void cmd_print_json(json_object *obj);
 
+/* The exit status for a failure of lib/backup: 3 when a full backup is
+ * needed, 2 for an unknown backup, disk or chain link, else 1. */
+int cmd_backup_exit_code(const GError *error);
+
 /* Make *PATH (a g_free-able string, may be NULL) absolute: qemu-img and
  * qemu-nbd resolve names elsewhere than our working directory. */
 void cmd_make_absolute(char **path);

@@ -57,16 +57,6 @@ static GOptionEntry entries[] = {
     { NULL },
 };
 
-static int exit_code(const GError *error)
-{
-    if (error->domain == BACKUP_ERROR &&
-        (error->code == BACKUP_ERROR_NOT_FOUND ||
-         error->code == BACKUP_ERROR_NOT_IN_CHAIN)) {
-        return QBK_EXIT_USAGE;
-    }
-    return QBK_EXIT_FAILURE;
-}
-
 static void print_ids(const char *title, json_object *list)
 {
     printf("%s (%zu):\n", title, json_object_array_length(list));
@@ -98,7 +88,7 @@ static int apply_retention(void)
 
     if (!plan) {
         cmd_error("%s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     if (opt_json) {
         cmd_print_json(plan);
@@ -179,7 +169,7 @@ int main(int argc, char **argv)
     lock = backup_lock(opt_repo, &error);
     if (lock < 0) {
         cmd_error("%s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     if (!backup_merge_recover(opt_repo, &error)) {
         cmd_error("finishing an interrupted merge: %s", error->message);
@@ -196,7 +186,7 @@ int main(int argc, char **argv)
     m = backup_load(opt_repo, to, &error);
     if (!m) {
         cmd_error("%s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     disks = qmp_json_array(m, "disks");
     results = json_object_new_array();
@@ -221,7 +211,7 @@ int main(int argc, char **argv)
             cmd_error("%s", error->message);
             json_object_put(results);
             json_object_put(m);
-            return exit_code(error);
+            return cmd_backup_exit_code(error);
         }
         if (!opt_json) {
             g_autofree char *copied =

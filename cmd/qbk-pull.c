@@ -271,21 +271,6 @@ static bool wait_for_commit(json_object *exports, void *opaque)
     return false;
 }
 
-static int exit_code(const GError *error)
-{
-    if (error->domain == BACKUP_ERROR) {
-        switch ((BackupErrorCode)error->code) {
-        case BACKUP_ERROR_FULL_NEEDED:
-            return QBK_EXIT_FULL_NEEDED;
-        case BACKUP_ERROR_NOT_FOUND:
-            return QBK_EXIT_USAGE;
-        default:
-            return QBK_EXIT_FAILURE;
-        }
-    }
-    return QBK_EXIT_FAILURE;
-}
-
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
@@ -412,7 +397,7 @@ int main(int argc, char **argv)
 
         if (!info) {
             cmd_error("export failed: %s", error->message);
-            return exit_code(error);
+            return cmd_backup_exit_code(error);
         }
         cmd_info("committed: checkpoint kept, exports removed");
         json_object_put(info);
@@ -421,7 +406,7 @@ int main(int argc, char **argv)
     manifest = backup_pull(qmp, opt_repo, &opts, &error);
     if (!manifest) {
         cmd_error("backup failed: %s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     if (opt_json) {
         cmd_print_json(manifest);

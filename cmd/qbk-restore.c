@@ -50,16 +50,6 @@ static GOptionEntry entries[] = {
     { NULL },
 };
 
-static int exit_code(const GError *error)
-{
-    if (error->domain == BACKUP_ERROR &&
-        (error->code == BACKUP_ERROR_NOT_FOUND ||
-         error->code == BACKUP_ERROR_NOT_IN_CHAIN)) {
-        return QBK_EXIT_USAGE;
-    }
-    return QBK_EXIT_FAILURE;
-}
-
 static int list_backups(void)
 {
     g_autoptr(GError) error = NULL;
@@ -68,7 +58,7 @@ static int list_backups(void)
 
     if (!all) {
         cmd_error("%s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     arr = json_object_new_array();
     for (guint i = 0; i < all->len; i++) {
@@ -110,7 +100,7 @@ static int restore_into(void)
                             opt_into, &error);
     if (!r) {
         cmd_error("%s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     if (opt_verify) {
         const char *argv[] = { "qemu-img", "info", "--output=json", opt_into,
@@ -206,7 +196,7 @@ int main(int argc, char **argv)
                            opt_disk, opt_output, opt_format, &error);
     if (!entry) {
         cmd_error("%s", error->message);
-        return exit_code(error);
+        return cmd_backup_exit_code(error);
     }
     if (opt_json) {
         cmd_print_json(entry);

@@ -31,11 +31,6 @@ static GOptionEntry entries[] = {
     { NULL },
 };
 
-static void put_json(gpointer obj)
-{
-    json_object_put(obj);
-}
-
 /* Verify DISK of backup ID; prints a line, adds a result to RESULTS.
  * Returns 0 if good, else the exit code it deserves. */
 static int verify_one(const char *id, const char *disk, json_object *results)
@@ -54,9 +49,7 @@ static int verify_one(const char *id, const char *disk, json_object *results)
         if (!opt_json) {
             printf("%s  %-10s FAILED: %s\n", id, disk, error->message);
         }
-        return g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND)
-                   ? QBK_EXIT_USAGE
-                   : QBK_EXIT_FAILURE;
+        return cmd_backup_exit_code(error);
     }
     json_object_object_add(r, "ok", json_object_new_boolean(1));
     if (!opt_json && !opt_quiet) {
@@ -117,12 +110,9 @@ int main(int argc, char **argv)
 
         if (!m) {
             cmd_error("%s", error->message);
-            return error->domain == BACKUP_ERROR &&
-                           error->code == BACKUP_ERROR_NOT_FOUND
-                       ? QBK_EXIT_USAGE
-                       : QBK_EXIT_FAILURE;
+            return cmd_backup_exit_code(error);
         }
-        backups = g_ptr_array_new_with_free_func(put_json);
+        backups = g_ptr_array_new_with_free_func(qmp_json_free);
         g_ptr_array_add(backups, m);
     } else if (!(backups = backup_list(opt_repo, &error))) {
         cmd_error("%s", error->message);

@@ -34,11 +34,6 @@ static char *journal_path(const char *repo)
     return g_build_filename(repo, JOURNAL, NULL);
 }
 
-static void put_json(gpointer obj)
-{
-    json_object_put(obj);
-}
-
 /* Test hook: exit at step N of a merge (tests kill it at each step). */
 static void crash_point(int step)
 {
@@ -286,7 +281,7 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
                           const char *to, const char *format, GError **error)
 {
     g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GPtrArray) ms = g_ptr_array_new_with_free_func(put_json);
+    g_autoptr(GPtrArray) ms = g_ptr_array_new_with_free_func(qmp_json_free);
     g_autoptr(GPtrArray) drop = g_ptr_array_new();
     g_autofree char *why = NULL;
     g_autofree char *dir = NULL;

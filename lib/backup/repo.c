@@ -199,15 +199,10 @@ static gint compare_ids(gconstpointer a, gconstpointer b)
     return g_strcmp0(qmp_json_string(x, "id"), qmp_json_string(y, "id"));
 }
 
-static void put_json(gpointer obj)
-{
-    json_object_put(obj);
-}
-
 static GPtrArray *list_manifests(const char *repo, bool partial, GError **error)
 {
     g_autofree char *dir = g_build_filename(repo, "backups", NULL);
-    GPtrArray *list = g_ptr_array_new_with_free_func(put_json);
+    GPtrArray *list = g_ptr_array_new_with_free_func(qmp_json_free);
     g_autoptr(GDir) d = g_dir_open(dir, 0, NULL);
     const char *name;
 

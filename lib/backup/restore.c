@@ -77,11 +77,6 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
 
 /* ---- incremental restore: only what differs ---- */
 
-static void put_json(gpointer obj)
-{
-    json_object_put(obj);
-}
-
 /* Add to RANGES what IMAGE's newest DEPTH links hold (qemu-img map). */
 static bool changed_ranges(const char *image, guint depth, GArray *ranges,
                            GError **error)
@@ -139,8 +134,8 @@ json_object *backup_restore_into(const char *repo, const char *from,
 {
     g_autoptr(GPtrArray) xs = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GPtrArray) ys = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GPtrArray) xms = g_ptr_array_new_with_free_func(put_json);
-    g_autoptr(GPtrArray) yms = g_ptr_array_new_with_free_func(put_json);
+    g_autoptr(GPtrArray) xms = g_ptr_array_new_with_free_func(qmp_json_free);
+    g_autoptr(GPtrArray) yms = g_ptr_array_new_with_free_func(qmp_json_free);
     g_autoptr(GArray) ranges = g_array_new(FALSE, FALSE, sizeof(CopierRange));
     g_autoptr(GArray) merged = g_array_new(FALSE, FALSE, sizeof(CopierRange));
     g_autofree char *xtop = NULL, *ytop = NULL, *fmt = NULL;

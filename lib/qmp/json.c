@@ -52,3 +52,8 @@ json_object *qmp_json_array(json_object *obj, const char *key)
     }
     return v;
 }
+
+void qmp_json_free(gpointer obj)
+{
+    json_object_put(obj);
+}

@@ -360,11 +360,6 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
     return g_steal_pointer(&qmp);
 }
 
-static void put_json(gpointer obj)
-{
-    json_object_put(obj);
-}
-
 void qmp_free(QmpClient *qmp)
 {
     if (!qmp) {
@@ -378,7 +373,7 @@ void qmp_free(QmpClient *qmp)
         close(qmp->fd);
     }
     g_free(qmp->daemon_dir);
-    g_queue_clear_full(&qmp->events, put_json);
+    g_queue_clear_full(&qmp->events, qmp_json_free);
     if (qmp->inbuf) {
         g_string_free(qmp->inbuf, TRUE);
     }

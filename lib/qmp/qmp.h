@@ -123,6 +123,9 @@ guint64 qmp_json_uint(json_object *obj, const char *key);
 bool qmp_json_bool(json_object *obj, const char *key);
 json_object *qmp_json_array(json_object *obj, const char *key);
 
+/* json_object_put() as a GDestroyNotify (for GPtrArray, GQueue). */
+void qmp_json_free(gpointer obj);
+
 /* ---- transactions (transaction.c) ---- */
 
 /*
