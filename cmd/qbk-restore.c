@@ -103,26 +103,13 @@ static int restore_into(void)
         return cmd_backup_exit_code(error);
     }
     if (opt_verify) {
-        const char *argv[] = { "qemu-img", "info", "--output=json", opt_into,
-                               NULL };
-        g_autofree char *out = NULL;
-        json_object *info = NULL;
-        int status;
-
-        if (g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                         NULL, &out, NULL, &status, NULL) &&
-            g_spawn_check_wait_status(status, NULL)) {
-            info = json_tokener_parse(out);
-        }
-        if (!info || !backup_check_image(
-                         opt_repo, qmp_json_string(r, "backup"), opt_disk,
-                         opt_into, qmp_json_string(info, "format"), &error)) {
-            cmd_error("%s", error ? error->message : "cannot read the image");
-            json_object_put(info);
+        if (!backup_check_image(opt_repo, qmp_json_string(r, "backup"),
+                                opt_disk, opt_into,
+                                qmp_json_string(r, "format"), &error)) {
+            cmd_error("%s", error->message);
             json_object_put(r);
             return QBK_EXIT_FAILURE;
         }
-        json_object_put(info);
         json_object_object_add(r, "verified", json_object_new_boolean(1));
     }
     if (opt_json) {

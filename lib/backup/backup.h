@@ -191,8 +191,8 @@ json_object *backup_retention(const char *repo, const BackupRetention *policy,
  * FROM; bring it to backup ID, forward or back, by writing only the
  * regions that the links above their newest common backup changed. The
  * caller checks the result (backup_check_image) if it does not trust
- * that IMAGE equalled FROM. Returns {disk, from, backup, common,
- * bytes_changed, bytes_written, seconds}.
+ * that IMAGE equalled FROM. Returns {disk, from, backup, common, format
+ * (of IMAGE), bytes_changed, bytes_written, seconds}.
  */
 json_object *backup_restore_into(const char *repo, const char *from,
                                  const char *id, const char *disk,

@@ -257,6 +257,7 @@ out:
     json_object_object_add(result, "backup",
                            json_object_new_string(ys->pdata[0]));
     json_object_object_add(result, "common", json_object_new_string(common));
+    json_object_object_add(result, "format", json_object_new_string(fmt));
     json_object_object_add(result, "bytes_changed",
                            json_object_new_uint64(changed));
     json_object_object_add(

@@ -173,20 +173,58 @@ static char *first_difference(int fd, const char *path, guint64 size)
                     "checksum is wrong");
 }
 
+/*
+ * Read IMAGE (FORMAT; a qcow2 image follows its backing chain) through
+ * qemu-nbd and hash every block. Returns the image checksum; the block
+ * digests stay in *DIGESTS_FD (an unlinked temporary file, the caller
+ * closes it), the copier's figures in STATS.
+ */
+static char *read_checksum(const char *image, const char *format,
+                           int *digests_fd, CopierStats *stats, GError **error)
+{
+    g_autofree char *path =
+        g_build_filename(g_get_tmp_dir(), "qbk-digests-XXXXXX", NULL);
+    NbdServer *nbd = nbd_serve(image, format, false, error);
+    CopierOptions co;
+    char *sum = NULL;
+    int fd;
+
+    *digests_fd = -1;
+    if (!nbd) {
+        return NULL;
+    }
+    fd = g_mkstemp_full(path, O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", path,
+                    g_strerror(errno));
+        nbd_server_stop(nbd, NULL);
+        return NULL;
+    }
+    unlink(path);
+    copier_options_init(&co);
+    co.digest_fd = fd;
+    if (copier_copy(&(CopierEndpoint){ .socket = nbd->socket, .name = "" },
+                    &(CopierEndpoint){ 0 }, &co, stats, error)) {
+        sum = copier_digests_checksum(fd, stats->size, error);
+    }
+    nbd_server_stop(nbd, NULL);
+    if (!sum) {
+        close(fd);
+        return NULL;
+    }
+    *digests_fd = fd;
+    return sum;
+}
+
 json_object *backup_verify(const char *repo, const char *id, const char *disk,
                            GError **error)
 {
     g_autoptr(GPtrArray) chain = g_ptr_array_new_with_free_func(g_free);
-    g_autofree char *dir = NULL;
-    g_autofree char *digests = NULL;
     g_autofree char *image = NULL;
     g_autofree char *sum = NULL;
     json_object *entry, *checksum = NULL, *result, *jchain;
     const char *expected;
-    CopierEndpoint src = { 0 }, none = { 0 };
-    CopierOptions co;
     CopierStats stats;
-    NbdServer *nbd;
     int dfd;
     bool ok;
 
@@ -204,51 +242,31 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
         json_object_put(entry);
         return NULL;
     }
-    dir = g_dir_make_tmp("qbk-verify-XXXXXX", error);
-    if (!dir) {
-        json_object_put(entry);
-        return NULL;
-    }
-    digests = g_build_filename(dir, "digests", NULL);
     image = g_build_filename(repo, qmp_json_string(entry, "image"), NULL);
-    nbd = nbd_serve(image, qmp_json_string(entry, "format"), false, error);
-    dfd = open(digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    ok = nbd && dfd >= 0;
-    if (nbd && dfd < 0) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", digests,
-                    g_strerror(errno));
+    sum = read_checksum(image, qmp_json_string(entry, "format"), &dfd, &stats,
+                        error);
+    ok = sum != NULL;
+    if (ok && stats.size != (guint64)qmp_json_uint(entry, "size")) {
+        corrupt(error, BACKUP_ERROR_CORRUPT,
+                "the chain of '%s' reads as %" G_GUINT64_FORMAT
+                " bytes, the disk had %" G_GUINT64_FORMAT,
+                image, stats.size, (guint64)qmp_json_uint(entry, "size"));
+        ok = false;
     }
-    if (ok) {
-        src = (CopierEndpoint){ .socket = nbd->socket, .name = "" };
-        copier_options_init(&co);
-        co.digest_fd = dfd;
-        ok = copier_copy(&src, &none, &co, &stats, error) &&
-             (sum = copier_digests_checksum(dfd, stats.size, error));
-        if (ok && stats.size != (guint64)qmp_json_uint(entry, "size")) {
-            corrupt(error, BACKUP_ERROR_CORRUPT,
-                    "the chain of '%s' reads as %" G_GUINT64_FORMAT
-                    " bytes, the disk had %" G_GUINT64_FORMAT,
-                    image, stats.size, (guint64)qmp_json_uint(entry, "size"));
-            ok = false;
-        }
-        if (ok && strcmp(sum, expected) != 0) {
-            g_autofree char *stored =
-                g_build_filename(repo, qmp_json_string(entry, "digests"), NULL);
-            g_autofree char *where = first_difference(dfd, stored, stats.size);
+    if (ok && strcmp(sum, expected) != 0) {
+        g_autofree char *stored =
+            g_build_filename(repo, qmp_json_string(entry, "digests"), NULL);
+        g_autofree char *where = first_difference(dfd, stored, stats.size);
 
-            corrupt(error, BACKUP_ERROR_MISMATCH,
-                    "disk '%s' of backup '%s' does not match its checksum "
-                    "(%s, expected %s): %s",
-                    disk, (char *)chain->pdata[0], sum, expected, where);
-            ok = false;
-        }
+        corrupt(error, BACKUP_ERROR_MISMATCH,
+                "disk '%s' of backup '%s' does not match its checksum "
+                "(%s, expected %s): %s",
+                disk, (char *)chain->pdata[0], sum, expected, where);
+        ok = false;
     }
-    nbd_server_stop(nbd, NULL);
     if (dfd >= 0) {
         close(dfd);
     }
-    unlink(digests);
-    rmdir(dir);
     if (!ok) {
         json_object_put(entry);
         return NULL;
@@ -274,12 +292,8 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
 bool backup_check_image(const char *repo, const char *id, const char *disk,
                         const char *image, const char *format, GError **error)
 {
-    g_autofree char *dir = NULL;
-    g_autofree char *digests = NULL;
     g_autofree char *sum = NULL;
     json_object *m, *e, *checksum = NULL;
-    NbdServer *nbd;
-    CopierOptions co;
     CopierStats stats;
     int dfd;
     bool ok;
@@ -295,37 +309,18 @@ bool backup_check_image(const char *repo, const char *id, const char *disk,
         return false;
     }
     json_object_object_get_ex(e, "checksum", &checksum);
-    dir = g_dir_make_tmp("qbk-check-XXXXXX", error);
-    nbd = dir ? nbd_serve(image, format, false, error) : NULL;
-    digests = dir ? g_build_filename(dir, "digests", NULL) : NULL;
-    dfd =
-        nbd ? open(digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600) : -1;
-    ok = dfd >= 0;
-    if (ok) {
-        copier_options_init(&co);
-        co.digest_fd = dfd;
-        ok = copier_copy(&(CopierEndpoint){ .socket = nbd->socket, .name = "" },
-                         &(CopierEndpoint){ 0 }, &co, &stats, error) &&
-             (sum = copier_digests_checksum(dfd, stats.size, error));
-        if (ok && g_strcmp0(sum, qmp_json_string(checksum, "value")) != 0) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
-                        "'%s' does not equal disk '%s' of backup '%s' "
-                        "(checksum %s, expected %s)",
-                        image, disk, qmp_json_string(m, "id"), sum,
-                        qmp_json_string(checksum, "value"));
-            ok = false;
-        }
+    sum = read_checksum(image, format, &dfd, &stats, error);
+    ok = sum != NULL;
+    if (ok && g_strcmp0(sum, qmp_json_string(checksum, "value")) != 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
+                    "'%s' does not equal disk '%s' of backup '%s' "
+                    "(checksum %s, expected %s)",
+                    image, disk, qmp_json_string(m, "id"), sum,
+                    qmp_json_string(checksum, "value"));
+        ok = false;
+    }
+    if (dfd >= 0) {
         close(dfd);
-    } else if (nbd) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", digests,
-                    g_strerror(errno));
-    }
-    nbd_server_stop(nbd, NULL);
-    if (digests) {
-        unlink(digests);
-    }
-    if (dir) {
-        rmdir(dir);
     }
     json_object_put(m);
     return ok;
