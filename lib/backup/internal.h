@@ -151,6 +151,10 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
  * files; false if it did not exit cleanly (a written image may be bad). */
 bool nbd_server_stop(NbdServer *s, GError **error);
 
+/* Run "qemu-img ARGS[0] --output=json ARGS[1..]" and parse its answer;
+ * NULL with qemu-img's message in ERROR (BACKUP_ERROR_CORRUPT). */
+json_object *qemu_img_json(const char *const *args, GError **error);
+
 /* ---- merge (merge.c) ---- */
 
 /* Remove DISK from backup ID: its manifest entry first (the manifest goes

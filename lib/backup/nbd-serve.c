@@ -1,6 +1,7 @@
 /*
  * qemu-nbd on a private socket: how verify, merge and restore --into read
- * a backup chain (read-only, with its allocation depth) or write an image.
+ * a backup chain (read-only, with its allocation depth) or write an image;
+ * and qemu-img's JSON answers about images.
  * It runs as our child (not --fork: its exit status tells whether a
  * written image was closed cleanly, and no zombie is left to an init that
  * may not reap), and dies with us.
@@ -158,4 +159,32 @@ bool nbd_server_stop(NbdServer *s, GError **error)
     g_free(s->dir);
     g_free(s);
     return ok;
+}
+
+json_object *qemu_img_json(const char *const *args, GError **error)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new();
+    g_autofree char *out = NULL;
+    g_autofree char *err = NULL;
+    json_object *obj;
+    int status;
+
+    g_ptr_array_add(argv, "qemu-img");
+    g_ptr_array_add(argv, (char *)args[0]);
+    g_ptr_array_add(argv, "--output=json");
+    for (guint i = 1; args[i]; i++) {
+        g_ptr_array_add(argv, (char *)args[i]);
+    }
+    g_ptr_array_add(argv, NULL);
+    if (!g_spawn_sync(NULL, (char **)argv->pdata, NULL, G_SPAWN_SEARCH_PATH,
+                      NULL, NULL, &out, &err, &status, error)) {
+        return NULL;
+    }
+    if (!g_spawn_check_wait_status(status, NULL) ||
+        !(obj = json_tokener_parse(out))) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT, "%s",
+                    g_strstrip(err));
+        return NULL;
+    }
+    return obj;
 }

@@ -81,24 +81,15 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
 static bool changed_ranges(const char *image, guint depth, GArray *ranges,
                            GError **error)
 {
-    const char *argv[] = { "qemu-img", "map", "--output=json", "-f", "qcow2",
-                           image,      NULL };
-    g_autofree char *out = NULL;
-    g_autofree char *err = NULL;
+    const char *args[] = { "map", "-f", "qcow2", image, NULL };
     json_object *map;
-    int status;
 
     if (depth == 0) {
         return true;
     }
-    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                      NULL, &out, &err, &status, error)) {
-        return false;
-    }
-    if (!g_spawn_check_wait_status(status, NULL) ||
-        !(map = json_tokener_parse(out))) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                    "cannot map '%s': %s", image, g_strstrip(err));
+    map = qemu_img_json(args, error);
+    if (!map) {
+        g_prefix_error(error, "cannot map '%s': ", image);
         return false;
     }
     for (size_t i = 0; i < json_object_array_length(map); i++) {
@@ -210,18 +201,9 @@ json_object *backup_restore_into(const char *repo, const char *from,
         changed += g_array_index(merged, CopierRange, i).length;
     }
     {
-        const char *argv[] = { "qemu-img", "info", "--output=json", image,
-                               NULL };
-        g_autofree char *out = NULL;
-        json_object *info;
-        int status;
+        const char *args[] = { "info", image, NULL };
+        json_object *info = qemu_img_json(args, NULL);
 
-        if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                          NULL, &out, NULL, &status, error)) {
-            goto out;
-        }
-        info = g_spawn_check_wait_status(status, NULL) ? json_tokener_parse(out)
-                                                       : NULL;
         if (!info ||
             qmp_json_uint(info, "virtual-size") != qmp_json_uint(ye, "size")) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,

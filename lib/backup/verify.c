@@ -30,22 +30,12 @@ static void corrupt(GError **error, int code, const char *fmt, ...)
  * ERROR if qemu-img cannot read it. */
 static char *backing_of(const char *image, GError **error)
 {
-    const char *argv[] = { "qemu-img", "info",  "--output=json", "-U",
-                           "-f",       "qcow2", image,           NULL };
-    g_autofree char *out = NULL;
-    g_autofree char *err = NULL;
-    json_object *info;
+    const char *args[] = { "info", "-U", "-f", "qcow2", image, NULL };
+    json_object *info = qemu_img_json(args, error);
     char *backing;
-    int status;
 
-    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                      NULL, &out, &err, &status, error)) {
-        return NULL;
-    }
-    if (!g_spawn_check_wait_status(status, NULL) ||
-        !(info = json_tokener_parse(out))) {
-        corrupt(error, BACKUP_ERROR_CORRUPT, "image '%s' is damaged: %s", image,
-                g_strstrip(err));
+    if (!info) {
+        g_prefix_error(error, "image '%s' is damaged: ", image);
         return NULL;
     }
     backing = g_strdup(qmp_json_string(info, "backing-filename")
