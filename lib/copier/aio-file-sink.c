@@ -124,6 +124,7 @@ FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
     s->data = data;
     s->source = g_unix_fd_source_new(s->efd, G_IO_IN);
     g_source_set_callback(s->source, G_SOURCE_FUNC(on_eventfd), s, NULL);
+    g_source_set_can_recurse(s->source, TRUE); /* see nbd-source.c */
     g_source_attach(s->source, ctx);
     return s;
 }
