@@ -14,9 +14,9 @@
 
 static char *opt_bitmap;
 static char *opt_digests;
-static gint opt_requests = 16;
-static gint opt_connections = 1;
-static gint64 opt_chunk = 1024 * 1024;
+static gint opt_requests;    /* 0: the copier's default */
+static gint opt_connections; /* 0: the copier's default */
+static gint64 opt_chunk;     /* 0: the copier's default */
 static gboolean opt_zeroed;
 static gboolean opt_sequential;
 static gboolean opt_json;
@@ -31,7 +31,7 @@ static GOptionEntry entries[] = {
       "requests in flight (default 16)", "N" },
     { "connections", 'C', 0, G_OPTION_ARG_INT, &opt_connections,
       "NBD connections to the source, requests spread over them (1-8, "
-      "default 1)",
+      "default 2)",
       "N" },
     { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
       "bytes per request, a multiple of 65536 (default 256 KiB)", "BYTES" },
@@ -126,10 +126,12 @@ int main(int argc, char **argv)
         printf("qbk-copy %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
-    if (argc != 3 || opt_requests <= 0 || opt_chunk <= 0 ||
+    if (argc != 3 || opt_requests < 0 || opt_connections < 0 ||
+        opt_connections > COPIER_MAX_CONNECTIONS || opt_chunk < 0 ||
         opt_chunk % COPIER_BLOCK_SIZE != 0 || opt_rate < 0) {
         cmd_error("give SOURCE-URI and TARGET-URI; --requests > 0, "
-                  "--chunk-size a multiple of %d (see --help)",
+                  "--connections 1-8, --chunk-size a multiple of %d "
+                  "(see --help)",
                   COPIER_BLOCK_SIZE);
         return QBK_EXIT_USAGE;
     }
@@ -144,9 +146,18 @@ int main(int argc, char **argv)
         return QBK_EXIT_USAGE;
     }
     copier_options_init(&opts);
-    opts.requests = opt_sequential ? 1 : opt_requests;
-    opts.connections = opt_sequential ? 1 : opt_connections;
-    opts.chunk_size = opt_chunk;
+    if (opt_requests) {
+        opts.requests = opt_requests;
+    }
+    if (opt_connections) {
+        opts.connections = opt_connections;
+    }
+    if (opt_chunk) {
+        opts.chunk_size = opt_chunk;
+    }
+    if (opt_sequential) {
+        opts.requests = opts.connections = 1;
+    }
     opts.bitmap = opt_bitmap;
     opts.target_zeroed = opt_zeroed;
     opts.rate_limit = opt_rate;

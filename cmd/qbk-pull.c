@@ -24,6 +24,7 @@ static char *opt_scratch;
 static char *opt_format;
 static char *opt_nbd_server;
 static gint opt_requests;
+static gint opt_connections;
 static gboolean opt_sequential;
 static char *opt_fleece;
 static gboolean opt_no_notices;
@@ -70,6 +71,10 @@ static GOptionEntry entries[] = {
       "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
     { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
       "copier requests in flight (default 16)", "N" },
+    { "connections", 0, 0, G_OPTION_ARG_INT, &opt_connections,
+      "copier NBD connections to each disk's fleecing export, requests "
+      "spread over them (1-8, default 2)",
+      "N" },
     { "sequential", 0, 0, G_OPTION_ARG_NONE, &opt_sequential,
       "copy with one request at a time in ascending order, no notices "
       "(the baseline)",
@@ -333,10 +338,11 @@ int main(int argc, char **argv)
         cmd_error("--rate-limit '%s' is not a size like 50M", opt_rate);
         return QBK_EXIT_USAGE;
     }
-    if (opt_requests < 0 || opt_chunk < 0 ||
+    if (opt_requests < 0 || opt_connections < 0 ||
+        opt_connections > COPIER_MAX_CONNECTIONS || opt_chunk < 0 ||
         opt_chunk % COPIER_BLOCK_SIZE != 0 || opt_timeout <= 0) {
         cmd_error("--requests, --chunk-size (a multiple of 64 KiB) and "
-                  "--timeout must be positive");
+                  "--timeout must be positive, --connections 1-8");
         return QBK_EXIT_USAGE;
     }
     opts.since = opt_since;
@@ -351,6 +357,7 @@ int main(int argc, char **argv)
     opts.format = opt_format;
     opts.nbd_server = opt_nbd_server;
     opts.requests = opt_sequential ? 1 : opt_requests;
+    opts.connections = opt_sequential ? 1 : opt_connections;
     opts.no_notices = opt_no_notices || opt_sequential;
     opts.no_release = opt_no_release;
     if (!opt_fleece || g_ascii_strcasecmp(opt_fleece, "auto") == 0) {

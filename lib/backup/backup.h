@@ -78,6 +78,8 @@ typedef struct {
     const char *format;      /* of full backups: "qcow2" (NULL) or "raw"
                                 (sparse, written with Linux AIO) */
     guint requests;          /* copier requests in flight (0: default) */
+    guint connections;       /* copier NBD connections to each fleecing
+                                export (0: default) */
     guint64 chunk_size;      /* copier chunk size (0: default) */
     guint64 rate_limit;      /* bytes/s read from the VM; 0: unlimited */
     BackupFleece fleece;

@@ -78,6 +78,9 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
     } else {
         g_ptr_array_add(argv, g_strdup("--read-only"));
         g_ptr_array_add(argv, g_strdup("--allocation-depth"));
+        /* the copier reads over several connections */
+        g_ptr_array_add(argv,
+                        g_strdup_printf("--shared=%d", COPIER_MAX_CONNECTIONS));
     }
     g_ptr_array_add(argv, g_strdup_printf("--format=%s", format));
     g_ptr_array_add(argv, g_strdup_printf("--socket=%s", s->socket));

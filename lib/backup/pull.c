@@ -864,6 +864,9 @@ static bool copy_all(Pull *p, GError **error)
         if (p->opts->requests) {
             co.requests = p->opts->requests;
         }
+        if (p->opts->connections) {
+            co.connections = p->opts->connections;
+        }
         if (p->opts->chunk_size) {
             co.chunk_size = p->opts->chunk_size;
         }

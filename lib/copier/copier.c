@@ -120,7 +120,9 @@ void copier_options_init(CopierOptions *opts)
 {
     *opts = (CopierOptions){
         .requests = 16,
-        .connections = 1,
+        /* bench/copier: 1.37 vs 1.60 s for 3 GiB from a RAM-backed
+         * export; two sockets keep the server's replies flowing */
+        .connections = 2,
         .chunk_size =
             256 * 1024, /* bench/cow: guest p99 2.3 vs 6.5 ms at 1 MiB */
         .digest_fd = -1,

@@ -79,7 +79,7 @@ typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
 typedef struct {
     guint requests;          /* in flight at once (default 16) */
     guint connections;       /* to the source; requests spread over them
-                             (default 1, at most COPIER_MAX_CONNECTIONS) */
+                             (default 2, at most COPIER_MAX_CONNECTIONS) */
     guint64 chunk_size;      /* bytes per request, a multiple of
                              COPIER_BLOCK_SIZE (default 256 KiB) */
     const char *bitmap;      /* copy only what the source's
