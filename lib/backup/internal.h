@@ -132,6 +132,9 @@ bool target_create_image(const char *image, guint64 size, const char *backing,
 /* Serve IMAGES[i] as export NAMES[i]. */
 Target *target_start(char **images, char **names, GError **error);
 
+/* Ask the daemon to flush and quit, without waiting (NULL: nothing). */
+void target_quit(Target *t);
+
 /* Stop the daemon; only a clean exit means the images are complete. */
 bool target_stop(Target *t, GError **error);
 void target_free(Target *t);

@@ -1301,14 +1301,25 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
     g_autoptr(GError) err = NULL;
     g_autofree char *final_path = NULL;
     g_autofree char *partial_path = NULL;
+    bool ok;
 
     if (!p) {
         return NULL;
     }
-    if (!fleece(p, &err) || cancelled(p, &err) || !export_all(p, &err) ||
-        !make_targets(p, &err) || !copy_all(p, &err) ||
-        !finish_targets(p, &err) || cancelled(p, &err) ||
-        !fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
+    ok = fleece(p, &err) && !cancelled(p, &err) && export_all(p, &err) &&
+         make_targets(p, &err) && copy_all(p, &err);
+    if (ok) {
+        /* The target daemon closes its images (tens of milliseconds) while
+         * the VM's fleecing comes down; only its clean exit, awaited in
+         * finish_targets(), makes the backup good. */
+        target_quit(p->target);
+        ok = fleece_teardown(p->qmp, p->fds, p->server_started, &err);
+    }
+    if (ok) {
+        g_ptr_array_set_size(p->fds, 0); /* torn down */
+        ok = finish_targets(p, &err) && !cancelled(p, &err);
+    }
+    if (!ok) {
         fail_and_undo(p, err);
         if (err->domain != BACKUP_ERROR) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
@@ -1318,7 +1329,6 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
         }
         return NULL;
     }
-    g_ptr_array_set_size(p->fds, 0); /* torn down */
 
     /* The point of no return: the backup is good once this is durable. */
     add_results(p);

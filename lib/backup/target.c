@@ -99,6 +99,13 @@ Target *target_start(char **images, char **names, GError **error)
     return t;
 }
 
+void target_quit(Target *t)
+{
+    if (t) {
+        qmp_quit_storage_daemon(t->qsd);
+    }
+}
+
 bool target_stop(Target *t, GError **error)
 {
     bool ok = qmp_stop_storage_daemon(t->qsd, error);

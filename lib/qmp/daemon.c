@@ -78,7 +78,7 @@ static int wait_exit(GPid pid, int timeout_ms)
         if (g_get_monotonic_time() >= deadline) {
             return -1;
         }
-        g_usleep(10 * 1000);
+        g_usleep(2 * 1000);
     }
 }
 
@@ -200,6 +200,16 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images,
     return qmp;
 }
 
+void qmp_quit_storage_daemon(QmpClient *qmp)
+{
+    if (qmp->daemon_pid > 0 && !qmp->daemon_quit) {
+        /* "quit" may lose the reply when the daemon exits first: not an
+         * error. */
+        qmp_run(qmp, "quit", NULL, NULL);
+        qmp->daemon_quit = true;
+    }
+}
+
 bool qmp_stop_storage_daemon(QmpClient *qmp, GError **error)
 {
     GPid pid = qmp->daemon_pid;
@@ -208,9 +218,8 @@ bool qmp_stop_storage_daemon(QmpClient *qmp, GError **error)
     if (pid <= 0) {
         return true;
     }
+    qmp_quit_storage_daemon(qmp);
     qmp->daemon_pid = 0;
-    /* "quit" may lose the reply when the daemon exits first: not an error. */
-    qmp_run(qmp, "quit", NULL, NULL);
     status = wait_exit(pid, 10000);
     if (status == -1) {
         kill(pid, SIGTERM);

@@ -21,6 +21,7 @@ struct QmpClient {
 
     /* set only for a qemu-storage-daemon that this client started */
     GPid daemon_pid;  /* 0 when not ours */
+    bool daemon_quit; /* "quit" sent: only the exit is left to wait for */
     char *daemon_dir; /* private temp dir: socket and the daemon's stderr */
 };
 

@@ -237,8 +237,17 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images,
                                     GError **error);
 
 /*
- * Stop the daemon that qmp_spawn_storage_daemon() started and report how it
- * ended (an unclean exit loses bitmap updates). Closes the connection.
+ * Ask the daemon that qmp_spawn_storage_daemon() started to quit, without
+ * waiting for it to exit: a daemon takes tens of milliseconds to close its
+ * images, which the caller can spend on other work before
+ * qmp_stop_storage_daemon().
+ */
+void qmp_quit_storage_daemon(QmpClient *qmp);
+
+/*
+ * Stop the daemon that qmp_spawn_storage_daemon() started (asking it to quit
+ * unless qmp_quit_storage_daemon() did) and report how it ended (an unclean
+ * exit loses bitmap updates). Closes the connection.
  */
 bool qmp_stop_storage_daemon(QmpClient *qmp, GError **error);
 
