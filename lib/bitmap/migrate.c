@@ -77,10 +77,10 @@ static bool has_node(QmpClient *qmp, const char *node, GError **error)
                     json_tokener_parse("{\"flat\": true}"), error);
     bool found = false;
 
-    for (size_t i = 0; nodes && i < json_object_array_length(nodes); i++) {
-        found |= g_strcmp0(qmp_json_string(json_object_array_get_idx(nodes, i),
-                                           "node-name"),
-                           node) == 0;
+    for (size_t i = 0; nodes && i < qmp_json_length(nodes); i++) {
+        found |=
+            g_strcmp0(qmp_json_string(qmp_json_index(nodes, i), "node-name"),
+                      node) == 0;
     }
     json_object_put(nodes);
     return found;
@@ -177,22 +177,19 @@ static bool preflight(QmpClient *src, QmpClient *dst, GPtrArray *sdisks,
     if (!exports) {
         return false;
     }
-    if (json_object_array_length(exports) > 0) {
-        g_set_error(
-            error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
-            "the source has NBD export '%s': a writable export makes "
-            "the migration fail; remove it (block-export-del) first",
-            qmp_json_string(json_object_array_get_idx(exports, 0), "id"));
+    if (qmp_json_length(exports) > 0) {
+        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
+                    "the source has NBD export '%s': a writable export makes "
+                    "the migration fail; remove it (block-export-del) first",
+                    qmp_json_string(qmp_json_index(exports, 0), "id"));
         ok = false;
     }
     json_object_put(exports);
     nodes = ok ? qmp_execute(src, "query-named-block-nodes",
                              json_tokener_parse("{\"flat\": true}"), error)
                : NULL;
-    for (size_t i = 0; nodes && ok && i < json_object_array_length(nodes);
-         i++) {
-        const char *n =
-            qmp_json_string(json_object_array_get_idx(nodes, i), "node-name");
+    for (size_t i = 0; nodes && ok && i < qmp_json_length(nodes); i++) {
+        const char *n = qmp_json_string(qmp_json_index(nodes, i), "node-name");
 
         if (n && g_str_has_prefix(n, "qbk-")) {
             g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,

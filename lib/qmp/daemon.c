@@ -8,7 +8,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
-#include <sys/prctl.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,19 +16,10 @@
 
 #define QSD_BINARY "qemu-storage-daemon"
 
-/*
- * The daemon must not outlive us: if we are killed, it gets SIGTERM, which
- * it handles as a clean "quit" (bitmaps written back, images closed).
- */
-static void die_with_parent(gpointer data)
-{
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
-}
-
 /* What the daemon said on stderr, on one line, without its own echo. */
-static char *daemon_stderr(const char *dir)
+static char *daemon_stderr(PrivDir *dir)
 {
-    g_autofree char *path = g_build_filename(dir, "stderr.log", NULL);
+    g_autofree char *path = privdir_file(dir, "stderr.log");
     g_autofree char *text = NULL;
     char *msg, *p;
 
@@ -48,38 +38,6 @@ static char *daemon_stderr(const char *dir)
         }
     }
     return g_strdup(msg);
-}
-
-static void remove_dir(const char *dir)
-{
-    g_autofree char *sock = g_build_filename(dir, "qmp.sock", NULL);
-    g_autofree char *log = g_build_filename(dir, "stderr.log", NULL);
-
-    unlink(sock);
-    unlink(log);
-    rmdir(dir);
-}
-
-/* Wait up to TIMEOUT_MS for PID to exit; returns its wait status or -1. */
-static int wait_exit(GPid pid, int timeout_ms)
-{
-    gint64 deadline = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
-    int status;
-
-    for (;;) {
-        pid_t r = waitpid(pid, &status, WNOHANG);
-
-        if (r == pid) {
-            return status;
-        }
-        if (r < 0 && errno != EINTR) {
-            return -1;
-        }
-        if (g_get_monotonic_time() >= deadline) {
-            return -1;
-        }
-        g_usleep(2 * 1000);
-    }
 }
 
 static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
@@ -112,88 +70,80 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images,
                                     GError **error)
 {
     g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
-    g_autofree char *dir = NULL;
+    g_autoptr(PrivDir) dir = NULL;
     g_autofree char *sock = NULL;
     g_autofree char *log = NULL;
+    g_autofree char *pidfile = NULL;
     g_autoptr(GError) local = NULL;
     QmpClient *qmp = NULL;
-    gint64 deadline;
     GPid pid;
-    int errfd;
+    int errfd, status;
 
     if (timeout_ms <= 0) {
         timeout_ms = QMP_DEFAULT_TIMEOUT_MS;
     }
-    dir = g_dir_make_tmp("qbk-qsd-XXXXXX", &local);
+    dir = privdir_new(NULL, "qsd", &local);
     if (!dir) {
-        g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
-                    "cannot make a temporary directory: %s", local->message);
+        g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN, "%s", local->message);
         return NULL;
     }
-    sock = g_build_filename(dir, "qmp.sock", NULL);
-    log = g_build_filename(dir, "stderr.log", NULL);
+    sock = privdir_file(dir, "qmp.sock");
+    log = privdir_file(dir, "stderr.log");
+    pidfile = privdir_file(dir, "qsd.pid");
 
     g_ptr_array_add(argv, g_strdup(QSD_BINARY));
     for (guint i = 0; images[i]; i++) {
         g_ptr_array_add(argv, g_strdup("--blockdev"));
         g_ptr_array_add(argv, blockdev_json(images[i], i, flags));
     }
+    /* The monitor listens on a socket we made (no path in an option
+     * string, and no polling for it to appear). */
     g_ptr_array_add(argv, g_strdup("--chardev"));
-    g_ptr_array_add(
-        argv,
-        g_strdup_printf("socket,id=qbk-qmp,path=%s,server=on,wait=off", sock));
+    g_ptr_array_add(argv,
+                    g_strdup("socket,id=qbk-qmp,fd=3,server=on,wait=off"));
     g_ptr_array_add(argv, g_strdup("--monitor"));
     g_ptr_array_add(argv, g_strdup("chardev=qbk-qmp"));
+    /* written once every option is carried out, the monitor included */
+    g_ptr_array_add(argv, g_strdup_printf("--pidfile=%s", pidfile));
     g_ptr_array_add(argv, NULL);
 
-    errfd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (errfd < 0 || !g_spawn_async_with_fds(
-                         NULL, (char **)argv->pdata, NULL,
-                         G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD |
-                             G_SPAWN_STDOUT_TO_DEV_NULL,
-                         die_with_parent, NULL, &pid, -1, -1, errfd, &local)) {
+    errfd = open(log, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (errfd < 0 || !util_spawn_on_socket((const char *const *)argv->pdata,
+                                           sock, false, errfd, &pid, &local)) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
                     "cannot start " QSD_BINARY ": %s",
                     local ? local->message : g_strerror(errno));
         if (errfd >= 0) {
             close(errfd);
         }
-        remove_dir(dir);
         return NULL;
     }
     close(errfd);
 
-    /* The socket appears once the images are open; the daemon may die. */
-    deadline = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
-    for (;;) {
-        int status;
-
-        if (waitpid(pid, &status, WNOHANG) == pid) {
+    /* A client that connects before the monitor is set up can get the
+     * greeting and then no answer (seen with QEMU 7.2): wait for the pid
+     * file, written once the images are open and the monitor is there. The
+     * daemon may die first. */
+    if (util_child_wait_file(pid, pidfile, timeout_ms, &status)) {
+        qmp = qmp_connect(sock, timeout_ms, &local);
+    } else if (status == -1) {
+        local = g_error_new(QMP_ERROR, QMP_ERROR_TIMEOUT,
+                            "not ready within %d ms", timeout_ms);
+    }
+    if (!qmp) {
+        if (status == -1) {
+            status = util_child_stop(pid, 0, 5000);
+        }
+        if (!local) {
             g_autofree char *why = daemon_stderr(dir);
 
             g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
                         "cannot open the image: %s", why);
-            remove_dir(dir);
-            return NULL;
-        }
-        if (g_file_test(sock, G_FILE_TEST_EXISTS)) {
-            g_clear_error(&local);
-            qmp = qmp_connect(sock, timeout_ms, &local);
-            if (qmp) {
-                break;
-            }
-        }
-        if (g_get_monotonic_time() >= deadline) {
-            kill(pid, SIGKILL);
-            wait_exit(pid, 5000);
+        } else {
             g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
-                        QSD_BINARY " did not start within %d ms%s%s",
-                        timeout_ms, local ? ": " : "",
-                        local ? local->message : "");
-            remove_dir(dir);
-            return NULL;
+                        QSD_BINARY " did not start: %s", local->message);
         }
-        g_usleep(10 * 1000);
+        return NULL;
     }
     qmp->daemon_pid = pid;
     qmp->daemon_dir = g_steal_pointer(&dir);
@@ -220,27 +170,18 @@ bool qmp_stop_storage_daemon(QmpClient *qmp, GError **error)
     }
     qmp_quit_storage_daemon(qmp);
     qmp->daemon_pid = 0;
-    status = wait_exit(pid, 10000);
-    if (status == -1) {
-        kill(pid, SIGTERM);
-        status = wait_exit(pid, 5000);
-    }
-    if (status == -1) {
-        kill(pid, SIGKILL);
-        status = wait_exit(pid, 5000);
-    }
+    status = util_child_stop(pid, 10000, 5000);
     if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
         g_autofree char *why = daemon_stderr(qmp->daemon_dir);
 
         g_set_error(error, QMP_ERROR, QMP_ERROR_SPAWN,
                     QSD_BINARY " did not exit cleanly (%s): %s",
-                    status == -1        ? "killed"
-                    : WIFEXITED(status) ? "non-zero exit status"
-                                        : "killed by a signal",
+                    WIFEXITED(status) ? "non-zero exit status"
+                                      : "killed by a signal",
                     why);
-        remove_dir(qmp->daemon_dir);
+        g_clear_pointer(&qmp->daemon_dir, privdir_free);
         return false;
     }
-    remove_dir(qmp->daemon_dir);
+    g_clear_pointer(&qmp->daemon_dir, privdir_free);
     return true;
 }

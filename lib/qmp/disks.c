@@ -47,8 +47,8 @@ static GHashTable *index_nodes(json_object *nodes)
 {
     GHashTable *byname = g_hash_table_new(g_str_hash, g_str_equal);
 
-    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
-        json_object *n = json_object_array_get_idx(nodes, i);
+    for (size_t i = 0; i < qmp_json_length(nodes); i++) {
+        json_object *n = qmp_json_index(nodes, i);
         const char *name = qmp_json_string(n, "node-name");
 
         if (name) {
@@ -76,23 +76,23 @@ static const char *filter_child(QmpClient *qmp, json_object **graph,
     }
     json_object_object_get_ex(*graph, "nodes", &nodes);
     json_object_object_get_ex(*graph, "edges", &edges);
-    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
-        json_object *n = json_object_array_get_idx(nodes, i);
+    for (size_t i = 0; i < qmp_json_length(nodes); i++) {
+        json_object *n = qmp_json_index(nodes, i);
         const char *nname = qmp_json_string(n, "name");
 
         if (nname && strcmp(nname, name) == 0) {
             parent = qmp_json_uint(n, "id");
         }
     }
-    for (size_t i = 0; i < json_object_array_length(edges); i++) {
-        json_object *e = json_object_array_get_idx(edges, i);
+    for (size_t i = 0; i < qmp_json_length(edges); i++) {
+        json_object *e = qmp_json_index(edges, i);
 
         if ((int64_t)qmp_json_uint(e, "parent") != parent ||
             g_strcmp0(qmp_json_string(e, "name"), "file") != 0) {
             continue;
         }
-        for (size_t j = 0; j < json_object_array_length(nodes); j++) {
-            json_object *n = json_object_array_get_idx(nodes, j);
+        for (size_t j = 0; j < qmp_json_length(nodes); j++) {
+            json_object *n = qmp_json_index(nodes, j);
 
             if (qmp_json_uint(n, "id") == qmp_json_uint(e, "child")) {
                 return qmp_json_string(n, "name");
@@ -116,8 +116,8 @@ static void fill_from_node(QmpDisk *disk, json_object *info)
     }
     disk->bitmaps = g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_free);
     if (json_object_object_get_ex(info, "dirty-bitmaps", &bitmaps)) {
-        for (size_t i = 0; i < json_object_array_length(bitmaps); i++) {
-            json_object *jb = json_object_array_get_idx(bitmaps, i);
+        for (size_t i = 0; i < qmp_json_length(bitmaps); i++) {
+            json_object *jb = qmp_json_index(bitmaps, i);
             QmpBitmap *b;
 
             if (!qmp_json_string(jb, "name")) {
@@ -200,8 +200,8 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
     }
     byname = index_nodes(nodes);
 
-    for (size_t i = 0; ok && i < json_object_array_length(block); i++) {
-        json_object *bi = json_object_array_get_idx(block, i);
+    for (size_t i = 0; ok && i < qmp_json_length(block); i++) {
+        json_object *bi = qmp_json_index(block, i);
         json_object *inserted, *info;
         const char *node;
         g_autoptr(QmpDisk) disk = NULL;
@@ -229,7 +229,8 @@ GPtrArray *qmp_query_disks(QmpClient *qmp, GError **error)
         }
         disk = g_new0(QmpDisk, 1);
         disk->qdev = g_strdup(qmp_json_string(bi, "qdev"));
-        disk->device = g_strdup(qmp_json_string(bi, "device"));
+        disk->device = g_strdup(
+            qmp_json_string(bi, "device") ? qmp_json_string(bi, "device") : "");
         disk->node = g_strdup(node);
         disk->id = qdev_id(disk->qdev);
         if (!disk->id) {
@@ -323,8 +324,8 @@ static int64_t graph_id(json_object *graph, const char *name)
     json_object *nodes;
 
     json_object_object_get_ex(graph, "nodes", &nodes);
-    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
-        json_object *n = json_object_array_get_idx(nodes, i);
+    for (size_t i = 0; i < qmp_json_length(nodes); i++) {
+        json_object *n = qmp_json_index(nodes, i);
 
         if (g_strcmp0(qmp_json_string(n, "type"), "block-driver") == 0 &&
             g_strcmp0(qmp_json_string(n, "name"), name) == 0) {
@@ -339,8 +340,8 @@ static json_object *graph_node(json_object *graph, uint64_t id)
     json_object *nodes;
 
     json_object_object_get_ex(graph, "nodes", &nodes);
-    for (size_t i = 0; i < json_object_array_length(nodes); i++) {
-        json_object *n = json_object_array_get_idx(nodes, i);
+    for (size_t i = 0; i < qmp_json_length(nodes); i++) {
+        json_object *n = qmp_json_index(nodes, i);
 
         if (qmp_json_uint(n, "id") == id) {
             return n;
@@ -413,8 +414,8 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
     }
     json_object_object_get_ex(graph, "edges", &edges);
     ok = true;
-    for (size_t i = 0; ok && i < json_object_array_length(edges); i++) {
-        json_object *e = json_object_array_get_idx(edges, i);
+    for (size_t i = 0; ok && i < qmp_json_length(edges); i++) {
+        json_object *e = qmp_json_index(edges, i);
         json_object *parent = graph_node(graph, qmp_json_uint(e, "parent"));
         const char *type = qmp_json_string(parent, "type");
         const char *pname = qmp_json_string(parent, "name");
@@ -447,8 +448,8 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
                 block = qmp_execute(qmp, "query-block", NULL, error);
                 ok = block != NULL;
             }
-            for (size_t b = 0; ok && b < json_object_array_length(block); b++) {
-                json_object *bi = json_object_array_get_idx(block, b);
+            for (size_t b = 0; ok && b < qmp_json_length(block); b++) {
+                json_object *bi = qmp_json_index(block, b);
                 json_object *ins;
 
                 if (json_object_object_get_ex(bi, "inserted", &ins) &&

@@ -5,6 +5,39 @@
 #define QBK_QMP_INTERNAL_H
 
 #include "qmp.h"
+#include "util.h"
+
+/* The longest line accepted from QEMU (query-named-block-nodes of a VM
+ * with many disks and bitmaps is the largest answer: well under this). */
+#define QMP_MAX_LINE (64 * 1024 * 1024)
+
+/* Events kept while nobody waits for them; the oldest go first. */
+#define QMP_MAX_EVENTS 1024
+
+/* ---- framing (framing.c) ---- */
+
+typedef struct {
+    GString *buf;   /* received bytes not yet forming a whole line */
+    gsize max_line; /* longer lines are an error */
+} QmpFramer;
+
+void qmp_framer_init(QmpFramer *f, gsize max_line);
+void qmp_framer_clear(QmpFramer *f);
+void qmp_framer_push(QmpFramer *f, const char *data, gsize len);
+
+/* The next message: 1 with *MSG (a JSON object, new reference), 0 if no
+ * whole line has arrived, -1 with ERROR on a line that is too long or not
+ * one JSON object (that line is dropped). */
+int qmp_framer_next(QmpFramer *f, json_object **msg, GError **error);
+
+typedef enum {
+    QMP_MESSAGE_BAD,      /* none of these, or of the wrong types */
+    QMP_MESSAGE_GREETING, /* {"QMP": ...} */
+    QMP_MESSAGE_REPLY,    /* {"return": ...} or {"error": ...} */
+    QMP_MESSAGE_EVENT,    /* {"event": NAME, ...}; *NAME set */
+} QmpMessageKind;
+
+QmpMessageKind qmp_message_kind(json_object *msg, const char **name);
 
 struct QmpClient {
     /* initialized once at connect and never changed */
@@ -13,16 +46,18 @@ struct QmpClient {
     int major, minor, micro; /* QEMU version from the greeting */
 
     /* changed by every exchange */
-    int timeout_ms;  /* default bound of every wait */
-    GString *inbuf;  /* received bytes not yet forming a whole line */
-    GQueue events;   /* json_object*, owned, in arrival order */
-    guint64 last_id; /* ids are "qbk-<n>"; older replies are stale */
-    bool closed;     /* peer went away: every later call fails at once */
+    int timeout_ms;         /* default bound of every wait */
+    QmpFramer framer;       /* received bytes not yet forming a whole line */
+    GQueue events;          /* json_object*, owned, in arrival order, at most
+                         QMP_MAX_EVENTS */
+    guint64 events_dropped; /* the oldest, beyond QMP_MAX_EVENTS */
+    guint64 last_id;        /* ids are "qbk-<n>"; older replies are stale */
+    bool closed;            /* peer went away: every later call fails at once */
 
     /* set only for a qemu-storage-daemon that this client started */
-    GPid daemon_pid;  /* 0 when not ours */
-    bool daemon_quit; /* "quit" sent: only the exit is left to wait for */
-    char *daemon_dir; /* private temp dir: socket and the daemon's stderr */
+    GPid daemon_pid;     /* 0 when not ours */
+    bool daemon_quit;    /* "quit" sent: only the exit is left to wait for */
+    PrivDir *daemon_dir; /* socket and the daemon's stderr */
 };
 
 #endif /* QBK_QMP_INTERNAL_H */

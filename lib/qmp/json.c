@@ -1,7 +1,8 @@
 /*
- * Small getters for json-c objects: QMP replies and manifests alike. Each
- * returns a borrowed value, or a neutral one when the key is missing or of
- * another type, so that callers read optional members without ceremony.
+ * Small getters for json-c objects from QEMU (and for qbk's own output).
+ * Each returns a borrowed value, or a neutral one when the key is missing
+ * or of another type, so that an answer of the wrong shape never reaches
+ * json-c's assertions (its array functions abort on a non-array).
  */
 #include "qmp.h"
 
@@ -51,6 +52,19 @@ json_object *qmp_json_array(json_object *obj, const char *key)
         return NULL;
     }
     return v;
+}
+
+size_t qmp_json_length(json_object *array)
+{
+    return json_object_is_type(array, json_type_array)
+               ? json_object_array_length(array)
+               : 0;
+}
+
+json_object *qmp_json_index(json_object *array, size_t i)
+{
+    return i < qmp_json_length(array) ? json_object_array_get_idx(array, i)
+                                      : NULL;
 }
 
 void qmp_json_free(gpointer obj)

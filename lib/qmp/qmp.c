@@ -145,21 +145,30 @@ static int connect_tcp(const char *hostport, GError **error)
     return fd;
 }
 
-/* ---- framing ---- */
+/* ---- a trace of every message, for debugging ($QBK_QMP_TRACE) ---- */
 
-/* Take one whole line out of the input buffer, or return NULL. */
-static char *take_line(QmpClient *qmp)
+static void trace_line(const char *dir, const char *text)
 {
-    char *nl = memchr(qmp->inbuf->str, '\n', qmp->inbuf->len);
-    char *line;
+    static int fd = -2;
+    const char *path;
 
-    if (!nl) {
-        return NULL;
+    if (fd == -2) {
+        path = g_getenv("QBK_QMP_TRACE");
+        fd = path ? open(path,
+                         O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW,
+                         0600)
+                  : -1;
     }
-    line = g_strndup(qmp->inbuf->str, nl - qmp->inbuf->str);
-    g_string_erase(qmp->inbuf, 0, nl - qmp->inbuf->str + 1);
-    return g_strchomp(line);
+    if (fd >= 0) {
+        g_autofree char *line = g_strdup_printf("%s %s\n", dir, text);
+
+        if (write(fd, line, strlen(line)) < 0) {
+            fd = -1;
+        }
+    }
 }
+
+/* ---- framing ---- */
 
 /*
  * Read more bytes, waiting until DEADLINE. Returns 1 when bytes arrived,
@@ -193,13 +202,14 @@ static int fill(QmpClient *qmp, gint64 deadline, GError **error)
         mark_closed(qmp, error);
         return -1;
     }
-    g_string_append_len(qmp->inbuf, buf, n);
+    qmp_framer_push(&qmp->framer, buf, n);
     return 1;
 }
 
 /*
  * Next message from QEMU, waiting until DEADLINE. Returns NULL with ERROR
  * set on failure, or NULL with *TIMED_OUT set and no error on a timeout.
+ * The deadline holds even while data keeps arriving.
  */
 static json_object *read_message(QmpClient *qmp, gint64 deadline,
                                  bool *timed_out, GError **error)
@@ -209,26 +219,23 @@ static json_object *read_message(QmpClient *qmp, gint64 deadline,
         mark_closed(qmp, error);
         return NULL;
     }
-    for (;;) {
-        g_autofree char *line = take_line(qmp);
+    for (bool filled = false;; filled = true) {
         json_object *msg;
-        enum json_tokener_error jerr;
-        int rc;
+        int rc = qmp_framer_next(&qmp->framer, &msg, error);
 
-        if (line && !*line) {
-            continue;
+        if (rc < 0) {
+            g_prefix_error(error, "'%s': ", qmp->address);
+            return NULL;
         }
-        if (line) {
-            msg = json_tokener_parse_verbose(line, &jerr);
-            if (!msg || !json_object_is_type(msg, json_type_object)) {
-                json_object_put(msg);
-                g_set_error(
-                    error, QMP_ERROR, QMP_ERROR_PROTOCOL,
-                    "'%s' sent something that is not QMP: %s", qmp->address,
-                    msg ? "not a JSON object" : json_tokener_error_desc(jerr));
-                return NULL;
-            }
+        if (rc > 0) {
+            trace_line("<-", json_object_to_json_string_ext(
+                                 msg, JSON_C_TO_STRING_PLAIN));
             return msg;
+        }
+        /* a peer that keeps sending without finishing a line */
+        if (filled && g_get_monotonic_time() >= deadline) {
+            *timed_out = true;
+            return NULL;
         }
         rc = fill(qmp, deadline, error);
         if (rc < 0) {
@@ -241,9 +248,21 @@ static json_object *read_message(QmpClient *qmp, gint64 deadline,
     }
 }
 
+/* Keep EVENT for a later wait; beyond QMP_MAX_EVENTS the oldest goes. */
+static void queue_event(QmpClient *qmp, json_object *event)
+{
+    g_queue_push_tail(&qmp->events, event);
+    while (g_queue_get_length(&qmp->events) > QMP_MAX_EVENTS) {
+        json_object_put(g_queue_pop_head(&qmp->events));
+        qmp->events_dropped++;
+    }
+}
+
 static bool is_event(json_object *msg)
 {
-    return json_object_object_get_ex(msg, "event", NULL);
+    const char *name;
+
+    return qmp_message_kind(msg, &name) == QMP_MESSAGE_EVENT;
 }
 
 static bool send_all(QmpClient *qmp, const char *data, size_t len,
@@ -314,7 +333,7 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
     qmp->fd = -1;
     qmp->address = g_strdup(address);
     qmp->timeout_ms = timeout_ms > 0 ? timeout_ms : QMP_DEFAULT_TIMEOUT_MS;
-    qmp->inbuf = g_string_new(NULL);
+    qmp_framer_init(&qmp->framer, QMP_MAX_LINE);
     g_queue_init(&qmp->events);
     deadline = deadline_in(qmp->timeout_ms);
 
@@ -372,11 +391,9 @@ void qmp_free(QmpClient *qmp)
     if (qmp->fd >= 0) {
         close(qmp->fd);
     }
-    g_free(qmp->daemon_dir);
+    privdir_free(qmp->daemon_dir);
     g_queue_clear_full(&qmp->events, qmp_json_free);
-    if (qmp->inbuf) {
-        g_string_free(qmp->inbuf, TRUE);
-    }
+    qmp_framer_clear(&qmp->framer);
     g_free(qmp->address);
     g_free(qmp);
 }
@@ -461,6 +478,7 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
     }
     json_object_object_add(msg, "id", json_object_new_string(id));
     text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
+    trace_line("->", text);
     ok = send_all(qmp, text, strlen(text), deadline, error) &&
          send_all(qmp, "\n", 1, deadline, error);
     json_object_put(msg);
@@ -473,6 +491,12 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
         json_object *reply = read_message(qmp, deadline, &timed_out, error);
         json_object *ret;
 
+        /* events that keep coming do not extend the wait */
+        if (!timed_out && reply && g_get_monotonic_time() > deadline &&
+            (is_event(reply) || !reply_has_id(reply, id))) {
+            json_object_put(reply);
+            timed_out = true;
+        }
         if (timed_out) {
             g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
                         "QEMU did not answer '%s' within %d ms", command,
@@ -483,7 +507,7 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
             return NULL;
         }
         if (is_event(reply)) {
-            g_queue_push_tail(&qmp->events, reply);
+            queue_event(qmp, reply);
             continue;
         }
         if (!reply_has_id(reply, id)) {
@@ -531,10 +555,10 @@ char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error)
 static bool event_matches(json_object *event, const char *name,
                           QmpEventMatch match, void *opaque)
 {
-    json_object *jname;
+    const char *have;
 
-    if (name && (!json_object_object_get_ex(event, "event", &jname) ||
-                 strcmp(json_object_get_string(jname), name) != 0)) {
+    if (qmp_message_kind(event, &have) != QMP_MESSAGE_EVENT ||
+        (name && strcmp(have, name) != 0)) {
         return false;
     }
     return !match || match(event, opaque);
@@ -559,6 +583,11 @@ json_object *qmp_wait_event(QmpClient *qmp, const char *name,
         bool timed_out;
         json_object *msg = read_message(qmp, deadline, &timed_out, error);
 
+        if (!timed_out && msg && g_get_monotonic_time() > deadline &&
+            !event_matches(msg, name, match, opaque)) {
+            json_object_put(msg);
+            timed_out = true;
+        }
         if (timed_out) {
             g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
                         "no %s event within %d ms", name ? name : "QMP",
@@ -575,16 +604,17 @@ json_object *qmp_wait_event(QmpClient *qmp, const char *name,
         if (event_matches(msg, name, match, opaque)) {
             return msg;
         }
-        g_queue_push_tail(&qmp->events, msg);
+        queue_event(qmp, msg);
     }
 }
 
 bool qmp_poll_events(QmpClient *qmp, GError **error)
 {
-    for (;;) {
+    /* what has arrived, not a flood that keeps coming */
+    for (guint n = 0; n < QMP_MAX_EVENTS; n++) {
         bool timed_out;
         json_object *msg =
-            read_message(qmp, g_get_monotonic_time(), &timed_out, error);
+            read_message(qmp, g_get_monotonic_time() + 1, &timed_out, error);
 
         if (timed_out) {
             return true;
@@ -593,11 +623,12 @@ bool qmp_poll_events(QmpClient *qmp, GError **error)
             return false;
         }
         if (is_event(msg)) {
-            g_queue_push_tail(&qmp->events, msg);
+            queue_event(qmp, msg);
         } else {
             json_object_put(msg);
         }
     }
+    return true;
 }
 
 guint qmp_pending_events(QmpClient *qmp)

@@ -8,6 +8,9 @@
  *
  * Ownership: json-c objects passed in as command arguments are taken over;
  * objects returned are new references that the caller puts.
+ *
+ * Debugging: with $QBK_QMP_TRACE set to a file, every message sent ("->")
+ * and received ("<-") is appended to it, one line each.
  */
 #ifndef QBK_QMP_H
 #define QBK_QMP_H
@@ -122,6 +125,11 @@ gint64 qmp_json_int(json_object *obj, const char *key);
 guint64 qmp_json_uint(json_object *obj, const char *key);
 bool qmp_json_bool(json_object *obj, const char *key);
 json_object *qmp_json_array(json_object *obj, const char *key);
+
+/* The length of ARRAY, 0 if it is not an array (or NULL); its element I,
+ * NULL past the end. */
+size_t qmp_json_length(json_object *array);
+json_object *qmp_json_index(json_object *array, size_t i);
 
 /* json_object_put() as a GDestroyNotify (for GPtrArray, GQueue). */
 void qmp_json_free(gpointer obj);

@@ -1,0 +1,172 @@
+/*
+ * Child processes: started one way (they die with us and create files
+ * owner-only), waited for and stopped one way (bounded waits, then
+ * SIGTERM, then SIGKILL; never a zombie), and, for servers, started on a
+ * socket that already listens so that "ready" needs no guessing.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "util.h"
+
+/* The first descriptor of systemd's socket activation protocol. */
+#define ACTIVATION_FD 3
+
+void util_child_setup(gpointer unused)
+{
+    /* Only async-signal-safe calls here: we are between fork and exec. */
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    umask(077);
+}
+
+int util_child_wait(GPid pid, int timeout_ms)
+{
+    gint64 deadline = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+
+    for (;;) {
+        int status;
+        pid_t r = waitpid(pid, &status, WNOHANG);
+
+        if (r == pid) {
+            return status;
+        }
+        if (r < 0 && errno != EINTR) {
+            return -1;
+        }
+        if (g_get_monotonic_time() >= deadline) {
+            return -1;
+        }
+        g_usleep(2 * 1000);
+    }
+}
+
+bool util_child_wait_file(GPid pid, const char *file, int timeout_ms,
+                          int *status)
+{
+    gint64 deadline = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+
+    *status = -1;
+    while (!g_file_test(file, G_FILE_TEST_EXISTS)) {
+        if (g_get_monotonic_time() >= deadline) {
+            return false;
+        }
+        *status = util_child_wait(pid, 2);
+        if (*status != -1) {
+            return false;
+        }
+    }
+    return true;
+}
+
+int util_child_stop(GPid pid, int grace_ms, int stop_ms)
+{
+    int status = util_child_wait(pid, grace_ms);
+
+    if (status == -1) {
+        kill(pid, SIGTERM);
+        status = util_child_wait(pid, stop_ms);
+    }
+    if (status == -1) {
+        kill(pid, SIGKILL);
+        /* SIGKILL cannot be refused: wait for it, reaping the zombie */
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
+    }
+    return status;
+}
+
+bool util_run(const char *const *argv, const char *cwd, char **out,
+              GError **error)
+{
+    g_autofree char *err = NULL;
+    g_autoptr(GError) local = NULL;
+    int status;
+
+    if (!g_spawn_sync(cwd, (char **)argv, NULL, G_SPAWN_SEARCH_PATH,
+                      util_child_setup, NULL, out, &err, &status, &local)) {
+        g_set_error(error, UTIL_ERROR, UTIL_ERROR_SPAWN, "cannot run %s: %s",
+                    argv[0], local->message);
+        return false;
+    }
+    if (!g_spawn_check_wait_status(status, NULL)) {
+        g_set_error(error, UTIL_ERROR, UTIL_ERROR_EXIT, "%s",
+                    *g_strstrip(err) ? err : "failed without a message");
+        if (out) {
+            g_clear_pointer(out, g_free);
+        }
+        return false;
+    }
+    return true;
+}
+
+int util_listen_unix(const char *path, GError **error)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+    int fd;
+
+    if (strlen(path) >= sizeof(addr.sun_path)) {
+        g_set_error(error, UTIL_ERROR, UTIL_ERROR_IO,
+                    "socket path '%s' is too long", path);
+        return -1;
+    }
+    strcpy(addr.sun_path, path);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 ||
+        listen(fd, 64) < 0) {
+        int saved = errno;
+
+        g_set_error(error, UTIL_ERROR, UTIL_ERROR_IO,
+                    "cannot listen on '%s': %s", path, g_strerror(saved));
+        if (fd >= 0) {
+            close(fd);
+        }
+        return -1;
+    }
+    return fd;
+}
+
+bool util_spawn_on_socket(const char *const *argv, const char *socket,
+                          bool activation, int log_fd, GPid *pid,
+                          GError **error)
+{
+    g_autoptr(GPtrArray) sh = g_ptr_array_new();
+    g_autoptr(GError) local = NULL;
+    int source = util_listen_unix(socket, error);
+    int target = ACTIVATION_FD;
+    bool ok;
+
+    if (source < 0) {
+        return false;
+    }
+    /* LISTEN_PID must be the server's own pid: a shell that sets it to
+     * its own ($$) and then execs the server keeps that pid. */
+    if (activation) {
+        g_ptr_array_add(sh, "/bin/sh");
+        g_ptr_array_add(sh, "-c");
+        g_ptr_array_add(sh, "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"");
+    }
+    for (guint i = 0; argv[i]; i++) {
+        g_ptr_array_add(sh, (char *)argv[i]);
+    }
+    g_ptr_array_add(sh, NULL);
+    ok = g_spawn_async_with_pipes_and_fds(
+        NULL, (const char *const *)sh->pdata, NULL,
+        G_SPAWN_DO_NOT_REAP_CHILD | G_SPAWN_STDIN_FROM_DEV_NULL |
+            G_SPAWN_SEARCH_PATH,
+        util_child_setup, NULL, -1, log_fd, log_fd, &source, &target, 1, pid,
+        NULL, NULL, NULL, &local);
+    close(source); /* the child has its own copy */
+    if (!ok) {
+        g_set_error(error, UTIL_ERROR, UTIL_ERROR_SPAWN, "cannot run %s: %s",
+                    argv[0], local->message);
+        unlink(socket);
+    }
+    return ok;
+}
