@@ -1,0 +1,172 @@
+/*
+ * Strict readers of JSON members: a file of the repository is input, so a
+ * member of the wrong type is an error with its name, never a default.
+ */
+#include <string.h>
+
+#include "internal.h"
+
+G_GNUC_PRINTF(2, 3)
+static bool corrupt(GError **error, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    g_propagate_error(
+        error, g_error_new_valist(REPO_ERROR, REPO_ERROR_CORRUPT, fmt, ap));
+    va_end(ap);
+    return false;
+}
+
+/* The member KEY of O: false if absent or null (and then an error unless
+ * OPTIONAL, *OK says whether to go on). */
+static json_object *member(json_object *o, const char *key, bool optional,
+                           const char *what, bool *ok, GError **error)
+{
+    json_object *v = NULL;
+
+    *ok = true;
+    if (!json_object_object_get_ex(o, key, &v) || !v) {
+        if (!optional) {
+            *ok = corrupt(error, "%s: \"%s\" is missing", what, key);
+        }
+        return NULL;
+    }
+    return v;
+}
+
+bool jget_string(json_object *o, const char *key, bool optional,
+                 const char *what, const char **out, GError **error)
+{
+    bool ok;
+    json_object *v = member(o, key, optional, what, &ok, error);
+
+    *out = NULL;
+    if (!v) {
+        return ok;
+    }
+    if (!json_object_is_type(v, json_type_string)) {
+        return corrupt(error, "%s: \"%s\" is not a string", what, key);
+    }
+    *out = json_object_get_string(v);
+    if (strlen(*out) != (size_t)json_object_get_string_len(v)) {
+        return corrupt(error, "%s: \"%s\" holds a NUL byte", what, key);
+    }
+    return true;
+}
+
+bool jget_uint(json_object *o, const char *key, const char *what, guint64 *out,
+               GError **error)
+{
+    bool ok;
+    json_object *v = member(o, key, false, what, &ok, error);
+
+    if (!v) {
+        return ok;
+    }
+    /* json-c keeps integers as int64 or uint64; a negative or fractional
+     * number is not a size */
+    if (!json_object_is_type(v, json_type_int) ||
+        (json_object_get_int64(v) < 0 && json_object_get_uint64(v) == 0)) {
+        return corrupt(error, "%s: \"%s\" is not a non-negative integer", what,
+                       key);
+    }
+    *out = json_object_get_uint64(v);
+    return true;
+}
+
+bool jget_bool(json_object *o, const char *key, const char *what, bool *out,
+               GError **error)
+{
+    bool ok;
+    json_object *v = member(o, key, true, what, &ok, error);
+
+    *out = false;
+    if (!v) {
+        return ok;
+    }
+    if (!json_object_is_type(v, json_type_boolean)) {
+        return corrupt(error, "%s: \"%s\" is not true or false", what, key);
+    }
+    *out = json_object_get_boolean(v);
+    return true;
+}
+
+bool jget_array(json_object *o, const char *key, bool optional,
+                const char *what, json_object **out, GError **error)
+{
+    bool ok;
+    json_object *v = member(o, key, optional, what, &ok, error);
+
+    *out = NULL;
+    if (!v) {
+        return ok;
+    }
+    if (!json_object_is_type(v, json_type_array)) {
+        return corrupt(error, "%s: \"%s\" is not an array", what, key);
+    }
+    *out = v;
+    return true;
+}
+
+bool jget_object(json_object *o, const char *key, bool optional,
+                 const char *what, json_object **out, GError **error)
+{
+    bool ok;
+    json_object *v = member(o, key, optional, what, &ok, error);
+
+    *out = NULL;
+    if (!v) {
+        return ok;
+    }
+    if (!json_object_is_type(v, json_type_object)) {
+        return corrupt(error, "%s: \"%s\" is not an object", what, key);
+    }
+    *out = v;
+    return true;
+}
+
+json_object *jparse_object(const char *text, size_t len, const char *what,
+                           GError **error)
+{
+    json_tokener *tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH);
+    enum json_tokener_error jerr;
+    json_object *o;
+
+    if (!tok) {
+        corrupt(error, "%s: out of memory", what);
+        return NULL;
+    }
+    json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+    o = json_tokener_parse_ex(tok, text, (int)MIN(len, (size_t)G_MAXINT));
+    jerr = json_tokener_get_error(tok);
+    /* one whole object, and nothing after it but white space */
+    if (o && jerr == json_tokener_success) {
+        size_t used = json_tokener_get_parse_end(tok);
+
+        while (used < len && g_ascii_isspace(text[used])) {
+            used++;
+        }
+        if (used != len) {
+            jerr = json_tokener_error_parse_unexpected;
+        }
+    }
+    json_tokener_free(tok);
+    if (!o || jerr != json_tokener_success) {
+        const char *why =
+            o ? "text after the object"
+              : json_tokener_error_desc(jerr == json_tokener_continue
+                                            ? json_tokener_error_parse_eof
+                                            : jerr);
+
+        corrupt(error, "%s is not valid JSON (%s)", what, why);
+        json_object_put(o);
+        return NULL;
+    }
+    if (!json_object_is_type(o, json_type_object)) {
+        json_object_put(o);
+        corrupt(error, "%s is not a JSON object", what);
+        return NULL;
+    }
+    return o;
+}
