@@ -1,7 +1,10 @@
 /*
  * Helpers shared by the qbk commands; see cmd-common.h.
  */
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "cmd-common.h"
 
@@ -144,6 +147,89 @@ GPtrArray *cmd_vm_select_disks(CmdVm *vm, char **names, GError **error)
     return sel;
 }
 
+int cmd_usage(const char *fmt, ...)
+{
+    g_autofree char *msg = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    msg = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    cmd_error("%s (see --help)", msg);
+    return QBK_EXIT_USAGE;
+}
+
+bool cmd_check_range(const char *name, gint64 value, gint64 min, gint64 max,
+                     GError **error)
+{
+    if (value < min || value > max) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "%s must be %" G_GINT64_FORMAT " to %" G_GINT64_FORMAT
+                    ", not %" G_GINT64_FORMAT,
+                    name, min, max, value);
+        return false;
+    }
+    return true;
+}
+
+bool cmd_check_number(const char *name, double value, double min, double max,
+                      GError **error)
+{
+    if (!isfinite(value) || value < min || value > max) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "%s must be a number from %g to %g", name, min, max);
+        return false;
+    }
+    return true;
+}
+
+bool cmd_parse_size(const char *name, const char *text, guint64 *out,
+                    GError **error)
+{
+    static const char units[] = "KMGT";
+    const char *u;
+    char *end;
+    guint64 v;
+
+    errno = 0;
+    v = g_ascii_isdigit(text[0]) ? g_ascii_strtoull(text, &end, 10) : 0;
+    if (!g_ascii_isdigit(text[0]) || errno == ERANGE) {
+        goto bad;
+    }
+    if (*end) {
+        u = strchr(units, g_ascii_toupper(*end));
+        if (!u || (end[1] && g_ascii_strcasecmp(end + 1, "iB") != 0 &&
+                   g_ascii_strcasecmp(end + 1, "B") != 0)) {
+            goto bad;
+        }
+        if (v > (G_MAXUINT64 >> (10 * (u - units + 1)))) {
+            goto bad;
+        }
+        v <<= 10 * (u - units + 1);
+    }
+    if (v == 0) {
+        goto bad;
+    }
+    *out = v;
+    return true;
+
+bad:
+    g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                "%s '%s' is not a size like 50M (1 byte to 16 EiB)", name,
+                text);
+    return false;
+}
+
+bool cmd_check_path(const char *name, const char *path, GError **error)
+{
+    if (path && !*path) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "%s is empty", name);
+        return false;
+    }
+    return true;
+}
+
 char *cmd_format_bytes(guint64 bytes)
 {
     return g_format_size_full(bytes, G_FORMAT_SIZE_IEC_UNITS);
@@ -172,6 +258,15 @@ void cmd_make_absolute(char **path)
 
 int cmd_backup_exit_code(const GError *error)
 {
+    if (error->domain == REPO_ERROR) {
+        return error->code == REPO_ERROR_NOT_FOUND ||
+                       error->code == REPO_ERROR_INVALID
+                   ? QBK_EXIT_USAGE
+                   : QBK_EXIT_FAILURE;
+    }
+    if (error->domain == G_OPTION_ERROR) {
+        return QBK_EXIT_USAGE;
+    }
     if (error->domain != BACKUP_ERROR) {
         return QBK_EXIT_FAILURE;
     }
@@ -180,8 +275,20 @@ int cmd_backup_exit_code(const GError *error)
         return QBK_EXIT_FULL_NEEDED;
     case BACKUP_ERROR_NOT_FOUND:
     case BACKUP_ERROR_NOT_IN_CHAIN:
+    case BACKUP_ERROR_USAGE:
         return QBK_EXIT_USAGE;
     default:
         return QBK_EXIT_FAILURE;
     }
+}
+
+const char *cmd_hint(const GError *error)
+{
+    if (g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_LEFTOVER)) {
+        return " (run 'qbk-checkpoint check --repair' to undo it)";
+    }
+    if (error->domain == REPO_ERROR && error->code == REPO_ERROR_CORRUPT) {
+        return " (see 'qbk-verify')";
+    }
+    return "";
 }

@@ -15,6 +15,7 @@ enum {
     QBK_EXIT_FAILURE = 1,     /* the operation failed; nothing changed */
     QBK_EXIT_USAGE = 2,       /* bad option, name, disk or checkpoint */
     QBK_EXIT_FULL_NEEDED = 3, /* checkpoint chain broken: full backup needed */
+    QBK_EXIT_LEFTOVER = 4,    /* check: a killed backup left state in the VM */
 };
 
 #define QBK_EXIT_CODES_HELP                                                    \
@@ -22,7 +23,8 @@ enum {
     "  0  success\n"                                                           \
     "  1  failure (QEMU unreachable or refused, I/O error); nothing changed\n" \
     "  2  usage error: bad option, unknown disk or checkpoint, bad name\n"     \
-    "  3  checkpoint chain broken or missing: the next backup must be full\n"
+    "  3  checkpoint chain broken or missing: the next backup must be full\n"  \
+    "  4  check: a killed backup left state in the VM (check --repair)\n"
 
 /* Print "PROG: MESSAGE" on stderr (one line). */
 G_GNUC_PRINTF(1, 2) void cmd_error(const char *fmt, ...);
@@ -65,15 +67,43 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(CmdVm, cmd_vm_free)
  */
 GPtrArray *cmd_vm_select_disks(CmdVm *vm, char **names, GError **error);
 
+/* ---- options: every bound checked before anything is touched ---- */
+
+/* The longest --timeout, seconds. */
+#define CMD_MAX_TIMEOUT_S 86400
+
+/* Print "PROG: MESSAGE (see --help)" and return QBK_EXIT_USAGE. */
+int cmd_usage(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+
+/* Whether option NAME's VALUE lies in [MIN, MAX] (G_OPTION_ERROR). */
+bool cmd_check_range(const char *name, gint64 value, gint64 min, gint64 max,
+                     GError **error);
+
+/* Whether option NAME's VALUE is a finite number in [MIN, MAX]. */
+bool cmd_check_number(const char *name, double value, double min, double max,
+                      GError **error);
+
+/* Parse a size such as "4096", "50M", "2GiB" (K, M, G, T: powers of 1024)
+ * into *OUT: no sign, no overflow, at least 1. */
+bool cmd_parse_size(const char *name, const char *text, guint64 *out,
+                    GError **error);
+
+/* Whether option NAME gives a path (not empty). */
+bool cmd_check_path(const char *name, const char *path, GError **error);
+
 /* "1.5 MiB" */
 char *cmd_format_bytes(guint64 bytes);
 
 /* Print OBJ as pretty JSON on stdout, then put it. */
 void cmd_print_json(json_object *obj);
 
-/* The exit status for a failure of lib/backup: 3 when a full backup is
- * needed, 2 for an unknown backup, disk or chain link, else 1. */
+/* The exit status for a failure of lib/backup or lib/repo: 3 when a full
+ * backup is needed, 2 for an unknown backup, disk or chain link or a bad
+ * name or option, else 1. */
 int cmd_backup_exit_code(const GError *error);
+
+/* What a user can do about ERROR, as " (...)" to append, or "". */
+const char *cmd_hint(const GError *error);
 
 /* Make *PATH (a g_free-able string, may be NULL) absolute: qemu-img and
  * qemu-nbd resolve names elsewhere than our working directory. */

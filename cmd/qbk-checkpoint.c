@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backup.h"
 #include "bitmap.h"
 #include "cmd-common.h"
 
@@ -48,7 +49,9 @@ static GOptionEntry entries[] = {
       "qcow2 cluster size)",
       "BYTES" },
     { "repair", 'r', 0, G_OPTION_ARG_NONE, &opt_repair,
-      "check: remove the checkpoints that cannot be trusted", NULL },
+      "check: remove the checkpoints that cannot be trusted, undo what a "
+      "killed backup left",
+      NULL },
     { "into", 0, 0, G_OPTION_ARG_STRING, &opt_into,
       "since: name of the temporary bitmap (default: qbk-since-NAME)",
       "BITMAP" },
@@ -85,8 +88,10 @@ static const char summary[] =
     "  since NAME      make a temporary bitmap holding everything written\n"
     "                  since NAME on each disk (for incremental backups)\n"
     "  check           find checkpoints that cannot be trusted (QEMU killed,\n"
-    "                  bitmaps missing or not recording); --repair removes "
-    "them\n"
+    "                  bitmaps missing or not recording), and what a killed\n"
+    "                  qbk-pull left in the VM (filters, exports, a pause);\n"
+    "                  --repair removes the first and undoes the second as\n"
+    "                  the next qbk-pull would (nothing lost)\n"
     "  disks           the VM's disks and whether they can hold checkpoints\n"
     "  migrate         live-migrate the VM to --to (started with -incoming\n"
     "                  defer) over --uri, with every checkpoint; then check\n"
@@ -220,15 +225,6 @@ static json_object *do_create(CmdVm *vm, GPtrArray *targets, const char *name,
     json_object *res;
     guint seq;
 
-    if (opt_granularity &&
-        (opt_granularity < 512 || opt_granularity > (1 << 30) ||
-         (opt_granularity & (opt_granularity - 1)))) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "--granularity %" G_GINT64_FORMAT
-                    " is not a power of two from 512 to 1 GiB",
-                    opt_granularity);
-        return NULL;
-    }
     bitmap = bitmap_create_checkpoint(vm->qmp, vm->disks, targets, name,
                                       (uint32_t)opt_granularity, error);
     if (!bitmap) {
@@ -357,13 +353,108 @@ static json_object *issues_json(const BitmapCheck *check)
     return arr;
 }
 
+static json_object *strings_json(GPtrArray *strings)
+{
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < strings->len; i++) {
+        json_object_array_add(arr, json_object_new_string(strings->pdata[i]));
+    }
+    return arr;
+}
+
+/* What backups have in the VM: at work, or left by a killed qbk-pull. */
+static json_object *leftovers_json(GPtrArray *leftovers)
+{
+    json_object *arr = json_object_new_array();
+
+    for (guint i = 0; i < leftovers->len; i++) {
+        const BackupLeftover *l = leftovers->pdata[i];
+        json_object *o = json_object_new_object();
+
+        add_str(o, "backup", l->tag);
+        json_object_object_add(o, "pid", json_object_new_int(l->pid));
+        json_object_object_add(o, "at_work", json_object_new_boolean(l->alive));
+        json_object_object_add(o, "committed",
+                               json_object_new_boolean(!l->at_work));
+        json_object_object_add(o, "paused_vm",
+                               json_object_new_boolean(l->paused));
+        json_object_object_add(o, "started_nbd_server",
+                               json_object_new_boolean(l->server));
+        json_object_object_add(o, "objects", strings_json(l->objects));
+        json_object_object_add(o, "marks", strings_json(l->marks));
+        json_object_object_add(o, "bitmaps", strings_json(l->bitmaps));
+        json_object_array_add(arr, o);
+    }
+    return arr;
+}
+
+/* Backups a killed qbk-pull left in the VM (not those at work). */
+static guint count_left(GPtrArray *leftovers)
+{
+    guint n = 0;
+
+    for (guint i = 0; i < leftovers->len; i++) {
+        n += !((BackupLeftover *)leftovers->pdata[i])->alive;
+    }
+    return n;
+}
+
+/* Undo every leftover as the next qbk-pull would; how many. */
+static int repair_leftovers(CmdVm *vm, GPtrArray *leftovers, GError **error)
+{
+    int undone = 0;
+
+    for (guint i = 0; i < leftovers->len; i++) {
+        const BackupLeftover *l = leftovers->pdata[i];
+
+        if (l->alive) {
+            continue;
+        }
+        /* no repository here: a backup is committed once its at-work mark
+         * is gone (just after its manifest became durable) */
+        if (!backup_undo_leftover(vm->qmp, NULL, l, !l->at_work, error)) {
+            g_prefix_error(error, "undoing backup '%s': ", l->tag);
+            return -1;
+        }
+        undone++;
+    }
+    return undone;
+}
+
 static json_object *do_check(CmdVm *vm, GError **error)
 {
-    g_autoptr(BitmapCheck) before = bitmap_check(vm->disks);
+    g_autoptr(BitmapCheck) before = NULL;
     g_autoptr(BitmapCheck) after = NULL;
+    g_autoptr(GPtrArray) leftovers = NULL;
     json_object *res = json_object_new_object();
-    int changed;
+    int changed, undone = 0;
 
+    /* an image of a stopped VM holds no backup's state */
+    leftovers = vm->offline ? g_ptr_array_new()
+                            : backup_find_leftovers(vm->qmp, NULL, error);
+    if (!leftovers) {
+        json_object_put(res);
+        return NULL;
+    }
+    if (opt_repair && count_left(leftovers)) {
+        undone = repair_leftovers(vm, leftovers, error);
+        if (undone < 0 || !cmd_vm_refresh(vm, error)) {
+            json_object_put(res);
+            return NULL;
+        }
+        g_ptr_array_unref(leftovers);
+        leftovers = backup_find_leftovers(vm->qmp, NULL, error);
+        if (!leftovers) {
+            json_object_put(res);
+            return NULL;
+        }
+        json_object_object_add(res, "undone", json_object_new_int(undone));
+    }
+    json_object_object_add(res, "leftovers", leftovers_json(leftovers));
+    json_object_object_add(res, "clean",
+                           json_object_new_boolean(!count_left(leftovers)));
+    before = bitmap_check(vm->disks);
     json_object_object_add(res, "issues", issues_json(before));
     if (!opt_repair) {
         json_object_object_add(
@@ -412,8 +503,8 @@ static int column_width(json_object *arr, const char *sub, const char *key,
 {
     int w = min;
 
-    for (size_t i = 0; i < json_object_array_length(arr); i++) {
-        json_object *o = json_object_array_get_idx(arr, i);
+    for (size_t i = 0; i < qmp_json_length(arr); i++) {
+        json_object *o = qmp_json_index(arr, i);
 
         if (sub) {
             w = MAX(w, column_width(qmp_json_array(o, sub), NULL, key, min));
@@ -429,7 +520,7 @@ static void print_list(json_object *res)
     json_object *cps = qmp_json_array(res, "checkpoints");
     int nw, dw;
 
-    if (json_object_array_length(cps) == 0) {
+    if (qmp_json_length(cps) == 0) {
         printf("no checkpoints\n");
         return;
     }
@@ -437,12 +528,12 @@ static void print_list(json_object *res)
     dw = column_width(cps, "disks", "disk", 4);
     printf("%-6s %-*s %-*s %12s %9s  %s\n", "SEQ", nw, "CHECKPOINT", dw, "DISK",
            "DIRTY", "GRAIN", "STATE");
-    for (size_t i = 0; i < json_object_array_length(cps); i++) {
-        json_object *cp = json_object_array_get_idx(cps, i);
+    for (size_t i = 0; i < qmp_json_length(cps); i++) {
+        json_object *cp = qmp_json_index(cps, i);
         json_object *disks = qmp_json_array(cp, "disks");
 
-        for (size_t d = 0; d < json_object_array_length(disks); d++) {
-            json_object *b = json_object_array_get_idx(disks, d);
+        for (size_t d = 0; d < qmp_json_length(disks); d++) {
+            json_object *b = qmp_json_index(disks, d);
             g_autofree char *dirty =
                 cmd_format_bytes(qmp_json_int(b, "dirty_bytes"));
             g_autofree char *grain =
@@ -466,8 +557,8 @@ static void print_disks(json_object *res)
 
     printf("%-*s %-*s %-7s %10s  %-5s %s\n", dw, "DISK", nw, "NODE", "DRIVER",
            "SIZE", "CKPTS", "FILE");
-    for (size_t i = 0; i < json_object_array_length(disks); i++) {
-        json_object *d = json_object_array_get_idx(disks, i);
+    for (size_t i = 0; i < qmp_json_length(disks); i++) {
+        json_object *d = qmp_json_index(disks, i);
         g_autofree char *size = cmd_format_bytes(qmp_json_int(d, "size"));
         g_autofree char *ckpts =
             qmp_json_bool(d, "checkpoints_supported")
@@ -490,12 +581,44 @@ static char *join_names(json_object *arr)
 {
     GString *s = g_string_new(NULL);
 
-    for (size_t i = 0; i < json_object_array_length(arr); i++) {
-        g_string_append_printf(
-            s, "%s%s", i ? ", " : "",
-            json_object_get_string(json_object_array_get_idx(arr, i)));
+    for (size_t i = 0; i < qmp_json_length(arr); i++) {
+        g_string_append_printf(s, "%s%s", i ? ", " : "",
+                               json_object_get_string(qmp_json_index(arr, i)));
     }
     return g_string_free(s, FALSE);
+}
+
+static void print_leftovers(json_object *res)
+{
+    json_object *list = qmp_json_array(res, "leftovers");
+
+    if (json_object_object_get_ex(res, "undone", NULL)) {
+        printf("undone: %" G_GINT64_FORMAT
+               " backup(s) that killed qbk-pulls left\n",
+               qmp_json_int(res, "undone"));
+    }
+    for (size_t i = 0; i < qmp_json_length(list); i++) {
+        json_object *l = qmp_json_index(list, i);
+        size_t objects = qmp_json_length(qmp_json_array(l, "objects")) +
+                         qmp_json_length(qmp_json_array(l, "marks"));
+        size_t bitmaps = qmp_json_length(qmp_json_array(l, "bitmaps"));
+
+        if (qmp_json_bool(l, "at_work")) {
+            printf(
+                "note: backup '%s' is at work (qbk-pull pid %" G_GINT64_FORMAT
+                ")\n",
+                qmp_json_string(l, "backup"), qmp_json_int(l, "pid"));
+            continue;
+        }
+        printf("error: backup '%s' was left by a qbk-pull that is gone: "
+               "%zu object(s) and %zu temporary bitmap(s) in the VM%s%s%s\n",
+               qmp_json_string(l, "backup"), objects, bitmaps,
+               qmp_json_bool(l, "paused_vm") ? ", the VM paused by it" : "",
+               qmp_json_bool(l, "started_nbd_server") ? ", its NBD server" : "",
+               qmp_json_bool(l, "committed")
+                   ? ""
+                   : "; its checkpoint is to be merged back");
+    }
 }
 
 static void print_check(json_object *res)
@@ -503,8 +626,9 @@ static void print_check(json_object *res)
     json_object *issues = qmp_json_array(res, "issues");
     json_object *disks = qmp_json_array(res, "disks");
 
-    for (size_t i = 0; i < json_object_array_length(issues); i++) {
-        json_object *issue = json_object_array_get_idx(issues, i);
+    print_leftovers(res);
+    for (size_t i = 0; i < qmp_json_length(issues); i++) {
+        json_object *issue = qmp_json_index(issues, i);
 
         printf("%s: %s: %s\n", qmp_json_string(issue, "disk"),
                qmp_json_string(issue, "severity"),
@@ -514,8 +638,8 @@ static void print_check(json_object *res)
         printf("repaired: %" G_GINT64_FORMAT " bitmap(s) changed; now:\n",
                qmp_json_int(res, "repaired"));
     }
-    for (size_t i = 0; i < json_object_array_length(disks); i++) {
-        json_object *d = json_object_array_get_idx(disks, i);
+    for (size_t i = 0; i < qmp_json_length(disks); i++) {
+        json_object *d = qmp_json_index(disks, i);
         g_autofree char *trusted = join_names(qmp_json_array(d, "trusted"));
         g_autofree char *untrusted = join_names(qmp_json_array(d, "untrusted"));
 
@@ -533,6 +657,10 @@ static void print_check(json_object *res)
                        ? "checkpoints are healthy"
                        : "checkpoints need repair: run 'qbk-checkpoint check "
                          "--repair'");
+    if (!qmp_json_bool(res, "clean")) {
+        printf("a killed backup left state in the VM: run 'qbk-checkpoint "
+               "check --repair' to undo it\n");
+    }
 }
 
 static void print_text(const char *command, json_object *res)
@@ -548,11 +676,11 @@ static void print_text(const char *command, json_object *res)
         cmd_info("created checkpoint '%s' (bitmap %s) on %zu disk(s)",
                  qmp_json_string(res, "checkpoint"),
                  qmp_json_string(res, "bitmap"),
-                 json_object_array_length(qmp_json_array(res, "disks")));
+                 qmp_json_length(qmp_json_array(res, "disks")));
     } else if (strcmp(command, "delete") == 0) {
         cmd_info("deleted checkpoint '%s' from %zu disk(s)",
                  qmp_json_string(res, "deleted"),
-                 json_object_array_length(qmp_json_array(res, "disks")));
+                 qmp_json_length(qmp_json_array(res, "disks")));
     } else if (strcmp(command, "since") == 0 &&
                qmp_json_string(res, "dropped")) {
         cmd_info("removed '%s' from %" G_GINT64_FORMAT " disk(s)",
@@ -560,8 +688,8 @@ static void print_text(const char *command, json_object *res)
     } else if (strcmp(command, "since") == 0) {
         json_object *disks = qmp_json_array(res, "disks");
 
-        for (size_t i = 0; i < json_object_array_length(disks); i++) {
-            json_object *b = json_object_array_get_idx(disks, i);
+        for (size_t i = 0; i < qmp_json_length(disks); i++) {
+            json_object *b = qmp_json_index(disks, i);
 
             printf("%s\t%s\t%s\t%" G_GINT64_FORMAT "\n",
                    qmp_json_string(b, "disk"), qmp_json_string(b, "node"),
@@ -611,7 +739,7 @@ static json_object *do_migrate(CmdVm *vm, GError **error)
     BitmapMigrateOptions o = {
         .uri = opt_uri,
         .maps = opt_maps,
-        .timeout_s = opt_migrate_timeout > 0 ? opt_migrate_timeout : 600,
+        .timeout_s = opt_migrate_timeout,
         .progress = on_migrate_progress,
     };
     json_object *res;
@@ -624,8 +752,8 @@ static json_object *do_migrate(CmdVm *vm, GError **error)
     if (res && !opt_json) {
         json_object *cps = qmp_json_array(res, "checkpoints");
 
-        for (size_t i = 0; i < json_object_array_length(cps); i++) {
-            json_object *c = json_object_array_get_idx(cps, i);
+        for (size_t i = 0; i < qmp_json_length(cps); i++) {
+            json_object *c = qmp_json_index(cps, i);
 
             printf("%-10s %-36s %12" G_GUINT64_FORMAT " bytes  %s\n",
                    qmp_json_string(c, "disk"), qmp_json_string(c, "bitmap"),
@@ -635,7 +763,7 @@ static json_object *do_migrate(CmdVm *vm, GError **error)
         cmd_info("migrated in %.1f s; %zu checkpoint(s) verified on the "
                  "destination, %d made persistent again",
                  json_object_get_double(json_object_object_get(res, "seconds")),
-                 json_object_array_length(cps),
+                 qmp_json_length(cps),
                  (int)qmp_json_int(res, "made_persistent"));
     }
     return res;
@@ -675,7 +803,7 @@ int main(int argc, char **argv)
     const Command *cmd = NULL;
     const char *name;
     json_object *res = NULL;
-    int nargs;
+    int nargs, rc = QBK_EXIT_OK;
 
     g_set_prgname("qbk-checkpoint");
     g_option_context_add_main_entries(ctx, entries, NULL);
@@ -726,8 +854,18 @@ int main(int argc, char **argv)
         return usage_error("%s",
                            "'migrate' works on a running VM, not --image");
     }
-    if (opt_timeout <= 0) {
-        return usage_error("%s", "--timeout must be positive");
+    if (!cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
+                         &error) ||
+        !cmd_check_range("--migrate-timeout", opt_migrate_timeout, 1,
+                         7 * CMD_MAX_TIMEOUT_S, &error)) {
+        return usage_error("%s", error->message);
+    }
+    if (opt_granularity &&
+        (opt_granularity < 512 || opt_granularity > (1 << 30) ||
+         (opt_granularity & (opt_granularity - 1)))) {
+        return usage_error("--granularity %" G_GINT64_FORMAT
+                           " is not a power of two from 512 to 1 GiB",
+                           opt_granularity);
     }
     if (!opt_qmp && !opt_images && g_getenv("QBK_QMP")) {
         opt_qmp = g_strdup(g_getenv("QBK_QMP"));
@@ -779,18 +917,17 @@ int main(int argc, char **argv)
         return QBK_EXIT_FAILURE;
     }
 
+    if (strcmp(cmd->name, "check") == 0) {
+        /* a broken chain is the more serious: the next backup is full */
+        rc = !qmp_json_bool(res, "healthy") ? QBK_EXIT_FULL_NEEDED
+             : !qmp_json_bool(res, "clean") ? QBK_EXIT_LEFTOVER
+                                            : QBK_EXIT_OK;
+    }
     if (opt_json) {
-        bool healthy =
-            strcmp(cmd->name, "check") != 0 || qmp_json_bool(res, "healthy");
-
         cmd_print_json(res);
-        return healthy ? QBK_EXIT_OK : QBK_EXIT_FULL_NEEDED;
+        return rc;
     }
     print_text(cmd->name, res);
-    if (strcmp(cmd->name, "check") == 0 && !qmp_json_bool(res, "healthy")) {
-        json_object_put(res);
-        return QBK_EXIT_FULL_NEEDED;
-    }
     json_object_put(res);
-    return QBK_EXIT_OK;
+    return rc;
 }

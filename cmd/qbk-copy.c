@@ -28,13 +28,15 @@ static GOptionEntry entries[] = {
     { "bitmap", 'b', 0, G_OPTION_ARG_STRING, &opt_bitmap,
       "copy only what the source's qemu:dirty-bitmap:BITMAP marks", "BITMAP" },
     { "requests", 'r', 0, G_OPTION_ARG_INT, &opt_requests,
-      "requests in flight (default 16)", "N" },
+      "requests in flight (1-1024, default 16)", "N" },
     { "connections", 'C', 0, G_OPTION_ARG_INT, &opt_connections,
       "NBD connections to the source, requests spread over them (1-8, "
       "default 2)",
       "N" },
     { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
-      "bytes per request, a multiple of 65536 (default 256 KiB)", "BYTES" },
+      "bytes per request, a multiple of 65536 up to 32 MiB (default "
+      "256 KiB)",
+      "BYTES" },
     { "sequential", 's', 0, G_OPTION_ARG_NONE, &opt_sequential,
       "one request at a time in ascending order (the baseline)", NULL },
     { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,
@@ -119,21 +121,25 @@ int main(int argc, char **argv)
         "      "
         "'nbd+unix:///inc?socket=/run/target.sock'\n\n" QBK_EXIT_CODES_HELP);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        cmd_error("%s (see --help)", error->message);
-        return QBK_EXIT_USAGE;
+        return cmd_usage("%s", error->message);
     }
     if (opt_version) {
         printf("qbk-copy %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
-    if (argc != 3 || opt_requests < 0 || opt_connections < 0 ||
-        opt_connections > COPIER_MAX_CONNECTIONS || opt_chunk < 0 ||
-        opt_chunk % COPIER_BLOCK_SIZE != 0 || opt_rate < 0) {
-        cmd_error("give SOURCE-URI and TARGET-URI; --requests > 0, "
-                  "--connections 1-8, --chunk-size a multiple of %d "
-                  "(see --help)",
-                  COPIER_BLOCK_SIZE);
-        return QBK_EXIT_USAGE;
+    if (argc != 3) {
+        return cmd_usage("give SOURCE-URI and TARGET");
+    }
+    if (!cmd_check_range("--requests", opt_requests, 0, COPIER_MAX_REQUESTS,
+                         &error) ||
+        !cmd_check_range("--connections", opt_connections, 0,
+                         COPIER_MAX_CONNECTIONS, &error) ||
+        !cmd_check_range("--chunk-size", opt_chunk, 0, COPIER_MAX_CHUNK,
+                         &error) ||
+        !cmd_check_range("--rate-limit", opt_rate, 0, G_MAXINT64, &error) ||
+        !cmd_check_path("--digests", opt_digests, &error) ||
+        !cmd_check_path("TARGET", argv[2], &error)) {
+        return cmd_usage("%s", error->message);
     }
     dst = (CopierEndpoint){ 0 };
     if (!g_str_has_prefix(argv[2], "nbd+unix:")) {
@@ -160,12 +166,15 @@ int main(int argc, char **argv)
     }
     opts.bitmap = opt_bitmap;
     opts.target_zeroed = opt_zeroed;
+    if (!copier_options_check(&opts, &error)) {
+        return cmd_usage("%s", error->message);
+    }
     opts.rate_limit = opt_rate;
     if (opt_progress) {
         opts.progress = show_progress;
     }
     if (opt_digests) {
-        dfd = open(opt_digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        dfd = open(opt_digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
         if (dfd < 0) {
             cmd_error("cannot create '%s': %s", opt_digests, g_strerror(errno));
             return QBK_EXIT_FAILURE;

@@ -14,7 +14,8 @@ static char *opt_from;
 static char *opt_to;
 static char *opt_full_at;
 static char *opt_format;
-static gint opt_daily = -1, opt_weekly = -1, opt_monthly = -1;
+/* G_MININT: not given */
+static gint opt_daily = G_MININT, opt_weekly = G_MININT, opt_monthly = G_MININT;
 static gboolean opt_dry_run;
 static gboolean opt_json;
 static gboolean opt_quiet;
@@ -59,22 +60,22 @@ static GOptionEntry entries[] = {
 
 static void print_ids(const char *title, json_object *list)
 {
-    printf("%s (%zu):\n", title, json_object_array_length(list));
-    for (size_t i = 0; i < json_object_array_length(list); i++) {
-        json_object *o = json_object_array_get_idx(list, i);
+    printf("%s (%zu):\n", title, qmp_json_length(list));
+    for (size_t i = 0; i < qmp_json_length(list); i++) {
+        json_object *o = qmp_json_index(list, i);
         json_object *why = qmp_json_array(o, "why");
 
         printf("  %s  %s", qmp_json_string(o, "id"),
                qmp_json_string(o, "created"));
-        for (size_t k = 0; why && k < json_object_array_length(why); k++) {
+        for (size_t k = 0; why && k < qmp_json_length(why); k++) {
             printf("%s%s", k ? ", " : "  ",
-                   json_object_get_string(json_object_array_get_idx(why, k)));
+                   json_object_get_string(qmp_json_index(why, k)));
         }
         printf("\n");
     }
 }
 
-static int apply_retention(void)
+static int apply_retention(Repo *repo)
 {
     g_autoptr(GError) error = NULL;
     BackupRetention policy = {
@@ -82,8 +83,7 @@ static int apply_retention(void)
         .weekly = MAX(opt_weekly, 0),
         .monthly = MAX(opt_monthly, 0),
     };
-    json_object *plan =
-        backup_retention(opt_repo, &policy, opt_dry_run, &error);
+    json_object *plan = backup_retention(repo, &policy, opt_dry_run, &error);
     json_object *merges;
 
     if (!plan) {
@@ -98,8 +98,8 @@ static int apply_retention(void)
     print_ids(opt_dry_run ? "would remove" : "removed",
               qmp_json_array(plan, "remove"));
     merges = qmp_json_array(plan, "merges");
-    for (size_t i = 0; i < json_object_array_length(merges); i++) {
-        json_object *a = json_object_array_get_idx(merges, i);
+    for (size_t i = 0; i < qmp_json_length(merges); i++) {
+        json_object *a = qmp_json_index(merges, i);
 
         printf("%s disk %s: %s..%s into %s\n",
                opt_dry_run ? "would merge" : "merged",
@@ -110,15 +110,43 @@ static int apply_retention(void)
     return QBK_EXIT_OK;
 }
 
+/* Bounds and names, checked before the repository is touched. */
+static bool check_options(GError **error)
+{
+    const char *ids[] = { opt_from, opt_to, opt_full_at };
+    const gint keep[] = { opt_daily, opt_weekly, opt_monthly };
+    const char *keep_names[] = { "--keep-daily", "--keep-weekly",
+                                 "--keep-monthly" };
+
+    for (guint i = 0; i < G_N_ELEMENTS(ids); i++) {
+        if (ids[i] && g_strcmp0(ids[i], "latest") != 0 &&
+            !repo_check_name("backup", ids[i], error)) {
+            return false;
+        }
+    }
+    for (guint i = 0; opt_disks && opt_disks[i]; i++) {
+        if (!repo_check_name("disk", opt_disks[i], error)) {
+            return false;
+        }
+    }
+    for (guint i = 0; i < G_N_ELEMENTS(keep); i++) {
+        if (keep[i] != G_MININT &&
+            !cmd_check_range(keep_names[i], keep[i], 0, 100000, error)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
         g_option_context_new("- merge backups of a repository");
     g_autoptr(GError) error = NULL;
-    json_object *m, *disks, *results;
-    const char *to;
+    g_autoptr(Repo) repo = NULL;
+    g_autoptr(Manifest) m = NULL;
+    json_object *results;
     bool retention;
-    int lock;
 
     g_set_prgname("qbk-merge");
     g_option_context_add_main_entries(ctx, entries, NULL);
@@ -144,63 +172,60 @@ int main(int argc, char **argv)
              "finish an interrupted merge\n"
              "\n" QBK_EXIT_CODES_HELP);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        cmd_error("%s (see --help)", error->message);
-        return QBK_EXIT_USAGE;
+        return cmd_usage("%s", error->message);
     }
     if (opt_version) {
         printf("qbk-merge %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
     cmd_set_quiet(opt_quiet);
-    retention = opt_daily >= 0 || opt_weekly >= 0 || opt_monthly >= 0;
-    cmd_make_absolute(&opt_repo);
+    retention = opt_daily != G_MININT || opt_weekly != G_MININT ||
+                opt_monthly != G_MININT;
     if (argc != 1 || !opt_repo || (!opt_from != !opt_to) ||
         (opt_to && opt_full_at) || (retention && (opt_to || opt_full_at)) ||
         (opt_dry_run && !retention)) {
-        cmd_error("give --repo DIR and one of: --from ID --to ID, "
-                  "--full-at ID, --keep-* [--dry-run] (see --help)");
-        return QBK_EXIT_USAGE;
+        return cmd_usage("give --repo DIR and one of: --from ID --to ID, "
+                         "--full-at ID, --keep-* [--dry-run]");
     }
     if (opt_format && (!opt_full_at || (g_strcmp0(opt_format, "raw") != 0 &&
                                         g_strcmp0(opt_format, "qcow2") != 0))) {
-        cmd_error("--format (raw or qcow2) goes with --full-at");
-        return QBK_EXIT_USAGE;
+        return cmd_usage("--format (raw or qcow2) goes with --full-at");
     }
-    lock = backup_lock(opt_repo, &error);
-    if (lock < 0) {
-        cmd_error("%s", error->message);
+    if (!check_options(&error)) {
+        return cmd_usage("%s", error->message);
+    }
+    repo = repo_open(opt_repo, REPO_OPEN_LOCK, &error);
+    if (!repo) {
+        cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }
-    if (!backup_merge_recover(opt_repo, &error)) {
-        cmd_error("finishing an interrupted merge: %s", error->message);
+    if (!backup_merge_recover(repo, &error)) {
+        cmd_error("finishing an interrupted merge: %s%s", error->message,
+                  cmd_hint(error));
         return QBK_EXIT_FAILURE;
     }
     if (retention) {
-        return apply_retention();
+        return apply_retention(repo);
     }
     if (!opt_to && !opt_full_at) {
         cmd_info("nothing to merge; the repository is consistent");
         return QBK_EXIT_OK;
     }
-    to = opt_to ? opt_to : opt_full_at;
-    m = backup_load(opt_repo, to, &error);
+    m = repo_load(repo, opt_to ? opt_to : opt_full_at, &error);
     if (!m) {
         cmd_error("%s", error->message);
         return cmd_backup_exit_code(error);
     }
-    disks = qmp_json_array(m, "disks");
     results = json_object_new_array();
-    for (size_t i = 0; disks && i < json_object_array_length(disks); i++) {
-        const char *disk =
-            qmp_json_string(json_object_array_get_idx(disks, i), "disk");
+    for (guint i = 0; i < m->disks->len; i++) {
+        const char *disk = ((ManifestDisk *)m->disks->pdata[i])->disk;
         json_object *r;
 
         if (opt_disks &&
             !g_strv_contains((const char *const *)opt_disks, disk)) {
             continue;
         }
-        r = backup_merge(opt_repo, disk, opt_from, qmp_json_string(m, "id"),
-                         opt_format, &error);
+        r = backup_merge(repo, disk, opt_from, m->id, opt_format, &error);
         if (!r && !opt_disks &&
             g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN)) {
             cmd_info("disk '%s': nothing to merge (%s)", disk, error->message);
@@ -208,9 +233,8 @@ int main(int argc, char **argv)
             continue;
         }
         if (!r) {
-            cmd_error("%s", error->message);
+            cmd_error("%s%s", error->message, cmd_hint(error));
             json_object_put(results);
-            json_object_put(m);
             return cmd_backup_exit_code(error);
         }
         if (!opt_json) {
@@ -220,23 +244,20 @@ int main(int argc, char **argv)
             cmd_info(
                 "disk '%s' of '%s' now stands on %s%s%s (%s read, "
                 "%zu backup(s) dropped the disk, %.2f s)",
-                disk, qmp_json_string(m, "id"),
-                qmp_json_string(r, "parent") ? "'" : "",
+                disk, m->id, qmp_json_string(r, "parent") ? "'" : "",
                 qmp_json_string(r, "parent") ? qmp_json_string(r, "parent")
                                              : "nothing: a synthetic full",
                 qmp_json_string(r, "parent") ? "'" : "", copied,
-                json_object_array_length(qmp_json_array(r, "dropped")),
+                qmp_json_length(qmp_json_array(r, "dropped")),
                 json_object_get_double(json_object_object_get(r, "seconds")));
         }
         json_object_array_add(results, r);
     }
-    if (json_object_array_length(results) == 0) {
-        cmd_error("nothing merged in backup '%s'", qmp_json_string(m, "id"));
+    if (qmp_json_length(results) == 0) {
+        cmd_error("nothing merged in backup '%s'", m->id);
         json_object_put(results);
-        json_object_put(m);
         return QBK_EXIT_USAGE;
     }
-    json_object_put(m);
     if (opt_json) {
         json_object *out = json_object_new_object();
 
@@ -245,6 +266,5 @@ int main(int argc, char **argv)
     } else {
         json_object_put(results);
     }
-    close(lock);
     return QBK_EXIT_OK;
 }

@@ -70,7 +70,7 @@ static GOptionEntry entries[] = {
     { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch,
       "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
     { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
-      "copier requests in flight (default 16)", "N" },
+      "copier requests in flight (1-1024, default 16)", "N" },
     { "connections", 0, 0, G_OPTION_ARG_INT, &opt_connections,
       "copier NBD connections to each disk's fleecing export, requests "
       "spread over them (1-8, default 2)",
@@ -95,16 +95,18 @@ static GOptionEntry entries[] = {
       NULL },
     { "guest-latency-target", 0, 0, G_OPTION_ARG_DOUBLE, &opt_latency_ms,
       "pace the copy: halve the requests in flight when their mean latency "
-      "(which the guest's I/O shares) is above MS milliseconds, add one "
-      "when below; the result is in the manifest (disks[].copier.pacing)",
+      "(which the guest's I/O shares) is above MS milliseconds (up to 60000), "
+      "add one when below; the result is in the manifest "
+      "(disks[].copier.pacing)",
       "MS" },
     { "trace", 0, 0, G_OPTION_ARG_FILENAME, &opt_trace,
       "write the copier's events (release, notice, window) to FILE, one "
       "line each with a CLOCK_MONOTONIC time in ns (for benchmarks)",
       "FILE" },
     { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &opt_chunk,
-      "copier bytes per request, a multiple of 64 KiB (default 256 KiB: "
-      "smaller requests wait less behind each other, and so does the guest)",
+      "copier bytes per request, a multiple of 64 KiB up to 32 MiB (default "
+      "256 KiB: smaller requests wait less behind each other, and so does "
+      "the guest)",
       "BYTES" },
     { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
       "read at most this much per second from the VM, e.g. 50M", "SIZE" },
@@ -120,7 +122,7 @@ static GOptionEntry entries[] = {
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the manifest as one JSON object on stdout", NULL },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
-      "seconds to wait for QEMU (default 30)", "SECONDS" },
+      "seconds to wait for QEMU (1-86400, default 30)", "SECONDS" },
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
       "print nothing on stderr but errors", NULL },
     { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
@@ -133,28 +135,6 @@ static volatile gint cancel_flag;
 static void on_signal(int sig)
 {
     g_atomic_int_set(&cancel_flag, sig);
-}
-
-static bool parse_size(const char *text, guint64 *out)
-{
-    char *end;
-    guint64 v = g_ascii_strtoull(text, &end, 10);
-    const char *units = "KMGT";
-    const char *u;
-
-    if (end == text) {
-        return false;
-    }
-    if (*end) {
-        u = strchr(units, g_ascii_toupper(*end));
-        if (!u || (end[1] && g_ascii_strcasecmp(end + 1, "iB") != 0 &&
-                   g_ascii_strcasecmp(end + 1, "B") != 0)) {
-            return false;
-        }
-        v <<= 10 * (u - units + 1);
-    }
-    *out = v;
-    return true;
 }
 
 static void on_progress(const BackupProgress *p, void *opaque)
@@ -212,8 +192,8 @@ static void print_summary(json_object *m)
            qmp_json_string(m, "status"));
     printf("%-12s %-13s %-18s %11s %11s %9s  %s\n", "DISK", "MODE", "PARENT",
            "COPIED", "SKIPPED", "MiB/s", "IMAGE");
-    for (size_t i = 0; i < json_object_array_length(disks); i++) {
-        json_object *d = json_object_array_get_idx(disks, i);
+    for (size_t i = 0; i < qmp_json_length(disks); i++) {
+        json_object *d = qmp_json_index(disks, i);
         g_autofree char *copied =
             cmd_format_bytes(qmp_json_uint(d, "bytes_copied"));
         g_autofree char *skipped = cmd_format_bytes(
@@ -241,8 +221,8 @@ static bool wait_for_commit(json_object *exports, void *opaque)
         puts(json_object_to_json_string_ext(
             exports, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
     } else {
-        for (size_t i = 0; i < json_object_array_length(list); i++) {
-            json_object *e = json_object_array_get_idx(list, i);
+        for (size_t i = 0; i < qmp_json_length(list); i++) {
+            json_object *e = qmp_json_index(list, i);
             const char *ctx = qmp_json_string(e, "bitmap_context");
 
             printf("%s\t%s\t%s\n", qmp_json_string(e, "disk"),
@@ -276,12 +256,83 @@ static bool wait_for_commit(json_object *exports, void *opaque)
     return false;
 }
 
+/* Every option checked, into OPTS, before anything is touched; false
+ * with the reason in ERROR. */
+static bool check_options(int argc, BackupOptions *opts, GError **error)
+{
+    if (argc != 1 || !opt_qmp || !opt_repo) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "give --qmp SOCKET and --repo DIR, and no other argument");
+        return false;
+    }
+    if (!cmd_check_path("--repo", opt_repo, error) ||
+        !cmd_check_path("--qmp", opt_qmp, error) ||
+        !cmd_check_path("--scratch-dir", opt_scratch, error) ||
+        !cmd_check_path("--trace", opt_trace, error) ||
+        !cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
+                         error) ||
+        !cmd_check_range("--requests", opt_requests, 0, COPIER_MAX_REQUESTS,
+                         error) ||
+        !cmd_check_range("--connections", opt_connections, 0,
+                         COPIER_MAX_CONNECTIONS, error) ||
+        !cmd_check_range("--chunk-size", opt_chunk, 0, COPIER_MAX_CHUNK,
+                         error) ||
+        !cmd_check_number("--guest-latency-target", opt_latency_ms, 0,
+                          COPIER_MAX_LATENCY_US / 1000, error) ||
+        !cmd_check_range("--progress-fd", opt_progress_fd, -1, G_MAXINT,
+                         error) ||
+        (opt_rate &&
+         !cmd_parse_size("--rate-limit", opt_rate, &opts->rate_limit, error))) {
+        return false;
+    }
+    if (opt_progress_fd >= 0 && fcntl(opt_progress_fd, F_GETFD) < 0) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--progress-fd %d is not open", opt_progress_fd);
+        return false;
+    }
+    if (opt_mode && !backup_mode_parse(opt_mode, &opts->mode)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "unknown --mode '%s'", opt_mode);
+        return false;
+    }
+    if (opt_since && opts->mode == BACKUP_MODE_FULL) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--since goes with an incremental backup, not --mode full");
+        return false;
+    }
+    if (!opt_fleece || g_ascii_strcasecmp(opt_fleece, "auto") == 0) {
+        opts->fleece = BACKUP_FLEECE_AUTO;
+    } else if (g_ascii_strcasecmp(opt_fleece, "a") == 0) {
+        opts->fleece = BACKUP_FLEECE_A;
+    } else if (g_ascii_strcasecmp(opt_fleece, "b") == 0) {
+        opts->fleece = BACKUP_FLEECE_B;
+    } else {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--fleece must be A, B or auto");
+        return false;
+    }
+    opts->since = opt_since;
+    opts->disks = opt_disks;
+    opts->nodes = opt_nodes;
+    opts->scratch_dir = opt_scratch;
+    opts->format = opt_format;
+    opts->nbd_server = opt_nbd_server;
+    opts->requests = opt_sequential ? 1 : opt_requests;
+    opts->connections = opt_sequential ? 1 : opt_connections;
+    opts->chunk_size = opt_chunk;
+    opts->no_notices = opt_no_notices || opt_sequential;
+    opts->no_release = opt_no_release;
+    opts->latency_target_us = (guint)(opt_latency_ms * 1000);
+    return backup_options_check(opts, error);
+}
+
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
         g_option_context_new("- back up a running VM");
     g_autoptr(GError) error = NULL;
     g_autoptr(QmpClient) qmp = NULL;
+    g_autoptr(Repo) repo = NULL;
     struct sigaction sa = { .sa_handler = on_signal };
     BackupOptions opts;
     int trace_fd = -1; /* closed at exit */
@@ -296,8 +347,8 @@ int main(int argc, char **argv)
              "chain, else only what changed since the disk's last\nbackup "
              "(auto). The repository keeps one qcow2 chain per disk (full <- "
              "inc <-\n...) with relative backing files, and a JSON manifest "
-             "per backup.\nOn failure or SIGINT/SIGTERM everything is rolled "
-             "back: the next backup\nmisses no write.");
+             "per backup, all\nowner-only. On failure or SIGINT/SIGTERM "
+             "everything is rolled back: the next\nbackup misses no write.");
     g_option_context_set_description(
         ctx, "Examples:\n"
              "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1\n"
@@ -308,8 +359,7 @@ int main(int argc, char **argv)
              "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
              "\n" QBK_EXIT_CODES_HELP);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        cmd_error("%s (see --help)", error->message);
-        return QBK_EXIT_USAGE;
+        return cmd_usage("%s", error->message);
     }
     if (opt_version) {
         printf("qbk-pull %s\n", QBK_VERSION);
@@ -320,71 +370,18 @@ int main(int argc, char **argv)
     if (!opt_qmp) {
         opt_qmp = g_strdup(g_getenv("QBK_QMP"));
     }
-    cmd_make_absolute(&opt_repo);
-    if (argc != 1 || !opt_qmp || !opt_repo) {
-        cmd_error("give --qmp SOCKET and --repo DIR, and no other argument "
-                  "(see --help)");
-        return QBK_EXIT_USAGE;
+    if (!check_options(argc, &opts, &error)) {
+        return cmd_usage("%s", error->message);
     }
-    if (opt_mode && !backup_mode_parse(opt_mode, &opts.mode)) {
-        cmd_error("unknown --mode '%s' (see --help)", opt_mode);
-        return QBK_EXIT_USAGE;
-    }
-    if (opt_since && opts.mode == BACKUP_MODE_FULL) {
-        cmd_error("--since goes with an incremental backup, not --mode full");
-        return QBK_EXIT_USAGE;
-    }
-    if (opt_rate && !parse_size(opt_rate, &opts.rate_limit)) {
-        cmd_error("--rate-limit '%s' is not a size like 50M", opt_rate);
-        return QBK_EXIT_USAGE;
-    }
-    if (opt_requests < 0 || opt_connections < 0 ||
-        opt_connections > COPIER_MAX_CONNECTIONS || opt_chunk < 0 ||
-        opt_chunk % COPIER_BLOCK_SIZE != 0 || opt_timeout <= 0) {
-        cmd_error("--requests, --chunk-size (a multiple of 64 KiB) and "
-                  "--timeout must be positive, --connections 1-8");
-        return QBK_EXIT_USAGE;
-    }
-    opts.since = opt_since;
-    opts.disks = opt_disks;
-    opts.nodes = opt_nodes;
-    opts.scratch_dir = opt_scratch;
-    if (opt_format && g_strcmp0(opt_format, "raw") != 0 &&
-        g_strcmp0(opt_format, "qcow2") != 0) {
-        cmd_error("--format must be qcow2 or raw");
-        return QBK_EXIT_USAGE;
-    }
-    opts.format = opt_format;
-    opts.nbd_server = opt_nbd_server;
-    opts.requests = opt_sequential ? 1 : opt_requests;
-    opts.connections = opt_sequential ? 1 : opt_connections;
-    opts.no_notices = opt_no_notices || opt_sequential;
-    opts.no_release = opt_no_release;
-    if (!opt_fleece || g_ascii_strcasecmp(opt_fleece, "auto") == 0) {
-        opts.fleece = BACKUP_FLEECE_AUTO;
-    } else if (g_ascii_strcasecmp(opt_fleece, "a") == 0) {
-        opts.fleece = BACKUP_FLEECE_A;
-    } else if (g_ascii_strcasecmp(opt_fleece, "b") == 0) {
-        opts.fleece = BACKUP_FLEECE_B;
-    } else {
-        cmd_error("--fleece must be A, B or auto");
-        return QBK_EXIT_USAGE;
-    }
-    if (opt_latency_ms < 0 || opt_latency_ms > 60000) {
-        cmd_error("--guest-latency-target must be between 0 and 60000 ms");
-        return QBK_EXIT_USAGE;
-    }
-    opts.latency_target_us = (guint)(opt_latency_ms * 1000);
     if (opt_trace) {
         trace_fd =
-            open(opt_trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+            open(opt_trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
         if (trace_fd < 0) {
             cmd_error("cannot write '%s': %s", opt_trace, g_strerror(errno));
             return QBK_EXIT_USAGE;
         }
         opts.trace_fd = trace_fd;
     }
-    opts.chunk_size = opt_chunk;
     opts.cancel = &cancel_flag;
     opts.progress = on_progress;
     opts.fleeced = on_fleeced;
@@ -393,6 +390,12 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
 
+    /* one writer at a time, before the VM is touched */
+    repo = repo_open(opt_repo, REPO_OPEN_CREATE | REPO_OPEN_LOCK, &error);
+    if (!repo) {
+        cmd_error("%s%s", error->message, cmd_hint(error));
+        return cmd_backup_exit_code(error);
+    }
     qmp = qmp_connect(opt_qmp, opt_timeout * 1000, &error);
     if (!qmp) {
         cmd_error("%s", error->message);
@@ -400,20 +403,27 @@ int main(int argc, char **argv)
     }
     if (opt_export_only) {
         json_object *info =
-            backup_export(qmp, opt_repo, &opts, wait_for_commit, NULL, &error);
+            backup_export(qmp, repo, &opts, wait_for_commit, NULL, &error);
 
         if (!info) {
-            cmd_error("export failed: %s", error->message);
+            cmd_error("export failed: %s%s", error->message, cmd_hint(error));
             return cmd_backup_exit_code(error);
         }
         cmd_info("committed: checkpoint kept, exports removed");
         json_object_put(info);
         return QBK_EXIT_OK;
     }
-    manifest = backup_pull(qmp, opt_repo, &opts, &error);
+    manifest = backup_pull(qmp, repo, &opts, &error);
     if (!manifest) {
-        cmd_error("backup failed: %s", error->message);
+        cmd_error("backup failed: %s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
+    }
+    for (size_t i = 0;
+         i < qmp_json_length(qmp_json_array(manifest, "skipped_manifests"));
+         i++) {
+        cmd_info("warning: left out a damaged manifest: %s",
+                 json_object_get_string(qmp_json_index(
+                     qmp_json_array(manifest, "skipped_manifests"), i)));
     }
     if (opt_json) {
         cmd_print_json(manifest);

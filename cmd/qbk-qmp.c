@@ -23,7 +23,7 @@ static GOptionEntry entries[] = {
     { "wait-event", 'w', 0, G_OPTION_ARG_STRING, &opt_wait_event,
       "after the command, wait for this event and print it", "EVENT" },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
-      "seconds to wait for QEMU (default: 30)", "SECONDS" },
+      "seconds to wait for QEMU (1-86400, default: 30)", "SECONDS" },
     { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
       "print the version and exit", NULL },
     { NULL },
@@ -58,9 +58,12 @@ int main(int argc, char **argv)
     if (!opt_qmp) {
         opt_qmp = g_strdup(g_getenv("QBK_QMP"));
     }
-    if (argc < 2 || argc > 3 || !opt_qmp || opt_timeout <= 0) {
-        cmd_error("give --qmp SOCKET and one COMMAND (see --help)");
-        return QBK_EXIT_USAGE;
+    if (argc < 2 || argc > 3 || !opt_qmp) {
+        return cmd_usage("give --qmp SOCKET and one COMMAND");
+    }
+    if (!cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
+                         &error)) {
+        return cmd_usage("%s", error->message);
     }
     if (argc == 3) {
         if (opt_hmp) {

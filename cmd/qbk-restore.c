@@ -3,6 +3,7 @@
  * a sparse raw or qcow2 file, and check it against the backup's checksum.
  */
 #include <stdio.h>
+#include <string.h>
 
 #include "backup.h"
 #include "cmd-common.h"
@@ -50,32 +51,36 @@ static GOptionEntry entries[] = {
     { NULL },
 };
 
+static Repo *repo;
+
 static int list_backups(void)
 {
     g_autoptr(GError) error = NULL;
-    g_autoptr(GPtrArray) all = backup_list(opt_repo, &error);
+    g_autoptr(GPtrArray) skipped = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) all = repo_list(repo, false, skipped, &error);
     json_object *arr;
 
     if (!all) {
         cmd_error("%s", error->message);
         return cmd_backup_exit_code(error);
     }
+    for (guint i = 0; i < skipped->len; i++) {
+        cmd_error("skipped %s", (char *)skipped->pdata[i]);
+    }
     arr = json_object_new_array();
     for (guint i = 0; i < all->len; i++) {
-        json_object *m = all->pdata[i];
-        json_object *disks = qmp_json_array(m, "disks");
+        Manifest *m = all->pdata[i];
 
         if (!opt_json) {
-            printf("%s", qmp_json_string(m, "id"));
-            for (size_t d = 0; d < json_object_array_length(disks); d++) {
-                json_object *e = json_object_array_get_idx(disks, d);
+            printf("%s", m->id);
+            for (guint d = 0; d < m->disks->len; d++) {
+                const ManifestDisk *e = m->disks->pdata[d];
 
-                printf("  %s:%s", qmp_json_string(e, "disk"),
-                       qmp_json_string(e, "mode"));
+                printf("  %s:%s", e->disk, manifest_mode_name(e->mode));
             }
             printf("\n");
         }
-        json_object_array_add(arr, json_object_get(m));
+        json_object_array_add(arr, json_object_get(m->json));
     }
     if (opt_json) {
         cmd_print_json(arr);
@@ -91,21 +96,19 @@ static int restore_into(void)
     json_object *r;
 
     if (!opt_into || !opt_from || !opt_disk || opt_output) {
-        cmd_error("--into IMAGE goes with --from ID and --disk DISK, not "
-                  "--output (see --help)");
-        return QBK_EXIT_USAGE;
+        return cmd_usage("--into IMAGE goes with --from ID and --disk DISK, "
+                         "not --output");
     }
-    r = backup_restore_into(opt_repo, opt_from,
-                            opt_backup ? opt_backup : "latest", opt_disk,
-                            opt_into, &error);
+    r = backup_restore_into(repo, opt_from, opt_backup ? opt_backup : "latest",
+                            opt_disk, opt_into, &error);
     if (!r) {
-        cmd_error("%s", error->message);
+        cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }
     if (opt_verify) {
-        if (!backup_check_image(opt_repo, qmp_json_string(r, "backup"),
-                                opt_disk, opt_into,
-                                qmp_json_string(r, "format"), &error)) {
+        if (!backup_check_image(repo, qmp_json_string(r, "backup"), opt_disk,
+                                opt_into, qmp_json_string(r, "format"),
+                                &error)) {
             cmd_error("%s", error->message);
             json_object_put(r);
             return QBK_EXIT_FAILURE;
@@ -129,17 +132,37 @@ static int restore_into(void)
     return QBK_EXIT_OK;
 }
 
+/* Names given on the command line, checked before any path is made. */
+static bool check_names(GError **error)
+{
+    const char *backups[] = { opt_backup, opt_from };
+
+    for (guint i = 0; i < G_N_ELEMENTS(backups); i++) {
+        if (backups[i] && strcmp(backups[i], "latest") != 0 &&
+            !repo_check_name("backup", backups[i], error)) {
+            return false;
+        }
+    }
+    return (!opt_disk || repo_check_name("disk", opt_disk, error)) &&
+           cmd_check_path("--output", opt_output, error) &&
+           cmd_check_path("--into", opt_into, error);
+}
+
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
         g_option_context_new("- rebuild a disk from a backup repository");
     g_autoptr(GError) error = NULL;
+    g_autoptr(Repo) opened = NULL;
     json_object *entry;
 
     g_set_prgname("qbk-restore");
     g_option_context_add_main_entries(ctx, entries, NULL);
     g_option_context_set_description(
         ctx,
+        "Every link of the chain is checked against the manifests before it "
+        "is read,\nand the output appears under its name only once it is "
+        "complete (and, for\nraw, verified); it is created owner-only.\n\n"
         "Examples:\n"
         "  qbk-restore --repo /backups/vm1 --list\n"
         "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
@@ -149,17 +172,34 @@ int main(int argc, char **argv)
         "--from TUE --backup MON --verify\n"
         "\n" QBK_EXIT_CODES_HELP);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        cmd_error("%s (see --help)", error->message);
-        return QBK_EXIT_USAGE;
+        return cmd_usage("%s", error->message);
     }
     if (opt_version) {
         printf("qbk-restore %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
-    cmd_make_absolute(&opt_repo);
     if (argc != 1 || !opt_repo) {
-        cmd_error("give --repo DIR (see --help)");
-        return QBK_EXIT_USAGE;
+        return cmd_usage("give --repo DIR");
+    }
+    if (!check_names(&error)) {
+        return cmd_usage("%s", error->message);
+    }
+    if (!opt_list && !opt_into && !opt_from && !opt_verify &&
+        (!opt_disk || !opt_output)) {
+        return cmd_usage("give --disk DISK and --output FILE");
+    }
+    if (!opt_format) {
+        opt_format = g_strdup("raw");
+    }
+    if (g_strcmp0(opt_format, "raw") != 0 &&
+        g_strcmp0(opt_format, "qcow2") != 0) {
+        return cmd_usage("--format must be raw or qcow2");
+    }
+    cmd_make_absolute(&opt_into);
+    opened = repo = repo_open(opt_repo, 0, &error);
+    if (!repo) {
+        cmd_error("%s%s", error->message, cmd_hint(error));
+        return cmd_backup_exit_code(error);
     }
     if (opt_list) {
         return list_backups();
@@ -167,22 +207,10 @@ int main(int argc, char **argv)
     if (opt_into || opt_from || opt_verify) {
         return restore_into();
     }
-    if (!opt_disk || !opt_output) {
-        cmd_error("give --disk DISK and --output FILE (see --help)");
-        return QBK_EXIT_USAGE;
-    }
-    if (!opt_format) {
-        opt_format = g_strdup("raw");
-    }
-    if (g_strcmp0(opt_format, "raw") != 0 &&
-        g_strcmp0(opt_format, "qcow2") != 0) {
-        cmd_error("--format must be raw or qcow2");
-        return QBK_EXIT_USAGE;
-    }
-    entry = backup_restore(opt_repo, opt_backup ? opt_backup : "latest",
-                           opt_disk, opt_output, opt_format, &error);
+    entry = backup_restore(repo, opt_backup ? opt_backup : "latest", opt_disk,
+                           opt_output, opt_format, &error);
     if (!entry) {
-        cmd_error("%s", error->message);
+        cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }
     if (opt_json) {

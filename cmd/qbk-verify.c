@@ -33,10 +33,11 @@ static GOptionEntry entries[] = {
 
 /* Verify DISK of backup ID; prints a line, adds a result to RESULTS.
  * Returns 0 if good, else the exit code it deserves. */
-static int verify_one(const char *id, const char *disk, json_object *results)
+static int verify_one(Repo *repo, const char *id, const char *disk,
+                      json_object *results)
 {
     g_autoptr(GError) error = NULL;
-    json_object *r = backup_verify(opt_repo, id, disk, &error);
+    json_object *r = backup_verify(repo, id, disk, &error);
 
     if (!r) {
         r = json_object_new_object();
@@ -58,9 +59,8 @@ static int verify_one(const char *id, const char *disk, json_object *results)
 
         printf("%s  %-10s ok  %s  (%zu link%s, %s read in %.2f s)\n", id, disk,
                qmp_json_string(r, "checksum"),
-               json_object_array_length(qmp_json_array(r, "chain")),
-               json_object_array_length(qmp_json_array(r, "chain")) == 1 ? ""
-                                                                         : "s",
+               qmp_json_length(qmp_json_array(r, "chain")),
+               qmp_json_length(qmp_json_array(r, "chain")) == 1 ? "" : "s",
                read,
                json_object_get_double(json_object_object_get(r, "seconds")));
     }
@@ -74,6 +74,8 @@ int main(int argc, char **argv)
         g_option_context_new("- check backups against their checksums");
     g_autoptr(GError) error = NULL;
     g_autoptr(GPtrArray) backups = NULL;
+    g_autoptr(GPtrArray) skipped = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(Repo) repo = NULL;
     json_object *results, *out;
     int rc = QBK_EXIT_OK, failed = 0;
 
@@ -85,7 +87,8 @@ int main(int argc, char **argv)
              "recorded at backup time.\nEach link is checked first: its "
              "image is there, whole, and its backing file\nis the parent "
              "the manifest names. A mismatch names the first block that\n"
-             "differs. Exit status 1 if anything failed.");
+             "differs; a manifest that cannot be trusted is named too. Exit "
+             "status 1 if\nanything failed.");
     g_option_context_set_description(
         ctx, "Examples:\n"
              "  qbk-verify --repo /backups/vm1\n"
@@ -93,56 +96,76 @@ int main(int argc, char **argv)
              "--json\n"
              "\n" QBK_EXIT_CODES_HELP);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        cmd_error("%s (see --help)", error->message);
-        return QBK_EXIT_USAGE;
+        return cmd_usage("%s", error->message);
     }
     if (opt_version) {
         printf("qbk-verify %s\n", QBK_VERSION);
         return QBK_EXIT_OK;
     }
-    cmd_make_absolute(&opt_repo);
     if (argc != 1 || !opt_repo) {
-        cmd_error("give --repo DIR and no other argument (see --help)");
-        return QBK_EXIT_USAGE;
+        return cmd_usage("give --repo DIR and no other argument");
+    }
+    for (guint i = 0; opt_disks && opt_disks[i]; i++) {
+        if (!repo_check_name("disk", opt_disks[i], &error)) {
+            return cmd_usage("%s", error->message);
+        }
+    }
+    repo = repo_open(opt_repo, 0, &error);
+    if (!repo) {
+        cmd_error("%s", error->message);
+        return cmd_backup_exit_code(error);
     }
     if (opt_backup) {
-        json_object *m = backup_load(opt_repo, opt_backup, &error);
+        Manifest *m = repo_load(repo, opt_backup, &error);
 
         if (!m) {
             cmd_error("%s", error->message);
             return cmd_backup_exit_code(error);
         }
-        backups = g_ptr_array_new_with_free_func(qmp_json_free);
+        backups =
+            g_ptr_array_new_with_free_func((GDestroyNotify)manifest_unref);
         g_ptr_array_add(backups, m);
-    } else if (!(backups = backup_list(opt_repo, &error))) {
+    } else if (!(backups = repo_list(repo, false, skipped, &error))) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;
     }
-    if (backups->len == 0) {
-        cmd_error("no complete backup in '%s'", opt_repo);
+    results = json_object_new_array();
+    /* a manifest that does not validate is a failure of verify */
+    for (guint i = 0; i < skipped->len; i++) {
+        json_object *r = json_object_new_object();
+
+        json_object_object_add(r, "ok", json_object_new_boolean(0));
+        json_object_object_add(r, "error",
+                               json_object_new_string(skipped->pdata[i]));
+        json_object_array_add(results, r);
+        if (!opt_json) {
+            printf("FAILED: %s\n", (char *)skipped->pdata[i]);
+        }
+        failed++;
+        rc = QBK_EXIT_FAILURE;
+    }
+    if (backups->len == 0 && skipped->len == 0) {
+        json_object_put(results);
+        cmd_error("no complete backup in '%s'", repo_root(repo));
         return QBK_EXIT_USAGE;
     }
-    results = json_object_new_array();
     for (guint i = 0; i < backups->len; i++) {
-        json_object *m = backups->pdata[i];
-        json_object *disks = qmp_json_array(m, "disks");
-        const char *id = qmp_json_string(m, "id");
+        Manifest *m = backups->pdata[i];
 
-        for (size_t d = 0; d < json_object_array_length(disks); d++) {
-            const char *disk =
-                qmp_json_string(json_object_array_get_idx(disks, d), "disk");
+        for (guint d = 0; d < m->disks->len; d++) {
+            const char *disk = ((ManifestDisk *)m->disks->pdata[d])->disk;
             int r;
 
             if (opt_disks &&
                 !g_strv_contains((const char *const *)opt_disks, disk)) {
                 continue;
             }
-            r = verify_one(id, disk, results);
+            r = verify_one(repo, m->id, disk, results);
             failed += r != QBK_EXIT_OK;
             rc = rc == QBK_EXIT_OK ? r : rc;
         }
     }
-    if (json_object_array_length(results) == 0) {
+    if (qmp_json_length(results) == 0) {
         cmd_error("no backup has the disk(s) asked for");
         json_object_put(results);
         return QBK_EXIT_USAGE;

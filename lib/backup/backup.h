@@ -1,18 +1,8 @@
 /*
  * lib/backup: pull backups of a running VM into a repository, and restore
  * them. It orchestrates the other modules: lib/bitmap for checkpoints,
- * lib/qmp for fleecing and exports, lib/copier for the data.
- *
- * Repository layout (everything relative, so the repository can move):
- *   REPO/qbk-repo.json                 format marker
- *   REPO/lock                          flock()ed by the one qbk-pull at work
- *   REPO/backups/ID.json               manifest of a complete backup
- *   REPO/backups/ID.partial.json       a backup in progress, or failed
- *   REPO/disks/DISK/ID.qcow2           the disk at backup ID; its backing
- *                                      file is the parent's "PID.qcow2"
- *   REPO/disks/DISK/ID.digests         XXH3-128 per 64 KiB block of the disk
- *                                      at backup ID (see lib/copier)
- *   REPO/.scratch/                     fleecing scratch images (default)
+ * lib/qmp for fleecing and exports, lib/copier for the data, lib/repo for
+ * the repository (its layout is described there).
  */
 #ifndef QBK_BACKUP_H
 #define QBK_BACKUP_H
@@ -22,6 +12,7 @@
 
 #include "copier.h"
 #include "qmp.h"
+#include "repo.h"
 
 #define BACKUP_ERROR backup_error_quark()
 GQuark backup_error_quark(void);
@@ -36,6 +27,9 @@ typedef enum {
     BACKUP_ERROR_MISMATCH,     /* verification found different content */
     BACKUP_ERROR_NOT_IN_CHAIN, /* merge: the backup is not in the disk's
                                   chain (e.g. the disk had a full since) */
+    BACKUP_ERROR_LEFTOVER,     /* a killed backup of another repository left
+                                  state in the VM that must be undone first */
+    BACKUP_ERROR_USAGE,        /* an option out of its bounds */
 } BackupErrorCode;
 
 typedef enum {
@@ -99,6 +93,11 @@ typedef struct {
 
 void backup_options_init(BackupOptions *opts);
 
+/* Whether OPTS are within their bounds (BACKUP_ERROR_USAGE if not): the
+ * copier's, the disk and node names. To be called before the VM is
+ * touched; backup_pull() and backup_export() call it again. */
+bool backup_options_check(const BackupOptions *opts, GError **error);
+
 /*
  * Take one backup of every (selected) disk of the VM at QMP into REPO (made
  * if missing), at one instant. Returns the manifest (new reference). On
@@ -106,8 +105,8 @@ void backup_options_init(BackupOptions *opts);
  * that the next incremental misses no write, the partial backup is
  * recorded as failed, and ERROR says why.
  */
-json_object *backup_pull(QmpClient *qmp, const char *repo,
-                         const BackupOptions *opts, GError **error);
+json_object *backup_pull(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
+                         GError **error);
 
 /*
  * Fleece and export every (selected) disk as backup_pull() would, without
@@ -117,28 +116,55 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
  * Returns the exports' description on commit (new reference).
  */
 typedef bool (*BackupExportWait)(json_object *exports, void *opaque);
-json_object *backup_export(QmpClient *qmp, const char *repo,
+json_object *backup_export(QmpClient *qmp, Repo *repo,
                            const BackupOptions *opts, BackupExportWait wait,
                            void *opaque, GError **error);
 
-/* ---- repository (repo.c) ---- */
+/* ---- what killed backups leave in a VM (leftover.c) ---- */
 
-/* Take REPO's lock (one writer at a time: qbk-pull, qbk-merge); returns
- * the fd that holds it (close to release), or -1. */
-int backup_lock(const char *repo, GError **error);
+/* The VM's disks (qmp_query_disks), or with NODES ("NODE[=ID]", for a
+ * qemu-storage-daemon) the disks made of those format nodes. */
+GPtrArray *backup_query_disks(QmpClient *qmp, char **nodes, GError **error);
 
-/* Manifests of the complete backups in REPO, oldest first (new refs). */
-GPtrArray *backup_list(const char *repo, GError **error);
+/* What one backup has in the VM now. */
+typedef struct {
+    char *tag;          /* the backup's id */
+    GPid pid;           /* the qbk-pull that made it; 0 if unknown (an older
+                           qbk) */
+    bool alive;         /* that qbk-pull still runs on this host: the backup
+                           is at work, not a leftover */
+    bool at_work;       /* not committed: its checkpoint is to be merged
+                           back into its predecessor */
+    bool paused;        /* qbk paused the VM for it */
+    bool server;        /* qbk started QEMU's NBD server for it */
+    GPtrArray *objects; /* its nodes, exports and jobs (names) */
+    GPtrArray *marks;   /* its marks (QOM object ids) */
+    GPtrArray *bitmaps; /* its temporary bitmaps ("DISK:BITMAP") */
+} BackupLeftover;
 
-/* The manifest of backup ID ("latest" for the newest), new reference. */
-json_object *backup_load(const char *repo, const char *id, GError **error);
+void backup_leftover_free(BackupLeftover *l);
+
+/* Every backup that has something in the VM (NODES as backup_query_disks),
+ * at work or left behind, by tag. */
+GPtrArray *backup_find_leftovers(QmpClient *qmp, char **nodes, GError **error);
+
+/*
+ * Undo what backup L left, as the next qbk-pull would: its nodes,
+ * exports and jobs go, a VM qbk paused is resumed, a server qbk started is
+ * stopped, its temporary bitmaps go and, unless COMMITTED (its manifest is
+ * durable), its checkpoint is merged back into its predecessor, so that
+ * nothing is lost. Its marks go last. The caller makes sure L is not at
+ * work (L->alive).
+ */
+bool backup_undo_leftover(QmpClient *qmp, char **nodes, const BackupLeftover *l,
+                          bool committed, GError **error);
 
 /*
  * Rebuild DISK as it was at backup ID into OUTPUT (FORMAT "raw" or
  * "qcow2", sparse), and, for raw output, verify it against the manifest's
  * checksum. Returns the disk's manifest entry (new reference).
  */
-json_object *backup_restore(const char *repo, const char *id, const char *disk,
+json_object *backup_restore(Repo *repo, const char *id, const char *disk,
                             const char *output, const char *format,
                             GError **error);
 
@@ -150,7 +176,7 @@ json_object *backup_restore(const char *repo, const char *id, const char *disk,
  * where the first block differs). Returns {backup, disk, chain, checksum,
  * bytes_read, seconds}.
  */
-json_object *backup_verify(const char *repo, const char *id, const char *disk,
+json_object *backup_verify(Repo *repo, const char *id, const char *disk,
                            GError **error);
 
 /*
@@ -164,12 +190,12 @@ json_object *backup_verify(const char *repo, const char *id, const char *disk,
  * drop a link another backup stands on. Returns {disk, backup, parent,
  * format, dropped, bytes_copied, bytes_read, checksum, seconds}.
  */
-json_object *backup_merge(const char *repo, const char *disk, const char *from,
+json_object *backup_merge(Repo *repo, const char *disk, const char *from,
                           const char *to, const char *format, GError **error);
 
 /* Finish a merge a crash interrupted (REPO/merge-journal.json), and remove
  * unfinished merge copies. */
-bool backup_merge_recover(const char *repo, GError **error);
+bool backup_merge_recover(Repo *repo, GError **error);
 
 /* A retention policy: keep the newest backup of each of the last DAILY
  * days, WEEKLY ISO weeks and MONTHLY months (by creation time, UTC), and
@@ -185,7 +211,7 @@ typedef struct {
  * lose their disks; a removed backup several kept ones stand on is kept
  * ("needed by several backups"). DRY_RUN: only the plan.
  */
-json_object *backup_retention(const char *repo, const BackupRetention *policy,
+json_object *backup_retention(Repo *repo, const BackupRetention *policy,
                               bool dry_run, GError **error);
 
 /*
@@ -196,13 +222,13 @@ json_object *backup_retention(const char *repo, const BackupRetention *policy,
  * that IMAGE equalled FROM. Returns {disk, from, backup, common, format
  * (of IMAGE), bytes_changed, bytes_written, seconds}.
  */
-json_object *backup_restore_into(const char *repo, const char *from,
-                                 const char *id, const char *disk,
-                                 const char *image, GError **error);
+json_object *backup_restore_into(Repo *repo, const char *from, const char *id,
+                                 const char *disk, const char *image,
+                                 GError **error);
 
 /* Whether IMAGE (FORMAT) reads exactly as DISK of backup ID: its block
  * checksum against the manifest's (BACKUP_ERROR_MISMATCH if not). */
-bool backup_check_image(const char *repo, const char *id, const char *disk,
+bool backup_check_image(Repo *repo, const char *id, const char *disk,
                         const char *image, const char *format, GError **error);
 
 #endif /* QBK_BACKUP_H */

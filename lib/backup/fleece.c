@@ -32,8 +32,10 @@ FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
     fd->cbw = g_strdup_printf("qbk-c%u-%s", index, tag);
     fd->access = g_strdup_printf("qbk-a%u-%s", index, tag);
     fd->notice_export = g_strdup_printf("qbk-x%u-%s", index, tag);
-    base = g_strdup_printf("%s.scratch.qcow2", fd->scratch);
-    fd->file = g_build_filename(scratch_dir, base, NULL);
+    if (scratch_dir) {
+        base = g_strdup_printf("%s.scratch.qcow2", fd->scratch);
+        fd->file = g_build_filename(scratch_dir, base, NULL);
+    }
     return fd;
 }
 
@@ -59,21 +61,12 @@ void fleece_disk_free(FleeceDisk *fd)
 bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
                         GError **error)
 {
-    g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
-    g_autofree char *err = NULL;
-    const char *argv[] = { "qemu-img", "create", "-q",   "-f",
-                           "qcow2",    fd->file, size_s, NULL };
+    g_autoptr(GError) local = NULL;
     json_object *args, *file;
-    int status;
 
-    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                      NULL, NULL, &err, &status, error)) {
-        return false;
-    }
-    if (!g_spawn_check_wait_status(status, NULL)) {
+    if (!qemu_img_create(fd->file, size, NULL, NULL, &local)) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "cannot create scratch image '%s': %s", fd->file,
-                    g_strstrip(err));
+                    "cannot create a scratch image: %s", local->message);
         return false;
     }
     args = json_object_new_object();
@@ -103,7 +96,8 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
     return true;
 }
 
-bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error)
+bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, guint timeout_s,
+                         GError **error)
 {
     json_object *args = json_object_new_object();
 
@@ -116,7 +110,8 @@ bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error)
      * the guest's write. */
     json_object_object_add(args, "on-cbw-error",
                            json_object_new_string("break-snapshot"));
-    json_object_object_add(args, "cbw-timeout", json_object_new_int(60));
+    json_object_object_add(args, "cbw-timeout",
+                           json_object_new_int64(timeout_s));
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,
                        "cannot add the copy-before-write filter of "
@@ -279,7 +274,7 @@ static bool has_id(json_object *ev, void *opaque)
     return g_strcmp0(json_object_get_string(id), want) == 0;
 }
 
-/* Names of the objects QEMU has now: exports, jobs and nodes. */
+/* Names of qbk's objects QEMU has now: exports, jobs and nodes. */
 static GHashTable *present_names(QmpClient *qmp, GError **error)
 {
     GHashTable *names =
@@ -303,8 +298,15 @@ static GHashTable *present_names(QmpClient *qmp, GError **error)
             g_hash_table_unref(names);
             return NULL;
         }
-        for (size_t i = 0; i < json_object_array_length(ret); i++) {
-            json_object *o = json_object_array_get_idx(ret, i);
+        if (!json_object_is_type(ret, json_type_array)) {
+            g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                        "%s did not return an array", queries[q].cmd);
+            json_object_put(ret);
+            g_hash_table_unref(names);
+            return NULL;
+        }
+        for (size_t i = 0; i < qmp_json_length(ret); i++) {
+            json_object *o = qmp_json_index(ret, i);
             const char *name = qmp_json_string(o, queries[q].key);
 
             if (name && g_str_has_prefix(name, "qbk-")) {
@@ -314,6 +316,24 @@ static GHashTable *present_names(QmpClient *qmp, GError **error)
         json_object_put(ret);
     }
     return names;
+}
+
+GPtrArray *fleece_present_names(QmpClient *qmp, GError **error)
+{
+    g_autoptr(GHashTable) names = present_names(qmp, error);
+    GPtrArray *list;
+    GHashTableIter it;
+    gpointer key;
+
+    if (!names) {
+        return NULL;
+    }
+    list = g_ptr_array_new_with_free_func(g_free);
+    g_hash_table_iter_init(&it, names);
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
+        g_ptr_array_add(list, g_strdup(key));
+    }
+    return list;
 }
 
 G_GNUC_PRINTF(2, 3)
@@ -409,7 +429,9 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
         }
     }
     node_del(qmp, present, fd->scratch, first);
-    unlink(fd->file);
+    if (fd->file) {
+        unlink(fd->file);
+    }
 }
 
 bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
@@ -421,7 +443,11 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
     if (!present) {
         /* QEMU is gone: its nodes went with it; the files are ours. */
         for (guint i = 0; i < fds->len; i++) {
-            unlink(((FleeceDisk *)fds->pdata[i])->file);
+            FleeceDisk *fd = fds->pdata[i];
+
+            if (fd->file) {
+                unlink(fd->file);
+            }
         }
         return false;
     }
@@ -442,44 +468,36 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
     return true;
 }
 
-bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
-                        const char *scratch_dir, char **foreign, GError **error)
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, GError **error)
 {
     g_autoptr(GHashTable) present = present_names(qmp, error);
     g_autoptr(GPtrArray) fds =
         g_ptr_array_new_with_free_func((GDestroyNotify)fleece_disk_free);
     g_autoptr(GHashTable) indexes = g_hash_table_new(NULL, NULL);
-    g_autofree char *suffix = g_strconcat("-", tag ? tag : "", NULL);
+    g_autofree char *suffix = g_strconcat("-", tag, NULL);
     GHashTableIter it;
     gpointer key;
 
     if (!present) {
         return false;
     }
-    *foreign = NULL;
     g_hash_table_iter_init(&it, present);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
         const char *name = key;
         char kind;
         guint index;
 
-        if (sscanf(name, "qbk-%c%u-", &kind, &index) != 2 ||
-            !strchr("sfjecax", kind)) {
-            continue;
-        }
-        if (tag && g_str_has_suffix(name, suffix)) {
+        if (sscanf(name, "qbk-%c%u-", &kind, &index) == 2 &&
+            strchr(FLEECE_KINDS, kind) && g_str_has_suffix(name, suffix)) {
             g_hash_table_add(indexes, GUINT_TO_POINTER(index + 1));
-        } else if (!*foreign && (kind == 'j' || kind == 'c')) {
-            *foreign = g_strdup(name); /* another backup's job or filter */
         }
     }
-    /* Rebuild each disk's names, scratch file included, from its index.
-     * (QEMU can't say where the file is: a node whose backing was set at
-     * blockdev-add reports a json: pseudo file name.) */
+    /* Rebuild each disk's names from its index. Its scratch file is in a
+     * private directory that goes once its owner is gone (privdir_reap). */
     g_hash_table_iter_init(&it, indexes);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
-        FleeceDisk *fd = fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1, tag,
-                                         scratch_dir);
+        FleeceDisk *fd =
+            fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1, tag, NULL);
 
         g_ptr_array_add(fds, fd);
     }

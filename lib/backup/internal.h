@@ -5,39 +5,7 @@
 #define QBK_BACKUP_INTERNAL_H
 
 #include "backup.h"
-
-/* ---- repository files (repo.c) ---- */
-
-/* Make REPO's directories if missing and take its lock; returns the fd
- * holding the lock (closing it releases), or -1. */
-int repo_open_locked(const char *repo, GError **error);
-
-/* Write OBJ to PATH atomically: temp file, fsync, rename, fsync dir. */
-bool repo_write_json(const char *path, json_object *obj, GError **error);
-
-/* Parse PATH as a JSON object (new reference), or fail as corrupt. */
-json_object *repo_read_json(const char *path, GError **error);
-
-/* fsync PATH (a file or a directory). */
-bool repo_fsync_path(const char *path, GError **error);
-
-char *repo_manifest_path(const char *repo, const char *id);
-char *repo_partial_path(const char *repo, const char *id);
-char *repo_disk_dir(const char *repo, const char *disk);
-
-/* Partial manifests in REPO (new refs), e.g. left by a killed qbk-pull. */
-GPtrArray *repo_list_partial(const char *repo, GError **error);
-
-/* The manifest's entry for DISK, borrowed, or NULL. */
-json_object *manifest_disk(json_object *manifest, const char *disk);
-
-/* The ids of DISK's chain from backup ID down to its full backup, newest
- * first, into IDS (strings); their manifests (new refs) into MANIFESTS. */
-bool repo_disk_chain(const char *repo, const char *id, const char *disk,
-                     GPtrArray *ids, GPtrArray *manifests, GError **error);
-
-/* A disk id made safe as a file name. */
-char *repo_disk_file_name(const char *disk);
+#include "util.h"
 
 /* ---- the VM side of a backup (fleece.c) ---- */
 
@@ -58,7 +26,8 @@ typedef struct {
     QmpInsertPoint point; /* where the filter goes: above NODE */
 } FleeceDisk;
 
-/* Names for disk INDEX of backup TAG (short, QEMU limits names to 31). */
+/* Names for disk INDEX of backup TAG (short, QEMU limits names to 31);
+ * its scratch file in SCRATCH_DIR (NULL: none). */
 FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
                             const char *tag, const char *scratch_dir);
 void fleece_disk_free(FleeceDisk *fd);
@@ -68,9 +37,11 @@ void fleece_disk_free(FleeceDisk *fd);
 bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
                         GError **error);
 
-/* Scheme B: add the copy-before-write filter above FD->root (not yet in
- * the device's path). */
-bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, GError **error);
+/* Scheme B: add the copy-before-write filter above FD->node (not yet in
+ * the device's path); a guest write waits at most TIMEOUT_S seconds for
+ * its copy, then the snapshot breaks. */
+bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, guint timeout_s,
+                         GError **error);
 
 /* Scheme B: put the filter under the device (from now on the scratch
  * node keeps the point in time) and add the snapshot-access node. */
@@ -102,15 +73,39 @@ bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
 bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
                      GError **error);
 
+/* The kinds of names fleece_disk_new() gives (qbk-<kind><index>-<tag>). */
+#define FLEECE_KINDS "sfjecax"
+
+/* The names of qbk's nodes, exports and jobs in QEMU now (strings). */
+GPtrArray *fleece_present_names(QmpClient *qmp, GError **error);
+
 /*
- * Tear down whatever a backup tagged TAG left in QEMU, and its scratch
- * files in SCRATCH_DIR (names only; used to recover after a qbk-pull was
- * killed). Other tags are reported in *FOREIGN (a job id), meaning another
- * backup is at work. TAG NULL: only look for *FOREIGN.
+ * Tear down whatever backup TAG left in QEMU: nodes, exports, jobs (used
+ * to undo a killed qbk-pull; its scratch files are in a private directory
+ * that privdir_reap() removes).
  */
-bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
-                        const char *scratch_dir, char **foreign,
-                        GError **error);
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, GError **error);
+
+/* ---- marks of a backup in the VM (leftover.c) ---- */
+
+typedef enum {
+    MARK_AT_WORK = 'm', /* the backup's checkpoint is not committed yet */
+    MARK_PAUSED = 'p',  /* qbk paused the VM for it: resume it */
+    MARK_SERVER = 'n',  /* qbk started QEMU's NBD server for it: stop it */
+} BackupMark;
+
+/* Put (remove) mark MARK of backup TAG, made by this process. */
+bool mark_add(QmpClient *qmp, BackupMark mark, const char *tag, GError **error);
+bool mark_del(QmpClient *qmp, BackupMark mark, const char *tag, GError **error);
+
+/*
+ * On the VM's disks as they are now (NODES as backup_query_disks), drop
+ * the temporary bitmaps SINCE (strings) and, if NAME is given, merge
+ * checkpoint NAME back into its predecessor so that the next incremental
+ * misses no write.
+ */
+bool undo_checkpoint(QmpClient *qmp, char **nodes, const char *name,
+                     GPtrArray *since, GError **error);
 
 /* ---- where the data goes (target.c) ---- */
 
@@ -118,7 +113,7 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag,
  * qemu-storage-daemon. */
 typedef struct {
     QmpClient *qsd;
-    char *dir;    /* private, mode 0700: holds the socket */
+    PrivDir *dir; /* holds the socket */
     char *socket; /* NBD server of the daemon */
 } Target;
 
@@ -142,27 +137,52 @@ void target_free(Target *t);
 /* ---- qemu-nbd on a private socket (nbd-serve.c) ---- */
 
 typedef struct {
-    char *dir, *socket;
+    PrivDir *dir; /* holds the socket, the log and the pid file */
+    char *socket;
     GPid pid;
 } NbdServer;
 
-/* Serve IMAGE (FORMAT) as export "": read-only with its allocation depth
- * (a backup chain), or WRITABLE (cache=none). */
+/* Serve IMAGE (FORMAT; NULL for a "json:" IMAGE that names its driver) as
+ * export "": read-only with its allocation depth (a backup chain), or
+ * WRITABLE (cache=none). */
 NbdServer *nbd_serve(const char *image, const char *format, bool writable,
                      GError **error);
 /* Stop it (it ends by itself when its client is gone) and remove its
  * files; false if it did not exit cleanly (a written image may be bad). */
 bool nbd_server_stop(NbdServer *s, GError **error);
 
-/* Run "qemu-img ARGS[0] --output=json ARGS[1..]" and parse its answer;
- * NULL with qemu-img's message in ERROR (BACKUP_ERROR_CORRUPT). */
-json_object *qemu_img_json(const char *const *args, GError **error);
+/* ---- undoing killed backups (recover.c) ---- */
+
+/* Remove the new image and digests of DISK in backup ID. */
+void pull_remove_files(const Repo *repo, const char *id, const char *disk,
+                       RepoFormat format);
+
+/* Record in MANIFEST, the partial manifest of backup ID, that it failed
+ * and why, and write it. */
+bool pull_mark_failed(const Repo *repo, json_object *manifest, const char *id,
+                      const char *reason, GError **error);
+
+/*
+ * Before a backup: finish an interrupted merge, undo every backup of
+ * REPO that a killed qbk-pull left (in the VM and in the repository), and
+ * refuse (BACKUP_ERROR_LOCKED, _LEFTOVER) if another repository's backup
+ * is at work or left state in the VM. NODES as backup_query_disks;
+ * SCRATCH_DIR, this run's, for scratch files of an older qbk.
+ */
+bool pull_recover(QmpClient *qmp, Repo *repo, char **nodes,
+                  const char *scratch_dir, GError **error);
+
+/* ---- test hooks (test builds only: QBK_TEST_HOOKS) ---- */
+
+/* Exit at once (status 99) if $QBK_CRASH_AT is WHERE: the tests kill a
+ * command at each step that matters. A no-op in other builds. */
+void backup_test_crash(const char *where);
 
 /* ---- merge (merge.c) ---- */
 
 /* Remove DISK from backup ID: its manifest entry first (the manifest goes
  * with its last disk), then its files. Idempotent. */
-bool backup_drop_disk(const char *repo, const char *id, const char *disk,
+bool backup_drop_disk(Repo *repo, const char *id, const char *disk,
                       GError **error);
 
 #endif /* QBK_BACKUP_INTERNAL_H */

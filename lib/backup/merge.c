@@ -11,15 +11,14 @@
  *
  * Then, so that a crash at any step leaves every backup restorable, a
  * journal (REPO/merge-journal.json, temp + fsync + rename) records what
- * is to happen and every later step is idempotent: the new image replaces
- * TO's (rename), TO's manifest names its new parent, and the backups that
- * only TO needed lose this disk (their manifests first, then their files).
- * A run that finds a journal finishes it; a new image without a journal is
- * an unfinished copy and is removed.
+ * is to happen, in names only, and every later step is idempotent: the new
+ * image replaces TO's (rename), TO's manifest names its new parent, and the
+ * backups that only TO needed lose this disk (their manifests first, then
+ * their files). A run that finds a journal finishes it; a new image
+ * without a journal is an unfinished copy and is removed.
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -27,80 +26,65 @@
 
 #include "internal.h"
 
-#define JOURNAL "merge-journal.json"
-
-static char *journal_path(const char *repo)
-{
-    return g_build_filename(repo, JOURNAL, NULL);
-}
-
-/* Test hook: exit at step N of a merge (tests kill it at each step). */
-static void crash_point(int step)
-{
-    const char *at = g_getenv("QBK_MERGE_CRASH_AT");
-
-    if (at && atoi(at) == step) {
-        _exit(99);
-    }
-}
-
-/* Some complete backup outside DROP whose DISK stands on one in DROP. */
-static char *dependent(const char *repo, const char *disk, GPtrArray *drop,
+/* Some complete backup outside DROP (and other than TO) whose DISK stands
+ * on one in DROP: why a merge may not drop them; "" if none. */
+static char *dependent(Repo *repo, const char *disk, GPtrArray *drop,
                        const char *to, GError **error)
 {
-    g_autoptr(GPtrArray) all = backup_list(repo, error);
+    g_autoptr(GPtrArray) all = repo_list(repo, false, NULL, error);
 
     if (!all) {
         return NULL;
     }
     for (guint i = 0; i < all->len; i++) {
-        json_object *e = manifest_disk(all->pdata[i], disk);
-        const char *id = qmp_json_string(all->pdata[i], "id");
-        const char *parent = e ? qmp_json_string(e, "parent") : NULL;
+        const Manifest *m = all->pdata[i];
+        const ManifestDisk *e = manifest_disk(m, disk);
 
-        if (parent && g_strcmp0(id, to) != 0 &&
-            !g_ptr_array_find_with_equal_func(drop, id, g_str_equal, NULL) &&
-            g_ptr_array_find_with_equal_func(drop, parent, g_str_equal, NULL)) {
-            return g_strdup_printf("backup '%s' stands on '%s'", id, parent);
+        if (e && e->parent && strcmp(m->id, to) != 0 &&
+            !g_ptr_array_find_with_equal_func(drop, m->id, g_str_equal, NULL) &&
+            g_ptr_array_find_with_equal_func(drop, e->parent, g_str_equal,
+                                             NULL)) {
+            return g_strdup_printf("backup '%s' stands on '%s'", m->id,
+                                   e->parent);
         }
     }
     return g_strdup("");
 }
 
-/* ---- the journal: what is decided, and the steps after it ---- */
+/* ---- the journal's steps ---- */
 
-/* Remove DISK from backup ID (files, then the manifest's entry; the
- * manifest goes when no disk is left). Idempotent. */
-bool backup_drop_disk(const char *repo, const char *id, const char *disk,
+bool backup_drop_disk(Repo *repo, const char *id, const char *disk,
                       GError **error)
 {
     g_autofree char *path = repo_manifest_path(repo, id);
     g_autoptr(GError) local = NULL;
-    json_object *m = repo_read_json(path, &local);
-    json_object *disks, *kept;
-    const char *image = NULL, *digests = NULL;
-    bool ok = true;
+    g_autoptr(Manifest) m = repo_load(repo, id, &local);
+    const ManifestDisk *gone;
+    json_object *kept;
+    RepoFormat format;
+    bool ok;
 
     if (!m) {
-        return true; /* already gone */
-    }
-    disks = qmp_json_array(m, "disks");
-    kept = json_object_new_array();
-    for (size_t i = 0; disks && i < json_object_array_length(disks); i++) {
-        json_object *e = json_object_array_get_idx(disks, i);
-
-        if (g_strcmp0(qmp_json_string(e, "disk"), disk) == 0) {
-            image = qmp_json_string(e, "image");
-            digests = qmp_json_string(e, "digests");
-            continue;
+        if (g_error_matches(local, REPO_ERROR, REPO_ERROR_NOT_FOUND)) {
+            return true; /* already gone */
         }
-        json_object_array_add(kept, json_object_get(e));
+        g_propagate_error(error, g_steal_pointer(&local));
+        return false;
+    }
+    gone = manifest_disk(m, disk);
+    if (!gone) {
+        return true;
+    }
+    format = gone->format;
+    kept = json_object_new_array();
+    for (guint i = 0; i < m->disks->len; i++) {
+        const ManifestDisk *d = m->disks->pdata[i];
+
+        if (d != gone) {
+            json_object_array_add(kept, json_object_get(d->json));
+        }
     }
     /* the manifest first: a crash then leaves files no manifest names */
-    g_autofree char *img = image ? g_build_filename(repo, image, NULL) : NULL;
-    g_autofree char *dig =
-        digests ? g_build_filename(repo, digests, NULL) : NULL;
-
     if (json_object_array_length(kept) == 0) {
         ok = unlink(path) == 0 || errno == ENOENT;
         if (!ok) {
@@ -109,36 +93,117 @@ bool backup_drop_disk(const char *repo, const char *id, const char *disk,
         }
         json_object_put(kept);
     } else {
-        json_object_object_add(m, "disks", kept);
-        ok = repo_write_json(path, m, error);
+        json_object_object_add(m->json, "disks", kept);
+        ok = repo_write_json(path, m->json, error);
     }
-    if (ok && img) {
-        unlink(img);
+    if (ok) {
+        pull_remove_files(repo, id, disk, format);
     }
-    if (ok && dig) {
-        unlink(dig);
-    }
-    json_object_put(m);
     return ok;
 }
 
-/* Carry out journal J: idempotent, so that it can be run again. */
-static bool roll_forward(const char *repo, json_object *j, GError **error)
+/* Point the backups that stand on J->to (their image names its file) at
+ * its new file: same content, so no data is rewritten (-u). */
+static bool rebase_children(Repo *repo, const MergeJournal *j, GError **error)
 {
-    const char *disk = qmp_json_string(j, "disk");
-    const char *to = qmp_json_string(j, "to");
-    g_autofree char *tmp =
-        g_build_filename(repo, qmp_json_string(j, "new_image"), NULL);
-    g_autofree char *image =
-        g_build_filename(repo, qmp_json_string(j, "image"), NULL);
-    g_autofree char *tmp_dig =
-        g_build_filename(repo, qmp_json_string(j, "new_digests"), NULL);
-    g_autofree char *dig =
-        g_build_filename(repo, qmp_json_string(j, "digests"), NULL);
-    g_autofree char *mpath = repo_manifest_path(repo, to);
-    g_autofree char *jpath = journal_path(repo);
-    g_autofree char *dir = g_path_get_dirname(image);
-    json_object *m, *e, *drop, *merged;
+    g_autoptr(GPtrArray) all = repo_list(repo, false, NULL, error);
+    g_autofree char *name = repo_image_name(j->to, j->format);
+
+    if (!all) {
+        return false;
+    }
+    for (guint i = 0; i < all->len; i++) {
+        const Manifest *m = all->pdata[i];
+        const ManifestDisk *e = manifest_disk(m, j->disk);
+        g_autofree char *child = NULL;
+        g_autoptr(GError) local = NULL;
+        Qcow2Header h;
+        int fd;
+
+        if (!e || g_strcmp0(e->parent, j->to) != 0) {
+            continue;
+        }
+        child = repo_image_path(repo, j->disk, m->id, e->format);
+        /* qemu-img opens what the header names besides the backing file
+         * (an external data file): refuse an image that names one */
+        fd = repo_open_file(child, error);
+        if (fd < 0) {
+            return false;
+        }
+        if (!qcow2_header_read(fd, &h, &local) || h.data_file) {
+            close(fd);
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                        "image '%s' is damaged or not a qbk image", child);
+            qcow2_header_clear(&h);
+            return false;
+        }
+        close(fd);
+        qcow2_header_clear(&h);
+        {
+            const char *argv[] = {
+                "qemu-img", "rebase", "-u",
+                "-f",       "qcow2",  "-b",
+                name,       "-F",     repo_format_name(j->format),
+                child,      NULL
+            };
+
+            if (!util_run(argv, NULL, NULL, &local)) {
+                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                            "cannot point '%s' at '%s': %s", child, name,
+                            local->message);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+/* TO's manifest names its new parent, image and format. */
+static bool rewrite_manifest(Repo *repo, const MergeJournal *j, GError **error)
+{
+    g_autofree char *path = repo_manifest_path(repo, j->to);
+    g_autofree char *image = repo_image_relpath(j->disk, j->to, j->format);
+    g_autofree char *digests = repo_digests_relpath(j->disk, j->to);
+    g_autoptr(Manifest) m = repo_load(repo, j->to, error);
+    const ManifestDisk *e;
+    json_object *merged;
+
+    if (!m) {
+        return false;
+    }
+    e = manifest_disk(m, j->disk);
+    if (!e) {
+        return true; /* done before, and dropped since */
+    }
+    json_object_object_add(e->json, "parent",
+                           j->parent ? json_object_new_string(j->parent)
+                                     : NULL);
+    json_object_object_add(e->json, "image", json_object_new_string(image));
+    json_object_object_add(e->json, "format",
+                           json_object_new_string(repo_format_name(j->format)));
+    json_object_object_add(e->json, "digests", json_object_new_string(digests));
+    if (!j->parent) {
+        json_object_object_add(e->json, "mode", json_object_new_string("full"));
+        json_object_object_add(e->json, "synthetic",
+                               json_object_new_boolean(1));
+    }
+    merged = json_object_new_array();
+    for (guint i = 0; i < j->drop->len; i++) {
+        json_object_array_add(merged,
+                              json_object_new_string(j->drop->pdata[i]));
+    }
+    json_object_object_add(e->json, "merged", merged);
+    return repo_write_json(path, m->json, error);
+}
+
+/* Carry out journal J: idempotent, so that it can be run again. */
+static bool roll_forward(Repo *repo, const MergeJournal *j, GError **error)
+{
+    g_autofree char *tmp = repo_merging_path(repo, j->disk, j->to, j->format);
+    g_autofree char *tmp_dig = repo_merging_digests_path(repo, j->disk, j->to);
+    g_autofree char *image = repo_image_path(repo, j->disk, j->to, j->format);
+    g_autofree char *dig = repo_digests_path(repo, j->disk, j->to);
+    g_autofree char *dir = repo_disk_dir(repo, j->disk);
 
     /* 1. the new image and digests take TO's names */
     if (g_file_test(tmp, G_FILE_TEST_EXISTS) &&
@@ -150,114 +215,172 @@ static bool roll_forward(const char *repo, json_object *j, GError **error)
     if (!repo_fsync_path(dir, error)) {
         return false;
     }
-    crash_point(4);
+    backup_test_crash("merge-4");
     /* 2. TO's manifest names its new parent */
-    m = repo_read_json(mpath, error);
-    if (!m) {
+    if (!rewrite_manifest(repo, j, error)) {
         return false;
     }
-    e = manifest_disk(m, disk);
-    if (e) {
-        const char *parent = qmp_json_string(j, "parent");
-
-        json_object_object_add(e, "parent",
-                               parent ? json_object_new_string(parent) : NULL);
-        json_object_object_add(
-            e, "image", json_object_new_string(qmp_json_string(j, "image")));
-        json_object_object_add(
-            e, "format", json_object_new_string(qmp_json_string(j, "format")));
-        json_object_object_add(
-            e, "digests",
-            json_object_new_string(qmp_json_string(j, "digests")));
-        if (!parent) {
-            json_object_object_add(e, "mode", json_object_new_string("full"));
-            json_object_object_add(e, "synthetic", json_object_new_boolean(1));
-        }
-        merged = json_object_get(qmp_json_array(j, "drop"));
-        json_object_object_add(e, "merged", merged);
-    }
-    if (!repo_write_json(mpath, m, error)) {
-        json_object_put(m);
-        return false;
-    }
-    json_object_put(m);
-    crash_point(5);
-    /* 3. the backups only TO needed lose this disk; an old image of
-     * another format goes too */
-    drop = qmp_json_array(j, "drop");
-    for (size_t i = 0; drop && i < json_object_array_length(drop); i++) {
-        if (!backup_drop_disk(
-                repo,
-                json_object_get_string(json_object_array_get_idx(drop, i)),
-                disk, error)) {
+    backup_test_crash("merge-5");
+    /* 3. the backups only TO needed lose this disk */
+    for (guint i = 0; i < j->drop->len; i++) {
+        if (!backup_drop_disk(repo, j->drop->pdata[i], j->disk, error)) {
             return false;
         }
-        crash_point(6);
+        backup_test_crash("merge-6");
     }
-    if (qmp_json_string(j, "old_image")) {
+    /* 4. a new file name (another format): the backups on TO follow it,
+     * and the old image goes */
+    if (j->old_format != j->format) {
         g_autofree char *old =
-            g_build_filename(repo, qmp_json_string(j, "old_image"), NULL);
-        g_autofree char *name = g_path_get_basename(image);
-        json_object *children = qmp_json_array(j, "rebase");
+            repo_image_path(repo, j->disk, j->to, j->old_format);
 
-        /* the backups on TO name its new file (same content: -u) */
-        for (size_t i = 0; children && i < json_object_array_length(children);
-             i++) {
-            g_autofree char *child = g_build_filename(
-                repo,
-                json_object_get_string(json_object_array_get_idx(children, i)),
-                NULL);
-            const char *argv[] = {
-                "qemu-img", "rebase", "-u",
-                "-f",       "qcow2",  "-b",
-                name,       "-F",     qmp_json_string(j, "format"),
-                child,      NULL
-            };
-            g_autofree char *err = NULL;
-            int status;
-
-            if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH,
-                              NULL, NULL, NULL, &err, &status, error)) {
-                return false;
-            }
-            if (!g_spawn_check_wait_status(status, NULL)) {
-                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                            "cannot point '%s' at '%s': %s", child, name,
-                            g_strstrip(err));
-                return false;
-            }
+        if (!g_file_test(image, G_FILE_TEST_IS_REGULAR)) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                        "'%s' is missing: keeping '%s'", image, old);
+            return false;
+        }
+        if (!rebase_children(repo, j, error)) {
+            return false;
         }
         unlink(old);
     }
-    if (unlink(jpath) < 0 && errno != ENOENT) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "cannot remove '%s': %s", jpath, g_strerror(errno));
-        return false;
-    }
-    return repo_fsync_path(repo, error);
+    return repo_remove_journal(repo, error);
 }
 
-bool backup_merge_recover(const char *repo, GError **error)
+/* Whether the string array ARR holds exactly the ids of IDS, in order. */
+static bool same_ids(json_object *arr, GPtrArray *ids)
 {
-    g_autofree char *jpath = journal_path(repo);
-    g_autofree char *dirs = g_build_filename(repo, "disks", NULL);
-    g_autoptr(GDir) d = NULL;
-    const char *name;
-    json_object *j;
-    bool ok;
-
-    if (g_file_test(jpath, G_FILE_TEST_EXISTS)) {
-        j = repo_read_json(jpath, error);
-        if (!j) {
-            return false;
-        }
-        ok = roll_forward(repo, j, error);
-        json_object_put(j);
-        if (!ok) {
+    if (!json_object_is_type(arr, json_type_array) ||
+        json_object_array_length(arr) != ids->len) {
+        return false;
+    }
+    for (guint i = 0; i < ids->len; i++) {
+        if (g_strcmp0(json_object_get_string(json_object_array_get_idx(arr, i)),
+                      ids->pdata[i]) != 0) {
             return false;
         }
     }
-    /* new images without a journal: copies that did not finish */
+    return true;
+}
+
+/* After the swap (step 1), TO's image is the merged one: it stands on the
+ * journal's parent. */
+static bool swapped_in(Repo *repo, const MergeJournal *j)
+{
+    g_autofree char *image = repo_image_path(repo, j->disk, j->to, j->format);
+    g_autofree char *want = NULL;
+    Qcow2Header h;
+    int fd;
+    bool ok;
+
+    if (j->format == REPO_RAW) {
+        return !j->parent && g_file_test(image, G_FILE_TEST_IS_REGULAR);
+    }
+    if (j->parent) {
+        g_autoptr(Manifest) pm = repo_load(repo, j->parent, NULL);
+        const ManifestDisk *pe = pm ? manifest_disk(pm, j->disk) : NULL;
+
+        if (!pe) {
+            return false;
+        }
+        want = repo_image_name(j->parent, pe->format);
+    }
+    fd = repo_open_file(image, NULL);
+    if (fd < 0) {
+        return false;
+    }
+    ok = qcow2_header_read(fd, &h, NULL) && g_strcmp0(h.backing, want) == 0;
+    close(fd);
+    qcow2_header_clear(&h);
+    return ok;
+}
+
+/*
+ * A journal is input too: it may only describe a merge that could have
+ * been decided here. Either its manifest step is done (TO stands on the
+ * journal's parent and records exactly the journal's links as merged), or
+ * not yet (the parent is an ancestor of TO, or none, the links to drop are
+ * those strictly between them, or none for a synthetic full, and the new
+ * image is there: beside TO's, or already in its place).
+ */
+static bool journal_plausible(Repo *repo, const MergeJournal *j, GError **error)
+{
+    g_autoptr(Manifest) m = repo_load(repo, j->to, NULL);
+    g_autoptr(GPtrArray) above = g_ptr_array_new_with_free_func(g_free);
+    const ManifestDisk *e = m ? manifest_disk(m, j->disk) : NULL;
+    g_autofree char *cur = NULL;
+    json_object *merged = NULL;
+    bool found = !j->parent;
+
+    if (!e) {
+        goto refuse;
+    }
+    if (g_strcmp0(e->parent, j->parent) == 0 && e->format == j->format &&
+        ((json_object_object_get_ex(e->json, "merged", &merged) &&
+          same_ids(merged, j->drop)) ||
+         j->drop->len == 0)) {
+        return true;
+    }
+    /* the ancestors of TO down to the new parent, by the manifests */
+    cur = g_strdup(e->parent);
+    for (guint n = 0; cur && n < REPO_CHAIN_MAX; n++) {
+        g_autoptr(Manifest) a = NULL;
+        const ManifestDisk *ae;
+
+        if (g_strcmp0(cur, j->parent) == 0) {
+            found = true;
+            break;
+        }
+        a = repo_load(repo, cur, NULL);
+        ae = a ? manifest_disk(a, j->disk) : NULL;
+        if (!ae) {
+            break;
+        }
+        g_ptr_array_add(above, g_strdup(cur));
+        g_free(cur);
+        cur = g_strdup(ae->parent);
+    }
+    if (found && (j->drop->len == 0 || j->drop->len == above->len)) {
+        g_autofree char *tmp =
+            repo_merging_path(repo, j->disk, j->to, j->format);
+        /* the new image waits beside TO's, or has taken its place */
+        bool all = g_file_test(tmp, G_FILE_TEST_EXISTS) || swapped_in(repo, j);
+
+        for (guint i = 0; i < j->drop->len && all; i++) {
+            all = g_ptr_array_find_with_equal_func(above, j->drop->pdata[i],
+                                                   g_str_equal, NULL);
+        }
+        if (all) {
+            return true;
+        }
+    }
+refuse:
+    g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
+                "the merge journal does not describe a merge of this "
+                "repository (backup '%s', disk '%s'): refusing it",
+                j->to, j->disk);
+    return false;
+}
+
+bool backup_merge_recover(Repo *repo, GError **error)
+{
+    g_autofree char *dirs = g_build_filename(repo_root(repo), "disks", NULL);
+    g_autoptr(MergeJournal) j = NULL;
+    g_autoptr(GError) local = NULL;
+    g_autoptr(GDir) d = NULL;
+    const char *name;
+
+    j = repo_read_journal(repo, &local);
+    if (local) {
+        g_propagate_error(error, g_steal_pointer(&local));
+        return false;
+    }
+    if (j &&
+        (!journal_plausible(repo, j, error) || !roll_forward(repo, j, error))) {
+        return false;
+    }
+    /* new images without a journal: copies that did not finish (the
+     * disk directories are real ones: repo_open checked) */
     d = g_dir_open(dirs, 0, NULL);
     while (d && (name = g_dir_read_name(d))) {
         g_autofree char *sub = g_build_filename(dirs, name, NULL);
@@ -277,139 +400,148 @@ bool backup_merge_recover(const char *repo, GError **error)
 
 /* ---- making the new image ---- */
 
-json_object *backup_merge(const char *repo, const char *disk, const char *from,
-                          const char *to, const char *format, GError **error)
+typedef struct {
+    GPtrArray *chain; /* Manifest*: TO's chain, newest first */
+    guint at;         /* index of FROM in CHAIN */
+    bool full;        /* the result is a full backup */
+    RepoFormat format;
+    const ManifestDisk *to;     /* TO's entry */
+    const ManifestDisk *parent; /* the new parent's entry, or NULL */
+    const char *parent_id;
+    GPtrArray *drop; /* ids (borrowed from CHAIN) that lose the disk */
+} MergePlan;
+
+/* Decide what the merge does, before anything is written. */
+static bool plan_merge(Repo *repo, const char *disk, const char *from,
+                       const char *to, const char *format, MergePlan *plan,
+                       GError **error)
 {
-    g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GPtrArray) ms = g_ptr_array_new_with_free_func(qmp_json_free);
-    g_autoptr(GPtrArray) drop = g_ptr_array_new();
     g_autofree char *why = NULL;
-    g_autofree char *dir = NULL;
-    g_autofree char *file = NULL;
-    g_autofree char *rel_image = NULL, *rel_tmp = NULL;
-    g_autofree char *rel_dig = NULL, *rel_tmp_dig = NULL;
-    g_autofree char *tmp = NULL, *tmp_dig = NULL, *top = NULL;
-    g_autofree char *backing = NULL, *parent_dig = NULL;
-    g_autofree char *sum = NULL;
-    g_autofree char *jpath = journal_path(repo);
-    json_object *te, *pe = NULL, *j, *jdrop, *result;
-    const char *parent = NULL, *expected;
-    guint depth = 0;
-    CopierOptions co;
-    CopierStats stats = { 0 };
-    NbdServer *t = NULL; /* serves the new qcow2 image, writable */
-    NbdServer *nbd = NULL;
-    int dfd = -1, pfd = -1;
-    bool full, ok;
-    gint64 t0 = g_get_monotonic_time();
+    guint depth;
 
-    if (!repo_disk_chain(repo, to, disk, ids, ms, error)) {
-        return NULL;
+    plan->chain = repo_chain(repo, to, disk, error);
+    if (!plan->chain) {
+        return false;
     }
-    te = manifest_disk(ms->pdata[0], disk);
-    full = from == NULL; /* a synthetic full at TO */
-    if (!full) {
-        guint at;
-
-        if (!g_ptr_array_find_with_equal_func(ids, from, g_str_equal, &at) ||
-            at == 0) {
+    plan->to = manifest_disk(plan->chain->pdata[0], disk);
+    plan->full = from == NULL; /* a synthetic full at TO */
+    plan->at = plan->chain->len - 1;
+    if (from) {
+        plan->at = 0;
+        for (guint i = 1; i < plan->chain->len && !plan->at; i++) {
+            if (strcmp(((Manifest *)plan->chain->pdata[i])->id, from) == 0) {
+                plan->at = i;
+            }
+        }
+        if (!plan->at) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN,
                         "disk '%s': '%s' is not an older link of the chain "
                         "of '%s'",
                         disk, from, to);
-            return NULL;
+            return false;
         }
-        g_ptr_array_set_size(drop, 0);
-        for (guint i = 1; i <= at; i++) {
-            g_ptr_array_add(drop, ids->pdata[i]);
-        }
-        depth = at + 1;
-        if (at + 1 < ids->len) {
-            parent = ids->pdata[at + 1];
-            pe = manifest_disk(ms->pdata[at + 1], disk);
-        } else {
-            full = true; /* FROM is the full backup: the result is full */
-        }
-    } else {
-        format = format ? format : "qcow2";
+        plan->full = plan->at + 1 == plan->chain->len;
     }
-    if (!full && format && strcmp(format, "qcow2") != 0) {
+    if (format && !repo_format_parse(format, &plan->format)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                    "the format must be qcow2 or raw");
+        return false;
+    }
+    if (!plan->full && plan->format != REPO_QCOW2) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "an increment can only be qcow2");
-        return NULL;
+        return false;
     }
-    format = full && format ? format : "qcow2";
-    if (full) {
-        /* a full replaces TO's chain for TO; older backups stay */
-        g_ptr_array_set_size(drop, 0);
-        if (from) {
-            for (guint i = 1; i < ids->len; i++) {
-                g_ptr_array_add(drop, ids->pdata[i]);
-            }
-        }
+    if (!plan->full) {
+        Manifest *pm = plan->chain->pdata[plan->at + 1];
+
+        plan->parent_id = pm->id;
+        plan->parent = manifest_disk(pm, disk);
     }
-    why = dependent(repo, disk, drop, to, error);
+    /* the links from FROM to TO's parent lose the disk; a synthetic full
+     * (no FROM) keeps the older backups */
+    plan->drop = g_ptr_array_new();
+    depth = from ? plan->at : 0;
+    for (guint i = 1; i <= depth; i++) {
+        g_ptr_array_add(plan->drop, ((Manifest *)plan->chain->pdata[i])->id);
+    }
+    why = dependent(repo, disk, plan->drop, to, error);
     if (!why) {
-        return NULL;
+        return false;
     }
     if (*why) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "disk '%s': cannot drop what another backup needs: %s",
                     disk, why);
-        return NULL;
+        return false;
     }
-    json_object *checksum = NULL;
-
-    json_object_object_get_ex(te, "checksum", &checksum);
-    expected = qmp_json_string(checksum, "value");
-    if (!expected) {
+    if (!plan->to->checksum) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
                     "backup '%s' records no checksum for disk '%s'", to, disk);
-        return NULL;
+        return false;
     }
+    /* every link is what the manifests say before it is read */
+    return repo_check_chain(repo, plan->chain, disk, error);
+}
 
-    /* the new image, beside TO's */
-    file = repo_disk_file_name(disk);
-    rel_image = g_strdup_printf("disks/%s/%s.%s", file, to, format);
-    rel_tmp = g_strdup_printf("disks/%s/%s.merging.%s", file, to, format);
-    rel_dig = g_strdup(qmp_json_string(te, "digests"));
-    rel_tmp_dig = g_strdup_printf("disks/%s/%s.merging.digests", file, to);
-    tmp = g_build_filename(repo, rel_tmp, NULL);
-    tmp_dig = g_build_filename(repo, rel_tmp_dig, NULL);
-    top = g_build_filename(repo, qmp_json_string(te, "image"), NULL);
-    if (parent) {
-        backing = g_strdup_printf("%s.%s", parent,
-                                  qmp_json_string(pe, "format")
-                                      ? qmp_json_string(pe, "format")
-                                      : "qcow2");
-        parent_dig =
-            g_build_filename(repo, qmp_json_string(pe, "digests"), NULL);
+static void plan_clear(MergePlan *plan)
+{
+    if (plan->chain) {
+        g_ptr_array_unref(plan->chain);
     }
-    unlink(tmp);
-    ok = strcmp(format, "raw") == 0 ||
-         target_create_image(tmp, qmp_json_uint(te, "size"), backing,
-                             parent ? (qmp_json_string(pe, "format")
-                                           ? qmp_json_string(pe, "format")
-                                           : "qcow2")
-                                    : NULL,
-                             error);
-    crash_point(1);
+    if (plan->drop) {
+        g_ptr_array_unref(plan->drop);
+    }
+}
+
+/*
+ * Copy what the merged links hold into TMP (TMP_DIG: its digests), over
+ * the new parent, and check that the result reads as TO. STATS: the
+ * copier's figures; *SUM: the checksum.
+ */
+static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
+                        const char *tmp, const char *tmp_dig,
+                        CopierStats *stats, char **sum, GError **error)
+{
+    const char *to = ((Manifest *)plan->chain->pdata[0])->id;
+    g_autofree char *source =
+        repo_chain_filename(repo, plan->chain, 0, disk, NULL);
+    g_autofree char *target = NULL;
+    g_autofree char *backing = NULL;
+    g_autofree char *parent_dig = NULL;
+    NbdServer *nbd = NULL, *t = NULL;
+    CopierOptions co;
+    int dfd = -1, pfd = -1;
+    bool ok = true;
+
+    if (plan->format == REPO_QCOW2) {
+        if (plan->parent) {
+            backing = repo_image_name(plan->parent_id, plan->parent->format);
+        }
+        ok = target_create_image(
+            tmp, plan->to->size, backing,
+            plan->parent ? repo_format_name(plan->parent->format) : NULL,
+            error);
+        /* opened above the new parent's chain, named explicitly */
+        target =
+            repo_chain_filename(repo, plan->chain, plan->at + 1, disk, tmp);
+    }
+    backup_test_crash("merge-1");
     if (ok) {
-        nbd = nbd_serve(top, qmp_json_string(te, "format"), false, error);
+        nbd = nbd_serve(source, NULL, false, error);
         ok = nbd != NULL;
     }
-    if (ok && strcmp(format, "qcow2") == 0) {
-        t = nbd_serve(tmp, "qcow2", true, error);
+    if (ok && target) {
+        t = nbd_serve(target, NULL, true, error);
         ok = t != NULL;
     }
     if (ok) {
-        dfd = open(tmp_dig, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        pfd = parent_dig ? open(parent_dig, O_RDONLY | O_CLOEXEC) : -1;
-        if (dfd < 0 || (parent_dig && pfd < 0)) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                        "cannot open the block digests: %s", g_strerror(errno));
-            ok = false;
+        dfd = repo_create_file(tmp_dig, error);
+        if (plan->parent) {
+            parent_dig = repo_digests_path(repo, disk, plan->parent_id);
+            pfd = repo_open_file(parent_dig, dfd >= 0 ? error : NULL);
         }
+        ok = dfd >= 0 && (!plan->parent || pfd >= 0);
     }
     if (ok) {
         CopierEndpoint src = { .socket = nbd->socket, .name = "" };
@@ -418,19 +550,19 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
                                .file = t ? NULL : tmp };
 
         copier_options_init(&co);
-        co.depth_limit = full ? 0 : depth;
-        co.target_zeroed = full;
+        co.depth_limit = plan->full ? 0 : plan->at + 1;
+        co.target_zeroed = plan->full;
         co.digest_fd = dfd;
         co.digest_parent_fd = pfd;
-        ok = copier_copy(&src, &dst, &co, &stats, error);
+        ok = copier_copy(&src, &dst, &co, stats, error);
         /* TO's point in time, so TO's checksum */
-        ok = ok && (sum = copier_digests_checksum(dfd, stats.size, error));
-        if (ok && strcmp(sum, expected) != 0) {
+        ok = ok && (*sum = copier_digests_checksum(dfd, stats->size, error));
+        if (ok && strcmp(*sum, plan->to->checksum) != 0) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
                         "disk '%s': the merged image would not equal backup "
                         "'%s' (checksum %s, expected %s); a link is damaged: "
                         "run qbk-verify",
-                        disk, to, sum, expected);
+                        disk, to, *sum, plan->to->checksum);
             ok = false;
         }
         ok = ok && fsync(dfd) == 0;
@@ -444,81 +576,84 @@ json_object *backup_merge(const char *repo, const char *disk, const char *from,
     if (pfd >= 0) {
         close(pfd);
     }
-    ok = ok && repo_fsync_path(tmp, error);
-    if (!ok) {
-        unlink(tmp);
-        unlink(tmp_dig);
-        return NULL;
-    }
-    crash_point(2);
+    return ok && repo_fsync_path(tmp, error);
+}
 
-    /* decided: the journal, then the steps */
-    j = json_object_new_object();
-    json_object_object_add(j, "id", json_object_new_string(to));
-    json_object_object_add(j, "disk", json_object_new_string(disk));
-    json_object_object_add(j, "to", json_object_new_string(to));
-    json_object_object_add(j, "parent",
-                           parent ? json_object_new_string(parent) : NULL);
-    json_object_object_add(j, "format", json_object_new_string(format));
-    json_object_object_add(j, "new_image", json_object_new_string(rel_tmp));
-    json_object_object_add(j, "image", json_object_new_string(rel_image));
-    json_object_object_add(j, "new_digests",
-                           json_object_new_string(rel_tmp_dig));
-    json_object_object_add(j, "digests", json_object_new_string(rel_dig));
-    if (strcmp(rel_image, qmp_json_string(te, "image")) != 0) {
-        /* a new file name (raw): the backups on TO follow it */
-        g_autoptr(GPtrArray) all = backup_list(repo, error);
-        json_object *children = json_object_new_array();
+static json_object *merge_result(const char *disk, const char *to,
+                                 const MergePlan *plan, const char *sum,
+                                 const CopierStats *stats, gint64 t0)
+{
+    json_object *result = json_object_new_object();
+    json_object *dropped = json_object_new_array();
 
-        json_object_object_add(
-            j, "old_image",
-            json_object_new_string(qmp_json_string(te, "image")));
-        for (guint i = 0; all && i < all->len; i++) {
-            json_object *e = manifest_disk(all->pdata[i], disk);
-
-            if (e && g_strcmp0(qmp_json_string(e, "parent"), to) == 0) {
-                json_object_array_add(
-                    children,
-                    json_object_new_string(qmp_json_string(e, "image")));
-            }
-        }
-        json_object_object_add(j, "rebase", children);
-        if (!all) {
-            json_object_put(j);
-            unlink(tmp);
-            unlink(tmp_dig);
-            return NULL;
-        }
+    for (guint i = 0; i < plan->drop->len; i++) {
+        json_object_array_add(dropped,
+                              json_object_new_string(plan->drop->pdata[i]));
     }
-    jdrop = json_object_new_array();
-    for (guint i = 0; i < drop->len; i++) {
-        json_object_array_add(jdrop, json_object_new_string(drop->pdata[i]));
-    }
-    json_object_object_add(j, "drop", jdrop);
-    ok = repo_write_json(jpath, j, error);
-    crash_point(3);
-    ok = ok && roll_forward(repo, j, error);
-    if (!ok) {
-        json_object_put(j);
-        return NULL;
-    }
-    result = json_object_new_object();
     json_object_object_add(result, "disk", json_object_new_string(disk));
     json_object_object_add(result, "backup", json_object_new_string(to));
-    json_object_object_add(result, "parent",
-                           parent ? json_object_new_string(parent) : NULL);
-    json_object_object_add(result, "format", json_object_new_string(format));
-    json_object_object_add(result, "dropped", json_object_get(jdrop));
+    json_object_object_add(
+        result, "parent",
+        plan->parent_id ? json_object_new_string(plan->parent_id) : NULL);
+    json_object_object_add(
+        result, "format",
+        json_object_new_string(repo_format_name(plan->format)));
+    json_object_object_add(result, "dropped", dropped);
     json_object_object_add(result, "bytes_copied",
-                           json_object_new_uint64(stats.bytes_written));
+                           json_object_new_uint64(stats->bytes_written));
     json_object_object_add(result, "bytes_read",
-                           json_object_new_uint64(stats.bytes_read));
+                           json_object_new_uint64(stats->bytes_read));
     json_object_object_add(result, "checksum", json_object_new_string(sum));
     json_object_object_add(result, "copy_seconds",
-                           json_object_new_double(stats.seconds));
+                           json_object_new_double(stats->seconds));
     json_object_object_add(
         result, "seconds",
         json_object_new_double((g_get_monotonic_time() - t0) / 1e6));
-    json_object_put(j);
+    return result;
+}
+
+json_object *backup_merge(Repo *repo, const char *disk, const char *from,
+                          const char *to, const char *format, GError **error)
+{
+    MergePlan plan = { .format = REPO_QCOW2 };
+    g_autoptr(MergeJournal) j = NULL;
+    g_autofree char *tmp = NULL, *tmp_dig = NULL, *sum = NULL;
+    CopierStats stats = { 0 };
+    json_object *result = NULL;
+    gint64 t0 = g_get_monotonic_time();
+
+    if (!plan_merge(repo, disk, from, to, format, &plan, error)) {
+        plan_clear(&plan);
+        return NULL;
+    }
+    /* the new image, beside TO's */
+    tmp = repo_merging_path(repo, disk, to, plan.format);
+    tmp_dig = repo_merging_digests_path(repo, disk, to);
+    unlink(tmp);
+    if (!copy_merged(repo, disk, &plan, tmp, tmp_dig, &stats, &sum, error)) {
+        unlink(tmp);
+        unlink(tmp_dig);
+        plan_clear(&plan);
+        return NULL;
+    }
+    backup_test_crash("merge-2");
+
+    /* decided: the journal, then the steps */
+    j = merge_journal_new();
+    j->disk = g_strdup(disk);
+    j->to = g_strdup(to);
+    j->parent = g_strdup(plan.parent_id);
+    j->format = plan.format;
+    j->old_format = plan.to->format;
+    for (guint i = 0; i < plan.drop->len; i++) {
+        g_ptr_array_add(j->drop, g_strdup(plan.drop->pdata[i]));
+    }
+    if (repo_write_journal(repo, j, error)) {
+        backup_test_crash("merge-3");
+        if (roll_forward(repo, j, error)) {
+            result = merge_result(disk, to, &plan, sum, &stats, t0);
+        }
+    }
+    plan_clear(&plan);
     return result;
 }

@@ -1,7 +1,7 @@
 /*
  * One pull backup, start to end:
  *
- *   recover   tear down what a killed qbk-pull left, roll its checkpoint back
+ *   recover   undo what a killed qbk-pull left (recover.c)
  *   decide    per disk: full, or the changes since which checkpoint
  *   fleece    one transaction: new checkpoint, "since" bitmaps, backup jobs
  *   export    the point-in-time view of each disk over NBD
@@ -11,7 +11,9 @@
  * Until the manifest is written, any failure (copier, full disk, signal,
  * QEMU or the target daemon dying) undoes it all: QEMU is torn down and the
  * new checkpoint is merged back into its predecessor, so the next
- * incremental still sees every write since the last good backup.
+ * incremental still sees every write since the last good backup. What the
+ * backup does to the VM is marked in the VM (leftover.c), so that a run
+ * killed at any point is undone from the VM alone.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -23,6 +25,20 @@
 #include "internal.h"
 
 #define MANIFEST_FORMAT "qbk-manifest-1"
+
+/* A guest write waits at most this long for its copy-before-write; past
+ * it the snapshot breaks (the backup fails and is rolled back), the guest
+ * never sees an error. Before QEMU 9.1 the timeout is kept in 32-bit
+ * nanoseconds: 4 s is the largest whole number of seconds that survives. */
+#define CBW_TIMEOUT_S 4
+
+/* G_DEFINE_QUARK stringifies the quark name as written. */
+/* clang-format off */
+G_DEFINE_QUARK(qbk-backup-error-quark, backup_error)
+/* clang-format on */
+
+G_STATIC_ASSERT(sizeof(COPIER_CHECKSUM_ALGORITHM) ==
+                sizeof("xxh3-128-blocks-64k")); /* lib/repo checks this name */
 
 static const char *const mode_names[] = {
     [BACKUP_MODE_AUTO] = "auto",
@@ -52,20 +68,93 @@ void backup_options_init(BackupOptions *opts)
     *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO, .trace_fd = -1 };
 }
 
+/* The copier's options for this backup: its defaults, then ours. */
+static void copier_options(const BackupOptions *opts, CopierOptions *co)
+{
+    copier_options_init(co);
+    if (opts->requests) {
+        co->requests = opts->requests;
+    }
+    if (opts->connections) {
+        co->connections = opts->connections;
+    }
+    if (opts->chunk_size) {
+        co->chunk_size = opts->chunk_size;
+    }
+    co->rate_limit = opts->rate_limit;
+    co->latency_target_us = opts->latency_target_us;
+    co->trace_fd = opts->trace_fd;
+    co->cancel = opts->cancel;
+}
+
+G_GNUC_PRINTF(2, 3)
+static bool usage(GError **error, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    g_propagate_error(
+        error, g_error_new_valist(BACKUP_ERROR, BACKUP_ERROR_USAGE, fmt, ap));
+    va_end(ap);
+    return false;
+}
+
+bool backup_options_check(const BackupOptions *opts, GError **error)
+{
+    g_autoptr(GHashTable) ids = g_hash_table_new(g_str_hash, g_str_equal);
+    g_autoptr(GError) local = NULL;
+    CopierOptions co;
+
+    copier_options(opts, &co);
+    if (!copier_options_check(&co, &local)) {
+        return usage(error, "%s", local->message);
+    }
+    if (opts->format && strcmp(opts->format, "qcow2") != 0 &&
+        strcmp(opts->format, "raw") != 0) {
+        return usage(error, "the format must be qcow2 or raw");
+    }
+    if (opts->scratch_dir && !*opts->scratch_dir) {
+        return usage(error, "the scratch directory is empty");
+    }
+    for (guint i = 0; opts->disks && opts->disks[i]; i++) {
+        if (!repo_check_name("disk", opts->disks[i], &local)) {
+            return usage(error, "%s", local->message);
+        }
+    }
+    /* each ID is a directory of the repository: plain, and once only */
+    for (guint i = 0; opts->nodes && opts->nodes[i]; i++) {
+        const char *eq = strchr(opts->nodes[i], '=');
+        const char *id = eq ? eq + 1 : opts->nodes[i];
+
+        if (eq == opts->nodes[i]) {
+            return usage(error, "--node '%s' names no node", opts->nodes[i]);
+        }
+        if (!repo_check_name("disk", id, &local)) {
+            return usage(error, "--node '%s': %s", opts->nodes[i],
+                         local->message);
+        }
+        if (!g_hash_table_add(ids, (char *)id)) {
+            return usage(error, "disk id '%s' is given twice", id);
+        }
+    }
+    return true;
+}
+
 /* One disk of the backup. */
 typedef struct {
-    QmpDisk *qd;          /* borrowed from Pull.disks */
-    BackupMode mode;      /* as decided: full, incremental or differential */
-    char *reason;         /* why this mode (e.g. why full) */
-    char *base;           /* checkpoint bitmap to copy changes since */
-    char *parent;         /* parent backup id (the image's backing) */
-    char *since;          /* temporary union bitmap exported, or NULL */
-    FleeceDisk *fd;       /* names in QEMU */
-    char *image;          /* absolute path of the new image */
-    char *digests;        /* absolute path of its block digests */
-    char *parent_digests; /* the parent's, or NULL */
-    char *parent_format;  /* of the parent's image: qcow2 or raw */
-    bool raw;             /* a full backup written as a raw file */
+    QmpDisk *qd;              /* borrowed from Pull.disks */
+    BackupMode mode;          /* as decided: full, incremental, differential */
+    char *reason;             /* why this mode (e.g. why full) */
+    char *base;               /* checkpoint bitmap to copy changes since */
+    char *parent;             /* parent backup id (the image's backing) */
+    RepoFormat parent_format; /* of the parent's image */
+    char *parent_checksum;    /* the parent's, to check its digests */
+    char *since;              /* temporary union bitmap exported, or NULL */
+    FleeceDisk *fd;           /* names in QEMU */
+    RepoFormat format;        /* of the new image (raw: a raw full) */
+    char *image;              /* path of the new image */
+    char *digests;            /* path of its block digests */
+    int parent_digests_fd;    /* the parent's, checked; or -1 */
     CopierStats stats;
     char *checksum;
 } PullDisk;
@@ -73,23 +162,25 @@ typedef struct {
 typedef struct {
     /* initialized once */
     QmpClient *qmp;
-    const char *repo;
+    Repo *repo;
     const BackupOptions *opts;
-    char *id;         /* backup id, also the tag of QEMU names */
-    bool export_only; /* fleece and export for another NBD client */
-    bool scheme_b;    /* fleecing with copy-before-write + snapshot-access */
-    double pause_ms;  /* the VM was paused this long to fleece (B) */
-    int lock_fd;
-    char *scratch_dir;
-    char *private_dir; /* mode 0700: the fleecing NBD socket */
+    char *id;          /* backup id, also the tag of QEMU names */
+    bool export_only;  /* fleece and export for another NBD client */
+    bool scheme_b;     /* fleecing with copy-before-write + snapshot-access */
+    double pause_ms;   /* the VM was paused this long to fleece (B) */
+    char *scratch_dir; /* where scratch images go */
+    PrivDir *scratch;  /* ours in SCRATCH_DIR: this backup's scratch images */
+    PrivDir *rundir;   /* ours in the temporary directory: the NBD socket */
     char *nbd_socket;
 
     /* state */
-    GPtrArray *disks; /* QmpDisk*, the VM's, owned */
-    GPtrArray *pds;   /* PullDisk*, owned */
-    GPtrArray *fds;   /* FleeceDisk*, borrowed from pds */
-    char *checkpoint; /* the new checkpoint's bitmap, once decided */
-    bool fleeced;     /* the transaction ran: the checkpoint exists */
+    GPtrArray *disks;    /* QmpDisk*, the VM's, owned */
+    GPtrArray *warnings; /* strings: manifests left out as damaged */
+    GPtrArray *pds;      /* PullDisk*, owned */
+    GPtrArray *fds;      /* FleeceDisk*, borrowed from pds */
+    char *checkpoint;    /* the new checkpoint's bitmap, once decided */
+    bool marked;         /* MARK_AT_WORK is in the VM */
+    bool fleeced;        /* the transaction ran: the checkpoint exists */
     bool server_started;
     Target *target;
     json_object *manifest; /* written as ID.partial.json until complete */
@@ -101,35 +192,30 @@ static void pull_disk_free(PullDisk *pd)
     g_free(pd->reason);
     g_free(pd->base);
     g_free(pd->parent);
+    g_free(pd->parent_checksum);
     g_free(pd->since);
     fleece_disk_free(pd->fd);
     g_free(pd->image);
     g_free(pd->digests);
-    g_free(pd->parent_digests);
-    g_free(pd->parent_format);
+    if (pd->parent_digests_fd >= 0) {
+        close(pd->parent_digests_fd);
+    }
     g_free(pd->checksum);
     g_free(pd);
 }
 
 static void pull_free(Pull *p)
 {
-    if (p->lock_fd >= 0) {
-        close(p->lock_fd);
-    }
     target_free(p->target);
-    if (p->nbd_socket && p->private_dir) {
-        unlink(p->nbd_socket); /* ours only */
-    }
-    if (p->private_dir) {
-        rmdir(p->private_dir);
-    }
+    privdir_free(p->rundir);
+    privdir_free(p->scratch);
     g_free(p->id);
     g_free(p->scratch_dir);
-    g_free(p->private_dir);
     g_free(p->nbd_socket);
     if (p->disks) {
         g_ptr_array_unref(p->disks);
     }
+    g_ptr_array_unref(p->warnings);
     if (p->pds) {
         g_ptr_array_unref(p->pds);
     }
@@ -159,228 +245,23 @@ static char *now_iso(void)
     return g_date_time_format_iso8601(now);
 }
 
-/* The VM's disks, or the nodes the caller named (a qemu-storage-daemon
- * has no devices). */
-static GPtrArray *query_disks(Pull *p, GError **error)
-{
-    g_autoptr(GPtrArray) nodes = NULL;
-    g_autoptr(GPtrArray) ids = NULL;
-    g_autoptr(GError) err = NULL;
-    GPtrArray *disks;
-
-    if (!p->opts->nodes) {
-        return qmp_query_disks(p->qmp, error);
-    }
-    nodes = g_ptr_array_new_with_free_func(g_free);
-    ids = g_ptr_array_new_with_free_func(g_free);
-    for (guint i = 0; p->opts->nodes[i]; i++) {
-        const char *spec = p->opts->nodes[i];
-        const char *eq = strchr(spec, '=');
-
-        g_ptr_array_add(nodes,
-                        eq ? g_strndup(spec, eq - spec) : g_strdup(spec));
-        g_ptr_array_add(ids, g_strdup(eq ? eq + 1 : spec));
-    }
-    g_ptr_array_add(nodes, NULL);
-    g_ptr_array_add(ids, NULL);
-    disks = qmp_query_node_disks(p->qmp, (const char *const *)nodes->pdata,
-                                 (const char *const *)ids->pdata, &err);
-    if (!disks && g_error_matches(err, QMP_ERROR, QMP_ERROR_PROTOCOL)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND, "%s",
-                    err->message); /* a node that isn't there */
-        return NULL;
-    }
-    if (!disks) {
-        g_propagate_error(error, g_steal_pointer(&err));
-    }
-    return disks;
-}
-
-/* ---- undoing: the checkpoint of a backup that did not complete ---- */
-
-/*
- * Merge checkpoint BITMAP back into its predecessor and drop the "since"
- * bitmaps SINCE, on the VM as it is now.
- */
-static bool rollback_checkpoint(Pull *p, const char *bitmap, GPtrArray *since,
-                                GError **error)
-{
-    QmpClient *qmp = p->qmp;
-    g_autoptr(GPtrArray) disks = query_disks(p, error);
-    g_autoptr(GPtrArray) cps = NULL;
-
-    if (!disks) {
-        return false;
-    }
-    for (guint i = 0; since && i < since->len; i++) {
-        if (bitmap_drop_since(qmp, disks, since->pdata[i], error) < 0) {
-            return false;
-        }
-    }
-    cps = bitmap_list_checkpoints(disks);
-    if (bitmap && bitmap_find_checkpoint(cps, bitmap)) {
-        return bitmap_delete_checkpoint(qmp, disks, bitmap, error);
-    }
-    return true;
-}
-
-static void remove_new_files(json_object *manifest, const char *repo)
-{
-    json_object *disks;
-
-    if (!json_object_object_get_ex(manifest, "disks", &disks)) {
-        return;
-    }
-    for (size_t i = 0; i < json_object_array_length(disks); i++) {
-        json_object *d = json_object_array_get_idx(disks, i);
-        const char *keys[] = { "image", "digests" };
-
-        for (size_t k = 0; k < G_N_ELEMENTS(keys); k++) {
-            if (qmp_json_string(d, keys[k])) {
-                g_autofree char *path =
-                    g_build_filename(repo, qmp_json_string(d, keys[k]), NULL);
-
-                unlink(path);
-            }
-        }
-    }
-}
-
-static void mark_failed(const char *repo, json_object *manifest,
-                        const char *reason)
-{
-    g_autofree char *path =
-        repo_partial_path(repo, qmp_json_string(manifest, "id"));
-    g_autofree char *when = now_iso();
-
-    json_object_object_add(manifest, "status",
-                           json_object_new_string("failed"));
-    json_object_object_add(manifest, "reason", json_object_new_string(reason));
-    json_object_object_add(manifest, "finished", json_object_new_string(when));
-    repo_write_json(path, manifest, NULL);
-}
-
-/* The scratch images of backup TAG (QEMU's node may no longer say where). */
-static void remove_scratch_files(const char *dir, const char *tag)
-{
-    g_autoptr(GDir) d = g_dir_open(dir, 0, NULL);
-    g_autofree char *suffix = g_strdup_printf("-%s.scratch.qcow2", tag);
-    const char *name;
-
-    while (d && (name = g_dir_read_name(d))) {
-        if (g_str_has_prefix(name, "qbk-s") && g_str_has_suffix(name, suffix)) {
-            g_autofree char *path = g_build_filename(dir, name, NULL);
-
-            unlink(path);
-        }
-    }
-}
-
-/* Undo what a qbk-pull that died left behind, as its partial manifest
- * tells. */
-static bool recover(Pull *p, GError **error)
-{
-    g_autoptr(GPtrArray) partials = NULL;
-
-    if (!backup_merge_recover(p->repo, error)) {
-        g_prefix_error(error, "finishing an interrupted qbk-merge: ");
-        return false;
-    }
-    partials = repo_list_partial(p->repo, error);
-    if (!partials) {
-        return false;
-    }
-    for (guint i = 0; i < partials->len; i++) {
-        json_object *m = partials->pdata[i];
-        g_autoptr(GPtrArray) since = g_ptr_array_new();
-        g_autofree char *foreign = NULL;
-        json_object *disks;
-
-        g_autofree char *final = NULL;
-        g_autofree char *partial = NULL;
-        const char *scratch_dir;
-
-        if (g_strcmp0(qmp_json_string(m, "status"), "in-progress") != 0) {
-            continue;
-        }
-        if (json_object_object_get_ex(m, "disks", &disks)) {
-            for (size_t d = 0; d < json_object_array_length(disks); d++) {
-                const char *s = qmp_json_string(
-                    json_object_array_get_idx(disks, d), "since");
-
-                if (s) {
-                    g_ptr_array_add(since, (char *)s);
-                }
-            }
-        }
-        final = repo_manifest_path(p->repo, qmp_json_string(m, "id"));
-        if (g_file_test(final, G_FILE_TEST_EXISTS)) {
-            /* It completed (QEMU was torn down before the manifest was
-             * written) and died in its last steps: only the transient
-             * bitmaps and this file are left. Its checkpoint is good. */
-            rollback_checkpoint(p, NULL, since, NULL);
-            partial = repo_partial_path(p->repo, qmp_json_string(m, "id"));
-            unlink(partial);
-            continue;
-        }
-        scratch_dir = qmp_json_string(m, "scratch_dir")
-                          ? qmp_json_string(m, "scratch_dir")
-                          : p->scratch_dir;
-        if (!fleece_cleanup_tag(p->qmp, qmp_json_string(m, "id"), scratch_dir,
-                                &foreign, error)) {
-            g_prefix_error(error, "cleaning up after backup '%s': ",
-                           qmp_json_string(m, "id"));
-            return false;
-        }
-        if (qmp_json_bool(m, "pausing")) {
-            /* killed while the VM was paused to fleece: resume it */
-            g_autofree char *st = qmp_query_status(p->qmp, NULL, NULL);
-
-            if (g_strcmp0(st, "paused") == 0) {
-                qmp_run(p->qmp, "cont", NULL, NULL);
-            }
-        }
-        if (qmp_json_string(m, "nbd_server_socket")) {
-            qmp_run(p->qmp, "nbd-server-stop", NULL, NULL);
-            unlink(qmp_json_string(m, "nbd_server_socket"));
-        }
-        if (!rollback_checkpoint(p, qmp_json_string(m, "checkpoint_bitmap"),
-                                 since, error)) {
-            g_prefix_error(
-                error, "rolling back backup '%s': ", qmp_json_string(m, "id"));
-            return false;
-        }
-        /* the nodes may be gone (QEMU restarted) while files stay */
-        remove_scratch_files(scratch_dir, qmp_json_string(m, "id"));
-        remove_new_files(m, p->repo);
-        mark_failed(p->repo, m,
-                    "interrupted: qbk-pull did not finish; "
-                    "rolled back by the next run");
-    }
-    return true;
-}
-
 /* ---- deciding what each disk needs ---- */
 
-/* The newest complete backup that has DISK and satisfies WANT_FULL. */
-static json_object *find_backup(GPtrArray *backups, const char *disk,
-                                bool want_full, const char *checkpoint)
+/* The newest complete backup that has DISK, is a full one if WANT_FULL,
+ * and was taken at CHECKPOINT (its id, checkpoint or bitmap) if given. */
+static Manifest *find_backup(GPtrArray *backups, const char *disk,
+                             bool want_full, const char *checkpoint)
 {
     for (guint i = backups->len; i-- > 0;) {
-        json_object *m = backups->pdata[i];
-        json_object *d = manifest_disk(m, disk);
+        Manifest *m = backups->pdata[i];
+        const ManifestDisk *d = manifest_disk(m, disk);
 
-        if (!d) {
+        if (!d || (want_full && d->mode != MANIFEST_FULL)) {
             continue;
         }
-        if (want_full && g_strcmp0(qmp_json_string(d, "mode"), "full") != 0) {
-            continue;
-        }
-        if (checkpoint &&
-            g_strcmp0(qmp_json_string(m, "id"), checkpoint) != 0 &&
-            g_strcmp0(qmp_json_string(m, "checkpoint"), checkpoint) != 0 &&
-            g_strcmp0(qmp_json_string(m, "checkpoint_bitmap"), checkpoint) !=
-                0) {
+        if (checkpoint && strcmp(m->id, checkpoint) != 0 &&
+            g_strcmp0(m->checkpoint, checkpoint) != 0 &&
+            g_strcmp0(m->checkpoint_bitmap, checkpoint) != 0) {
             continue;
         }
         return m;
@@ -408,13 +289,81 @@ static bool need_full(Pull *p, PullDisk *pd, GError **error, const char *fmt,
     return true;
 }
 
+/*
+ * The parent's block digests, which an incremental inherits: open only if
+ * they hash to the checksum the parent recorded (a damaged file would
+ * make the new backup record a checksum no restore can match). -1 and
+ * WHY if not.
+ */
+static int open_parent_digests(Pull *p, const char *parent, const char *disk,
+                               guint64 size, const char *checksum, char **why)
+{
+    g_autofree char *path = repo_digests_path(p->repo, disk, parent);
+    g_autofree char *sum = NULL;
+    g_autoptr(GError) local = NULL;
+    struct stat st;
+    int fd = repo_open_file(path, &local);
+
+    if (fd >= 0 && fstat(fd, &st) == 0 &&
+        (guint64)st.st_size == copier_block_count(size) * COPIER_DIGEST_LEN &&
+        (sum = copier_digests_checksum(fd, size, &local)) &&
+        strcmp(sum, checksum) == 0) {
+        return fd;
+    }
+    *why = g_strdup_printf("the block digests of backup '%s' are %s", parent,
+                           fd < 0 ? "missing" : "damaged");
+    if (fd >= 0) {
+        close(fd);
+    }
+    return -1;
+}
+
+/* Whether DISK's chain at backup PARENT holds, as manifests and images
+ * (an incremental on a broken chain would never restore); WHY if not. */
+static bool parent_chain_sound(Pull *p, const char *parent, const char *disk,
+                               char **why)
+{
+    g_autoptr(GError) local = NULL;
+    g_autoptr(GPtrArray) chain = repo_chain(p->repo, parent, disk, &local);
+
+    if (!chain || !repo_check_chain(p->repo, chain, disk, &local)) {
+        *why = g_strdup(local->message);
+        return false;
+    }
+    return true;
+}
+
+/* Since which checkpoint DISK's backup copies changes, with --export-only
+ * --since: another NBD client keeps its own chain, so the checkpoint is
+ * looked up in the VM, not in the repository. */
+static bool decide_export_since(Pull *p, PullDisk *pd, BitmapCheck *check,
+                                GError **error)
+{
+    g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(p->disks);
+    BitmapCheckpoint *cp = bitmap_find_checkpoint(cps, p->opts->since);
+    const BitmapDiskVerdict *v = bitmap_check_verdict(check, pd->qd);
+    int i = bitmap_verdict_find(v, cp ? cp->bitmap : NULL);
+
+    if (i < 0 || (guint)i < v->untrusted) {
+        return need_full(p, pd, error,
+                         "checkpoint '%s' is missing or untrusted",
+                         p->opts->since);
+    }
+    pd->mode = BACKUP_MODE_INCREMENTAL;
+    pd->base = g_strdup(cp->bitmap);
+    pd->reason = g_strdup_printf("changes since checkpoint '%s'", cp->name);
+    return true;
+}
+
 static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
                    BitmapCheck *check, GError **error)
 {
     QmpDisk *qd = pd->qd;
     bool want_full = p->opts->mode == BACKUP_MODE_DIFFERENTIAL;
-    json_object *m, *entry;
+    const ManifestDisk *entry;
     const BitmapDiskVerdict *v;
+    g_autofree char *why = NULL;
+    Manifest *m;
     int i;
 
     if (qd->no_bitmaps) {
@@ -426,22 +375,7 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
         return true;
     }
     if (p->export_only && p->opts->since) {
-        /* Another NBD client keeps its own chain: the checkpoint is
-         * looked up in the VM, not in the repository. */
-        g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(p->disks);
-        BitmapCheckpoint *cp = bitmap_find_checkpoint(cps, p->opts->since);
-
-        v = bitmap_check_verdict(check, qd);
-        i = bitmap_verdict_find(v, cp ? cp->bitmap : NULL);
-        if (i < 0 || (guint)i < v->untrusted) {
-            return need_full(p, pd, error,
-                             "checkpoint '%s' is missing or untrusted",
-                             p->opts->since);
-        }
-        pd->mode = BACKUP_MODE_INCREMENTAL;
-        pd->base = g_strdup(cp->bitmap);
-        pd->reason = g_strdup_printf("changes since checkpoint '%s'", cp->name);
-        return true;
+        return decide_export_since(p, pd, check, error);
     }
     if (p->opts->mode == BACKUP_MODE_FULL && !p->opts->since) {
         pd->mode = BACKUP_MODE_FULL;
@@ -455,39 +389,41 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
                                         : "no earlier backup of this disk");
     }
     entry = manifest_disk(m, qd->id);
-    if ((guint64)qmp_json_int(entry, "size") != qd->size) {
-        return need_full(p, pd, error, "resized since backup '%s'",
-                         qmp_json_string(m, "id"));
+    if (entry->size != qd->size) {
+        return need_full(p, pd, error, "resized since backup '%s'", m->id);
     }
-    if (!qmp_json_string(m, "checkpoint_bitmap") ||
-        !qmp_json_bool(entry, "checkpointed")) {
-        return need_full(p, pd, error, "backup '%s' has no checkpoint",
-                         qmp_json_string(m, "id"));
+    if (!m->checkpoint_bitmap || !entry->checkpointed) {
+        return need_full(p, pd, error, "backup '%s' has no checkpoint", m->id);
     }
     v = bitmap_check_verdict(check, qd);
-    i = bitmap_verdict_find(v, qmp_json_string(m, "checkpoint_bitmap"));
+    i = bitmap_verdict_find(v, m->checkpoint_bitmap);
     if (i < 0) {
         return need_full(p, pd, error, "checkpoint '%s' is missing",
-                         qmp_json_string(m, "checkpoint"));
+                         m->checkpoint ? m->checkpoint : m->id);
     }
     if ((guint)i < v->untrusted) {
         return need_full(p, pd, error,
                          "checkpoint '%s' cannot be trusted (QEMU was "
                          "killed, or a bitmap is missing)",
-                         qmp_json_string(m, "checkpoint"));
+                         m->checkpoint ? m->checkpoint : m->id);
+    }
+    if (!parent_chain_sound(p, m->id, qd->id, &why)) {
+        return need_full(p, pd, error, "%s", why);
+    }
+    pd->parent_digests_fd =
+        open_parent_digests(p, m->id, qd->id, qd->size, entry->checksum, &why);
+    if (pd->parent_digests_fd < 0) {
+        return need_full(p, pd, error, "%s", why);
     }
     pd->mode = p->opts->mode == BACKUP_MODE_DIFFERENTIAL
                    ? BACKUP_MODE_DIFFERENTIAL
                    : BACKUP_MODE_INCREMENTAL;
-    pd->base = g_strdup(qmp_json_string(m, "checkpoint_bitmap"));
-    pd->parent = g_strdup(qmp_json_string(m, "id"));
-    pd->parent_digests =
-        g_build_filename(p->repo, qmp_json_string(entry, "digests"), NULL);
-    pd->parent_format = g_strdup(qmp_json_string(entry, "format")
-                                     ? qmp_json_string(entry, "format")
-                                     : "qcow2");
+    pd->base = g_strdup(m->checkpoint_bitmap);
+    pd->parent = g_strdup(m->id);
+    pd->parent_format = entry->format;
+    pd->parent_checksum = g_strdup(entry->checksum);
     pd->reason = g_strdup_printf("changes since checkpoint '%s'",
-                                 qmp_json_string(m, "checkpoint"));
+                                 m->checkpoint ? m->checkpoint : m->id);
     return true;
 }
 
@@ -496,11 +432,8 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
 static json_object *disk_json(Pull *p, PullDisk *pd)
 {
     json_object *o = json_object_new_object();
-    g_autofree char *file = repo_disk_file_name(pd->qd->id);
-    g_autofree char *image = g_strdup_printf("disks/%s/%s.%s", file, p->id,
-                                             pd->raw ? "raw" : "qcow2");
-    g_autofree char *digests =
-        g_strdup_printf("disks/%s/%s.digests", file, p->id);
+    g_autofree char *image = repo_image_relpath(pd->qd->id, p->id, pd->format);
+    g_autofree char *digests = repo_digests_relpath(pd->qd->id, p->id);
 
     json_object_object_add(o, "disk", json_object_new_string(pd->qd->id));
     json_object_object_add(o, "node", json_object_new_string(pd->qd->node));
@@ -517,8 +450,8 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
     json_object_object_add(o, "checkpointed",
                            json_object_new_boolean(!pd->qd->no_bitmaps));
     json_object_object_add(o, "image", json_object_new_string(image));
-    json_object_object_add(o, "format",
-                           json_object_new_string(pd->raw ? "raw" : "qcow2"));
+    json_object_object_add(
+        o, "format", json_object_new_string(repo_format_name(pd->format)));
     json_object_object_add(o, "digests", json_object_new_string(digests));
     return o;
 }
@@ -634,37 +567,37 @@ static bool insert_filters(Pull *p, QmpTransaction *later, GError **error)
     gint64 paused_at = 0;
 
     if (p->pds->len > 1 && vm_running(p->qmp)) {
-        /* a run that finds this set after a kill resumes the VM */
-        json_object_object_add(p->manifest, "pausing",
-                               json_object_new_boolean(1));
-        if (!write_partial(p, error)) {
+        /* whoever finds this mark after a kill resumes the VM; a VM paused
+         * by someone else carries none */
+        if (!mark_add(p->qmp, MARK_PAUSED, p->id, error)) {
             return false;
         }
         paused_at = g_get_monotonic_time();
         if (!qmp_run(p->qmp, "stop", NULL, error)) {
             g_prefix_error(error, "cannot pause the VM: ");
+            mark_del(p->qmp, MARK_PAUSED, p->id, NULL);
             return false;
         }
         stopped = true;
+        backup_test_crash("paused");
     }
     for (guint i = 0; ok && i < p->pds->len; i++) {
         ok = fleece_b_insert(p->qmp, ((PullDisk *)p->pds->pdata[i])->fd, error);
     }
     if (stopped) {
-        if (!qmp_run(p->qmp, "cont", NULL, &cont_err) && ok) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                        "the VM was paused to fleece and could not be "
-                        "resumed: %s",
-                        cont_err->message);
-            ok = false;
+        if (!qmp_run(p->qmp, "cont", NULL, &cont_err)) {
+            if (ok) {
+                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                            "the VM was paused to fleece and could not be "
+                            "resumed: %s",
+                            cont_err->message);
+            }
+            return false; /* the mark stays: recovery resumes it */
         }
+        mark_del(p->qmp, MARK_PAUSED, p->id, NULL);
         p->pause_ms = (g_get_monotonic_time() - paused_at) / 1e3;
         json_object_object_add(p->manifest, "pause_ms",
                                json_object_new_double(p->pause_ms));
-        json_object_object_del(p->manifest, "pausing");
-        if (ok && !write_partial(p, error)) {
-            return false;
-        }
     }
     if (!ok) {
         return false;
@@ -689,6 +622,12 @@ static bool fleece(Pull *p, GError **error)
         p->scheme_b ? qmp_transaction_new() : NULL;
     g_autoptr(GPtrArray) targets = g_ptr_array_new();
 
+    /* From here on the VM holds this backup's objects: a run that finds
+     * this mark without its qbk-pull undoes them. */
+    if (!mark_add(p->qmp, MARK_AT_WORK, p->id, error)) {
+        return false;
+    }
+    p->marked = true;
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
 
@@ -696,7 +635,8 @@ static bool fleece(Pull *p, GError **error)
             return false;
         }
         g_ptr_array_add(p->fds, pd->fd);
-        if (p->scheme_b && !fleece_b_add_filter(p->qmp, pd->fd, error)) {
+        if (p->scheme_b &&
+            !fleece_b_add_filter(p->qmp, pd->fd, CBW_TIMEOUT_S, error)) {
             return false;
         }
         if (!pd->qd->no_bitmaps) {
@@ -718,8 +658,6 @@ static bool fleece(Pull *p, GError **error)
     json_object_object_add(p->manifest, "checkpoint_bitmap",
                            p->checkpoint ? json_object_new_string(p->checkpoint)
                                          : NULL);
-    /* Written before the transaction: if we die after it, the next run
-     * knows which checkpoint to roll back. */
     if (!write_partial(p, error)) {
         return false;
     }
@@ -742,34 +680,23 @@ static bool export_all(Pull *p, GError **error)
     if (p->opts->nbd_server) {
         /* Someone else's server: use it, never stop it. */
         p->nbd_socket = g_strdup(p->opts->nbd_server);
-        p->server_started = false;
-        for (guint i = 0; i < p->pds->len; i++) {
-            PullDisk *pd = p->pds->pdata[i];
-
-            if (!fleece_export(p->qmp, pd->fd, pd->since, error)) {
-                return false;
-            }
+    } else {
+        p->rundir = privdir_new(NULL, "pull", error);
+        if (!p->rundir) {
+            return false;
         }
-        return true;
-    }
-    p->private_dir = g_dir_make_tmp("qbk-pull-XXXXXX", error);
-    if (!p->private_dir) {
-        return false;
-    }
-    p->nbd_socket = g_build_filename(p->private_dir, "nbd.sock", NULL);
-    /* Only a server we started is ours to stop, now or after a crash:
-     * say so before starting it (a kill right after must not leave it),
-     * and take it back if one was running already. */
-    json_object_object_add(p->manifest, "nbd_server_socket",
-                           json_object_new_string(p->nbd_socket));
-    if (!write_partial(p, error)) {
-        return false;
-    }
-    if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
-                             error)) {
-        json_object_object_del(p->manifest, "nbd_server_socket");
-        write_partial(p, NULL);
-        return false;
+        p->nbd_socket = privdir_file(p->rundir, "nbd.sock");
+        /* Only a server we started is ours to stop, now or after a kill:
+         * mark it before starting it, and take the mark back if one was
+         * running already. */
+        if (!mark_add(p->qmp, MARK_SERVER, p->id, error)) {
+            return false;
+        }
+        if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
+                                 error)) {
+            mark_del(p->qmp, MARK_SERVER, p->id, NULL);
+            return false;
+        }
     }
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
@@ -781,6 +708,20 @@ static bool export_all(Pull *p, GError **error)
     return true;
 }
 
+/* Take everything of this backup out of QEMU. */
+static bool teardown(Pull *p, GError **error)
+{
+    if (!fleece_teardown(p->qmp, p->fds, p->server_started, error)) {
+        return false;
+    }
+    g_ptr_array_set_size(p->fds, 0);
+    if (p->server_started) {
+        p->server_started = false;
+        mark_del(p->qmp, MARK_SERVER, p->id, NULL);
+    }
+    return true;
+}
+
 static bool make_targets(Pull *p, GError **error)
 {
     g_autoptr(GPtrArray) images = g_ptr_array_new();
@@ -788,22 +729,19 @@ static bool make_targets(Pull *p, GError **error)
 
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
-        g_autofree char *dir = repo_disk_dir(p->repo, pd->qd->id);
         g_autofree char *backing = NULL;
 
-        if (g_mkdir_with_parents(dir, 0755) < 0) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                        "cannot create '%s': %s", dir, g_strerror(errno));
+        if (!repo_make_disk_dir(p->repo, pd->qd->id, error)) {
             return false;
         }
-        if (pd->raw) {
+        if (pd->format == REPO_RAW) {
             continue; /* the copier writes the file itself */
         }
         if (pd->parent) {
-            backing = g_strdup_printf("%s.%s", pd->parent, pd->parent_format);
+            backing = repo_image_name(pd->parent, pd->parent_format);
         }
         if (!target_create_image(pd->image, pd->qd->size, backing,
-                                 pd->parent_format, error)) {
+                                 repo_format_name(pd->parent_format), error)) {
             return false;
         }
         g_ptr_array_add(images, pd->image);
@@ -838,89 +776,68 @@ static void on_progress(const CopierStats *stats, void *opaque)
     p->opts->progress(&bp, p->opts->progress_opaque);
 }
 
+static bool copy_one(Pull *p, guint index, GError **error)
+{
+    PullDisk *pd = p->pds->pdata[index];
+    CopierEndpoint src = { .socket = p->nbd_socket, .name = pd->qd->id };
+    CopierEndpoint dst = { .file = pd->image };
+    CopierEndpoint notices = {
+        .socket = p->nbd_socket,
+        .name = p->scheme_b ? pd->fd->notice_export : pd->qd->id,
+    };
+    ProgressCtx ctx = { p, index };
+    CopierOptions co;
+    int dfd;
+    bool ok;
+
+    if (pd->format != REPO_RAW) {
+        dst =
+            (CopierEndpoint){ .socket = p->target->socket, .name = pd->qd->id };
+    }
+    copier_options(p->opts, &co);
+    co.bitmap = pd->since;
+    co.target_zeroed = pd->mode == BACKUP_MODE_FULL;
+    if (!p->opts->no_notices) {
+        /* A: the fleecing export's own allocation depth; B: the scratch
+         * node's map. Both show what the guest overwrote. */
+        co.notices = &notices;
+        co.notice_context =
+            p->scheme_b ? "base:allocation" : "qemu:allocation-depth";
+    }
+    co.release = p->scheme_b && !p->opts->no_release;
+    if (p->opts->progress) {
+        co.progress = on_progress;
+        co.progress_opaque = &ctx;
+    }
+    dfd = repo_create_file(pd->digests, error);
+    if (dfd < 0) {
+        g_prefix_error(error, "disk '%s': ", pd->qd->id);
+        return false;
+    }
+    co.digest_fd = dfd;
+    co.digest_parent_fd = pd->parent_digests_fd;
+    ok = copier_copy(&src, &dst, &co, &pd->stats, error);
+    if (ok) {
+        pd->checksum = copier_digests_checksum(dfd, pd->qd->size, error);
+        ok = pd->checksum && fsync(dfd) == 0;
+    }
+    close(dfd);
+    if (!ok && g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_CANCELLED)) {
+        g_clear_error(error);
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "interrupted by a signal");
+        return false;
+    }
+    if (!ok) {
+        g_prefix_error(error, "disk '%s': ", pd->qd->id);
+    }
+    return ok;
+}
+
 static bool copy_all(Pull *p, GError **error)
 {
     for (guint i = 0; i < p->pds->len; i++) {
-        PullDisk *pd = p->pds->pdata[i];
-        CopierEndpoint src = { .socket = p->nbd_socket, .name = pd->qd->id };
-        CopierEndpoint dst = { .file = pd->image };
-        CopierEndpoint notices = {
-            .socket = p->nbd_socket,
-            .name = p->scheme_b ? pd->fd->notice_export : pd->qd->id,
-        };
-        ProgressCtx ctx = { p, i };
-        CopierOptions co;
-        int dfd, pfd = -1;
-        bool ok;
-
-        if (cancelled(p, error)) {
-            return false;
-        }
-        if (!pd->raw) {
-            dst = (CopierEndpoint){ .socket = p->target->socket,
-                                    .name = pd->qd->id };
-        }
-        copier_options_init(&co);
-        if (p->opts->requests) {
-            co.requests = p->opts->requests;
-        }
-        if (p->opts->connections) {
-            co.connections = p->opts->connections;
-        }
-        if (p->opts->chunk_size) {
-            co.chunk_size = p->opts->chunk_size;
-        }
-        co.bitmap = pd->since;
-        co.target_zeroed = pd->mode == BACKUP_MODE_FULL;
-        co.rate_limit = p->opts->rate_limit;
-        if (!p->opts->no_notices) {
-            /* A: the fleecing export's own allocation depth; B: the
-             * scratch node's map. Both show what the guest overwrote. */
-            co.notices = &notices;
-            co.notice_context =
-                p->scheme_b ? "base:allocation" : "qemu:allocation-depth";
-        }
-        co.release = p->scheme_b && !p->opts->no_release;
-        co.latency_target_us = p->opts->latency_target_us;
-        co.trace_fd = p->opts->trace_fd;
-        co.cancel = p->opts->cancel;
-        if (p->opts->progress) {
-            co.progress = on_progress;
-            co.progress_opaque = &ctx;
-        }
-        dfd = open(pd->digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (pd->parent_digests) {
-            pfd = open(pd->parent_digests, O_RDONLY | O_CLOEXEC);
-        }
-        if (dfd < 0 || (pd->parent_digests && pfd < 0)) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                        "cannot open the digests of disk '%s': %s", pd->qd->id,
-                        g_strerror(errno));
-            if (dfd >= 0) {
-                close(dfd);
-            }
-            return false;
-        }
-        co.digest_fd = dfd;
-        co.digest_parent_fd = pfd;
-        ok = copier_copy(&src, &dst, &co, &pd->stats, error);
-        if (ok) {
-            pd->checksum = copier_digests_checksum(dfd, pd->qd->size, error);
-            ok = pd->checksum && fsync(dfd) == 0;
-        }
-        close(dfd);
-        if (pfd >= 0) {
-            close(pfd);
-        }
-        if (!ok &&
-            g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_CANCELLED)) {
-            g_clear_error(error);
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                        "interrupted by a signal");
-            return false;
-        }
-        if (!ok) {
-            g_prefix_error(error, "disk '%s': ", pd->qd->id);
+        if (cancelled(p, error) || !copy_one(p, i, error)) {
             return false;
         }
     }
@@ -959,28 +876,49 @@ static GPtrArray *since_bitmaps(Pull *p)
     return since;
 }
 
+static void remove_new_files(Pull *p)
+{
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        pull_remove_files(p->repo, p->id, pd->qd->id, pd->format);
+    }
+}
+
+/* Undo everything this backup did; WHY gets what went wrong doing so. */
 static void fail_and_undo(Pull *p, GError *why)
 {
     g_autoptr(GError) err = NULL;
     g_autoptr(GPtrArray) since = since_bitmaps(p);
     GString *reason = g_string_new(why->message);
+    g_autofree char *st = NULL;
 
     target_free(p->target);
     p->target = NULL;
-    if (p->fds->len &&
-        !fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
+    if (p->fds->len && !teardown(p, &err)) {
         g_string_append_printf(reason, "; teardown: %s", err->message);
         g_clear_error(&err);
     }
-    if (p->fleeced && !rollback_checkpoint(p, p->checkpoint, since, &err)) {
+    /* paused to fleece and not resumed (a failed 'cont'): try again */
+    st = qmp_query_status(p->qmp, NULL, NULL);
+    if (g_strcmp0(st, "paused") == 0 &&
+        mark_del(p->qmp, MARK_PAUSED, p->id, NULL)) {
+        qmp_run(p->qmp, "cont", NULL, NULL);
+    }
+    if (p->fleeced &&
+        !undo_checkpoint(p->qmp, p->opts->nodes, p->checkpoint, since, &err)) {
         g_string_append_printf(reason,
                                "; could not roll the checkpoint back (%s): "
                                "the next backup of each disk will be full",
                                err->message);
+        g_clear_error(&err);
+    }
+    if (p->marked && mark_del(p->qmp, MARK_AT_WORK, p->id, NULL)) {
+        p->marked = false;
     }
     if (p->manifest) {
-        remove_new_files(p->manifest, p->repo);
-        mark_failed(p->repo, p->manifest, reason->str);
+        remove_new_files(p);
+        pull_mark_failed(p->repo, p->manifest, p->id, reason->str, NULL);
     }
     g_free(why->message);
     why->message = g_string_free(reason, FALSE);
@@ -1066,63 +1004,12 @@ static bool choose_scheme(Pull *p, int version, GError **error)
     return true;
 }
 
-static bool prepare(Pull *p, GError **error)
+/* The disks to back up: those asked for (all by default), each with an id
+ * that can name its directory, no two alike. */
+static bool select_disks(Pull *p, GError **error)
 {
-    g_autoptr(GPtrArray) backups = NULL;
-    g_autoptr(BitmapCheck) check = NULL;
-    g_autofree char *foreign = NULL;
-    g_autofree char *when = now_iso();
-    g_autofree char *version = NULL;
-    json_object *jdisks;
-    int major, minor, micro;
+    g_autoptr(GHashTable) ids = g_hash_table_new(g_str_hash, g_str_equal);
 
-    if (!recover(p, error)) {
-        return false;
-    }
-    if (!fleece_cleanup_tag(p->qmp, NULL, NULL, &foreign, error)) {
-        return false;
-    }
-    if (foreign) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_LOCKED,
-                    "the VM has another backup at work ('%s')", foreign);
-        return false;
-    }
-    p->disks = query_disks(p, error);
-    backups = p->disks ? backup_list(p->repo, error) : NULL;
-    if (!backups || !unique_id(p, error)) {
-        return false;
-    }
-    check = bitmap_check(p->disks);
-
-    for (guint i = 0; i < p->disks->len; i++) {
-        QmpDisk *qd = p->disks->pdata[i];
-        PullDisk *pd;
-        g_autofree char *dir = NULL;
-        g_autofree char *since = NULL;
-
-        if (p->opts->disks &&
-            !g_strv_contains((const char *const *)p->opts->disks, qd->id)) {
-            continue;
-        }
-        pd = g_new0(PullDisk, 1);
-        pd->qd = qd;
-        g_ptr_array_add(p->pds, pd);
-        if (!decide(p, pd, backups, check, error)) {
-            return false;
-        }
-        if (pd->base) {
-            pd->since = g_strdup_printf("qbk-since-%s-%u", p->id, i);
-        }
-        pd->fd = fleece_disk_new(qd->id, qd->node, i, p->id, p->scratch_dir);
-        dir = repo_disk_dir(p->repo, qd->id);
-        pd->raw = pd->mode == BACKUP_MODE_FULL &&
-                  g_strcmp0(p->opts->format, "raw") == 0;
-        since = g_strdup_printf("%s.%s", p->id, pd->raw ? "raw" : "qcow2");
-        pd->image = g_build_filename(dir, since, NULL);
-        g_free(since);
-        since = g_strdup_printf("%s.digests", p->id);
-        pd->digests = g_build_filename(dir, since, NULL);
-    }
     for (guint i = 0; p->opts->disks && p->opts->disks[i]; i++) {
         if (!qmp_disk_find(p->disks, p->opts->disks[i])) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
@@ -1130,49 +1017,133 @@ static bool prepare(Pull *p, GError **error)
             return false;
         }
     }
+    for (guint i = 0; i < p->disks->len; i++) {
+        QmpDisk *qd = p->disks->pdata[i];
+        g_autoptr(GError) local = NULL;
+        PullDisk *pd;
+
+        if (p->opts->disks &&
+            !g_strv_contains((const char *const *)p->opts->disks, qd->id)) {
+            continue;
+        }
+        if (!repo_check_name("disk", qd->id, &local)) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                        "the VM's %s (give the device an id, or name the "
+                        "node with --node NODE=ID)",
+                        local->message);
+            return false;
+        }
+        if (!g_hash_table_add(ids, qd->id)) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                        "two disks of the VM are called '%s'", qd->id);
+            return false;
+        }
+        pd = g_new0(PullDisk, 1);
+        pd->qd = qd;
+        pd->parent_digests_fd = -1;
+        g_ptr_array_add(p->pds, pd);
+    }
     if (p->pds->len == 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
                     "the VM has no disk to back up");
         return false;
     }
+    return true;
+}
 
+static json_object *new_manifest(Pull *p, int major, int minor, int micro)
+{
+    json_object *m = json_object_new_object();
+    json_object *jdisks = json_object_new_array();
+    g_autofree char *when = now_iso();
+    g_autofree char *version = g_strdup_printf("%d.%d.%d", major, minor, micro);
+
+    json_object_object_add(m, "format",
+                           json_object_new_string(MANIFEST_FORMAT));
+    json_object_object_add(m, "id", json_object_new_string(p->id));
+    json_object_object_add(m, "status", json_object_new_string("in-progress"));
+    json_object_object_add(m, "created", json_object_new_string(when));
+    json_object_object_add(m, "qemu", json_object_new_string(version));
+    json_object_object_add(m, "checkpoint", json_object_new_string(p->id));
+    json_object_object_add(m, "fleece",
+                           json_object_new_string(p->scheme_b ? "B" : "A"));
+    if (p->scheme_b) {
+        json_object_object_add(m, "cbw_timeout_s",
+                               json_object_new_int(CBW_TIMEOUT_S));
+    }
+    for (guint i = 0; i < p->pds->len; i++) {
+        json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));
+    }
+    json_object_object_add(m, "disks", jdisks);
+    if (p->warnings->len) {
+        /* never trusted, never built on: a full backup where needed */
+        json_object *w = json_object_new_array();
+
+        for (guint i = 0; i < p->warnings->len; i++) {
+            json_object_array_add(
+                w, json_object_new_string(p->warnings->pdata[i]));
+        }
+        json_object_object_add(m, "skipped_manifests", w);
+    }
+    return m;
+}
+
+static bool prepare(Pull *p, GError **error)
+{
+    g_autoptr(GPtrArray) backups = NULL;
+    g_autoptr(BitmapCheck) check = NULL;
+    int major, minor, micro;
+
+    if (!pull_recover(p->qmp, p->repo, p->opts->nodes, p->scratch_dir, error)) {
+        return false;
+    }
+    p->disks = backup_query_disks(p->qmp, p->opts->nodes, error);
+    backups = p->disks ? repo_list(p->repo, false, p->warnings, error) : NULL;
+    if (!backups || !select_disks(p, error) || !unique_id(p, error)) {
+        return false;
+    }
+    /* also removes what killed runs left in the scratch directory */
+    p->scratch = privdir_new(p->scratch_dir, "scratch", error);
+    if (!p->scratch) {
+        return false;
+    }
+    check = bitmap_check(p->disks);
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
+        if (!decide(p, pd, backups, check, error)) {
+            return false;
+        }
+        if (pd->base) {
+            pd->since = g_strdup_printf("qbk-since-%s-%u", p->id, i);
+        }
+        pd->fd = fleece_disk_new(pd->qd->id, pd->qd->node, i, p->id,
+                                 privdir_path(p->scratch));
+        pd->format = pd->mode == BACKUP_MODE_FULL &&
+                             g_strcmp0(p->opts->format, "raw") == 0
+                         ? REPO_RAW
+                         : REPO_QCOW2;
+        pd->image = repo_image_path(p->repo, pd->qd->id, p->id, pd->format);
+        pd->digests = repo_digests_path(p->repo, pd->qd->id, p->id);
+    }
     qmp_get_version(p->qmp, &major, &minor, &micro);
     if (!choose_scheme(p, major * 100 + minor, error)) {
         return false;
     }
-    p->manifest = json_object_new_object();
-    json_object_object_add(p->manifest, "format",
-                           json_object_new_string(MANIFEST_FORMAT));
-    json_object_object_add(p->manifest, "id", json_object_new_string(p->id));
-    json_object_object_add(p->manifest, "status",
-                           json_object_new_string("in-progress"));
-    json_object_object_add(p->manifest, "created",
-                           json_object_new_string(when));
-    version = g_strdup_printf("%d.%d.%d", major, minor, micro);
-    json_object_object_add(p->manifest, "qemu",
-                           json_object_new_string(version));
-    json_object_object_add(p->manifest, "checkpoint",
-                           json_object_new_string(p->id));
-    json_object_object_add(p->manifest, "scratch_dir",
-                           json_object_new_string(p->scratch_dir));
-    json_object_object_add(p->manifest, "fleece",
-                           json_object_new_string(p->scheme_b ? "B" : "A"));
-    jdisks = json_object_new_array();
-    for (guint i = 0; i < p->pds->len; i++) {
-        json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));
-    }
-    json_object_object_add(p->manifest, "disks", jdisks);
+    p->manifest = new_manifest(p, major, minor, micro);
     return write_partial(p, error);
 }
 
 /* Lock, recover, decide: everything before QEMU is touched. */
-static Pull *pull_begin(QmpClient *qmp, const char *repo,
-                        const BackupOptions *opts, bool export_only,
-                        GError **error)
+static Pull *pull_begin(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
+                        bool export_only, GError **error)
 {
     g_autoptr(Pull) p = g_new0(Pull, 1);
     g_autoptr(GError) err = NULL;
 
+    if (!backup_options_check(opts, error)) {
+        return NULL;
+    }
     p->qmp = qmp;
     p->repo = repo;
     p->opts = opts;
@@ -1180,14 +1151,10 @@ static Pull *pull_begin(QmpClient *qmp, const char *repo,
     p->start_us = g_get_monotonic_time();
     p->pds = g_ptr_array_new_with_free_func((GDestroyNotify)pull_disk_free);
     p->fds = g_ptr_array_new();
+    p->warnings = g_ptr_array_new_with_free_func(g_free);
     p->scratch_dir = opts->scratch_dir
-                         ? g_strdup(opts->scratch_dir)
-                         : g_build_filename(repo, ".scratch", NULL);
-
-    p->lock_fd = repo_open_locked(repo, error);
-    if (p->lock_fd < 0) {
-        return NULL;
-    }
+                         ? g_canonicalize_filename(opts->scratch_dir, NULL)
+                         : repo_default_scratch_dir(repo);
     if (g_mkdir_with_parents(p->scratch_dir, 0700) < 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "cannot create '%s': %s", p->scratch_dir,
@@ -1196,7 +1163,7 @@ static Pull *pull_begin(QmpClient *qmp, const char *repo,
     }
     if (!prepare(p, &err)) {
         if (p->manifest) {
-            mark_failed(repo, p->manifest, err->message);
+            pull_mark_failed(repo, p->manifest, p->id, err->message, NULL);
         }
         g_propagate_error(error, g_steal_pointer(&err));
         return NULL;
@@ -1217,33 +1184,31 @@ static void pull_fail(Pull *p, GError *err, GError **error)
     }
 }
 
-/* Drop the transient "since" bitmaps, on the VM as it is now. */
-static void drop_since(Pull *p)
+/* Committed: the checkpoint stays; the mark and the "since" bitmaps go
+ * (a failure loses nothing: they are transient, and check reports them). */
+static void commit(Pull *p)
 {
     g_autoptr(GPtrArray) since = since_bitmaps(p);
 
-    rollback_checkpoint(p, NULL, since, NULL);
+    mark_del(p->qmp, MARK_AT_WORK, p->id, NULL);
+    p->marked = false;
+    undo_checkpoint(p->qmp, p->opts->nodes, NULL, since, NULL);
 }
 
-json_object *backup_export(QmpClient *qmp, const char *repo,
-                           const BackupOptions *opts, BackupExportWait wait,
-                           void *opaque, GError **error)
+/* An NBD URI for export NAME on unix socket SOCKET, escaped. */
+static char *export_uri(const char *name, const char *socket)
 {
-    g_autoptr(Pull) p = pull_begin(qmp, repo, opts, true, error);
-    GError *err = NULL;
-    json_object *info, *exports;
-    g_autofree char *path = NULL;
-    bool commit;
+    g_autofree char *n = g_uri_escape_string(name, NULL, FALSE);
+    g_autofree char *s = g_uri_escape_string(socket, "/", FALSE);
 
-    if (!p) {
-        return NULL;
-    }
-    if (!fleece(p, &err) || !export_all(p, &err)) {
-        pull_fail(p, err, error);
-        return NULL;
-    }
-    info = json_object_new_object();
-    exports = json_object_new_array();
+    return g_strdup_printf("nbd+unix:///%s?socket=%s", n, s);
+}
+
+static json_object *exports_json(Pull *p)
+{
+    json_object *info = json_object_new_object();
+    json_object *exports = json_object_new_array();
+
     json_object_object_add(info, "backup", json_object_new_string(p->id));
     json_object_object_add(info, "checkpoint",
                            p->checkpoint ? json_object_new_string(p->checkpoint)
@@ -1251,8 +1216,7 @@ json_object *backup_export(QmpClient *qmp, const char *repo,
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
         json_object *e = json_object_new_object();
-        g_autofree char *uri = g_strdup_printf("nbd+unix:///%s?socket=%s",
-                                               pd->qd->id, p->nbd_socket);
+        g_autofree char *uri = export_uri(pd->qd->id, p->nbd_socket);
         g_autofree char *ctx =
             pd->since ? g_strconcat("qemu:dirty-bitmap:", pd->since, NULL)
                       : NULL;
@@ -1267,35 +1231,49 @@ json_object *backup_export(QmpClient *qmp, const char *repo,
         json_object_array_add(exports, e);
     }
     json_object_object_add(info, "exports", exports);
-    commit = wait(info, opaque);
-    if (!commit || cancelled(p, &err)) {
-        if (!err) {
-            err = g_error_new(BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                              "the export was aborted");
-        }
-        json_object_put(info);
-        pull_fail(p, err, error);
-        return NULL;
-    }
-    if (!fleece_teardown(p->qmp, p->fds, p->server_started, &err)) {
-        json_object_put(info);
-        pull_fail(p, err, error);
-        return NULL;
-    }
-    g_ptr_array_set_size(p->fds, 0);
-    /* Committed: the checkpoint stays, the since bitmaps go; the repository
-     * records the export (it holds no images, so it is no backup). */
-    drop_since(p);
-    remove_new_files(p->manifest, p->repo);
-    json_object_object_add(p->manifest, "status",
-                           json_object_new_string("exported"));
-    path = repo_partial_path(p->repo, p->id);
-    repo_write_json(path, p->manifest, NULL);
     return info;
 }
 
-json_object *backup_pull(QmpClient *qmp, const char *repo,
-                         const BackupOptions *opts, GError **error)
+json_object *backup_export(QmpClient *qmp, Repo *repo,
+                           const BackupOptions *opts, BackupExportWait wait,
+                           void *opaque, GError **error)
+{
+    g_autoptr(Pull) p = pull_begin(qmp, repo, opts, true, error);
+    GError *err = NULL;
+    json_object *info;
+    g_autofree char *path = NULL;
+    bool ok;
+
+    if (!p) {
+        return NULL;
+    }
+    if (!fleece(p, &err) || !export_all(p, &err)) {
+        pull_fail(p, err, error);
+        return NULL;
+    }
+    info = exports_json(p);
+    ok = wait(info, opaque) && !cancelled(p, &err);
+    if (!ok && !err) {
+        err = g_error_new(BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                          "the export was aborted");
+    }
+    if (!ok || !teardown(p, &err)) {
+        json_object_put(info);
+        pull_fail(p, err, error);
+        return NULL;
+    }
+    /* Committed: the repository records the export (it holds no images,
+     * so it is no backup). */
+    remove_new_files(p);
+    json_object_object_add(p->manifest, "status",
+                           json_object_new_string("exported"));
+    write_partial(p, NULL);
+    commit(p);
+    return info;
+}
+
+json_object *backup_pull(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
+                         GError **error)
 {
     g_autoptr(Pull) p = pull_begin(qmp, repo, opts, false, error);
     g_autoptr(GError) err = NULL;
@@ -1313,11 +1291,8 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
          * the VM's fleecing comes down; only its clean exit, awaited in
          * finish_targets(), makes the backup good. */
         target_quit(p->target);
-        ok = fleece_teardown(p->qmp, p->fds, p->server_started, &err);
-    }
-    if (ok) {
-        g_ptr_array_set_size(p->fds, 0); /* torn down */
-        ok = finish_targets(p, &err) && !cancelled(p, &err);
+        ok =
+            teardown(p, &err) && finish_targets(p, &err) && !cancelled(p, &err);
     }
     if (!ok) {
         fail_and_undo(p, err);
@@ -1332,8 +1307,6 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
 
     /* The point of no return: the backup is good once this is durable. */
     add_results(p);
-    json_object_object_del(p->manifest, "nbd_server_socket");
-    json_object_object_del(p->manifest, "scratch_dir");
     final_path = repo_manifest_path(repo, p->id);
     partial_path = repo_partial_path(repo, p->id);
     if (!repo_write_json(final_path, p->manifest, &err)) {
@@ -1342,9 +1315,7 @@ json_object *backup_pull(QmpClient *qmp, const char *repo,
         return NULL;
     }
     unlink(partial_path);
-
-    /* Commit: the new checkpoint stays, the "since" bitmaps go. A failure
-     * here loses nothing (they are transient); check reports them. */
-    drop_since(p);
+    backup_test_crash("committed");
+    commit(p);
     return json_object_get(p->manifest);
 }

@@ -1,99 +1,130 @@
 /*
  * Restore: rebuild a disk as it was at one backup, from its qcow2 chain,
  * with stock qemu-img (sparse output), and check the result against the
- * manifest's block checksum.
+ * manifest's block checksum. The chain is checked link by link first and
+ * opened with every link named (repo_chain_filename), so a backing file
+ * name written inside an image is never followed; and the output appears
+ * under its name only once it is complete and, for raw, verified.
  */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "internal.h"
 
-json_object *backup_restore(const char *repo, const char *id, const char *disk,
+/* DISK's chain at backup ID, checked against its images. */
+static GPtrArray *checked_chain(Repo *repo, const char *id, const char *disk,
+                                GError **error)
+{
+    GPtrArray *chain = repo_chain(repo, id, disk, error);
+
+    if (chain && !repo_check_chain(repo, chain, disk, error)) {
+        g_ptr_array_unref(chain);
+        return NULL;
+    }
+    return chain;
+}
+
+json_object *backup_restore(Repo *repo, const char *id, const char *disk,
                             const char *output, const char *format,
                             GError **error)
 {
-    g_autoptr(GError) local = NULL;
-    g_autofree char *err = NULL;
-    g_autofree char *image = NULL;
+    g_autoptr(GPtrArray) chain = checked_chain(repo, id, disk, error);
+    g_autofree char *source = NULL;
+    g_autofree char *out = NULL;
+    g_autofree char *tmp = NULL;
     g_autofree char *sum = NULL;
-    json_object *m, *entry, *checksum;
-    const char *expected;
-    int status;
+    g_autoptr(GError) local = NULL;
+    const ManifestDisk *e;
+    json_object *entry;
+    int fd;
 
-    m = backup_load(repo, id, error);
-    if (!m) {
+    if (!chain) {
         return NULL;
     }
-    entry = manifest_disk(m, disk);
-    if (!entry || !qmp_json_string(entry, "image")) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_FOUND,
-                    "backup '%s' has no disk '%s'", qmp_json_string(m, "id"),
-                    disk);
-        json_object_put(m);
-        return NULL;
-    }
-    entry = json_object_get(entry);
-    json_object_put(m);
-    image = g_build_filename(repo, qmp_json_string(entry, "image"), NULL);
+    e = manifest_disk(chain->pdata[0], disk);
+    source = repo_chain_filename(repo, chain, 0, disk, NULL);
+    /* written beside OUTPUT, and renamed over it once good */
+    out = g_canonicalize_filename(output, NULL);
+    {
+        g_autofree char *dir = g_path_get_dirname(out);
+        g_autofree char *base = g_path_get_basename(out);
+        g_autofree char *name = g_strdup_printf(".%s.qbk-XXXXXX", base);
 
-    const char *in_format = qmp_json_string(entry, "format")
-                                ? qmp_json_string(entry, "format")
-                                : "qcow2";
-    const char *argv[] = { "qemu-img", "convert", "-f",   in_format, "-O",
-                           format,     image,     output, NULL };
-    if (!g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_SEARCH_PATH, NULL,
-                      NULL, NULL, &err, &status, error)) {
+        tmp = g_build_filename(dir, name, NULL);
+    }
+    fd = g_mkstemp_full(tmp, O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot write beside '%s': %s", out, g_strerror(errno));
+        return NULL;
+    }
+    close(fd);
+    {
+        const char *argv[] = { "qemu-img", "convert", "-O", format,
+                               source,     tmp,       NULL };
+
+        if (!util_run(argv, NULL, NULL, &local)) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                        "cannot read the chain of backup '%s': %s",
+                        ((Manifest *)chain->pdata[0])->id, local->message);
+            unlink(tmp);
+            return NULL;
+        }
+    }
+    entry = json_object_get(e->json);
+    if (g_strcmp0(format, "raw") == 0) {
+        sum = copier_file_checksum(tmp, e->size, error);
+        if (!sum || g_strcmp0(sum, e->checksum) != 0) {
+            if (sum) {
+                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
+                            "restored disk '%s' does not match backup's "
+                            "checksum (%s, expected %s)",
+                            disk, sum, e->checksum);
+            }
+            unlink(tmp);
+            json_object_put(entry);
+            return NULL;
+        }
+        json_object_object_add(entry, "verified", json_object_new_boolean(1));
+    }
+    if (rename(tmp, out) < 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot write '%s': %s", out, g_strerror(errno));
+        unlink(tmp);
         json_object_put(entry);
         return NULL;
     }
-    if (!g_spawn_check_wait_status(status, NULL)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                    "cannot read the chain of '%s': %s", image,
-                    g_strstrip(err));
-        unlink(output);
-        json_object_put(entry);
-        return NULL;
-    }
-    if (g_strcmp0(format, "raw") != 0) {
-        return entry; /* verified by the caller re-reading, if wanted */
-    }
-    json_object_object_get_ex(entry, "checksum", &checksum);
-    expected = qmp_json_string(checksum, "value");
-    sum = copier_file_checksum(output, qmp_json_int(entry, "size"), error);
-    if (!sum) {
-        json_object_put(entry);
-        return NULL;
-    }
-    if (g_strcmp0(sum, expected) != 0) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
-                    "restored disk '%s' does not match backup's checksum "
-                    "(%s, expected %s)",
-                    disk, sum, expected ? expected : "none");
-        json_object_put(entry);
-        return NULL;
-    }
-    json_object_object_add(entry, "verified", json_object_new_boolean(1));
-    return entry;
+    return entry; /* a qcow2 output is verified by re-reading, if wanted */
 }
 
 /* ---- incremental restore: only what differs ---- */
 
-/* Add to RANGES what IMAGE's newest DEPTH links hold (qemu-img map). */
-static bool changed_ranges(const char *image, guint depth, GArray *ranges,
-                           GError **error)
+/* Add to RANGES what the newest DEPTH links of CHAIN hold (qemu-img map,
+ * on the chain opened as its manifests say). */
+static bool changed_ranges(Repo *repo, GPtrArray *chain, const char *disk,
+                           guint depth, GArray *ranges, GError **error)
 {
-    const char *args[] = { "map", "-f", "qcow2", image, NULL };
+    g_autofree char *source = NULL;
+    const char *args[] = { "map", NULL, NULL };
     json_object *map;
 
     if (depth == 0) {
         return true;
     }
+    source = repo_chain_filename(repo, chain, 0, disk, NULL);
+    args[1] = source;
     map = qemu_img_json(args, error);
-    if (!map) {
-        g_prefix_error(error, "cannot map '%s': ", image);
+    if (!map || !json_object_is_type(map, json_type_array)) {
+        g_prefix_error(error, "cannot map backup '%s': ",
+                       ((Manifest *)chain->pdata[0])->id);
+        json_object_put(map);
         return false;
     }
-    for (size_t i = 0; i < json_object_array_length(map); i++) {
-        json_object *e = json_object_array_get_idx(map, i);
+    for (size_t i = 0; i < qmp_json_length(map); i++) {
+        json_object *e = qmp_json_index(map, i);
         json_object *present = NULL;
 
         /* "present": false = allocated nowhere in the chain */
@@ -119,71 +150,13 @@ static gint cmp_range(gconstpointer a, gconstpointer b)
     return x->offset < y->offset ? -1 : x->offset > y->offset;
 }
 
-json_object *backup_restore_into(const char *repo, const char *from,
-                                 const char *id, const char *disk,
-                                 const char *image, GError **error)
+/* RANGES sorted and merged where they overlap or touch; their total. */
+static GArray *merge_ranges(GArray *ranges, guint64 *total)
 {
-    g_autoptr(GPtrArray) xs = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GPtrArray) ys = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GPtrArray) xms = g_ptr_array_new_with_free_func(qmp_json_free);
-    g_autoptr(GPtrArray) yms = g_ptr_array_new_with_free_func(qmp_json_free);
-    g_autoptr(GArray) ranges = g_array_new(FALSE, FALSE, sizeof(CopierRange));
-    g_autoptr(GArray) merged = g_array_new(FALSE, FALSE, sizeof(CopierRange));
-    g_autofree char *xtop = NULL, *ytop = NULL, *fmt = NULL;
-    json_object *xe = NULL, *ye = NULL, *result;
-    guint dx = 0, dy = 0;
-    const char *common = NULL;
-    NbdServer *src = NULL, *dst = NULL;
-    CopierOptions co;
-    CopierStats stats = { 0 };
-    guint64 changed = 0;
-    bool ok = false;
+    GArray *merged = g_array_new(FALSE, FALSE, sizeof(CopierRange));
 
-    if (!repo_disk_chain(repo, from, disk, xs, xms, error) ||
-        !repo_disk_chain(repo, id, disk, ys, yms, error)) {
-        goto out;
-    }
-    xe = manifest_disk(xms->pdata[0], disk); /* borrowed */
-    ye = manifest_disk(yms->pdata[0], disk);
-    /* the newest backup both chains hold: what differs is what the links
-     * above it wrote, on either side */
-    for (guint i = 0; i < xs->len && !common; i++) {
-        guint j;
-
-        if (g_ptr_array_find_with_equal_func(ys, xs->pdata[i], g_str_equal,
-                                             &j)) {
-            common = xs->pdata[i];
-            dx = i;
-            dy = j;
-        }
-    }
-    if (!common) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN,
-                    "backups '%s' and '%s' share no chain for disk '%s': "
-                    "restore in full",
-                    from, id, disk);
-        goto out;
-    }
-    if (qmp_json_uint(xe, "size") != qmp_json_uint(ye, "size")) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "disk '%s' changed size between '%s' and '%s': restore "
-                    "in full",
-                    disk, from, id);
-        goto out;
-    }
-    xtop = g_build_filename(repo, qmp_json_string(xe, "image"), NULL);
-    ytop = g_build_filename(repo, qmp_json_string(ye, "image"), NULL);
-    if ((dx && g_strcmp0(qmp_json_string(xe, "format"), "raw") == 0) ||
-        (dy && g_strcmp0(qmp_json_string(ye, "format"), "raw") == 0) ||
-        !changed_ranges(xtop, dx, ranges, error) ||
-        !changed_ranges(ytop, dy, ranges, error)) {
-        if (error && !*error) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                        "a raw link cannot be mapped: restore in full");
-        }
-        goto out;
-    }
     g_array_sort(ranges, cmp_range);
+    *total = 0;
     for (guint i = 0; i < ranges->len; i++) {
         CopierRange r = g_array_index(ranges, CopierRange, i);
         CopierRange *last =
@@ -198,35 +171,106 @@ json_object *backup_restore_into(const char *repo, const char *from,
         }
     }
     for (guint i = 0; i < merged->len; i++) {
-        changed += g_array_index(merged, CopierRange, i).length;
+        *total += g_array_index(merged, CopierRange, i).length;
     }
+    return merged;
+}
+
+/* The newest backup both chains hold: its index in each. */
+static const char *common_link(GPtrArray *xs, GPtrArray *ys, guint *dx,
+                               guint *dy)
+{
+    for (guint i = 0; i < xs->len; i++) {
+        for (guint j = 0; j < ys->len; j++) {
+            const char *x = ((Manifest *)xs->pdata[i])->id;
+
+            if (strcmp(x, ((Manifest *)ys->pdata[j])->id) == 0) {
+                *dx = i;
+                *dy = j;
+                return x;
+            }
+        }
+    }
+    return NULL;
+}
+
+json_object *backup_restore_into(Repo *repo, const char *from, const char *id,
+                                 const char *disk, const char *image,
+                                 GError **error)
+{
+    g_autoptr(GPtrArray) xs = checked_chain(repo, from, disk, error);
+    g_autoptr(GPtrArray) ys = xs ? checked_chain(repo, id, disk, error) : NULL;
+    g_autoptr(GArray) ranges = g_array_new(FALSE, FALSE, sizeof(CopierRange));
+    g_autoptr(GArray) merged = NULL;
+    g_autofree char *source = NULL, *fmt = NULL;
+    const ManifestDisk *xe, *ye;
+    json_object *result, *info;
+    guint dx = 0, dy = 0;
+    const char *common;
+    NbdServer *src = NULL, *dst = NULL;
+    CopierOptions co;
+    CopierStats stats = { 0 };
+    guint64 changed = 0;
+    bool ok = false;
+
+    if (!ys) {
+        return NULL;
+    }
+    xe = manifest_disk(xs->pdata[0], disk);
+    ye = manifest_disk(ys->pdata[0], disk);
+    /* what differs is what the links above the newest common backup
+     * wrote, on either side */
+    common = common_link(xs, ys, &dx, &dy);
+    if (!common) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN,
+                    "backups '%s' and '%s' share no chain for disk '%s': "
+                    "restore in full",
+                    from, id, disk);
+        return NULL;
+    }
+    if (xe->size != ye->size) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "disk '%s' changed size between '%s' and '%s': restore "
+                    "in full",
+                    disk, from, id);
+        return NULL;
+    }
+    if ((dx && xe->format == REPO_RAW) || (dy && ye->format == REPO_RAW)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "a raw link cannot be mapped: restore in full");
+        return NULL;
+    }
+    if (!changed_ranges(repo, xs, disk, dx, ranges, error) ||
+        !changed_ranges(repo, ys, disk, dy, ranges, error)) {
+        return NULL;
+    }
+    merged = merge_ranges(ranges, &changed);
     {
         const char *args[] = { "info", image, NULL };
-        json_object *info = qemu_img_json(args, NULL);
 
-        if (!info ||
-            qmp_json_uint(info, "virtual-size") != qmp_json_uint(ye, "size")) {
+        info = qemu_img_json(args, NULL);
+        if (!info || qmp_json_uint(info, "virtual-size") != ye->size ||
+            !qmp_json_string(info, "format")) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                         "'%s' is not an image of disk '%s' (%" G_GUINT64_FORMAT
                         " bytes)",
-                        image, disk, (guint64)qmp_json_uint(ye, "size"));
+                        image, disk, ye->size);
             json_object_put(info);
-            goto out;
+            return NULL;
         }
         fmt = g_strdup(qmp_json_string(info, "format"));
         json_object_put(info);
     }
-    src = nbd_serve(ytop, qmp_json_string(ye, "format"), false, error);
+    source = repo_chain_filename(repo, ys, 0, disk, NULL);
+    src = nbd_serve(source, NULL, false, error);
     dst = src ? nbd_serve(image, fmt, true, error) : NULL;
-    if (!dst) {
-        goto out;
+    if (dst) {
+        copier_options_init(&co);
+        co.ranges = merged;
+        ok = copier_copy(&(CopierEndpoint){ .socket = src->socket, .name = "" },
+                         &(CopierEndpoint){ .socket = dst->socket, .name = "" },
+                         &co, &stats, error);
     }
-    copier_options_init(&co);
-    co.ranges = merged;
-    ok = copier_copy(&(CopierEndpoint){ .socket = src->socket, .name = "" },
-                     &(CopierEndpoint){ .socket = dst->socket, .name = "" },
-                     &co, &stats, error);
-out:
     nbd_server_stop(src, NULL);
     ok = nbd_server_stop(dst, ok ? error : NULL) && ok;
     if (!ok) {
@@ -234,10 +278,11 @@ out:
     }
     result = json_object_new_object();
     json_object_object_add(result, "disk", json_object_new_string(disk));
-    json_object_object_add(result, "from",
-                           json_object_new_string(xs->pdata[0]));
-    json_object_object_add(result, "backup",
-                           json_object_new_string(ys->pdata[0]));
+    json_object_object_add(
+        result, "from", json_object_new_string(((Manifest *)xs->pdata[0])->id));
+    json_object_object_add(
+        result, "backup",
+        json_object_new_string(((Manifest *)ys->pdata[0])->id));
     json_object_object_add(result, "common", json_object_new_string(common));
     json_object_object_add(result, "format", json_object_new_string(fmt));
     json_object_object_add(result, "bytes_changed",

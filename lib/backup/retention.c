@@ -12,15 +12,14 @@
 #include "internal.h"
 
 typedef struct {
-    json_object *m; /* borrowed */
-    const char *id;
+    Manifest *m;    /* borrowed */
+    const char *id; /* m->id */
     GDateTime *when;
     GPtrArray *why; /* reasons it is kept (static strings) */
 } Point;
 
 static void point_free(Point *p)
 {
-    g_date_time_unref(p->when);
     g_ptr_array_unref(p->why);
     g_free(p);
 }
@@ -59,9 +58,9 @@ static Point *find_point(GPtrArray *points, const char *id)
 
 static const char *parent_of(Point *p, const char *disk)
 {
-    json_object *e = manifest_disk(p->m, disk);
+    const ManifestDisk *e = manifest_disk(p->m, disk);
 
-    return e ? qmp_json_string(e, "parent") : NULL;
+    return e ? e->parent : NULL;
 }
 
 /* Backups whose DISK stands on ID. */
@@ -81,10 +80,10 @@ static guint children(GPtrArray *points, const char *disk, const char *id,
     return n;
 }
 
-json_object *backup_retention(const char *repo, const BackupRetention *policy,
+json_object *backup_retention(Repo *repo, const BackupRetention *policy,
                               bool dry_run, GError **error)
 {
-    g_autoptr(GPtrArray) all = backup_list(repo, error);
+    g_autoptr(GPtrArray) all = repo_list(repo, false, NULL, error);
     g_autoptr(GPtrArray) points =
         g_ptr_array_new_with_free_func((GDestroyNotify)point_free);
     g_autoptr(GHashTable) disks = g_hash_table_new(g_str_hash, g_str_equal);
@@ -96,32 +95,19 @@ json_object *backup_retention(const char *repo, const BackupRetention *policy,
         return NULL;
     }
     for (guint i = 0; i < all->len; i++) {
-        json_object *m = all->pdata[i];
-        const char *created = qmp_json_string(m, "created");
-        GDateTime *when =
-            created ? g_date_time_new_from_iso8601(created, NULL) : NULL;
-        json_object *ds = qmp_json_array(m, "disks");
-        Point *p;
+        Manifest *m = all->pdata[i];
+        Point *p = g_new0(Point, 1);
 
-        if (!when) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                        "backup '%s' has no creation time",
-                        qmp_json_string(m, "id"));
-            return NULL;
-        }
-        p = g_new0(Point, 1);
         p->m = m;
-        p->id = qmp_json_string(m, "id");
-        p->when = when;
+        p->id = m->id;
+        p->when = m->created;
         p->why = g_ptr_array_new();
         g_ptr_array_add(points, p);
-        for (size_t d = 0; ds && d < json_object_array_length(ds); d++) {
-            g_hash_table_add(
-                disks, (char *)qmp_json_string(json_object_array_get_idx(ds, d),
-                                               "disk"));
+        for (guint d = 0; d < m->disks->len; d++) {
+            g_hash_table_add(disks, ((ManifestDisk *)m->disks->pdata[d])->disk);
         }
     }
-    /* backup_list sorts by id; the policy goes by creation time */
+    /* repo_list sorts by id; the policy goes by creation time */
     for (guint i = 1; i < points->len; i++) {
         for (guint k = i; k > 0; k--) {
             Point *a = points->pdata[k - 1], *b = points->pdata[k];
@@ -195,7 +181,7 @@ json_object *backup_retention(const char *repo, const BackupRetention *policy,
         json_object_object_add(o, "id", json_object_new_string(p->id));
         json_object_object_add(
             o, "created",
-            json_object_new_string(qmp_json_string(p->m, "created")));
+            json_object_new_string(qmp_json_string(p->m->json, "created")));
         if (p->why->len) {
             json_object *w = json_object_new_array();
 
@@ -219,8 +205,8 @@ json_object *backup_retention(const char *repo, const BackupRetention *policy,
 
     /* carry it out: the merges (each verified and crash-safe), then the
      * removed backups that are left lose their disks */
-    for (size_t i = 0; i < json_object_array_length(actions); i++) {
-        json_object *a = json_object_array_get_idx(actions, i);
+    for (size_t i = 0; i < qmp_json_length(actions); i++) {
+        json_object *a = qmp_json_index(actions, i);
         json_object *r = backup_merge(repo, qmp_json_string(a, "disk"),
                                       qmp_json_string(a, "merge"),
                                       qmp_json_string(a, "into"), NULL, error);
@@ -231,9 +217,8 @@ json_object *backup_retention(const char *repo, const BackupRetention *policy,
         }
         json_object_object_add(a, "result", r);
     }
-    for (size_t i = json_object_array_length(removed); i-- > 0;) {
-        const char *id =
-            qmp_json_string(json_object_array_get_idx(removed, i), "id");
+    for (size_t i = qmp_json_length(removed); i-- > 0;) {
+        const char *id = qmp_json_string(qmp_json_index(removed, i), "id");
 
         g_hash_table_iter_init(&it, disks);
         while (g_hash_table_iter_next(&it, &key, NULL)) {

@@ -11,36 +11,12 @@
 bool target_create_image(const char *image, guint64 size, const char *backing,
                          const char *backing_format, GError **error)
 {
-    g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
-    g_autofree char *abs = g_canonicalize_filename(image, NULL);
-    g_autofree char *dir = g_path_get_dirname(abs);
-    g_autofree char *err = NULL;
-    g_autoptr(GPtrArray) argv = g_ptr_array_new();
-    int status;
+    GError *local = NULL;
 
-    g_ptr_array_add(argv, "qemu-img");
-    g_ptr_array_add(argv, "create");
-    g_ptr_array_add(argv, "-q");
-    g_ptr_array_add(argv, "-f");
-    g_ptr_array_add(argv, "qcow2");
-    if (backing) {
-        g_ptr_array_add(argv, "-b");
-        g_ptr_array_add(argv, (char *)backing);
-        g_ptr_array_add(argv, "-F");
-        g_ptr_array_add(argv,
-                        (char *)(backing_format ? backing_format : "qcow2"));
-    }
-    g_ptr_array_add(argv, abs);
-    g_ptr_array_add(argv, size_s);
-    g_ptr_array_add(argv, NULL);
-    /* Relative backing names resolve from the image's directory. */
-    if (!g_spawn_sync(dir, (char **)argv->pdata, NULL, G_SPAWN_SEARCH_PATH,
-                      NULL, NULL, NULL, &err, &status, error)) {
-        return false;
-    }
-    if (!g_spawn_check_wait_status(status, NULL)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "cannot create image '%s': %s", image, g_strstrip(err));
+    if (!qemu_img_create(image, size, backing, backing_format, &local)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
+                    local->message);
+        g_error_free(local);
         return false;
     }
     return true;
@@ -51,12 +27,12 @@ Target *target_start(char **images, char **names, GError **error)
     Target *t = g_new0(Target, 1);
     json_object *args, *addr, *data;
 
-    t->dir = g_dir_make_tmp("qbk-target-XXXXXX", error);
+    t->dir = privdir_new(NULL, "target", error);
     if (!t->dir) {
         target_free(t);
         return NULL;
     }
-    t->socket = g_build_filename(t->dir, "nbd.sock", NULL);
+    t->socket = privdir_file(t->dir, "nbd.sock");
     /* Buffered writes and one fsync at the end are slow (DESIGN.md):
      * bypass the page cache, unless the file system refuses (tmpfs). */
     t->qsd = qmp_spawn_storage_daemon((const char *const *)images,
@@ -121,13 +97,7 @@ void target_free(Target *t)
         return;
     }
     qmp_free(t->qsd); /* stops the daemon if still running */
-    if (t->socket) {
-        unlink(t->socket);
-    }
-    if (t->dir) {
-        rmdir(t->dir);
-    }
+    privdir_free(t->dir);
     g_free(t->socket);
-    g_free(t->dir);
     g_free(t);
 }

@@ -93,17 +93,18 @@ FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
                          GError **error)
 {
     FileSink *s = g_new0(FileSink, 1);
-    int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+    /* a backup file: owner-only, and never written through a link */
+    int flags = O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC;
     int rc;
 
     s->fd = s->efd = -1;
     s->size = size;
     s->path = g_strdup(path);
     g_queue_init(&s->pending);
-    s->fd = open(path, flags | O_DIRECT, 0644);
+    s->fd = open(path, flags | O_DIRECT, 0600);
     s->direct = s->fd >= 0;
     if (s->fd < 0 && errno == EINVAL) {
-        s->fd = open(path, flags, 0644); /* no O_DIRECT here (tmpfs) */
+        s->fd = open(path, flags, 0600); /* no O_DIRECT here (tmpfs) */
     }
     if (s->fd < 0 || ftruncate(s->fd, size) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,

@@ -31,6 +31,7 @@ typedef enum {
     COPIER_ERROR_HASH,    /* the digest file could not be written */
     COPIER_ERROR_STALLED, /* no progress within the stall timeout */
     COPIER_ERROR_CANCELLED,
+    COPIER_ERROR_OPTIONS, /* an option out of its bounds */
 } CopierErrorCode;
 
 /* Digests cover blocks of this many bytes (the last may be shorter). */
@@ -133,9 +134,20 @@ typedef struct {
 } CopierOptions;
 
 #define COPIER_MAX_CONNECTIONS 8
+/* Bounds of the memory the copier takes: requests x chunk size. */
+#define COPIER_MAX_REQUESTS 1024
+#define COPIER_MAX_CHUNK    (32 * 1024 * 1024) /* QEMU's NBD request limit */
+/* Longest pacing target, microseconds. */
+#define COPIER_MAX_LATENCY_US (60 * 1000 * 1000)
 
 /* Fill OPTS with the defaults. */
 void copier_options_init(CopierOptions *opts);
+
+/* Whether OPTS are within their bounds: requests 1 to COPIER_MAX_REQUESTS,
+ * connections 1 to COPIER_MAX_CONNECTIONS, chunk size a multiple of
+ * COPIER_BLOCK_SIZE up to COPIER_MAX_CHUNK, pacing target up to
+ * COPIER_MAX_LATENCY_US (COPIER_ERROR_OPTIONS, naming the option). */
+bool copier_options_check(const CopierOptions *opts, GError **error);
 
 /*
  * Copy SOURCE to TARGET (both of the same size) as OPTS say, flush the
