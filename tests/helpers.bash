@@ -13,12 +13,33 @@ DISK_SIZE=${DISK_SIZE:-64M}
 common_setup() {
     T=$(mktemp -d "${BATS_TMPDIR:-/tmp}/qbk-test.XXXXXX")
     export QBK_QMP="$T/qmp.sock"
+    # qbk's private directories (sockets, logs) go here, so that each test
+    # can tell what qbk left behind
+    mkdir -m 700 "$T/tmp"
+    export TMPDIR="$T/tmp"
 }
 
-# Stop every process whose pid file is in $T, then remove $T.
+# assert_no_private_dirs: every qbk process is done; none left a private
+# directory (a killed one's are removed by the next qbk command).
+assert_no_private_dirs() {
+    if [ -n "$(ls -A "$T/tmp" 2>/dev/null)" ]; then
+        echo "left in TMPDIR:" >&2
+        ls -la "$T/tmp" >&2
+        return 1
+    fi
+}
+
+# Stop every process whose pid file is in $T, then remove $T. Fails the
+# test if a qbk process or daemon of this test was still running.
 common_teardown() {
-    local pidfile pid i
+    local pidfile pid i leftover=0
     [ -n "${T:-}" ] && [ -d "$T" ] || return 0
+    if pgrep -f "qbk-(pull|merge|verify|restore|copy|checkpoint).*$T" >/dev/null ||
+        pgrep -f "qemu-(storage-daemon|nbd).*($T/repo|$T/tmp)" >/dev/null; then
+        echo "teardown: qbk processes were still running:" >&2
+        pgrep -af "(qbk-|qemu-storage-daemon|qemu-nbd).*$T" >&2
+        leftover=1
+    fi
     for pidfile in "$T"/*.pid; do
         [ -e "$pidfile" ] || continue
         pid=$(cat "$pidfile" 2>/dev/null) || continue
@@ -30,8 +51,10 @@ common_teardown() {
         done
         kill -KILL "$pid" 2>/dev/null || true
     done
-    pkill -KILL -f "qemu-storage-daemon.*$T" 2>/dev/null || true
+    pkill -KILL -f "qbk-(pull|merge|verify|restore|copy|checkpoint).*$T" 2>/dev/null || true
+    pkill -KILL -f "qemu-(storage-daemon|nbd).*$T" 2>/dev/null || true
     rm -rf "$T"
+    return "$leftover"
 }
 
 # make_images: two qcow2 disks, one raw disk, in $T.
@@ -269,7 +292,11 @@ assert_clean() {
     [ "$(qmp query-named-block-nodes '{"flat": true}' |
         jq '[.[] | select(."node-name" | startswith("qbk-"))] | length')" -eq 0 ]
     if [ -n "$(ls -A "$T/repo/.scratch" 2>/dev/null)" ]; then ls -la "$T/repo/.scratch" >&2; return 1; fi
-    ! pgrep -f "qemu-storage-daemon.*$T/repo" >/dev/null
+    if pgrep -f "qemu-(storage-daemon|nbd).*($T/repo|$T/tmp)" >/dev/null; then
+        pgrep -af "qemu-(storage-daemon|nbd).*($T/repo|$T/tmp)" >&2
+        return 1
+    fi
+    assert_no_private_dirs
     # the device is attached to its own node again, not to a filter
     [ "$(qmp query-block | jq -r '.[] | select(.qdev |
         startswith("/machine/peripheral/disk0/")) | .inserted."node-name"')" = disk0-fmt ]

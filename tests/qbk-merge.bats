@@ -86,12 +86,21 @@ parent_of() { # BACKUP DISK
     kept inc4
 }
 
+@test "a release build has no crash points: QBK_CRASH_AT is ignored" {
+    [ -n "${QBK_RELEASE_BIN:-}" ] || skip "no release build (scripts/test makes one)"
+    run env QBK_CRASH_AT=merge-1 "$QBK_RELEASE_BIN/qbk-merge" --repo "$T/repo" \
+        --disk disk0 --from "$INC1" --to "$INC2"
+    [ "$status" -eq 0 ]
+    [ "$(parent_of "$INC2" disk0)" = "$FULL" ]
+    kept full inc2 inc3
+}
+
 @test "a crash at each step of a merge: every kept point restores; the next run finishes it" {
     cp -a "$T/repo" "$T/repo.orig"
     for step in 1 2 3 4 5 6; do
         rm -rf "$T/repo"
         cp -a "$T/repo.orig" "$T/repo"
-        run env QBK_MERGE_CRASH_AT=$step qbk-merge --repo "$T/repo" \
+        run env QBK_CRASH_AT=merge-$step qbk-merge --repo "$T/repo" \
             --disk disk0 --from "$INC1" --to "$INC2"
         [ "$status" -eq 99 ]
         # whatever the step: every backup still listed restores exactly

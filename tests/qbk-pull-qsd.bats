@@ -99,6 +99,21 @@ teardown() {
     [[ "$output" == *"no block node 'nosuch'"* ]]
 }
 
+@test "disk ids name directories one to one: a non-plain id, or two alike, is refused" {
+    # two nodes of the same disk stand in for two disks
+    for args in "--node d0-fmt=a/b --node guest0=a_b" \
+        "--node d0-fmt=x --node guest0=x" "--node d0-fmt=.. " \
+        "--node d0-fmt=disk0 --node guest0=disk0"; do
+        run qbk-pull --repo "$T/repo" --nbd-server "$T/nbd.sock" $args
+        echo "$args: $output"
+        [ "$status" -eq 2 ]
+        assert_one_line_error
+        [ -z "$(ls -A "$T/repo/disks" 2>/dev/null)" ]
+        [ -z "$(ls -A "$T/repo/backups" 2>/dev/null)" ]
+    done
+    qsd_clean
+}
+
 @test "a disk over 4 GiB: planning and notice sweeps in NBD-sized pieces; exact" {
     gw disk0 $((4608 << 20)) 1048576 68     # at 4.5 GiB
     pull_with_writes full disk0 --node d0-fmt=disk0 --nbd-server "$T/nbd.sock"
