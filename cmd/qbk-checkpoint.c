@@ -780,19 +780,6 @@ static const Command commands[] = {
     { "migrate", 0, 0 },
 };
 
-G_GNUC_PRINTF(1, 2)
-static int usage_error(const char *fmt, ...)
-{
-    g_autofree char *msg = NULL;
-    va_list ap;
-
-    va_start(ap, fmt);
-    msg = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    cmd_error("%s (see --help)", msg);
-    return QBK_EXIT_USAGE;
-}
-
 int main(int argc, char **argv)
 {
     g_autoptr(GOptionContext) ctx =
@@ -810,7 +797,7 @@ int main(int argc, char **argv)
     g_option_context_set_summary(ctx, summary);
     g_option_context_set_description(ctx, description);
     if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return usage_error("%s", error->message);
+        return cmd_usage("%s", error->message);
     }
     if (opt_version) {
         printf("qbk-checkpoint %s\n", QBK_VERSION);
@@ -818,7 +805,7 @@ int main(int argc, char **argv)
     }
     cmd_set_quiet(opt_quiet);
     if (argc < 2) {
-        return usage_error("%s", "no command given");
+        return cmd_usage("%s", "no command given");
     }
     for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
         if (strcmp(argv[1], commands[i].name) == 0) {
@@ -826,53 +813,52 @@ int main(int argc, char **argv)
         }
     }
     if (!cmd) {
-        return usage_error("unknown command '%s'", argv[1]);
+        return cmd_usage("unknown command '%s'", argv[1]);
     }
     nargs = argc - 2;
     if (nargs < cmd->min_args || nargs > cmd->max_args) {
         return cmd->min_args
-                   ? usage_error("'%s' needs a checkpoint NAME", cmd->name)
-                   : usage_error("too many arguments for '%s'", cmd->name);
+                   ? cmd_usage("'%s' needs a checkpoint NAME", cmd->name)
+                   : cmd_usage("too many arguments for '%s'", cmd->name);
     }
     name = nargs ? argv[2] : NULL;
     if (opt_repair && strcmp(cmd->name, "check") != 0) {
-        return usage_error("%s", "--repair goes with 'check'");
+        return cmd_usage("%s", "--repair goes with 'check'");
     }
     if ((opt_drop || opt_into) && strcmp(cmd->name, "since") != 0) {
-        return usage_error("%s", "--into and --drop go with 'since'");
+        return cmd_usage("%s", "--into and --drop go with 'since'");
     }
     if (opt_granularity && strcmp(cmd->name, "create") != 0) {
-        return usage_error("%s", "--granularity goes with 'create'");
+        return cmd_usage("%s", "--granularity goes with 'create'");
     }
     if ((opt_to || opt_uri || opt_maps) && strcmp(cmd->name, "migrate") != 0) {
-        return usage_error("%s", "--to, --uri and --map go with 'migrate'");
+        return cmd_usage("%s", "--to, --uri and --map go with 'migrate'");
     }
     if (strcmp(cmd->name, "migrate") == 0 && (!opt_to || !opt_uri)) {
-        return usage_error("%s", "'migrate' needs --to SOCKET and --uri URI");
+        return cmd_usage("%s", "'migrate' needs --to SOCKET and --uri URI");
     }
     if (strcmp(cmd->name, "migrate") == 0 && opt_images) {
-        return usage_error("%s",
-                           "'migrate' works on a running VM, not --image");
+        return cmd_usage("%s", "'migrate' works on a running VM, not --image");
     }
     if (!cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
                          &error) ||
         !cmd_check_range("--migrate-timeout", opt_migrate_timeout, 1,
                          7 * CMD_MAX_TIMEOUT_S, &error)) {
-        return usage_error("%s", error->message);
+        return cmd_usage("%s", error->message);
     }
     if (opt_granularity &&
         (opt_granularity < 512 || opt_granularity > (1 << 30) ||
          (opt_granularity & (opt_granularity - 1)))) {
-        return usage_error("--granularity %" G_GINT64_FORMAT
-                           " is not a power of two from 512 to 1 GiB",
-                           opt_granularity);
+        return cmd_usage("--granularity %" G_GINT64_FORMAT
+                         " is not a power of two from 512 to 1 GiB",
+                         opt_granularity);
     }
     if (!opt_qmp && !opt_images && g_getenv("QBK_QMP")) {
         opt_qmp = g_strdup(g_getenv("QBK_QMP"));
     }
     if (!!opt_qmp == !!opt_images) {
-        return usage_error("%s", opt_qmp ? "give --qmp or --image, not both"
-                                         : "give --qmp SOCKET or --image FILE");
+        return cmd_usage("%s", opt_qmp ? "give --qmp or --image, not both"
+                                       : "give --qmp SOCKET or --image FILE");
     }
     if (name && strcmp(cmd->name, "create") == 0 &&
         !bitmap_name_valid(name, &error)) {

@@ -14,6 +14,10 @@
  * without the NUL). */
 char *repo_read_text(const char *path, size_t *len, GError **error);
 
+/* Set ERROR to REPO_ERROR_CORRUPT with FMT; returns false (json.c). */
+G_GNUC_PRINTF(2, 3)
+bool repo_corrupt(GError **error, const char *fmt, ...);
+
 /* ---- strict JSON getters (json.c) ----
  * Each fails with REPO_ERROR_CORRUPT naming WHAT and the key when the
  * member is missing (unless OPTIONAL), null where not allowed, or of

@@ -31,24 +31,12 @@ void merge_journal_free(MergeJournal *j)
     g_free(j);
 }
 
-G_GNUC_PRINTF(2, 3)
-static bool corrupt(GError **error, const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    g_propagate_error(
-        error, g_error_new_valist(REPO_ERROR, REPO_ERROR_CORRUPT, fmt, ap));
-    va_end(ap);
-    return false;
-}
-
 static bool check(const char *kind, const char *name, GError **error)
 {
     g_autoptr(GError) local = NULL;
 
     if (!repo_check_name(kind, name, &local)) {
-        return corrupt(error, "merge journal: %s", local->message);
+        return repo_corrupt(error, "merge journal: %s", local->message);
     }
     return true;
 }
@@ -66,7 +54,7 @@ static bool old_format(json_object *o, MergeJournal *j, GError **error)
     if (old) {
         j->old_format = j->format == REPO_RAW ? REPO_QCOW2 : REPO_RAW;
         if (!g_str_has_suffix(old, repo_format_name(j->old_format))) {
-            return corrupt(error, "merge journal: odd \"old_image\"");
+            return repo_corrupt(error, "merge journal: odd \"old_image\"");
         }
     }
     return true;
@@ -91,12 +79,12 @@ MergeJournal *merge_journal_parse(const char *text, size_t len, GError **error)
          (!parent || check("backup", parent, error));
     if (ok && (!repo_format_parse(format, &j->format) ||
                (marker && strcmp(marker, JOURNAL_FORMAT) != 0))) {
-        ok = corrupt(error, "merge journal: unknown format");
+        ok = repo_corrupt(error, "merge journal: unknown format");
     }
     if (ok && marker) {
         ok = jget_string(o, "old_format", false, what, &old, error);
         if (ok && !repo_format_parse(old, &j->old_format)) {
-            ok = corrupt(error, "merge journal: unknown \"old_format\"");
+            ok = repo_corrupt(error, "merge journal: unknown \"old_format\"");
         }
     } else if (ok) {
         ok = old_format(o, j, error);
@@ -105,21 +93,23 @@ MergeJournal *merge_journal_parse(const char *text, size_t len, GError **error)
         json_object *id = json_object_array_get_idx(drop, i);
 
         if (!json_object_is_type(id, json_type_string)) {
-            ok = corrupt(error, "merge journal: \"drop\" holds a non-string");
+            ok = repo_corrupt(error,
+                              "merge journal: \"drop\" holds a non-string");
             break;
         }
         ok = check("backup", json_object_get_string(id), error);
         if (ok && (strcmp(json_object_get_string(id), to) == 0 ||
                    g_strcmp0(json_object_get_string(id), parent) == 0)) {
-            ok = corrupt(error, "merge journal: it would drop '%s'",
-                         json_object_get_string(id));
+            ok = repo_corrupt(error, "merge journal: it would drop '%s'",
+                              json_object_get_string(id));
         }
         if (ok) {
             g_ptr_array_add(j->drop, g_strdup(json_object_get_string(id)));
         }
     }
     if (ok && parent && strcmp(parent, to) == 0) {
-        ok = corrupt(error, "merge journal: '%s' would stand on itself", to);
+        ok = repo_corrupt(error, "merge journal: '%s' would stand on itself",
+                          to);
     }
     if (ok) {
         j->disk = g_strdup(disk);

@@ -6,8 +6,7 @@
 
 #include "internal.h"
 
-G_GNUC_PRINTF(2, 3)
-static bool corrupt(GError **error, const char *fmt, ...)
+bool repo_corrupt(GError **error, const char *fmt, ...)
 {
     va_list ap;
 
@@ -28,7 +27,7 @@ static json_object *member(json_object *o, const char *key, bool optional,
     *ok = true;
     if (!json_object_object_get_ex(o, key, &v) || !v) {
         if (!optional) {
-            *ok = corrupt(error, "%s: \"%s\" is missing", what, key);
+            *ok = repo_corrupt(error, "%s: \"%s\" is missing", what, key);
         }
         return NULL;
     }
@@ -46,11 +45,11 @@ bool jget_string(json_object *o, const char *key, bool optional,
         return ok;
     }
     if (!json_object_is_type(v, json_type_string)) {
-        return corrupt(error, "%s: \"%s\" is not a string", what, key);
+        return repo_corrupt(error, "%s: \"%s\" is not a string", what, key);
     }
     *out = json_object_get_string(v);
     if (strlen(*out) != (size_t)json_object_get_string_len(v)) {
-        return corrupt(error, "%s: \"%s\" holds a NUL byte", what, key);
+        return repo_corrupt(error, "%s: \"%s\" holds a NUL byte", what, key);
     }
     return true;
 }
@@ -68,8 +67,8 @@ bool jget_uint(json_object *o, const char *key, const char *what, guint64 *out,
      * number is not a size */
     if (!json_object_is_type(v, json_type_int) ||
         (json_object_get_int64(v) < 0 && json_object_get_uint64(v) == 0)) {
-        return corrupt(error, "%s: \"%s\" is not a non-negative integer", what,
-                       key);
+        return repo_corrupt(error, "%s: \"%s\" is not a non-negative integer",
+                            what, key);
     }
     *out = json_object_get_uint64(v);
     return true;
@@ -86,7 +85,8 @@ bool jget_bool(json_object *o, const char *key, const char *what, bool *out,
         return ok;
     }
     if (!json_object_is_type(v, json_type_boolean)) {
-        return corrupt(error, "%s: \"%s\" is not true or false", what, key);
+        return repo_corrupt(error, "%s: \"%s\" is not true or false", what,
+                            key);
     }
     *out = json_object_get_boolean(v);
     return true;
@@ -103,7 +103,7 @@ bool jget_array(json_object *o, const char *key, bool optional,
         return ok;
     }
     if (!json_object_is_type(v, json_type_array)) {
-        return corrupt(error, "%s: \"%s\" is not an array", what, key);
+        return repo_corrupt(error, "%s: \"%s\" is not an array", what, key);
     }
     *out = v;
     return true;
@@ -120,7 +120,7 @@ bool jget_object(json_object *o, const char *key, bool optional,
         return ok;
     }
     if (!json_object_is_type(v, json_type_object)) {
-        return corrupt(error, "%s: \"%s\" is not an object", what, key);
+        return repo_corrupt(error, "%s: \"%s\" is not an object", what, key);
     }
     *out = v;
     return true;
@@ -134,7 +134,7 @@ json_object *jparse_object(const char *text, size_t len, const char *what,
     json_object *o;
 
     if (!tok) {
-        corrupt(error, "%s: out of memory", what);
+        repo_corrupt(error, "%s: out of memory", what);
         return NULL;
     }
     json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
@@ -159,13 +159,13 @@ json_object *jparse_object(const char *text, size_t len, const char *what,
                                             ? json_tokener_error_parse_eof
                                             : jerr);
 
-        corrupt(error, "%s is not valid JSON (%s)", what, why);
+        repo_corrupt(error, "%s is not valid JSON (%s)", what, why);
         json_object_put(o);
         return NULL;
     }
     if (!json_object_is_type(o, json_type_object)) {
         json_object_put(o);
-        corrupt(error, "%s is not a JSON object", what);
+        repo_corrupt(error, "%s is not a JSON object", what);
         return NULL;
     }
     return o;

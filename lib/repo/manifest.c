@@ -43,18 +43,6 @@ static int lookup(const char *const *names, guint n, const char *text)
     return -1;
 }
 
-G_GNUC_PRINTF(2, 3)
-static bool corrupt(GError **error, const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    g_propagate_error(
-        error, g_error_new_valist(REPO_ERROR, REPO_ERROR_CORRUPT, fmt, ap));
-    va_end(ap);
-    return false;
-}
-
 static void disk_free(ManifestDisk *d)
 {
     g_free(d->disk);
@@ -164,8 +152,8 @@ static bool check_shown_path(json_object *e, const char *key,
     if (shown && strcmp(shown, expected) != 0) {
         g_autofree char *esc = g_strescape(shown, NULL);
 
-        return corrupt(error, "%s: \"%s\" is '%s', not '%s'", what, key, esc,
-                       expected);
+        return repo_corrupt(error, "%s: \"%s\" is '%s', not '%s'", what, key,
+                            esc, expected);
     }
     return true;
 }
@@ -183,14 +171,14 @@ static ManifestDisk *parse_disk(json_object *e, const char *id, bool complete,
     int i;
 
     if (!json_object_is_type(e, json_type_object)) {
-        corrupt(error, "%s: a disk entry is not an object", file);
+        repo_corrupt(error, "%s: a disk entry is not an object", file);
         goto fail;
     }
     if (!jget_string(e, "disk", false, file, &name, error)) {
         goto fail;
     }
     if (!repo_check_name("disk", name, &local)) {
-        corrupt(error, "%s: %s", file, local->message);
+        repo_corrupt(error, "%s: %s", file, local->message);
         g_error_free(local);
         goto fail;
     }
@@ -207,40 +195,41 @@ static ManifestDisk *parse_disk(json_object *e, const char *id, bool complete,
         goto fail;
     }
     if (d->size == 0) {
-        corrupt(error, "%s: \"size\" is 0", what);
+        repo_corrupt(error, "%s: \"size\" is 0", what);
         goto fail;
     }
     if ((i = lookup(mode_names, G_N_ELEMENTS(mode_names), mode)) < 0) {
-        corrupt(error, "%s: unknown \"mode\" '%s'", what, mode);
+        repo_corrupt(error, "%s: unknown \"mode\" '%s'", what, mode);
         goto fail;
     }
     d->mode = i;
     d->format = REPO_QCOW2; /* the first manifests had no "format" */
     if (format && !repo_format_parse(format, &d->format)) {
-        corrupt(error, "%s: unknown \"format\" '%s'", what, format);
+        repo_corrupt(error, "%s: unknown \"format\" '%s'", what, format);
         goto fail;
     }
     if (parent) {
         if (!repo_check_name("backup", parent, &local)) {
-            corrupt(error, "%s: parent: %s", what, local->message);
+            repo_corrupt(error, "%s: parent: %s", what, local->message);
             g_error_free(local);
             goto fail;
         }
         if (strcmp(parent, id) == 0) {
-            corrupt(error, "%s: the backup names itself as its parent", what);
+            repo_corrupt(error, "%s: the backup names itself as its parent",
+                         what);
             goto fail;
         }
     }
     if ((d->mode == MANIFEST_FULL) != !parent ||
         (parent && d->format == REPO_RAW)) {
-        corrupt(error, "%s: a %s %s image %s a parent", what, mode,
-                repo_format_name(d->format), parent ? "with" : "without");
+        repo_corrupt(error, "%s: a %s %s image %s a parent", what, mode,
+                     repo_format_name(d->format), parent ? "with" : "without");
         goto fail;
     }
     d->parent = g_strdup(parent);
     if (since && !is_own_since(since, id)) {
-        corrupt(error, "%s: \"since\" '%s' is not a bitmap of this backup",
-                what, since);
+        repo_corrupt(error, "%s: \"since\" '%s' is not a bitmap of this backup",
+                     what, since);
         goto fail;
     }
     d->since = g_strdup(since);
@@ -256,7 +245,8 @@ static ManifestDisk *parse_disk(json_object *e, const char *id, bool complete,
             goto fail;
         }
         if (strcmp(alg, CHECKSUM_ALGORITHM) != 0 || !is_checksum(value)) {
-            corrupt(error, "%s: not a %s checksum", what, CHECKSUM_ALGORITHM);
+            repo_corrupt(error, "%s: not a %s checksum", what,
+                         CHECKSUM_ALGORITHM);
             goto fail;
         }
         d->checksum = g_strdup(value);
@@ -291,41 +281,42 @@ Manifest *manifest_parse(const char *text, size_t len, const char *id,
         return NULL;
     }
     if (strcmp(format, MANIFEST_FORMAT) != 0) {
-        corrupt(error, "%s: unknown format '%s'", what, format);
+        repo_corrupt(error, "%s: unknown format '%s'", what, format);
         return NULL;
     }
     if (strcmp(mid, id) != 0) {
         g_autofree char *esc = g_strescape(mid, NULL);
 
-        corrupt(error, "%s: it says it is backup '%s'", what, esc);
+        repo_corrupt(error, "%s: it says it is backup '%s'", what, esc);
         return NULL;
     }
     m->id = g_strdup(id);
     if ((i = lookup(status_names, G_N_ELEMENTS(status_names), status)) < 0) {
-        corrupt(error, "%s: unknown status '%s'", what, status);
+        repo_corrupt(error, "%s: unknown status '%s'", what, status);
         return NULL;
     }
     m->status = i;
     if ((m->status == MANIFEST_COMPLETE) == partial) {
-        corrupt(error, "%s: status '%s' in a %s manifest", what, status,
-                partial ? "partial" : "complete");
+        repo_corrupt(error, "%s: status '%s' in a %s manifest", what, status,
+                     partial ? "partial" : "complete");
         return NULL;
     }
     m->created = g_date_time_new_from_iso8601(created, NULL);
     if (!m->created) {
-        corrupt(error, "%s: \"created\" '%s' is not an ISO 8601 time", what,
-                created);
+        repo_corrupt(error, "%s: \"created\" '%s' is not an ISO 8601 time",
+                     what, created);
         return NULL;
     }
     if (bitmap && !is_own_checkpoint(bitmap, id)) {
-        corrupt(error, "%s: \"checkpoint_bitmap\" '%s' is not this backup's",
-                what, bitmap);
+        repo_corrupt(error,
+                     "%s: \"checkpoint_bitmap\" '%s' is not this backup's",
+                     what, bitmap);
         return NULL;
     }
     m->checkpoint = g_strdup(checkpoint);
     m->checkpoint_bitmap = g_strdup(bitmap);
     if (json_object_array_length(disks) == 0 && !partial) {
-        corrupt(error, "%s: a backup without disks", what);
+        repo_corrupt(error, "%s: a backup without disks", what);
         return NULL;
     }
     for (size_t k = 0; k < json_object_array_length(disks); k++) {
@@ -337,7 +328,7 @@ Manifest *manifest_parse(const char *text, size_t len, const char *id,
             return NULL;
         }
         if (manifest_disk(m, d->disk)) {
-            corrupt(error, "%s: disk '%s' is there twice", what, d->disk);
+            repo_corrupt(error, "%s: disk '%s' is there twice", what, d->disk);
             disk_free(d);
             return NULL;
         }

@@ -9,7 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "repo.h"
+#include "internal.h"
 
 #define QCOW2_MAGIC        0x514649fbu /* "QFI\xfb" */
 #define V2_HEADER_LEN      72
@@ -32,18 +32,6 @@ static guint32 be32(const guint8 *p)
 static guint64 be64(const guint8 *p)
 {
     return (guint64)be32(p) << 32 | be32(p + 4);
-}
-
-G_GNUC_PRINTF(2, 3)
-static bool bad(GError **error, const char *fmt, ...)
-{
-    va_list ap;
-
-    va_start(ap, fmt);
-    g_propagate_error(
-        error, g_error_new_valist(REPO_ERROR, REPO_ERROR_CORRUPT, fmt, ap));
-    va_end(ap);
-    return false;
 }
 
 /* A name of LEN bytes at BUF: no NUL inside, valid UTF-8 (new string). */
@@ -70,7 +58,7 @@ bool qcow2_header_parse(const guint8 *buf, size_t len, Qcow2Header *h,
 
     *h = (Qcow2Header){ 0 };
     if (len < V2_HEADER_LEN || be32(buf) != QCOW2_MAGIC) {
-        return bad(error, "not a qcow2 image");
+        return repo_corrupt(error, "not a qcow2 image");
     }
     h->version = be32(buf + 4);
     backing_offset = be64(buf + 8);
@@ -78,11 +66,11 @@ bool qcow2_header_parse(const guint8 *buf, size_t len, Qcow2Header *h,
     h->cluster_bits = be32(buf + 20);
     h->size = be64(buf + 24);
     if (h->version != 2 && h->version != 3) {
-        return bad(error, "qcow2 version %u", h->version);
+        return repo_corrupt(error, "qcow2 version %u", h->version);
     }
     if (h->cluster_bits < MIN_CLUSTER_BITS ||
         h->cluster_bits > MAX_CLUSTER_BITS) {
-        return bad(error, "qcow2 cluster bits %u", h->cluster_bits);
+        return repo_corrupt(error, "qcow2 cluster bits %u", h->cluster_bits);
     }
     cluster_size = 1u << h->cluster_bits;
     /* everything below lives in the first cluster */
@@ -90,22 +78,23 @@ bool qcow2_header_parse(const guint8 *buf, size_t len, Qcow2Header *h,
     header_len = V2_HEADER_LEN;
     if (h->version == 3) {
         if (len < V3_HEADER_MIN) {
-            return bad(error, "short qcow2 header");
+            return repo_corrupt(error, "short qcow2 header");
         }
         h->data_file = be64(buf + 72) & INCOMPAT_DATA_FILE;
         header_len = be32(buf + 100);
         if (header_len < V3_HEADER_MIN || header_len > len || header_len % 8) {
-            return bad(error, "qcow2 header length %u", header_len);
+            return repo_corrupt(error, "qcow2 header length %u", header_len);
         }
     }
     if (backing_offset) {
         if (backing_len == 0 || backing_len > MAX_BACKING_LEN ||
             backing_offset > len || backing_len > len - backing_offset) {
-            return bad(error, "the backing file name lies outside the header");
+            return repo_corrupt(
+                error, "the backing file name lies outside the header");
         }
         h->backing = name_at(buf + backing_offset, backing_len);
         if (!h->backing) {
-            return bad(error, "the backing file name is not text");
+            return repo_corrupt(error, "the backing file name is not text");
         }
     }
     /* header extensions: type, length, data padded to 8 bytes */
@@ -119,14 +108,15 @@ bool qcow2_header_parse(const guint8 *buf, size_t len, Qcow2Header *h,
         }
         if (elen > len - ext_off - 8) {
             qcow2_header_clear(h);
-            return bad(error, "a header extension runs past the cluster");
+            return repo_corrupt(error,
+                                "a header extension runs past the cluster");
         }
         if (type == EXT_BACKING_FORMAT) {
             g_free(h->backing_format);
             h->backing_format = name_at(buf + ext_off + 8, elen);
             if (!h->backing_format) {
                 qcow2_header_clear(h);
-                return bad(error, "the backing format is not text");
+                return repo_corrupt(error, "the backing format is not text");
             }
         } else if (type == EXT_DATA_FILE) {
             h->data_file = true;
@@ -136,7 +126,7 @@ bool qcow2_header_parse(const guint8 *buf, size_t len, Qcow2Header *h,
     /* ran out of bytes without the end marker: a v2 image may have none */
     if (h->version == 3 && len >= cluster_size) {
         qcow2_header_clear(h);
-        return bad(error, "no end to the header extensions");
+        return repo_corrupt(error, "no end to the header extensions");
     }
     return true;
 }
@@ -170,7 +160,8 @@ bool qcow2_header_read(int fd, Qcow2Header *h, GError **error)
     guint32 bits;
 
     if (got < 0) {
-        return bad(error, "cannot read the header: %s", g_strerror(errno));
+        return repo_corrupt(error, "cannot read the header: %s",
+                            g_strerror(errno));
     }
     /* the whole first cluster, where extensions may lie, if it is larger
      * than what was read */
@@ -179,7 +170,8 @@ bool qcow2_header_read(int fd, Qcow2Header *h, GError **error)
         buf = g_realloc(buf, (gsize)1 << bits);
         got = read_start(fd, buf, (gsize)1 << bits);
         if (got < 0) {
-            return bad(error, "cannot read the header: %s", g_strerror(errno));
+            return repo_corrupt(error, "cannot read the header: %s",
+                                g_strerror(errno));
         }
     }
     return qcow2_header_parse(buf, got, h, error);
