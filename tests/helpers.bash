@@ -53,6 +53,11 @@ common_teardown() {
     done
     pkill -KILL -f "qbk-(pull|merge|verify|restore|copy|checkpoint).*$T" 2>/dev/null || true
     pkill -KILL -f "qemu-(storage-daemon|nbd).*$T" 2>/dev/null || true
+    # what a test's last qbk command left in its TMPDIR (a killed one's
+    # private directories are removed by the next qbk command)
+    if [ "$leftover" -eq 0 ] && ! assert_no_private_dirs; then
+        leftover=1
+    fi
     rm -rf "$T"
     return "$leftover"
 }

@@ -88,8 +88,9 @@ parent_of() { # BACKUP DISK
 
 @test "a release build has no crash points: QBK_CRASH_AT is ignored" {
     [ -n "${QBK_RELEASE_BIN:-}" ] || skip "no release build (scripts/test makes one)"
-    run env QBK_CRASH_AT=merge-1 "$QBK_RELEASE_BIN/qbk-merge" --repo "$T/repo" \
-        --disk disk0 --from "$INC1" --to "$INC2"
+    run env QBK_CRASH_AT=merge-1 QBK_MERGE_CRASH_AT=1 \
+        "$QBK_RELEASE_BIN/qbk-merge" --repo "$T/repo" --disk disk0 \
+        --from "$INC1" --to "$INC2"
     [ "$status" -eq 0 ]
     [ "$(parent_of "$INC2" disk0)" = "$FULL" ]
     kept full inc2 inc3
