@@ -757,18 +757,29 @@ static bool make_targets(Pull *p, GError **error)
     return p->target != NULL;
 }
 
+/* The copy of one disk, one of several at once on one loop. */
 typedef struct {
     Pull *p;
     guint index;
-} ProgressCtx;
+    Copier *copier;
+    int digests_fd;
+} DiskCopy;
+
+/* All the disks' copies: they share a loop and a budget of requests. */
+typedef struct {
+    GMainLoop *loop;
+    DiskCopy *disks;
+    guint count, running;
+    DiskCopy *failed; /* the first to fail: the others are cancelled */
+} CopyRun;
 
 static void on_progress(const CopierStats *stats, void *opaque)
 {
-    ProgressCtx *ctx = opaque;
-    Pull *p = ctx->p;
+    DiskCopy *dc = opaque;
+    Pull *p = dc->p;
     BackupProgress bp = {
-        .disk = ((PullDisk *)p->pds->pdata[ctx->index])->qd->id,
-        .index = ctx->index,
+        .disk = ((PullDisk *)p->pds->pdata[dc->index])->qd->id,
+        .index = dc->index,
         .count = p->pds->len,
         .stats = *stats,
     };
@@ -776,19 +787,36 @@ static void on_progress(const CopierStats *stats, void *opaque)
     p->opts->progress(&bp, p->opts->progress_opaque);
 }
 
-static bool copy_one(Pull *p, guint index, GError **error)
+static void disk_copied(Copier *c, void *opaque)
 {
-    PullDisk *pd = p->pds->pdata[index];
+    CopyRun *run = opaque;
+
+    if (!run->failed && !copier_result(c, NULL, NULL)) {
+        for (guint i = 0; i < run->count; i++) {
+            if (run->disks[i].copier == c) {
+                run->failed = &run->disks[i];
+            } else if (run->disks[i].copier) {
+                copier_cancel(run->disks[i].copier);
+            }
+        }
+    }
+    if (--run->running == 0) {
+        g_main_loop_quit(run->loop);
+    }
+}
+
+/* Set up the copy of disk DC (not started): its digests and endpoints. */
+static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
+                       CopierBudget *budget, GError **error)
+{
+    PullDisk *pd = p->pds->pdata[dc->index];
     CopierEndpoint src = { .socket = p->nbd_socket, .name = pd->qd->id };
     CopierEndpoint dst = { .file = pd->image };
     CopierEndpoint notices = {
         .socket = p->nbd_socket,
         .name = p->scheme_b ? pd->fd->notice_export : pd->qd->id,
     };
-    ProgressCtx ctx = { p, index };
     CopierOptions co;
-    int dfd;
-    bool ok;
 
     if (pd->format != REPO_RAW) {
         dst =
@@ -807,41 +835,91 @@ static bool copy_one(Pull *p, guint index, GError **error)
     co.release = p->scheme_b && !p->opts->no_release;
     if (p->opts->progress) {
         co.progress = on_progress;
-        co.progress_opaque = &ctx;
+        co.progress_opaque = dc;
     }
-    dfd = repo_create_file(pd->digests, error);
-    if (dfd < 0) {
+    dc->digests_fd = repo_create_file(pd->digests, error);
+    if (dc->digests_fd < 0) {
         g_prefix_error(error, "disk '%s': ", pd->qd->id);
         return false;
     }
-    co.digest_fd = dfd;
+    co.digest_fd = dc->digests_fd;
     co.digest_parent_fd = pd->parent_digests_fd;
-    ok = copier_copy(&src, &dst, &co, &pd->stats, error);
-    if (ok) {
-        pd->checksum = copier_digests_checksum(dfd, pd->qd->size, error);
-        ok = pd->checksum && fsync(dfd) == 0;
+    dc->copier = copier_new(&src, &dst, &co, ctx, budget, error);
+    if (!dc->copier) {
+        g_prefix_error(error, "disk '%s': ", pd->qd->id);
+        return false;
     }
-    close(dfd);
+    return true;
+}
+
+/* After the loop: the copy of disk DC, its checksum, its digests durable. */
+static bool copy_result(Pull *p, DiskCopy *dc, GError **error)
+{
+    PullDisk *pd = p->pds->pdata[dc->index];
+    bool ok = copier_result(dc->copier, &pd->stats, error);
+
+    if (ok) {
+        pd->checksum =
+            copier_digests_checksum(dc->digests_fd, pd->qd->size, error);
+        ok = pd->checksum && fsync(dc->digests_fd) == 0;
+    }
     if (!ok && g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_CANCELLED)) {
         g_clear_error(error);
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "interrupted by a signal");
-        return false;
-    }
-    if (!ok) {
+    } else if (!ok) {
         g_prefix_error(error, "disk '%s': ", pd->qd->id);
     }
     return ok;
 }
 
+/*
+ * Copy every disk at once, on one loop, under one budget of requests: a
+ * VM's disks do not wait for each other (nor pay each its own ramp-up and
+ * flush in turn), and memory stays requests x chunk size. The first disk
+ * to fail stops the others.
+ */
 static bool copy_all(Pull *p, GError **error)
 {
-    for (guint i = 0; i < p->pds->len; i++) {
-        if (cancelled(p, error) || !copy_one(p, i, error)) {
-            return false;
+    g_autoptr(GMainContext) ctx = g_main_context_new();
+    g_autoptr(GMainLoop) loop = g_main_loop_new(ctx, FALSE);
+    g_autofree DiskCopy *disks = g_new0(DiskCopy, p->pds->len);
+    CopierOptions co;
+    CopierBudget *budget;
+    CopyRun run = { .loop = loop, .disks = disks, .count = p->pds->len };
+    bool ok = !cancelled(p, error);
+
+    copier_options(p->opts, &co);
+    budget = copier_budget_new(co.requests, co.chunk_size);
+    for (guint i = 0; i < run.count; i++) {
+        disks[i] = (DiskCopy){ .p = p, .index = i, .digests_fd = -1 };
+    }
+    for (guint i = 0; ok && i < run.count; i++) {
+        ok = copy_setup(p, &disks[i], ctx, budget, error);
+    }
+    if (ok) {
+        run.running = run.count;
+        for (guint i = 0; i < run.count; i++) {
+            copier_start(disks[i].copier, disk_copied, &run);
+        }
+        g_main_loop_run(loop);
+        /* the first failure is the one to tell (the rest were stopped) */
+        ok = !run.failed;
+        if (run.failed) {
+            copy_result(p, run.failed, error);
+        }
+        for (guint i = 0; ok && i < run.count; i++) {
+            ok = copy_result(p, &disks[i], error);
         }
     }
-    return true;
+    for (guint i = 0; i < run.count; i++) {
+        copier_free(disks[i].copier);
+        if (disks[i].digests_fd >= 0) {
+            close(disks[i].digests_fd);
+        }
+    }
+    copier_budget_free(budget);
+    return ok;
 }
 
 /* The images are complete only when the daemon flushed and exited

@@ -13,7 +13,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#include "copier.h"
+#include "internal.h"
 
 #define DIGEST_LEN COPIER_DIGEST_LEN
 #define IO_BLOCKS  256 /* digests per read/write of the digest file */
@@ -180,4 +180,39 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
     hex = state_hex(sum);
     XXH3_freeState(sum);
     return hex;
+}
+
+bool digests_write(Copier *c, const Chunk *chunk, const guint8 *buf)
+{
+    guint64 first = chunk->offset / COPIER_BLOCK_SIZE;
+    guint64 nblocks = copier_block_count(chunk->offset + chunk->length) - first;
+    g_autofree guint8 *digests = NULL;
+    ssize_t n;
+
+    if (c->opts.digest_fd < 0) {
+        return true;
+    }
+    digests = g_malloc(nblocks * COPIER_DIGEST_LEN);
+    for (guint64 i = 0; i < nblocks; i++) {
+        guint64 off = i * COPIER_BLOCK_SIZE;
+        size_t len = MIN(COPIER_BLOCK_SIZE, chunk->length - off);
+
+        if (buf) {
+            copier_block_digest(buf + off, len,
+                                digests + i * COPIER_DIGEST_LEN);
+        } else {
+            memcpy(digests + i * COPIER_DIGEST_LEN,
+                   len == COPIER_BLOCK_SIZE ? c->zero_digest
+                                            : c->zero_tail_digest,
+                   COPIER_DIGEST_LEN);
+        }
+    }
+    n = pwrite(c->opts.digest_fd, digests, nblocks * COPIER_DIGEST_LEN,
+               first * COPIER_DIGEST_LEN);
+    if (n != (ssize_t)(nblocks * COPIER_DIGEST_LEN)) {
+        copier_fail(c, COPIER_ERROR_HASH, "cannot write block digests: %s",
+                    n < 0 ? g_strerror(errno) : "short write");
+        return false;
+    }
+    return true;
 }

@@ -157,6 +157,40 @@ bool copier_options_check(const CopierOptions *opts, GError **error);
 bool copier_copy(const CopierEndpoint *source, const CopierEndpoint *target,
                  const CopierOptions *opts, CopierStats *stats, GError **error);
 
+/*
+ * Several copies at once on one loop (all the disks of a VM): each is a
+ * Copier on the caller's GMainContext, and they share a budget of requests
+ * in flight (and of buffers: memory is LIMIT x chunk size, whatever the
+ * number of copiers), in fair shares while several run.
+ */
+typedef struct CopierBudget CopierBudget;
+
+CopierBudget *copier_budget_new(guint limit, guint64 chunk_size);
+void copier_budget_free(CopierBudget *b);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(CopierBudget, copier_budget_free)
+
+typedef struct Copier Copier;
+typedef void (*CopierDone)(Copier *c, void *opaque);
+
+/* Connect to SOURCE and TARGET for a copy on CTX under BUDGET (NULL: its
+ * own, of OPTS->requests); nothing is read yet. */
+Copier *copier_new(const CopierEndpoint *source, const CopierEndpoint *target,
+                   const CopierOptions *opts, GMainContext *ctx,
+                   CopierBudget *budget, GError **error);
+
+/* Start copying; DONE(C, OPAQUE) runs from CTX once it finished or
+ * failed. */
+void copier_start(Copier *c, CopierDone done, void *opaque);
+
+/* Stop a copy that runs (it then fails as COPIER_ERROR_CANCELLED). */
+void copier_cancel(Copier *c);
+
+/* After DONE: its figures, and whether it succeeded. */
+bool copier_result(Copier *c, CopierStats *stats, GError **error);
+
+void copier_free(Copier *c);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Copier, copier_free)
+
 /* ---- block digests (blockhash.c) ---- */
 
 /* The digest of one block of LEN bytes. */

@@ -113,29 +113,188 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
                                       gpointer data, GSource **source,
                                       GError **error);
 
-/* ---- a local raw file as the target (aio-file-sink.c) ---- */
+/* ---- targets: where the data goes (sink-nbd.c, sink-file.c, sink-null.c)
+ * ---- */
 
-typedef struct FileSink FileSink;
-typedef void (*FileSinkDone)(void *opaque, int err);
+typedef struct Sink Sink;
 
-/*
- * Create PATH as a sparse raw file of SIZE bytes, written through Linux AIO
- * whose completions wake CTX and then run CALLBACK(DATA).
- */
-FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
-                         GMainContext *ctx, GSourceFunc callback, gpointer data,
-                         GError **error);
+/* A write or flush ended: ERR is 0 or an errno. Runs from the loop. */
+typedef void (*SinkDone)(void *opaque, int err);
 
-/* Write LEN bytes of BUF (page aligned) at OFFSET; DONE(OPAQUE, errno or 0)
- * runs from the loop when it completed. */
-void file_sink_write(FileSink *s, void *buf, size_t len, guint64 offset,
-                     FileSinkDone done, void *opaque);
+typedef struct {
+    /* Write LEN bytes of BUF (page aligned, chunk-size long) at OFFSET, or
+     * with ZERO make the range read as zeros (BUF unused). DONE(OPAQUE)
+     * runs when it completed; false with ERROR if it could not start. */
+    bool (*write)(Sink *s, void *buf, guint64 len, guint64 offset, bool zero,
+                  SinkDone done, void *opaque, GError **error);
+    /* Everything written: make it durable, then DONE(OPAQUE). */
+    bool (*flush)(Sink *s, SinkDone done, void *opaque, GError **error);
+    /* Whether it can no longer be written (its server went away). */
+    bool (*dead)(Sink *s);
+    /* Free it; writes in flight are abandoned, and their buffers are no
+     * longer used once this returns. */
+    void (*free)(Sink *s);
+} SinkOps;
 
-/* Make [OFFSET, OFFSET + LEN) read as zeros (synchronous). */
-bool file_sink_zero(FileSink *s, guint64 len, guint64 offset, GError **error);
+/* Each sink begins with this. */
+struct Sink {
+    const SinkOps *ops;
+};
 
-/* All writes done: cut the file to size and make it durable. */
-bool file_sink_finish(FileSink *s, GError **error);
-void file_sink_free(FileSink *s);
+/* An NBD export of SIZE bytes, writable and able to write zeros. */
+Sink *sink_nbd_new(const CopierEndpoint *endpoint, guint64 size,
+                   GMainContext *ctx, GSourceFunc callback, gpointer data,
+                   GError **error);
+
+/* PATH made a sparse raw file of SIZE bytes, written through Linux AIO
+ * whose completions wake CTX and then run CALLBACK(DATA). */
+Sink *sink_file_new(const char *path, guint64 size, guint max_requests,
+                    GMainContext *ctx, GSourceFunc callback, gpointer data,
+                    GError **error);
+
+/* Nothing: the data is read (and hashed) only, to verify. */
+Sink *sink_null_new(void);
+
+static inline void sink_free(Sink *s)
+{
+    if (s) {
+        s->ops->free(s);
+    }
+}
+
+/* ---- the engine's state, shared by its files ---- */
+
+typedef enum {
+    REQ_IDLE,
+    REQ_READING,
+    REQ_READ_DONE,
+    REQ_WRITING,
+    REQ_WRITE_DONE,
+} RequestState;
+
+typedef struct Copier Copier;
+
+typedef struct {
+    Copier *copier;
+    RequestState state;
+    struct nbd_handle *reader; /* the source connection it reads from */
+    Chunk chunk;               /* what this request works on */
+    guint8 *buf;               /* from the budget while busy, or NULL */
+    int error;                 /* errno from the last completion, 0 if none */
+    gint64 read_start_us;
+} Request;
+
+struct CopierBudget {
+    guint limit;        /* requests in flight at once, all copiers */
+    guint active;       /* now */
+    guint running;      /* copiers started and not done: they share LIMIT */
+    guint64 chunk_size; /* of each buffer */
+    GPtrArray *free;    /* idle buffers, page aligned */
+    guint buffers;      /* allocated, at most LIMIT */
+};
+
+/* A buffer for one request, or NULL if the budget is spent. */
+guint8 *budget_take(CopierBudget *b);
+void budget_give(CopierBudget *b, guint8 *buf);
+
+struct Copier {
+    /* initialized once and never changed */
+    CopierOptions opts;
+    guint64 size;
+    char *bitmap_context; /* the selection's map context, or NULL */
+    GMainContext *ctx;
+    CopierBudget *budget;     /* shared with the other copiers, or own */
+    CopierBudget *own_budget; /* when none was given */
+    struct nbd_handle *src;
+    Sink *sink;
+    /* more connections to the source for reads; readers[0] is src */
+    struct nbd_handle *readers[COPIER_MAX_CONNECTIONS];
+    GSource *reader_sources[COPIER_MAX_CONNECTIONS];
+    guint nreaders;
+    GSource *src_source, *tick;
+    guint8 zero_digest[COPIER_DIGEST_LEN];      /* of a whole zero block */
+    guint8 zero_tail_digest[COPIER_DIGEST_LEN]; /* of the shorter last one */
+    CopierDone done;                            /* told when it ended */
+    void *done_opaque;
+
+    /* planning (select.c): block status runs ahead of the requests */
+    guint64 plan_pos; /* block status asked up to here */
+    bool bs_in_flight;
+    bool bs_done; /* its completion arrived: plan from it */
+    int bs_error;
+    GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */
+    GArray *bs_dirty;
+    ChunkQueue *queue; /* planned and not started */
+
+    /* release (release.c) */
+    GQueue releases; /* Chunk*: planned as not needed, to trim */
+    guint releases_in_flight;
+    guint64 rel_offset, rel_length; /* copied, being gathered into a trim */
+    gint64 rel_since_us;
+
+    /* guest-write notices (notices.c): sweeps of the notice export's map */
+    struct nbd_handle *notice;
+    GSource *notice_source;
+    bool notice_depth;     /* the context is qemu:allocation-depth */
+    bool notice_in_flight; /* a block status call is out */
+    bool notice_done;      /* ... and its answer is in */
+    int notice_error;
+    guint64 notice_pos;     /* where the sweep goes on */
+    gint64 next_sweep_us;   /* when the next sweep starts */
+    GArray *notice_extents; /* uint32 pairs of the answer */
+
+    /* pacing (pacing.c) */
+    guint window;                       /* requests allowed in flight */
+    guint64 paced_reads, paced_read_us; /* this period */
+    gint64 pacing_since_us;
+    double window_integral; /* window x seconds */
+    guint64 all_reads, all_read_us;
+
+    /* the requests */
+    Request *reqs;
+    guint nreqs;
+    guint active; /* not IDLE */
+
+    /* the end */
+    bool started, ended;
+    bool flushing, flushed;
+    int flush_error;
+    GError *error; /* first failure wins */
+
+    /* accounting */
+    CopierStats stats;
+    guint64 read_started; /* bytes, for the rate limit */
+    gint64 start_us, last_progress_us, last_activity_us;
+};
+
+/* The engine (copier.c). */
+G_GNUC_PRINTF(3, 4)
+void copier_fail(Copier *c, CopierErrorCode code, const char *fmt, ...);
+G_GNUC_PRINTF(2, 3)
+void copier_trace(Copier *c, const char *fmt, ...);
+gboolean copier_pump(gpointer data);
+
+/* What to copy (select.c): the map contexts to ask the source for (at
+ * most 2, NULL-terminated into CONTEXTS[3]); then block status, a window
+ * at a time, into the work queue. */
+bool select_init(Copier *c, const char **contexts, GError **error);
+void select_start(Copier *c);
+void select_finish(Copier *c);
+
+/* Release of copied regions (release.c). */
+void release_range(Copier *c, guint64 offset, guint64 length);
+void release_step(Copier *c, gint64 now);
+bool release_idle(Copier *c);
+
+/* Guest-write notices (notices.c). */
+bool notices_connect(Copier *c, GError **error);
+void notices_step(Copier *c);
+
+/* Guest-aware pacing (pacing.c). */
+void pacing_step(Copier *c, gint64 now);
+void pacing_end(Copier *c);
+
+/* The block digests of CHUNK: of BUF, or of zeros if NULL (blockhash.c). */
+bool digests_write(Copier *c, const Chunk *chunk, const guint8 *buf);
 
 #endif /* QBK_COPIER_INTERNAL_H */

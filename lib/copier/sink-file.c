@@ -1,5 +1,6 @@
 /*
- * A local raw file as the copier's target, written with libaio: O_DIRECT
+ * A local raw file as the copier's target (a Sink), written with libaio:
+ * O_DIRECT
  * (falling back to the page cache where the file system refuses it, e.g.
  * tmpfs), one iocb per write with io_set_eventfd, and the eventfd polled on
  * the copier's GMainContext; completions are drained with a zero timeout.
@@ -22,12 +23,13 @@
 
 typedef struct {
     struct iocb iocb; /* first: the event's obj points here */
-    FileSinkDone done;
+    SinkDone done;
     void *opaque;
     size_t len;
 } FileWrite;
 
-struct FileSink {
+typedef struct {
+    Sink base;
     int fd;
     int efd; /* eventfd signalled on each completion */
     io_context_t aio;
@@ -39,7 +41,7 @@ struct FileSink {
     GSourceFunc callback; /* the copier's pump, after each wake-up */
     gpointer data;
     char *path;
-};
+} FileSink;
 
 static void submit_pending(FileSink *s)
 {
@@ -88,15 +90,20 @@ static gboolean on_eventfd(gint fd, GIOCondition cond, gpointer data)
     return s->callback(s->data);
 }
 
-FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
-                         GMainContext *ctx, GSourceFunc callback, gpointer data,
-                         GError **error)
+static const SinkOps file_ops;
+
+static void file_sink_free(Sink *sink);
+
+Sink *sink_file_new(const char *path, guint64 size, guint max_requests,
+                    GMainContext *ctx, GSourceFunc callback, gpointer data,
+                    GError **error)
 {
     FileSink *s = g_new0(FileSink, 1);
     /* a backup file: owner-only, and never written through a link */
     int flags = O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC;
     int rc;
 
+    s->base.ops = &file_ops;
     s->fd = s->efd = -1;
     s->size = size;
     s->path = g_strdup(path);
@@ -109,7 +116,7 @@ FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
     if (s->fd < 0 || ftruncate(s->fd, size) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
                     "cannot create '%s': %s", path, g_strerror(errno));
-        file_sink_free(s);
+        file_sink_free(&s->base);
         return NULL;
     }
     s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -118,7 +125,7 @@ FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
                     "cannot set up Linux AIO: %s",
                     g_strerror(rc < 0 ? -rc : errno));
-        file_sink_free(s);
+        file_sink_free(&s->base);
         return NULL;
     }
     s->callback = callback;
@@ -127,15 +134,39 @@ FileSink *file_sink_open(const char *path, guint64 size, guint max_requests,
     g_source_set_callback(s->source, G_SOURCE_FUNC(on_eventfd), s, NULL);
     g_source_set_can_recurse(s->source, TRUE); /* see nbd-source.c */
     g_source_attach(s->source, ctx);
-    return s;
+    return &s->base;
 }
 
-void file_sink_write(FileSink *s, void *buf, size_t len, guint64 offset,
-                     FileSinkDone done, void *opaque)
+/* Make [OFFSET, OFFSET + LEN) read as zeros: a hole (synchronous). */
+static bool file_sink_zero(FileSink *s, guint64 len, guint64 offset,
+                           GError **error)
 {
-    FileWrite *w = g_new0(FileWrite, 1);
+    if (fallocate(s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                  len) < 0) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
+                    "cannot punch a hole in '%s': %s", s->path,
+                    g_strerror(errno));
+        return false;
+    }
+    return true;
+}
+
+static bool file_sink_write(Sink *sink, void *buf, guint64 len, guint64 offset,
+                            bool zero, SinkDone done, void *opaque,
+                            GError **error)
+{
+    FileSink *s = (FileSink *)sink;
+    FileWrite *w;
     size_t io_len = len;
 
+    if (zero) {
+        if (!file_sink_zero(s, len, offset, error)) {
+            return false;
+        }
+        done(opaque, 0);
+        return true;
+    }
+    w = g_new0(FileWrite, 1);
     /* O_DIRECT wants whole sectors: the last write of an odd-sized disk is
      * padded (the buffer is big enough); the file is cut back at the end. */
     if (s->direct && io_len % DIRECT_ALIGN) {
@@ -148,36 +179,34 @@ void file_sink_write(FileSink *s, void *buf, size_t len, guint64 offset,
     io_set_eventfd(&w->iocb, s->efd);
     g_queue_push_tail(&s->pending, w);
     submit_pending(s);
-}
-
-bool file_sink_zero(FileSink *s, guint64 len, guint64 offset, GError **error)
-{
-    if (fallocate(s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
-                  len) < 0) {
-        g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
-                    "cannot punch a hole in '%s': %s", s->path,
-                    g_strerror(errno));
-        return false;
-    }
     return true;
 }
 
-bool file_sink_finish(FileSink *s, GError **error)
+/* All writes done: cut the file to size and make it durable. */
+static bool file_sink_flush(Sink *sink, SinkDone done, void *opaque,
+                            GError **error)
 {
+    FileSink *s = (FileSink *)sink;
+
     g_assert(s->in_flight == 0 && g_queue_is_empty(&s->pending));
     if (ftruncate(s->fd, s->size) < 0 || fdatasync(s->fd) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
                     "cannot complete '%s': %s", s->path, g_strerror(errno));
         return false;
     }
+    done(opaque, 0);
     return true;
 }
 
-void file_sink_free(FileSink *s)
+static bool file_sink_dead(Sink *sink)
 {
-    if (!s) {
-        return;
-    }
+    return false;
+}
+
+static void file_sink_free(Sink *sink)
+{
+    FileSink *s = (FileSink *)sink;
+
     if (s->source) {
         g_source_destroy(s->source);
         g_source_unref(s->source);
@@ -212,3 +241,10 @@ void file_sink_free(FileSink *s)
     g_free(s->path);
     g_free(s);
 }
+
+static const SinkOps file_ops = {
+    .write = file_sink_write,
+    .flush = file_sink_flush,
+    .dead = file_sink_dead,
+    .free = file_sink_free,
+};

@@ -1,0 +1,190 @@
+/*
+ * What to copy: every region the source's "base:allocation" says holds
+ * data, narrowed by one selection: a dirty bitmap's map, the top links of
+ * a chain (its allocation depth), or the caller's ranges. Block status is
+ * asked a window at a time, ahead of the requests, and what it says goes
+ * into the work queue (plan.c, queue.c); what needs no copy may be
+ * released at once.
+ */
+#include <string.h>
+
+#include "internal.h"
+
+#define WINDOW_BYTES (G_GUINT64_CONSTANT(1) << 30) /* block status per call */
+
+bool select_init(Copier *c, const char **contexts, GError **error)
+{
+    const CopierOptions *o = &c->opts;
+
+    contexts[0] = "base:allocation";
+    contexts[1] = contexts[2] = NULL;
+    if (!!o->bitmap + !!o->depth_limit + !!o->ranges > 1) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_OPTIONS,
+                    "copy by a bitmap, by allocation depth or by ranges: "
+                    "one of them");
+        return false;
+    }
+    if (o->bitmap) {
+        c->bitmap_context = g_strconcat("qemu:dirty-bitmap:", o->bitmap, NULL);
+        contexts[1] = c->bitmap_context;
+    } else if (o->depth_limit) {
+        c->bitmap_context = g_strdup("qemu:allocation-depth");
+        contexts[1] = c->bitmap_context;
+    } else if (o->ranges) {
+        /* no context: ranges_as_extents() fills the dirty extents */
+        c->bitmap_context = g_strdup("qbk:ranges");
+    }
+    c->bs_alloc = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    c->bs_dirty = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    return true;
+}
+
+/* ---- libnbd callbacks: record, nothing more ---- */
+
+static int extent_cb(void *opaque, const char *context, uint64_t offset,
+                     uint32_t *entries, size_t n, int *error)
+{
+    Copier *c = opaque;
+    GArray *into =
+        strcmp(context, "base:allocation") == 0 ? c->bs_alloc
+        : c->bitmap_context && strcmp(context, c->bitmap_context) == 0
+            ? c->bs_dirty
+            : NULL;
+
+    if (into && into->len == 0) { /* keep the first answer per context */
+        /* N counts uint32 entries: (length, flags) pairs times two */
+        g_array_append_vals(into, entries, n);
+    }
+    return 0;
+}
+
+static int bs_done_cb(void *opaque, int *error)
+{
+    Copier *c = opaque;
+
+    c->bs_error = *error;
+    c->bs_done = true;
+    return 1;
+}
+
+void select_start(Copier *c)
+{
+    guint64 len = MIN(WINDOW_BYTES, c->size - c->plan_pos);
+
+    g_array_set_size(c->bs_alloc, 0);
+    g_array_set_size(c->bs_dirty, 0);
+    c->bs_done = false;
+    c->bs_error = 0;
+    if (nbd_aio_block_status(
+            c->src, len, c->plan_pos,
+            (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
+            (nbd_completion_callback){ .callback = bs_done_cb, .user_data = c },
+            0) < 0) {
+        copier_fail(c, COPIER_ERROR_READ,
+                    "block status at %" G_GUINT64_FORMAT ": %s", c->plan_pos,
+                    nbd_get_error());
+        return;
+    }
+    c->bs_in_flight = true;
+}
+
+/* The caller's ranges as a dirty context's extents over the window that
+ * block status was asked for: (length, 1) inside a range, (length, 0)
+ * outside. */
+static void ranges_as_extents(Copier *c)
+{
+    guint64 pos = c->plan_pos;
+    guint64 end = c->plan_pos + MIN(WINDOW_BYTES, c->size - c->plan_pos);
+    const CopierRange *r = (const CopierRange *)c->opts.ranges->data;
+    guint n = c->opts.ranges->len;
+
+    g_array_set_size(c->bs_dirty, 0);
+    for (guint i = 0; i < n && pos < end; i++) {
+        guint64 rs = MAX(r[i].offset, pos);
+        guint64 re = MIN(r[i].offset + r[i].length, end);
+        uint32_t e[4];
+
+        if (re <= rs) {
+            continue;
+        }
+        e[0] = (uint32_t)(rs - pos);
+        e[1] = 0;
+        e[2] = (uint32_t)(re - rs);
+        e[3] = 1;
+        g_array_append_vals(c->bs_dirty, rs > pos ? e : e + 2,
+                            rs > pos ? 4 : 2);
+        pos = re;
+    }
+    if (pos < end) {
+        uint32_t e[2] = { (uint32_t)(end - pos), 0 };
+
+        g_array_append_vals(c->bs_dirty, e, 2);
+    }
+}
+
+/* Regions that need no copy: released at once, in whole blocks only (a
+ * partial block's other part may be copied). */
+static void release_skipped(Copier *c, GArray *regions)
+{
+    for (guint i = 0; i < regions->len; i++) {
+        const Region *r = &g_array_index(regions, Region, i);
+        guint64 s = r->offset + COPIER_BLOCK_SIZE - 1;
+        guint64 e = r->offset + r->length;
+
+        s -= s % COPIER_BLOCK_SIZE;
+        if (e != c->size) {
+            e -= e % COPIER_BLOCK_SIZE;
+        }
+        if (r->kind == REGION_SKIP && s < e) {
+            Chunk *rel = g_new(Chunk, 1);
+
+            *rel = (Chunk){ .offset = s, .length = e - s };
+            g_queue_push_tail(&c->releases, rel);
+        }
+    }
+}
+
+void select_finish(Copier *c)
+{
+    g_autoptr(GArray) regions = NULL;
+    GQueue planned = G_QUEUE_INIT;
+    Chunk *ch;
+    guint64 end;
+
+    c->bs_in_flight = false;
+    if (c->opts.ranges) {
+        ranges_as_extents(c);
+    }
+    if (c->bs_error || c->bs_alloc->len == 0 ||
+        (c->bitmap_context && c->bs_dirty->len == 0)) {
+        copier_fail(c, COPIER_ERROR_READ,
+                    "block status at %" G_GUINT64_FORMAT " failed: %s",
+                    c->plan_pos,
+                    c->bs_error ? g_strerror(c->bs_error) : "no extents");
+        return;
+    }
+    if (c->opts.depth_limit) {
+        /* allocation depth -> dirty flag: written in the top layers */
+        uint32_t *e = (uint32_t *)c->bs_dirty->data;
+
+        for (guint i = 1; i < c->bs_dirty->len; i += 2) {
+            e[i] = e[i] >= 1 && e[i] <= c->opts.depth_limit;
+        }
+    }
+    regions =
+        plan_regions(c->plan_pos, c->size, (uint32_t *)c->bs_alloc->data,
+                     c->bs_alloc->len / 2,
+                     c->bitmap_context ? (uint32_t *)c->bs_dirty->data : NULL,
+                     c->bs_dirty->len / 2, &end);
+    c->stats.bytes_skipped +=
+        plan_chunks(regions, c->size, c->opts.chunk_size, &planned);
+    while ((ch = g_queue_pop_head(&planned))) {
+        chunk_queue_push(c->queue, ch->offset, ch->length, ch->zero);
+        g_free(ch);
+    }
+    if (c->opts.release) {
+        release_skipped(c, regions);
+    }
+    c->plan_pos = end;
+    c->last_activity_us = g_get_monotonic_time();
+}
