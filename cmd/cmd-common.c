@@ -9,8 +9,41 @@
 #include "cmd-common.h"
 
 #include "backup.h"
+#include "fleece.h"
 
 static bool quiet;
+static gboolean show_version;
+
+static GOptionEntry common_entries[] = {
+    { "version", 'V', 0, G_OPTION_ARG_NONE, &show_version,
+      "print the version and exit", NULL },
+    { NULL },
+};
+
+int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
+{
+    g_autoptr(GOptionContext) ctx = g_option_context_new(spec->parameters);
+    g_autoptr(GError) error = NULL;
+    g_autofree char *description =
+        g_strconcat(spec->description ? spec->description : "",
+                    spec->description ? "\n" : "", QBK_EXIT_CODES_HELP, NULL);
+
+    g_set_prgname(spec->name);
+    g_option_context_add_main_entries(ctx, spec->entries, NULL);
+    g_option_context_add_main_entries(ctx, common_entries, NULL);
+    if (spec->summary) {
+        g_option_context_set_summary(ctx, spec->summary);
+    }
+    g_option_context_set_description(ctx, description);
+    if (!g_option_context_parse(ctx, argc, argv, &error)) {
+        return cmd_usage("%s", error->message);
+    }
+    if (show_version) {
+        printf("%s %s\n", spec->name, QBK_VERSION);
+        return QBK_EXIT_OK;
+    }
+    return -1;
+}
 
 void cmd_set_quiet(bool q)
 {
@@ -286,6 +319,9 @@ const char *cmd_hint(const GError *error)
 {
     if (g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_LEFTOVER)) {
         return " (run 'qbk-checkpoint check --repair' to undo it)";
+    }
+    if (g_error_matches(error, FLEECE_ERROR, FLEECE_ERROR_SERVER_RUNNING)) {
+        return " (give its socket with --nbd-server SOCKET)";
     }
     if (error->domain == REPO_ERROR && error->code == REPO_ERROR_CORRUPT) {
         return " (see 'qbk-verify')";

@@ -26,6 +26,22 @@ enum {
     "  3  checkpoint chain broken or missing: the next backup must be full\n"  \
     "  4  check: a killed backup left state in the VM (check --repair)\n"
 
+/* What a command is, for its --help and its prologue. */
+typedef struct {
+    const char *name;        /* "qbk-pull" */
+    const char *parameters;  /* after the name in --help's first line */
+    const char *summary;     /* what it does (may be NULL) */
+    const char *description; /* examples; the exit codes are added */
+    GOptionEntry *entries;   /* its options; --version is added */
+} CmdSpec;
+
+/*
+ * Every command's prologue: the program's name, the options of SPEC parsed
+ * out of ARGC/ARGV, --help and --version. Returns -1 for the command to go
+ * on, or the status to exit with (after a usage error or --version).
+ */
+int cmd_parse(const CmdSpec *spec, int *argc, char ***argv);
+
 /* Print "PROG: MESSAGE" on stderr (one line). */
 G_GNUC_PRINTF(1, 2) void cmd_error(const char *fmt, ...);
 

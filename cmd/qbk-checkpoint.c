@@ -19,7 +19,6 @@ static char **opt_images;
 static char **opt_disks;
 static gboolean opt_json;
 static gboolean opt_quiet;
-static gboolean opt_version;
 static gboolean opt_repair;
 static gboolean opt_drop;
 static char *opt_into;
@@ -73,8 +72,6 @@ static GOptionEntry entries[] = {
       "seconds to wait for QEMU before giving up (default: 30)", "SECONDS" },
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
       "print nothing on stderr but errors", NULL },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
@@ -111,8 +108,7 @@ static const char description[] =
     "  qbk-checkpoint --qmp /run/vm1/qmp.sock check --repair\n"
     "  qbk-checkpoint --image vm1-a.qcow2 --image vm1-b.qcow2 list\n"
     "  qbk-checkpoint --qmp src.sock migrate --to dst.sock --uri "
-    "unix:/run/vm1/mig.sock\n"
-    "\n" QBK_EXIT_CODES_HELP;
+    "unix:/run/vm1/mig.sock\n";
 
 /* ---- JSON builders ---- */
 
@@ -179,7 +175,8 @@ static json_object *disk_ids_json(GPtrArray *disks)
 
 /* ---- subcommands: each returns its result, or NULL with ERROR set ---- */
 
-static json_object *do_list(CmdVm *vm, GError **error)
+static json_object *do_list(CmdVm *vm, GPtrArray *targets, const char *name,
+                            GError **error)
 {
     json_object *res = json_object_new_object();
 
@@ -187,7 +184,8 @@ static json_object *do_list(CmdVm *vm, GError **error)
     return res;
 }
 
-static json_object *do_disks(CmdVm *vm, GError **error)
+static json_object *do_disks(CmdVm *vm, GPtrArray *targets, const char *name,
+                             GError **error)
 {
     json_object *res = json_object_new_object();
     json_object *arr = json_object_new_array();
@@ -239,7 +237,8 @@ static json_object *do_create(CmdVm *vm, GPtrArray *targets, const char *name,
     return res;
 }
 
-static json_object *do_delete(CmdVm *vm, const char *name, GError **error)
+static json_object *do_delete(CmdVm *vm, GPtrArray *targets, const char *name,
+                              GError **error)
 {
     g_autoptr(GPtrArray) cps = bitmap_list_checkpoints(vm->disks);
     BitmapCheckpoint *cp = bitmap_find_checkpoint(cps, name);
@@ -422,7 +421,8 @@ static int repair_leftovers(CmdVm *vm, GPtrArray *leftovers, GError **error)
     return undone;
 }
 
-static json_object *do_check(CmdVm *vm, GError **error)
+static json_object *do_check(CmdVm *vm, GPtrArray *targets, const char *name,
+                             GError **error)
 {
     g_autoptr(BitmapCheck) before = NULL;
     g_autoptr(BitmapCheck) after = NULL;
@@ -663,40 +663,46 @@ static void print_check(json_object *res)
     }
 }
 
-static void print_text(const char *command, json_object *res)
+static void print_create(json_object *res)
 {
-    if (strcmp(command, "list") == 0) {
-        print_list(res);
-    } else if (strcmp(command, "disks") == 0) {
-        print_disks(res);
-    } else if (strcmp(command, "check") == 0) {
-        print_check(res);
-    } else if (strcmp(command, "create") == 0) {
-        printf("%s\n", qmp_json_string(res, "checkpoint"));
-        cmd_info("created checkpoint '%s' (bitmap %s) on %zu disk(s)",
-                 qmp_json_string(res, "checkpoint"),
-                 qmp_json_string(res, "bitmap"),
-                 qmp_json_length(qmp_json_array(res, "disks")));
-    } else if (strcmp(command, "delete") == 0) {
-        cmd_info("deleted checkpoint '%s' from %zu disk(s)",
-                 qmp_json_string(res, "deleted"),
-                 qmp_json_length(qmp_json_array(res, "disks")));
-    } else if (strcmp(command, "since") == 0 &&
-               qmp_json_string(res, "dropped")) {
+    printf("%s\n", qmp_json_string(res, "checkpoint"));
+    cmd_info("created checkpoint '%s' (bitmap %s) on %zu disk(s)",
+             qmp_json_string(res, "checkpoint"), qmp_json_string(res, "bitmap"),
+             qmp_json_length(qmp_json_array(res, "disks")));
+}
+
+static void print_delete(json_object *res)
+{
+    cmd_info("deleted checkpoint '%s' from %zu disk(s)",
+             qmp_json_string(res, "deleted"),
+             qmp_json_length(qmp_json_array(res, "disks")));
+}
+
+static void print_since(json_object *res)
+{
+    json_object *disks = qmp_json_array(res, "disks");
+
+    if (qmp_json_string(res, "dropped")) {
         cmd_info("removed '%s' from %" G_GINT64_FORMAT " disk(s)",
                  qmp_json_string(res, "dropped"), qmp_json_int(res, "count"));
-    } else if (strcmp(command, "since") == 0) {
-        json_object *disks = qmp_json_array(res, "disks");
-
-        for (size_t i = 0; i < qmp_json_length(disks); i++) {
-            json_object *b = qmp_json_index(disks, i);
-
-            printf("%s\t%s\t%s\t%" G_GINT64_FORMAT "\n",
-                   qmp_json_string(b, "disk"), qmp_json_string(b, "node"),
-                   qmp_json_string(res, "bitmap"),
-                   qmp_json_int(b, "dirty_bytes"));
-        }
+        return;
     }
+    for (size_t i = 0; i < qmp_json_length(disks); i++) {
+        json_object *b = qmp_json_index(disks, i);
+
+        printf("%s\t%s\t%s\t%" G_GINT64_FORMAT "\n", qmp_json_string(b, "disk"),
+               qmp_json_string(b, "node"), qmp_json_string(res, "bitmap"),
+               qmp_json_int(b, "dirty_bytes"));
+    }
+}
+
+/* check's status: a broken chain is the more serious (the next backup is
+ * full), then what a killed backup left. */
+static int check_status(json_object *res)
+{
+    return !qmp_json_bool(res, "healthy") ? QBK_EXIT_FULL_NEEDED
+           : !qmp_json_bool(res, "clean") ? QBK_EXIT_LEFTOVER
+                                          : QBK_EXIT_OK;
 }
 
 /* ---- main ---- */
@@ -733,7 +739,8 @@ static void on_migrate_progress(json_object *q, void *opaque)
              (guint64)qmp_json_uint(ram, "remaining") >> 20);
 }
 
-static json_object *do_migrate(CmdVm *vm, GError **error)
+static json_object *do_migrate(CmdVm *vm, GPtrArray *targets, const char *name,
+                               GError **error)
 {
     g_autoptr(QmpClient) dst = qmp_connect(opt_to, opt_timeout * 1000, error);
     BitmapMigrateOptions o = {
@@ -772,37 +779,43 @@ static json_object *do_migrate(CmdVm *vm, GError **error)
 typedef struct {
     const char *name;
     int min_args, max_args; /* positional arguments after the command */
+    json_object *(*run)(CmdVm *vm, GPtrArray *targets, const char *name,
+                        GError **error);
+    void (*print)(json_object *res); /* as text, without --json */
+    int (*status)(json_object *res); /* its exit status; NULL: 0 */
 } Command;
 
 static const Command commands[] = {
-    { "list", 0, 0 },    { "create", 0, 1 }, { "delete", 1, 1 },
-    { "since", 1, 1 },   { "check", 0, 0 },  { "disks", 0, 0 },
-    { "migrate", 0, 0 },
+    { "list", 0, 0, do_list, print_list, NULL },
+    { "create", 0, 1, do_create, print_create, NULL },
+    { "delete", 1, 1, do_delete, print_delete, NULL },
+    { "since", 1, 1, do_since, print_since, NULL },
+    { "check", 0, 0, do_check, print_check, check_status },
+    { "disks", 0, 0, do_disks, print_disks, NULL },
+    { "migrate", 0, 0, do_migrate, NULL, NULL },
 };
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("COMMAND [NAME] - manage a VM's checkpoints");
+    static const CmdSpec spec = {
+        .name = "qbk-checkpoint",
+        .parameters = "COMMAND [NAME] - manage a VM's checkpoints",
+        .summary = summary,
+        .description = description,
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autoptr(CmdVm) vm = NULL;
     g_autoptr(GPtrArray) targets = NULL;
     const Command *cmd = NULL;
     const char *name;
     json_object *res = NULL;
-    int nargs, rc = QBK_EXIT_OK;
+    int nargs, rc = cmd_parse(&spec, &argc, &argv);
 
-    g_set_prgname("qbk-checkpoint");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_summary(ctx, summary);
-    g_option_context_set_description(ctx, description);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return cmd_usage("%s", error->message);
+    if (rc >= 0) {
+        return rc;
     }
-    if (opt_version) {
-        printf("qbk-checkpoint %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
-    }
+    rc = QBK_EXIT_OK;
     cmd_set_quiet(opt_quiet);
     if (argc < 2) {
         return cmd_usage("%s", "no command given");
@@ -877,21 +890,7 @@ int main(int argc, char **argv)
         return exit_code(error);
     }
 
-    if (strcmp(cmd->name, "list") == 0) {
-        res = do_list(vm, &error);
-    } else if (strcmp(cmd->name, "disks") == 0) {
-        res = do_disks(vm, &error);
-    } else if (strcmp(cmd->name, "create") == 0) {
-        res = do_create(vm, targets, name, &error);
-    } else if (strcmp(cmd->name, "delete") == 0) {
-        res = do_delete(vm, name, &error);
-    } else if (strcmp(cmd->name, "since") == 0) {
-        res = do_since(vm, targets, name, &error);
-    } else if (strcmp(cmd->name, "migrate") == 0) {
-        res = do_migrate(vm, &error);
-    } else {
-        res = do_check(vm, &error);
-    }
+    res = cmd->run(vm, targets, name, &error);
     if (!res) {
         cmd_error("%s: %s", cmd->name, error->message);
         return exit_code(error);
@@ -903,17 +902,14 @@ int main(int argc, char **argv)
         return QBK_EXIT_FAILURE;
     }
 
-    if (strcmp(cmd->name, "check") == 0) {
-        /* a broken chain is the more serious: the next backup is full */
-        rc = !qmp_json_bool(res, "healthy") ? QBK_EXIT_FULL_NEEDED
-             : !qmp_json_bool(res, "clean") ? QBK_EXIT_LEFTOVER
-                                            : QBK_EXIT_OK;
-    }
+    rc = cmd->status ? cmd->status(res) : QBK_EXIT_OK;
     if (opt_json) {
         cmd_print_json(res);
         return rc;
     }
-    print_text(cmd->name, res);
+    if (cmd->print) {
+        cmd->print(res);
+    }
     json_object_put(res);
     return rc;
 }

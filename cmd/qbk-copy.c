@@ -21,7 +21,6 @@ static gboolean opt_zeroed;
 static gboolean opt_sequential;
 static gboolean opt_json;
 static gboolean opt_progress;
-static gboolean opt_version;
 static gint64 opt_rate;
 
 static GOptionEntry entries[] = {
@@ -50,8 +49,6 @@ static GOptionEntry entries[] = {
       "print progress on stderr", NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the statistics as one JSON object", NULL },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
@@ -98,8 +95,21 @@ static void show_progress(const CopierStats *s, void *opaque)
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("SOURCE-URI TARGET - copy an NBD export");
+    static const CmdSpec spec = {
+        .name = "qbk-copy",
+        .parameters = "SOURCE-URI TARGET - copy an NBD export",
+        .summary = NULL,
+        .description =
+            "URIs are nbd+unix:///EXPORT?socket=PATH; a TARGET that is not a "
+            "URI "
+            "is a local\nraw file, written sparse with Linux AIO and O_DIRECT."
+            "\n\nExample:\n"
+            "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
+            "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
+            "      "
+            "'nbd+unix:///inc?socket=/run/target.sock'\n\n",
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autofree char *ssock = NULL, *sname = NULL, *tsock = NULL, *tname = NULL,
                     *checksum = NULL;
@@ -109,23 +119,10 @@ int main(int argc, char **argv)
     int dfd = -1;
     bool ok;
 
-    g_set_prgname("qbk-copy");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_description(
-        ctx,
-        "URIs are nbd+unix:///EXPORT?socket=PATH; a TARGET that is not a URI "
-        "is a local\nraw file, written sparse with Linux AIO and O_DIRECT."
-        "\n\nExample:\n"
-        "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
-        "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
-        "      "
-        "'nbd+unix:///inc?socket=/run/target.sock'\n\n" QBK_EXIT_CODES_HELP);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return cmd_usage("%s", error->message);
-    }
-    if (opt_version) {
-        printf("qbk-copy %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
+    int rc = cmd_parse(&spec, &argc, &argv);
+
+    if (rc >= 0) {
+        return rc;
     }
     if (argc != 3) {
         return cmd_usage("give SOURCE-URI and TARGET");

@@ -19,7 +19,6 @@ static gint opt_daily = G_MININT, opt_weekly = G_MININT, opt_monthly = G_MININT;
 static gboolean opt_dry_run;
 static gboolean opt_json;
 static gboolean opt_quiet;
-static gboolean opt_version;
 
 static GOptionEntry entries[] = {
     { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo, "backup repository",
@@ -53,8 +52,6 @@ static GOptionEntry entries[] = {
       "print {results: [...]} as one JSON object", NULL },
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
       "print nothing on stderr but errors", NULL },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
@@ -140,43 +137,44 @@ static bool check_options(GError **error)
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("- merge backups of a repository");
+    static const CmdSpec spec = {
+        .name = "qbk-merge",
+        .parameters = "- merge backups of a repository",
+        .summary =
+            "Merges backups inside a repository; the VM and its checkpoints "
+            "are "
+            "not touched\n(merging backups is independent of the bitmaps on "
+            "the "
+            "VM). Only the data the\nmerged links hold is copied (qemu-nbd "
+            "serves the chain with its allocation\ndepth; lib/copier copies "
+            "the "
+            "newest layers), and the result must hash to the\nbackup's "
+            "recorded "
+            "checksum before anything changes. A journal\n"
+            "(REPO/merge-journal.json) makes the swap crash-safe: the next "
+            "qbk-merge\nfinishes an interrupted one, and every kept backup "
+            "restores at every step.",
+        .description =
+            "Examples:\n"
+            "  qbk-merge --repo /backups/vm1 --from MON --to SUN    # seven "
+            "dailies -> one weekly\n"
+            "  qbk-merge --repo /backups/vm1 --full-at SUN --disk disk0\n"
+            "  qbk-merge --repo /backups/vm1 --keep-daily 7 --keep-weekly 4 "
+            "--keep-monthly 12 --dry-run\n"
+            "  qbk-merge --repo /backups/vm1                       # only "
+            "finish an interrupted merge\n",
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autoptr(Repo) repo = NULL;
     g_autoptr(Manifest) m = NULL;
     json_object *results;
     bool retention;
 
-    g_set_prgname("qbk-merge");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_summary(
-        ctx,
-        "Merges backups inside a repository; the VM and its checkpoints are "
-        "not touched\n(merging backups is independent of the bitmaps on the "
-        "VM). Only the data the\nmerged links hold is copied (qemu-nbd "
-        "serves the chain with its allocation\ndepth; lib/copier copies the "
-        "newest layers), and the result must hash to the\nbackup's recorded "
-        "checksum before anything changes. A journal\n"
-        "(REPO/merge-journal.json) makes the swap crash-safe: the next "
-        "qbk-merge\nfinishes an interrupted one, and every kept backup "
-        "restores at every step.");
-    g_option_context_set_description(
-        ctx, "Examples:\n"
-             "  qbk-merge --repo /backups/vm1 --from MON --to SUN    # seven "
-             "dailies -> one weekly\n"
-             "  qbk-merge --repo /backups/vm1 --full-at SUN --disk disk0\n"
-             "  qbk-merge --repo /backups/vm1 --keep-daily 7 --keep-weekly 4 "
-             "--keep-monthly 12 --dry-run\n"
-             "  qbk-merge --repo /backups/vm1                       # only "
-             "finish an interrupted merge\n"
-             "\n" QBK_EXIT_CODES_HELP);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return cmd_usage("%s", error->message);
-    }
-    if (opt_version) {
-        printf("qbk-merge %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
+    int rc = cmd_parse(&spec, &argc, &argv);
+
+    if (rc >= 0) {
+        return rc;
     }
     cmd_set_quiet(opt_quiet);
     retention = opt_daily != G_MININT || opt_weekly != G_MININT ||

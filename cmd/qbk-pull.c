@@ -23,21 +23,21 @@ static char **opt_nodes;
 static char *opt_scratch;
 static char *opt_format;
 static char *opt_nbd_server;
-static gint opt_requests;
-static gint opt_connections;
+/* G_MININT: not given, the copier's default */
+static gint opt_requests = G_MININT;
+static gint opt_connections = G_MININT;
 static gboolean opt_sequential;
 static char *opt_fleece;
 static gboolean opt_no_notices;
 static gboolean opt_no_release;
 static double opt_latency_ms;
 static char *opt_trace;
-static gint64 opt_chunk;
+static gint64 opt_chunk = G_MININT64; /* not given: the copier's default */
 static char *opt_rate;
 static gint opt_progress_fd = -1;
 static gboolean opt_json;
 static gboolean opt_export_only;
 static gboolean opt_quiet;
-static gboolean opt_version;
 static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 
 static GOptionEntry entries[] = {
@@ -125,8 +125,6 @@ static GOptionEntry entries[] = {
       "seconds to wait for QEMU (1-86400, default 30)", "SECONDS" },
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
       "print nothing on stderr but errors", NULL },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
@@ -271,18 +269,21 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
         !cmd_check_path("--trace", opt_trace, error) ||
         !cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
                          error) ||
-        !cmd_check_range("--requests", opt_requests, 0, COPIER_MAX_REQUESTS,
-                         error) ||
-        !cmd_check_range("--connections", opt_connections, 0,
-                         COPIER_MAX_CONNECTIONS, error) ||
-        !cmd_check_range("--chunk-size", opt_chunk, 0, COPIER_MAX_CHUNK,
-                         error) ||
+        (opt_requests != G_MININT &&
+         !cmd_check_range("--requests", opt_requests, 1, COPIER_MAX_REQUESTS,
+                          error)) ||
+        (opt_connections != G_MININT &&
+         !cmd_check_range("--connections", opt_connections, 1,
+                          COPIER_MAX_CONNECTIONS, error)) ||
+        (opt_chunk != G_MININT64 &&
+         !cmd_check_range("--chunk-size", opt_chunk, COPIER_BLOCK_SIZE,
+                          COPIER_MAX_CHUNK, error)) ||
         !cmd_check_number("--guest-latency-target", opt_latency_ms, 0,
                           COPIER_MAX_LATENCY_US / 1000, error) ||
         !cmd_check_range("--progress-fd", opt_progress_fd, -1, G_MAXINT,
                          error) ||
-        (opt_rate &&
-         !cmd_parse_size("--rate-limit", opt_rate, &opts->rate_limit, error))) {
+        (opt_rate && !cmd_parse_size("--rate-limit", opt_rate,
+                                     &opts->copier.rate_limit, error))) {
         return false;
     }
     if (opt_progress_fd >= 0 && fcntl(opt_progress_fd, F_GETFD) < 0) {
@@ -317,19 +318,48 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_dir = opt_scratch;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
-    opts->requests = opt_sequential ? 1 : opt_requests;
-    opts->connections = opt_sequential ? 1 : opt_connections;
-    opts->chunk_size = opt_chunk;
+    if (opt_requests != G_MININT) {
+        opts->copier.requests = opt_requests;
+    }
+    if (opt_connections != G_MININT) {
+        opts->copier.connections = opt_connections;
+    }
+    if (opt_chunk != G_MININT64) {
+        opts->copier.chunk_size = opt_chunk;
+    }
+    if (opt_sequential) {
+        opts->copier.requests = opts->copier.connections = 1;
+    }
     opts->no_notices = opt_no_notices || opt_sequential;
     opts->no_release = opt_no_release;
-    opts->latency_target_us = (guint)(opt_latency_ms * 1000);
+    opts->copier.latency_target_us = (guint)(opt_latency_ms * 1000);
     return backup_options_check(opts, error);
 }
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("- back up a running VM");
+    static const CmdSpec spec = {
+        .name = "qbk-pull",
+        .parameters = "- back up a running VM",
+        .summary =
+            "Takes a crash-consistent backup of every disk of a running VM "
+            "at one instant\n(image fleecing), while the guest keeps "
+            "writing. Per disk: a full backup\nwhen there is no usable "
+            "chain, else only what changed since the disk's last\nbackup "
+            "(auto). The repository keeps one qcow2 chain per disk (full <- "
+            "inc <-\n...) with relative backing files, and a JSON manifest "
+            "per backup, all\nowner-only. On failure or SIGINT/SIGTERM "
+            "everything is rolled back: the next\nbackup misses no write.",
+        .description =
+            "Examples:\n"
+            "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1\n"
+            "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
+            "--mode differential\n"
+            "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
+            "--since 20261122T213500Z --json\n"
+            "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n",
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autoptr(QmpClient) qmp = NULL;
     g_autoptr(Repo) repo = NULL;
@@ -338,32 +368,10 @@ int main(int argc, char **argv)
     int trace_fd = -1; /* closed at exit */
     json_object *manifest;
 
-    g_set_prgname("qbk-pull");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_summary(
-        ctx, "Takes a crash-consistent backup of every disk of a running VM "
-             "at one instant\n(image fleecing), while the guest keeps "
-             "writing. Per disk: a full backup\nwhen there is no usable "
-             "chain, else only what changed since the disk's last\nbackup "
-             "(auto). The repository keeps one qcow2 chain per disk (full <- "
-             "inc <-\n...) with relative backing files, and a JSON manifest "
-             "per backup, all\nowner-only. On failure or SIGINT/SIGTERM "
-             "everything is rolled back: the next\nbackup misses no write.");
-    g_option_context_set_description(
-        ctx, "Examples:\n"
-             "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1\n"
-             "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
-             "--mode differential\n"
-             "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
-             "--since 20261122T213500Z --json\n"
-             "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
-             "\n" QBK_EXIT_CODES_HELP);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return cmd_usage("%s", error->message);
-    }
-    if (opt_version) {
-        printf("qbk-pull %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
+    int rc = cmd_parse(&spec, &argc, &argv);
+
+    if (rc >= 0) {
+        return rc;
     }
     cmd_set_quiet(opt_quiet);
     backup_options_init(&opts);
@@ -380,9 +388,9 @@ int main(int argc, char **argv)
             cmd_error("cannot write '%s': %s", opt_trace, g_strerror(errno));
             return QBK_EXIT_USAGE;
         }
-        opts.trace_fd = trace_fd;
+        opts.copier.trace_fd = trace_fd;
     }
-    opts.cancel = &cancel_flag;
+    opts.copier.cancel = &cancel_flag;
     opts.progress = on_progress;
     opts.fleeced = on_fleeced;
 

@@ -10,7 +10,6 @@
 
 static char *opt_qmp;
 static gboolean opt_hmp;
-static gboolean opt_version;
 static char *opt_wait_event;
 static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 
@@ -24,36 +23,32 @@ static GOptionEntry entries[] = {
       "after the command, wait for this event and print it", "EVENT" },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
       "seconds to wait for QEMU (1-86400, default: 30)", "SECONDS" },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("COMMAND [ARGUMENTS-JSON] - talk to QEMU");
+    static const CmdSpec spec = {
+        .name = "qbk-qmp",
+        .parameters = "COMMAND [ARGUMENTS-JSON] - talk to QEMU",
+        .summary = NULL,
+        .description =
+            "Examples:\n"
+            "  qbk-qmp --qmp vm.sock query-block\n"
+            "  qbk-qmp --qmp vm.sock x-debug-block-dirty-bitmap-sha256 \\\n"
+            "      '{\"node\": \"disk0-fmt\", \"name\": \"qbk-000001-mon\"}'\n"
+            "  qbk-qmp --qmp vm.sock --hmp 'info block'\n",
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autoptr(QmpClient) qmp = NULL;
     json_object *args = NULL;
     json_object *ret;
 
-    g_set_prgname("qbk-qmp");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_description(
-        ctx, "Examples:\n"
-             "  qbk-qmp --qmp vm.sock query-block\n"
-             "  qbk-qmp --qmp vm.sock x-debug-block-dirty-bitmap-sha256 \\\n"
-             "      '{\"node\": \"disk0-fmt\", \"name\": \"qbk-000001-mon\"}'\n"
-             "  qbk-qmp --qmp vm.sock --hmp 'info block'\n"
-             "\n" QBK_EXIT_CODES_HELP);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        cmd_error("%s (see --help)", error->message);
-        return QBK_EXIT_USAGE;
-    }
-    if (opt_version) {
-        printf("qbk-qmp %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
+    int rc = cmd_parse(&spec, &argc, &argv);
+
+    if (rc >= 0) {
+        return rc;
     }
     if (!opt_qmp) {
         opt_qmp = g_strdup(g_getenv("QBK_QMP"));

@@ -18,7 +18,6 @@ static gboolean opt_list;
 static char *opt_into;
 static char *opt_from;
 static gboolean opt_verify;
-static gboolean opt_version;
 
 static GOptionEntry entries[] = {
     { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo, "backup repository",
@@ -46,8 +45,6 @@ static GOptionEntry entries[] = {
       "list the repository's backups instead", NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the result as one JSON object", NULL },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
@@ -150,33 +147,33 @@ static bool check_names(GError **error)
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("- rebuild a disk from a backup repository");
+    static const CmdSpec spec = {
+        .name = "qbk-restore",
+        .parameters = "- rebuild a disk from a backup repository",
+        .summary = NULL,
+        .description =
+            "Every link of the chain is checked against the manifests before "
+            "it "
+            "is read,\nand the output appears under its name only once it is "
+            "complete (and, for\nraw, verified); it is created owner-only.\n\n"
+            "Examples:\n"
+            "  qbk-restore --repo /backups/vm1 --list\n"
+            "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
+            "  qbk-restore --repo /backups/vm1 --disk disk0 --backup "
+            "20261122T213500Z \\\n      -o disk0.qcow2 --format qcow2\n"
+            "  qbk-restore --repo /backups/vm1 --disk disk0 --into "
+            "vm1-disk0.qcow2 "
+            "--from TUE --backup MON --verify\n",
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autoptr(Repo) opened = NULL;
     json_object *entry;
 
-    g_set_prgname("qbk-restore");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_description(
-        ctx,
-        "Every link of the chain is checked against the manifests before it "
-        "is read,\nand the output appears under its name only once it is "
-        "complete (and, for\nraw, verified); it is created owner-only.\n\n"
-        "Examples:\n"
-        "  qbk-restore --repo /backups/vm1 --list\n"
-        "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
-        "  qbk-restore --repo /backups/vm1 --disk disk0 --backup "
-        "20261122T213500Z \\\n      -o disk0.qcow2 --format qcow2\n"
-        "  qbk-restore --repo /backups/vm1 --disk disk0 --into vm1-disk0.qcow2 "
-        "--from TUE --backup MON --verify\n"
-        "\n" QBK_EXIT_CODES_HELP);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return cmd_usage("%s", error->message);
-    }
-    if (opt_version) {
-        printf("qbk-restore %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
+    int rc = cmd_parse(&spec, &argc, &argv);
+
+    if (rc >= 0) {
+        return rc;
     }
     if (argc != 1 || !opt_repo) {
         return cmd_usage("give --repo DIR");

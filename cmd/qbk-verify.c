@@ -13,7 +13,6 @@ static char **opt_disks;
 static char *opt_backup;
 static gboolean opt_json;
 static gboolean opt_quiet;
-static gboolean opt_version;
 
 static GOptionEntry entries[] = {
     { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo, "backup repository",
@@ -26,8 +25,6 @@ static GOptionEntry entries[] = {
       "print {results: [...], failed: N} as one JSON object", NULL },
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet, "print only failures",
       NULL },
-    { "version", 'V', 0, G_OPTION_ARG_NONE, &opt_version,
-      "print the version and exit", NULL },
     { NULL },
 };
 
@@ -70,38 +67,35 @@ static int verify_one(Repo *repo, const char *id, const char *disk,
 
 int main(int argc, char **argv)
 {
-    g_autoptr(GOptionContext) ctx =
-        g_option_context_new("- check backups against their checksums");
+    static const CmdSpec spec = {
+        .name = "qbk-verify",
+        .parameters = "- check backups against their checksums",
+        .summary =
+            "Re-reads each backup's disks through their qcow2 chains (no VM "
+            "needed) and\ncompares them with the XXH3-128 block checksums "
+            "recorded at backup time.\nEach link is checked first: its "
+            "image is there, whole, and its backing file\nis the parent "
+            "the manifest names. A mismatch names the first block that\n"
+            "differs; a manifest that cannot be trusted is named too. Exit "
+            "status 1 if\nanything failed.",
+        .description =
+            "Examples:\n"
+            "  qbk-verify --repo /backups/vm1\n"
+            "  qbk-verify --repo /backups/vm1 --backup latest --disk disk0 "
+            "--json\n",
+        .entries = entries,
+    };
     g_autoptr(GError) error = NULL;
     g_autoptr(GPtrArray) backups = NULL;
     g_autoptr(GPtrArray) skipped = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(Repo) repo = NULL;
     json_object *results, *out;
-    int rc = QBK_EXIT_OK, failed = 0;
+    int failed = 0, rc = cmd_parse(&spec, &argc, &argv);
 
-    g_set_prgname("qbk-verify");
-    g_option_context_add_main_entries(ctx, entries, NULL);
-    g_option_context_set_summary(
-        ctx, "Re-reads each backup's disks through their qcow2 chains (no VM "
-             "needed) and\ncompares them with the XXH3-128 block checksums "
-             "recorded at backup time.\nEach link is checked first: its "
-             "image is there, whole, and its backing file\nis the parent "
-             "the manifest names. A mismatch names the first block that\n"
-             "differs; a manifest that cannot be trusted is named too. Exit "
-             "status 1 if\nanything failed.");
-    g_option_context_set_description(
-        ctx, "Examples:\n"
-             "  qbk-verify --repo /backups/vm1\n"
-             "  qbk-verify --repo /backups/vm1 --backup latest --disk disk0 "
-             "--json\n"
-             "\n" QBK_EXIT_CODES_HELP);
-    if (!g_option_context_parse(ctx, &argc, &argv, &error)) {
-        return cmd_usage("%s", error->message);
+    if (rc >= 0) {
+        return rc;
     }
-    if (opt_version) {
-        printf("qbk-verify %s\n", QBK_VERSION);
-        return QBK_EXIT_OK;
-    }
+    rc = QBK_EXIT_OK;
     if (argc != 1 || !opt_repo) {
         return cmd_usage("give --repo DIR and no other argument");
     }

@@ -71,17 +71,15 @@ typedef struct {
                                 socket: export there, never stop it */
     const char *format;      /* of full backups: "qcow2" (NULL) or "raw"
                                 (sparse, written with Linux AIO) */
-    guint requests;          /* copier requests in flight (0: default) */
-    guint connections;       /* copier NBD connections to each fleecing
-                                export (0: default) */
-    guint64 chunk_size;      /* copier chunk size (0: default) */
-    guint64 rate_limit;      /* bytes/s read from the VM; 0: unlimited */
     BackupFleece fleece;
-    bool no_notices;         /* don't copy what the guest writes first */
-    bool no_release;         /* scheme B: keep copied regions in scratch */
-    guint latency_target_us; /* guest-aware pacing (0: off) */
-    int trace_fd;            /* copier trace (benchmarks), or -1 */
-    volatile gint *cancel;   /* set by a signal handler to stop */
+    bool no_notices; /* don't copy what the guest writes first */
+    bool no_release; /* scheme B: keep copied regions in scratch */
+    /* The copier's options for every disk (copier_options_init's defaults
+     * from backup_options_init): requests (one budget for all the disks),
+     * connections, chunk size, rate limit, pacing target, trace, cancel.
+     * What is per disk (selection, notices, release, digests, progress) is
+     * set by the backup. */
+    CopierOptions copier;
     BackupProgressFn progress;
     void *progress_opaque;
     /* Called once the point in time is fixed (fleecing started): tests and

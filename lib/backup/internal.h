@@ -5,86 +5,8 @@
 #define QBK_BACKUP_INTERNAL_H
 
 #include "backup.h"
+#include "fleece.h"
 #include "util.h"
-
-/* ---- the VM side of a backup (fleece.c) ---- */
-
-/* One disk being fleeced: names of everything qbk adds to QEMU for it. */
-typedef struct {
-    char *disk;    /* the disk's id */
-    char *node;    /* its format node */
-    char *scratch; /* scratch node */
-    char *filter;  /* scheme A: the backup job's filter node */
-    char *job;     /* scheme A: the sync=none backup job */
-    char *export_; /* NBD export id; the export's name is the disk id */
-    char *file;    /* scratch image file */
-    /* scheme B */
-    bool scheme_b;
-    char *cbw;            /* copy-before-write filter node */
-    char *access;         /* snapshot-access node: the point-in-time view */
-    char *notice_export;  /* id and name of the scratch node's export */
-    QmpInsertPoint point; /* where the filter goes: above NODE */
-} FleeceDisk;
-
-/* Names for disk INDEX of backup TAG (short, QEMU limits names to 31);
- * its scratch file in SCRATCH_DIR (NULL: none). */
-FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
-                            const char *tag, const char *scratch_dir);
-void fleece_disk_free(FleeceDisk *fd);
-
-/* Create the scratch image and add its node: scheme A with the disk as its
- * backing; scheme B alone, discarding what is released. */
-bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
-                        GError **error);
-
-/* Scheme B: add the copy-before-write filter above FD->node (not yet in
- * the device's path); a guest write waits at most TIMEOUT_S seconds for
- * its copy, then the snapshot breaks. */
-bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, guint timeout_s,
-                         GError **error);
-
-/* Scheme B: put the filter under the device (from now on the scratch
- * node keeps the point in time) and add the snapshot-access node. */
-bool fleece_b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error);
-
-/* The sync=none backup that fleeces FD: one action of the caller's
- * transaction, so that the point in time is that of the bitmap actions. */
-void fleece_add_backup_action(QmpTransaction *tx, FleeceDisk *fd);
-
-/*
- * Start an NBD server on SOCKET (a private path); *STARTED says whether we
- * did (false: one was already running, and it is not ours to stop).
- */
-bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
-                         GError **error);
-
-/* Export FD's point-in-time view, with BITMAP (may be NULL) of the disk's
- * node as a dirty-bitmap context: scheme A read-only with the scratch's
- * allocation depth; scheme B writable (for trims: release) and, as
- * FD->notice_export, the scratch node read-only (its map: guest writes). */
-bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
-                   GError **error);
-
-/*
- * Undo everything fleece_* added for FDS, whatever state it is in: export,
- * job (cancelled, waited for), scratch node and file; stop the server if
- * STOP_SERVER. Best effort: carries on past failures and reports the first.
- */
-bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
-                     GError **error);
-
-/* The kinds of names fleece_disk_new() gives (qbk-<kind><index>-<tag>). */
-#define FLEECE_KINDS "sfjecax"
-
-/* The names of qbk's nodes, exports and jobs in QEMU now (strings). */
-GPtrArray *fleece_present_names(QmpClient *qmp, GError **error);
-
-/*
- * Tear down whatever backup TAG left in QEMU: nodes, exports, jobs (used
- * to undo a killed qbk-pull; its scratch files are in a private directory
- * that privdir_reap() removes).
- */
-bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, GError **error);
 
 /* ---- marks of a backup in the VM (leftover.c) ---- */
 
@@ -177,6 +99,14 @@ bool pull_recover(QmpClient *qmp, Repo *repo, char **nodes,
 /* Exit at once (status 99) if $QBK_CRASH_AT is WHERE: the tests kill a
  * command at each step that matters. A no-op in other builds. */
 void backup_test_crash(const char *where);
+
+/* ---- retention (retention.c) ---- */
+
+/* What POLICY keeps of MANIFESTS (complete backups), and how the rest go:
+ * {keep: [{id, created, why}], remove: [{id, created}], merges: [{disk,
+ * merge, into}]}. Pure: nothing is read or changed. */
+json_object *retention_plan(GPtrArray *manifests,
+                            const BackupRetention *policy);
 
 /* ---- merge (merge.c) ---- */
 

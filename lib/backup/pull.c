@@ -26,12 +26,6 @@
 
 #define MANIFEST_FORMAT "qbk-manifest-1"
 
-/* A guest write waits at most this long for its copy-before-write; past
- * it the snapshot breaks (the backup fails and is rolled back), the guest
- * never sees an error. Before QEMU 9.1 the timeout is kept in 32-bit
- * nanoseconds: 4 s is the largest whole number of seconds that survives. */
-#define CBW_TIMEOUT_S 4
-
 /* G_DEFINE_QUARK stringifies the quark name as written. */
 /* clang-format off */
 G_DEFINE_QUARK(qbk-backup-error-quark, backup_error)
@@ -65,26 +59,8 @@ bool backup_mode_parse(const char *text, BackupMode *mode)
 
 void backup_options_init(BackupOptions *opts)
 {
-    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO, .trace_fd = -1 };
-}
-
-/* The copier's options for this backup: its defaults, then ours. */
-static void copier_options(const BackupOptions *opts, CopierOptions *co)
-{
-    copier_options_init(co);
-    if (opts->requests) {
-        co->requests = opts->requests;
-    }
-    if (opts->connections) {
-        co->connections = opts->connections;
-    }
-    if (opts->chunk_size) {
-        co->chunk_size = opts->chunk_size;
-    }
-    co->rate_limit = opts->rate_limit;
-    co->latency_target_us = opts->latency_target_us;
-    co->trace_fd = opts->trace_fd;
-    co->cancel = opts->cancel;
+    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO };
+    copier_options_init(&opts->copier);
 }
 
 G_GNUC_PRINTF(2, 3)
@@ -103,10 +79,8 @@ bool backup_options_check(const BackupOptions *opts, GError **error)
 {
     g_autoptr(GHashTable) ids = g_hash_table_new(g_str_hash, g_str_equal);
     g_autoptr(GError) local = NULL;
-    CopierOptions co;
 
-    copier_options(opts, &co);
-    if (!copier_options_check(&co, &local)) {
+    if (!copier_options_check(&opts->copier, &local)) {
         return usage(error, "%s", local->message);
     }
     if (opts->format && strcmp(opts->format, "qcow2") != 0 &&
@@ -164,13 +138,13 @@ typedef struct {
     QmpClient *qmp;
     Repo *repo;
     const BackupOptions *opts;
-    char *id;          /* backup id, also the tag of QEMU names */
-    bool export_only;  /* fleece and export for another NBD client */
-    bool scheme_b;     /* fleecing with copy-before-write + snapshot-access */
-    double pause_ms;   /* the VM was paused this long to fleece (B) */
-    char *scratch_dir; /* where scratch images go */
-    PrivDir *scratch;  /* ours in SCRATCH_DIR: this backup's scratch images */
-    PrivDir *rundir;   /* ours in the temporary directory: the NBD socket */
+    char *id;                   /* backup id, also the tag of QEMU names */
+    bool export_only;           /* fleece and export for another NBD client */
+    const FleeceScheme *scheme; /* how the point in time is kept */
+    double pause_ms;            /* the VM was paused this long to fleece (B) */
+    char *scratch_dir;          /* where scratch images go */
+    PrivDir *scratch; /* ours in SCRATCH_DIR: this backup's scratch images */
+    PrivDir *rundir;  /* ours in the temporary directory: the NBD socket */
     char *nbd_socket;
 
     /* state */
@@ -230,7 +204,7 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(Pull, pull_free)
 
 static bool cancelled(Pull *p, GError **error)
 {
-    if (p->opts->cancel && g_atomic_int_get(p->opts->cancel)) {
+    if (p->opts->copier.cancel && g_atomic_int_get(p->opts->copier.cancel)) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "interrupted by a signal");
         return true;
@@ -477,11 +451,12 @@ static json_object *copier_json(Pull *p, const CopierStats *s)
                            json_object_new_uint64(s->bytes_released));
     json_object_object_add(o, "release_errors",
                            json_object_new_uint64(s->release_errors));
-    if (p->opts->latency_target_us) {
+    if (p->opts->copier.latency_target_us) {
         json_object *w = json_object_new_object();
 
         json_object_object_add(
-            w, "target_us", json_object_new_uint64(p->opts->latency_target_us));
+            w, "target_us",
+            json_object_new_uint64(p->opts->copier.latency_target_us));
         json_object_object_add(w, "min", json_object_new_int(s->window_min));
         json_object_object_add(w, "max", json_object_new_int(s->window_max));
         json_object_object_add(w, "mean",
@@ -582,7 +557,8 @@ static bool insert_filters(Pull *p, QmpTransaction *later, GError **error)
         backup_test_crash("paused");
     }
     for (guint i = 0; ok && i < p->pds->len; i++) {
-        ok = fleece_b_insert(p->qmp, ((PullDisk *)p->pds->pdata[i])->fd, error);
+        ok = p->scheme->insert(p->qmp, ((PullDisk *)p->pds->pdata[i])->fd,
+                               error);
     }
     if (stopped) {
         if (!qmp_run(p->qmp, "cont", NULL, &cont_err)) {
@@ -619,7 +595,7 @@ static bool fleece(Pull *p, GError **error)
 {
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
     g_autoptr(QmpTransaction) later =
-        p->scheme_b ? qmp_transaction_new() : NULL;
+        p->scheme->insert ? qmp_transaction_new() : NULL;
     g_autoptr(GPtrArray) targets = g_ptr_array_new();
 
     /* From here on the VM holds this backup's objects: a run that finds
@@ -631,12 +607,8 @@ static bool fleece(Pull *p, GError **error)
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
 
-        if (!fleece_add_scratch(p->qmp, pd->fd, pd->qd->size, error)) {
-            return false;
-        }
-        g_ptr_array_add(p->fds, pd->fd);
-        if (p->scheme_b &&
-            !fleece_b_add_filter(p->qmp, pd->fd, CBW_TIMEOUT_S, error)) {
+        g_ptr_array_add(p->fds, pd->fd); /* torn down even if half added */
+        if (!p->scheme->add(p->qmp, pd->fd, pd->qd->size, error)) {
             return false;
         }
         if (!pd->qd->no_bitmaps) {
@@ -652,8 +624,8 @@ static bool fleece(Pull *p, GError **error)
               tx, later ? later : tx, p->disks, targets, p->id, 0, error))) {
         return false;
     }
-    for (guint i = 0; !p->scheme_b && i < p->pds->len; i++) {
-        fleece_add_backup_action(tx, ((PullDisk *)p->pds->pdata[i])->fd);
+    for (guint i = 0; p->scheme->add_actions && i < p->pds->len; i++) {
+        p->scheme->add_actions(tx, ((PullDisk *)p->pds->pdata[i])->fd);
     }
     json_object_object_add(p->manifest, "checkpoint_bitmap",
                            p->checkpoint ? json_object_new_string(p->checkpoint)
@@ -701,7 +673,7 @@ static bool export_all(Pull *p, GError **error)
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
 
-        if (!fleece_export(p->qmp, pd->fd, pd->since, error)) {
+        if (!p->scheme->export(p->qmp, pd->fd, pd->since, error)) {
             return false;
         }
     }
@@ -814,25 +786,21 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
     CopierEndpoint dst = { .file = pd->image };
     CopierEndpoint notices = {
         .socket = p->nbd_socket,
-        .name = p->scheme_b ? pd->fd->notice_export : pd->qd->id,
+        .name = p->scheme->notice_export(pd->fd),
     };
-    CopierOptions co;
+    CopierOptions co = p->opts->copier;
 
     if (pd->format != REPO_RAW) {
         dst =
             (CopierEndpoint){ .socket = p->target->socket, .name = pd->qd->id };
     }
-    copier_options(p->opts, &co);
     co.bitmap = pd->since;
     co.target_zeroed = pd->mode == BACKUP_MODE_FULL;
     if (!p->opts->no_notices) {
-        /* A: the fleecing export's own allocation depth; B: the scratch
-         * node's map. Both show what the guest overwrote. */
         co.notices = &notices;
-        co.notice_context =
-            p->scheme_b ? "base:allocation" : "qemu:allocation-depth";
+        co.notice_context = p->scheme->notice_context;
     }
-    co.release = p->scheme_b && !p->opts->no_release;
+    co.release = p->scheme->releases && !p->opts->no_release;
     if (p->opts->progress) {
         co.progress = on_progress;
         co.progress_opaque = dc;
@@ -884,13 +852,11 @@ static bool copy_all(Pull *p, GError **error)
     g_autoptr(GMainContext) ctx = g_main_context_new();
     g_autoptr(GMainLoop) loop = g_main_loop_new(ctx, FALSE);
     g_autofree DiskCopy *disks = g_new0(DiskCopy, p->pds->len);
-    CopierOptions co;
-    CopierBudget *budget;
+    CopierBudget *budget =
+        copier_budget_new(p->opts->copier.requests, p->opts->copier.chunk_size);
     CopyRun run = { .loop = loop, .disks = disks, .count = p->pds->len };
     bool ok = !cancelled(p, error);
 
-    copier_options(p->opts, &co);
-    budget = copier_budget_new(co.requests, co.chunk_size);
     for (guint i = 0; i < run.count; i++) {
         disks[i] = (DiskCopy){ .p = p, .index = i, .digests_fd = -1 };
     }
@@ -1061,23 +1027,16 @@ static bool choose_scheme(Pull *p, int version, GError **error)
         why = g_strdup("QEMU cannot pause to fleece several disks at once");
     }
     for (guint i = 0; !why && i < p->pds->len; i++) {
-        PullDisk *pd = p->pds->pdata[i];
-        g_autoptr(GError) err = NULL;
-
-        if (!qmp_insert_point(p->qmp, pd->qd->node, &pd->fd->point, &err)) {
-            why = g_strdup_printf("disk '%s': %s", pd->qd->id, err->message);
-        } else if (!pd->fd->point.reopen && !pd->fd->point.qom) {
-            why = g_strdup_printf("disk '%s' has no user", pd->qd->id);
-        }
+        fleece_b_possible(p->qmp, ((PullDisk *)p->pds->pdata[i])->fd, &why);
     }
     if (p->opts->fleece == BACKUP_FLEECE_B && why) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "cannot fleece with scheme B: %s", why);
         return false;
     }
-    p->scheme_b = !why;
+    p->scheme = why ? &fleece_scheme_a : &fleece_scheme_b;
     for (guint i = 0; i < p->pds->len; i++) {
-        ((PullDisk *)p->pds->pdata[i])->fd->scheme_b = p->scheme_b;
+        ((PullDisk *)p->pds->pdata[i])->fd->scheme = p->scheme;
     }
     return true;
 }
@@ -1144,10 +1103,10 @@ static json_object *new_manifest(Pull *p, int major, int minor, int micro)
     json_object_object_add(m, "qemu", json_object_new_string(version));
     json_object_object_add(m, "checkpoint", json_object_new_string(p->id));
     json_object_object_add(m, "fleece",
-                           json_object_new_string(p->scheme_b ? "B" : "A"));
-    if (p->scheme_b) {
+                           json_object_new_string(p->scheme->name));
+    if (p->scheme->cbw_timeout_s) {
         json_object_object_add(m, "cbw_timeout_s",
-                               json_object_new_int(CBW_TIMEOUT_S));
+                               json_object_new_int(p->scheme->cbw_timeout_s));
     }
     for (guint i = 0; i < p->pds->len; i++) {
         json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));
@@ -1195,8 +1154,9 @@ static bool prepare(Pull *p, GError **error)
         if (pd->base) {
             pd->since = g_strdup_printf("qbk-since-%s-%u", p->id, i);
         }
-        pd->fd = fleece_disk_new(pd->qd->id, pd->qd->node, i, p->id,
-                                 privdir_path(p->scratch));
+        /* scheme A until choose_scheme() says */
+        pd->fd = fleece_disk_new(&fleece_scheme_a, pd->qd->id, pd->qd->node, i,
+                                 p->id, privdir_path(p->scratch));
         pd->format = pd->mode == BACKUP_MODE_FULL &&
                              g_strcmp0(p->opts->format, "raw") == 0
                          ? REPO_RAW
@@ -1253,13 +1213,7 @@ static Pull *pull_begin(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
 static void pull_fail(Pull *p, GError *err, GError **error)
 {
     fail_and_undo(p, err);
-    if (err->domain != BACKUP_ERROR) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
-                    err->message);
-        g_error_free(err);
-    } else {
-        g_propagate_error(error, err);
-    }
+    g_propagate_error(error, err);
 }
 
 /* Committed: the checkpoint stays; the mark and the "since" bitmaps go
@@ -1373,13 +1327,7 @@ json_object *backup_pull(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
             teardown(p, &err) && finish_targets(p, &err) && !cancelled(p, &err);
     }
     if (!ok) {
-        fail_and_undo(p, err);
-        if (err->domain != BACKUP_ERROR) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
-                        err->message);
-        } else {
-            g_propagate_error(error, g_steal_pointer(&err));
-        }
+        pull_fail(p, g_steal_pointer(&err), error);
         return NULL;
     }
 
@@ -1388,8 +1336,7 @@ json_object *backup_pull(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
     final_path = repo_manifest_path(repo, p->id);
     partial_path = repo_partial_path(repo, p->id);
     if (!repo_write_json(final_path, p->manifest, &err)) {
-        fail_and_undo(p, err);
-        g_propagate_error(error, g_steal_pointer(&err));
+        pull_fail(p, g_steal_pointer(&err), error);
         return NULL;
     }
     unlink(partial_path);

@@ -80,60 +80,45 @@ static guint children(GPtrArray *points, const char *disk, const char *id,
     return n;
 }
 
-json_object *backup_retention(Repo *repo, const BackupRetention *policy,
-                              bool dry_run, GError **error)
+/* Oldest first by creation time, then by id. */
+static gint by_time(gconstpointer a, gconstpointer b)
 {
-    g_autoptr(GPtrArray) all = repo_list(repo, false, NULL, error);
-    g_autoptr(GPtrArray) points =
-        g_ptr_array_new_with_free_func((GDestroyNotify)point_free);
-    g_autoptr(GHashTable) disks = g_hash_table_new(g_str_hash, g_str_equal);
-    json_object *plan, *kept, *removed, *actions;
-    GHashTableIter it;
-    gpointer key;
+    const Point *x = *(Point *const *)a;
+    const Point *y = *(Point *const *)b;
+    gint c = g_date_time_compare(x->when, y->when);
 
-    if (!all) {
-        return NULL;
-    }
-    for (guint i = 0; i < all->len; i++) {
-        Manifest *m = all->pdata[i];
-        Point *p = g_new0(Point, 1);
+    return c ? c : strcmp(x->id, y->id);
+}
 
-        p->m = m;
-        p->id = m->id;
-        p->when = m->created;
-        p->why = g_ptr_array_new();
-        g_ptr_array_add(points, p);
+/* The disks of MANIFESTS, sorted (borrowed strings). */
+static GPtrArray *disks_of(GPtrArray *manifests)
+{
+    g_autoptr(GHashTable) seen = g_hash_table_new(g_str_hash, g_str_equal);
+    GPtrArray *disks = g_ptr_array_new();
+
+    for (guint i = 0; i < manifests->len; i++) {
+        Manifest *m = manifests->pdata[i];
+
         for (guint d = 0; d < m->disks->len; d++) {
-            g_hash_table_add(disks, ((ManifestDisk *)m->disks->pdata[d])->disk);
-        }
-    }
-    /* repo_list sorts by id; the policy goes by creation time */
-    for (guint i = 1; i < points->len; i++) {
-        for (guint k = i; k > 0; k--) {
-            Point *a = points->pdata[k - 1], *b = points->pdata[k];
+            char *disk = ((ManifestDisk *)m->disks->pdata[d])->disk;
 
-            if (g_date_time_compare(a->when, b->when) <= 0) {
-                break;
+            if (g_hash_table_add(seen, disk)) {
+                g_ptr_array_add(disks, disk);
             }
-            points->pdata[k - 1] = b;
-            points->pdata[k] = a;
         }
     }
-    if (points->len) {
-        g_ptr_array_add(((Point *)points->pdata[points->len - 1])->why,
-                        "newest");
-    }
-    keep_periods(points, policy->daily, "%Y-%m-%d", "daily");
-    keep_periods(points, policy->weekly, "%G-W%V", "weekly");
-    keep_periods(points, policy->monthly, "%Y-%m", "monthly");
+    g_ptr_array_sort(disks, (GCompareFunc)g_strcmp0);
+    return disks;
+}
 
-    plan = json_object_new_object();
-    actions = json_object_new_array();
-    /* per disk: merge each run of removed links into the kept one above;
-     * a removed link with several backups on it stays */
-    g_hash_table_iter_init(&it, disks);
-    while (g_hash_table_iter_next(&it, &key, NULL)) {
-        const char *disk = key;
+/* Per disk: merge each run of removed links into the kept one above it
+ * (a removed link with several backups on it stays). */
+static json_object *plan_merges(GPtrArray *points, GPtrArray *disks)
+{
+    json_object *actions = json_object_new_array();
+
+    for (guint d = 0; d < disks->len; d++) {
+        const char *disk = disks->pdata[d];
 
         for (guint i = 0; i < points->len; i++) {
             Point *y = points->pdata[i];
@@ -160,20 +145,49 @@ json_object *backup_retention(Repo *repo, const BackupRetention *policy,
             }
         }
     }
+    return actions;
+}
+
+json_object *retention_plan(GPtrArray *manifests, const BackupRetention *policy)
+{
+    g_autoptr(GPtrArray) points =
+        g_ptr_array_new_with_free_func((GDestroyNotify)point_free);
+    g_autoptr(GPtrArray) disks = disks_of(manifests);
+    json_object *plan = json_object_new_object();
+    json_object *kept = json_object_new_array();
+    json_object *removed = json_object_new_array();
+    json_object *actions;
+
+    for (guint i = 0; i < manifests->len; i++) {
+        Manifest *m = manifests->pdata[i];
+        Point *p = g_new0(Point, 1);
+
+        p->m = m;
+        p->id = m->id;
+        p->when = m->created;
+        p->why = g_ptr_array_new();
+        g_ptr_array_add(points, p);
+    }
+    g_ptr_array_sort(points, by_time);
+    if (points->len) {
+        g_ptr_array_add(((Point *)points->pdata[points->len - 1])->why,
+                        "newest");
+    }
+    keep_periods(points, policy->daily, "%Y-%m-%d", "daily");
+    keep_periods(points, policy->weekly, "%G-W%V", "weekly");
+    keep_periods(points, policy->monthly, "%Y-%m", "monthly");
+    actions = plan_merges(points, disks);
     /* whatever is removed and has several kept backups on it stays */
     for (guint i = 0; i < points->len; i++) {
         Point *x = points->pdata[i], *only;
 
-        g_hash_table_iter_init(&it, disks);
-        while (x->why->len == 0 && g_hash_table_iter_next(&it, &key, NULL)) {
-            if (manifest_disk(x->m, key) &&
-                children(points, key, x->id, &only) > 1) {
+        for (guint d = 0; x->why->len == 0 && d < disks->len; d++) {
+            if (manifest_disk(x->m, disks->pdata[d]) &&
+                children(points, disks->pdata[d], x->id, &only) > 1) {
                 g_ptr_array_add(x->why, "needed by several backups");
             }
         }
     }
-    kept = json_object_new_array();
-    removed = json_object_new_array();
     for (guint i = 0; i < points->len; i++) {
         Point *p = points->pdata[i];
         json_object *o = json_object_new_object();
@@ -198,13 +212,29 @@ json_object *backup_retention(Repo *repo, const BackupRetention *policy,
     json_object_object_add(plan, "keep", kept);
     json_object_object_add(plan, "remove", removed);
     json_object_object_add(plan, "merges", actions);
+    return plan;
+}
+
+json_object *backup_retention(Repo *repo, const BackupRetention *policy,
+                              bool dry_run, GError **error)
+{
+    g_autoptr(GPtrArray) all = repo_list(repo, false, NULL, error);
+    g_autoptr(GPtrArray) disks = NULL;
+    json_object *plan, *actions, *removed;
+
+    if (!all) {
+        return NULL;
+    }
+    plan = retention_plan(all, policy);
     json_object_object_add(plan, "dry_run", json_object_new_boolean(dry_run));
     if (dry_run) {
         return plan;
     }
-
     /* carry it out: the merges (each verified and crash-safe), then the
      * removed backups that are left lose their disks */
+    actions = qmp_json_array(plan, "merges");
+    removed = qmp_json_array(plan, "remove");
+    disks = disks_of(all);
     for (size_t i = 0; i < qmp_json_length(actions); i++) {
         json_object *a = qmp_json_index(actions, i);
         json_object *r = backup_merge(repo, qmp_json_string(a, "disk"),
@@ -220,9 +250,8 @@ json_object *backup_retention(Repo *repo, const BackupRetention *policy,
     for (size_t i = qmp_json_length(removed); i-- > 0;) {
         const char *id = qmp_json_string(qmp_json_index(removed, i), "id");
 
-        g_hash_table_iter_init(&it, disks);
-        while (g_hash_table_iter_next(&it, &key, NULL)) {
-            if (!backup_drop_disk(repo, id, key, error)) {
+        for (guint d = 0; d < disks->len; d++) {
+            if (!backup_drop_disk(repo, id, disks->pdata[d], error)) {
                 json_object_put(plan);
                 return NULL;
             }

@@ -1,28 +1,29 @@
 /*
- * Fleecing, scheme A (DESIGN.md): a scratch qcow2 whose backing is the
- * disk, and a sync=none backup job from the disk into it, started in the
- * same transaction as the checkpoint's bitmap actions. From that instant
- * the scratch node reads as the disk did then; it is exported over NBD
- * (read-only, with the "changes since" bitmap) for the copier.
- *
- * Everything qbk adds is named qbk-<kind><index>-<tag>, where the tag is
- * the backup's id, so that a later run can find and remove what a killed
- * one left behind, and tell another backup's nodes from its own.
+ * What both fleecing schemes share: the names of what they add to QEMU,
+ * the scratch image, exports, the NBD server, and the teardown that undoes
+ * all of it, in any state, after a failure or a kill.
  */
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "internal.h"
+#include "util.h"
+
+/* G_DEFINE_QUARK stringifies the quark name as written. */
+/* clang-format off */
+G_DEFINE_QUARK(qbk-fleece-error-quark, fleece_error)
+/* clang-format on */
 
 #define EVENT_TIMEOUT_MS 30000
 
-FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
-                            const char *tag, const char *scratch_dir)
+FleeceDisk *fleece_disk_new(const FleeceScheme *scheme, const char *disk,
+                            const char *node, guint index, const char *tag,
+                            const char *scratch_dir)
 {
     FleeceDisk *fd = g_new0(FleeceDisk, 1);
-    g_autofree char *base = NULL;
 
+    fd->scheme = scheme;
     fd->disk = g_strdup(disk);
     fd->node = g_strdup(node);
     fd->scratch = g_strdup_printf("qbk-s%u-%s", index, tag);
@@ -33,7 +34,9 @@ FleeceDisk *fleece_disk_new(const char *disk, const char *node, guint index,
     fd->access = g_strdup_printf("qbk-a%u-%s", index, tag);
     fd->notice_export = g_strdup_printf("qbk-x%u-%s", index, tag);
     if (scratch_dir) {
-        base = g_strdup_printf("%s.scratch.qcow2", fd->scratch);
+        g_autofree char *base =
+            g_strdup_printf("%s.scratch.qcow2", fd->scratch);
+
         fd->file = g_build_filename(scratch_dir, base, NULL);
     }
     return fd;
@@ -58,35 +61,42 @@ void fleece_disk_free(FleeceDisk *fd)
     g_free(fd);
 }
 
+/* Add the members of FROM (taken over) to TO. */
+static void merge_into(json_object *to, json_object *from)
+{
+    json_object_object_foreach(from, key, value)
+    {
+        json_object_object_add(to, key, json_object_get(value));
+    }
+    json_object_put(from);
+}
+
 bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
-                        GError **error)
+                        json_object *options, GError **error)
 {
     g_autoptr(GError) local = NULL;
     json_object *args, *file;
 
     if (!qemu_img_create(fd->file, size, NULL, NULL, &local)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
                     "cannot create a scratch image: %s", local->message);
+        json_object_put(options);
         return false;
     }
     args = json_object_new_object();
     file = json_object_new_object();
     json_object_object_add(file, "driver", json_object_new_string("file"));
     json_object_object_add(file, "filename", json_object_new_string(fd->file));
+    if (json_object_object_get_ex(options, "discard", NULL)) {
+        /* what the format node discards, its file gives back too */
+        json_object_object_add(file, "discard",
+                               json_object_new_string("unmap"));
+    }
     json_object_object_add(args, "driver", json_object_new_string("qcow2"));
     json_object_object_add(args, "node-name",
                            json_object_new_string(fd->scratch));
     json_object_object_add(args, "file", file);
-    if (fd->scheme_b) {
-        /* released clusters go back to the file system */
-        json_object_object_add(file, "discard",
-                               json_object_new_string("unmap"));
-        json_object_object_add(args, "discard",
-                               json_object_new_string("unmap"));
-    } else {
-        json_object_object_add(args, "backing",
-                               json_object_new_string(fd->node));
-    }
+    merge_into(args, options);
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,
                        "cannot add scratch node for disk '%s': ", fd->disk);
@@ -96,34 +106,7 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
     return true;
 }
 
-bool fleece_b_add_filter(QmpClient *qmp, FleeceDisk *fd, guint timeout_s,
-                         GError **error)
-{
-    json_object *args = json_object_new_object();
-
-    json_object_object_add(args, "driver",
-                           json_object_new_string("copy-before-write"));
-    json_object_object_add(args, "node-name", json_object_new_string(fd->cbw));
-    json_object_object_add(args, "file", json_object_new_string(fd->node));
-    json_object_object_add(args, "target", json_object_new_string(fd->scratch));
-    /* A slow or failing copy breaks the snapshot (our reads fail), never
-     * the guest's write. */
-    json_object_object_add(args, "on-cbw-error",
-                           json_object_new_string("break-snapshot"));
-    json_object_object_add(args, "cbw-timeout",
-                           json_object_new_int64(timeout_s));
-    if (!qmp_run(qmp, "blockdev-add", args, error)) {
-        g_prefix_error(error,
-                       "cannot add the copy-before-write filter of "
-                       "disk '%s': ",
-                       fd->disk);
-        return false;
-    }
-    return true;
-}
-
-/* Make PT's user (a device or a pass-through filter) use NODE. */
-static bool set_user_child(QmpClient *qmp, const QmpInsertPoint *pt,
+bool fleece_set_user_child(QmpClient *qmp, const QmpInsertPoint *pt,
                            const char *node, GError **error)
 {
     json_object *args = json_object_new_object();
@@ -143,41 +126,21 @@ static bool set_user_child(QmpClient *qmp, const QmpInsertPoint *pt,
     return qmp_run(qmp, "qom-set", args, error);
 }
 
-bool fleece_b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error)
+bool fleece_export_node(QmpClient *qmp, const char *id, const char *node,
+                        const char *name, bool writable, json_object *options,
+                        GError **error)
 {
-    json_object *args;
+    json_object *args = json_object_new_object();
 
-    if (!set_user_child(qmp, &fd->point, fd->cbw, error)) {
-        g_prefix_error(error,
-                       "cannot put the filter above disk '%s': ", fd->disk);
-        return false;
+    json_object_object_add(args, "type", json_object_new_string("nbd"));
+    json_object_object_add(args, "id", json_object_new_string(id));
+    json_object_object_add(args, "node-name", json_object_new_string(node));
+    json_object_object_add(args, "name", json_object_new_string(name));
+    json_object_object_add(args, "writable", json_object_new_boolean(writable));
+    if (options) {
+        merge_into(args, options);
     }
-    args = json_object_new_object();
-    json_object_object_add(args, "driver",
-                           json_object_new_string("snapshot-access"));
-    json_object_object_add(args, "node-name",
-                           json_object_new_string(fd->access));
-    json_object_object_add(args, "file", json_object_new_string(fd->cbw));
-    json_object_object_add(args, "discard", json_object_new_string("unmap"));
-    if (!qmp_run(qmp, "blockdev-add", args, error)) {
-        g_prefix_error(error,
-                       "cannot add the snapshot of disk '%s': ", fd->disk);
-        return false;
-    }
-    return true;
-}
-
-void fleece_add_backup_action(QmpTransaction *tx, FleeceDisk *fd)
-{
-    json_object *a = json_object_new_object();
-
-    json_object_object_add(a, "job-id", json_object_new_string(fd->job));
-    json_object_object_add(a, "device", json_object_new_string(fd->node));
-    json_object_object_add(a, "target", json_object_new_string(fd->scratch));
-    json_object_object_add(a, "sync", json_object_new_string("none"));
-    json_object_object_add(a, "filter-node-name",
-                           json_object_new_string(fd->filter));
-    qmp_transaction_add(tx, "blockdev-backup", a);
+    return qmp_run(qmp, "block-export-add", args, error);
 }
 
 bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
@@ -199,64 +162,14 @@ bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
     }
     if (local->domain == QMP_COMMAND_ERROR &&
         strstr(local->message, "already running")) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_SERVER_RUNNING,
                     "QEMU already runs an NBD server and QMP cannot tell "
-                    "its address: give it with --nbd-server SOCKET");
+                    "its address");
         return false;
     }
     g_propagate_prefixed_error(error, g_steal_pointer(&local),
                                "cannot start the NBD server: ");
     return false;
-}
-
-bool fleece_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
-                   GError **error)
-{
-    json_object *args = json_object_new_object();
-
-    json_object_object_add(args, "type", json_object_new_string("nbd"));
-    json_object_object_add(args, "id", json_object_new_string(fd->export_));
-    json_object_object_add(
-        args, "node-name",
-        json_object_new_string(fd->scheme_b ? fd->access : fd->scratch));
-    json_object_object_add(args, "name", json_object_new_string(fd->disk));
-    /* B: writable only so that trims (releases) reach snapshot-access,
-     * which refuses writes */
-    json_object_object_add(args, "writable",
-                           json_object_new_boolean(fd->scheme_b));
-    json_object_object_add(args, "allocation-depth",
-                           json_object_new_boolean(!fd->scheme_b));
-    if (bitmap) {
-        json_object *list = json_object_new_array();
-        json_object *ref = json_object_new_object();
-
-        json_object_object_add(ref, "node", json_object_new_string(fd->node));
-        json_object_object_add(ref, "name", json_object_new_string(bitmap));
-        json_object_array_add(list, ref);
-        json_object_object_add(args, "bitmaps", list);
-    }
-    if (!qmp_run(qmp, "block-export-add", args, error)) {
-        g_prefix_error(error, "cannot export disk '%s': ", fd->disk);
-        return false;
-    }
-    if (!fd->scheme_b) {
-        return true;
-    }
-    args = json_object_new_object();
-    json_object_object_add(args, "type", json_object_new_string("nbd"));
-    json_object_object_add(args, "id",
-                           json_object_new_string(fd->notice_export));
-    json_object_object_add(args, "node-name",
-                           json_object_new_string(fd->scratch));
-    json_object_object_add(args, "name",
-                           json_object_new_string(fd->notice_export));
-    json_object_object_add(args, "writable", json_object_new_boolean(0));
-    if (!qmp_run(qmp, "block-export-add", args, error)) {
-        g_prefix_error(
-            error, "cannot export the scratch image of disk '%s': ", fd->disk);
-        return false;
-    }
-    return true;
 }
 
 static bool has_id(json_object *ev, void *opaque)
@@ -343,7 +256,7 @@ static void keep_first(GError **first, const char *fmt, ...)
 
     if (first && !*first) {
         va_start(ap, fmt);
-        *first = g_error_new_valist(BACKUP_ERROR, BACKUP_ERROR_FAILED, fmt, ap);
+        *first = g_error_new_valist(FLEECE_ERROR, FLEECE_ERROR_FAILED, fmt, ap);
         va_end(ap);
     }
 }
@@ -405,7 +318,7 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
          * if it never went in) goes back to the node under it. */
         if (!qmp_insert_point(qmp, fd->cbw, &pt, &err) ||
             ((pt.reopen || pt.qom) &&
-             !set_user_child(qmp, &pt, pt.file, &err))) {
+             !fleece_set_user_child(qmp, &pt, pt.file, &err))) {
             keep_first(first, "putting disk '%s' back under its user: %s",
                        fd->disk, err->message);
             g_clear_error(&err);
@@ -496,8 +409,9 @@ bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, GError **error)
      * private directory that goes once its owner is gone (privdir_reap). */
     g_hash_table_iter_init(&it, indexes);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
-        FleeceDisk *fd =
-            fleece_disk_new("", "", GPOINTER_TO_UINT(key) - 1, tag, NULL);
+        /* the scheme does not matter: teardown looks for every kind */
+        FleeceDisk *fd = fleece_disk_new(&fleece_scheme_a, "", "",
+                                         GPOINTER_TO_UINT(key) - 1, tag, NULL);
 
         g_ptr_array_add(fds, fd);
     }

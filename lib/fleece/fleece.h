@@ -1,0 +1,125 @@
+/*
+ * lib/fleece: a point-in-time view of a VM's disks (image fleecing) while
+ * the guest writes, exported over NBD, by one of the schemes behind a
+ * FleeceScheme table (DESIGN.md, "Fleecing"): A, a backup job into a
+ * scratch image backed by the disk; B, a copy-before-write filter with a
+ * snapshot-access view that can be released as it is copied. It speaks
+ * QMP (lib/qmp) and knows nothing of checkpoints or repositories.
+ *
+ * Everything it adds to QEMU is named qbk-<kind><index>-<tag>, where the
+ * tag is the backup's id, so that a later run can find and remove what a
+ * killed one left behind, and tell another backup's nodes from its own.
+ */
+#ifndef QBK_FLEECE_H
+#define QBK_FLEECE_H
+
+#include <stdbool.h>
+
+#include "qmp.h"
+
+#define FLEECE_ERROR fleece_error_quark()
+GQuark fleece_error_quark(void);
+
+typedef enum {
+    FLEECE_ERROR_FAILED,         /* QEMU refused a step; the message says */
+    FLEECE_ERROR_SERVER_RUNNING, /* QEMU runs an NBD server of its own */
+} FleeceErrorCode;
+
+/* The kinds of names a FleeceDisk gives (qbk-<kind><index>-<tag>). */
+#define FLEECE_KINDS "sfjecax"
+
+typedef struct FleeceScheme FleeceScheme;
+
+/* One disk being fleeced: the names of everything qbk adds for it. */
+typedef struct {
+    const FleeceScheme *scheme;
+    char *disk;           /* the disk's id: the name of its export */
+    char *node;           /* its format node */
+    char *scratch;        /* scratch node */
+    char *filter;         /* A: the backup job's filter node */
+    char *job;            /* A: the sync=none backup job */
+    char *export_;        /* NBD export id */
+    char *file;           /* scratch image file, or NULL (not ours to remove) */
+    char *cbw;            /* B: copy-before-write filter node */
+    char *access;         /* B: snapshot-access node: the point in time */
+    char *notice_export;  /* B: id and name of the scratch node's export */
+    QmpInsertPoint point; /* B: where the filter goes: above NODE */
+} FleeceDisk;
+
+struct FleeceScheme {
+    const char *name;           /* "A" or "B", as manifests say */
+    const char *notice_context; /* the notice export's map of what the
+                                   guest overwrote since the point */
+    bool releases;              /* its view may be trimmed as it is copied */
+    guint cbw_timeout_s;        /* longest wait of a guest write, or 0 */
+
+    /*
+     * Add what goes in before the point in time: the scratch image (SIZE
+     * bytes) and node, and (B) the filter, not yet in the guest's path.
+     */
+    bool (*add)(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error);
+    /* Actions of the point-in-time transaction (A: the backup job). */
+    void (*add_actions)(QmpTransaction *tx, FleeceDisk *fd);
+    /*
+     * After that transaction, NULL if nothing: (B) put the filter under
+     * the disk's user, which no transaction can hold. This is the point
+     * in time: the caller pauses a running VM around the insertion of all
+     * the disks' filters, and stops the older checkpoints only after it.
+     */
+    bool (*insert)(QmpClient *qmp, FleeceDisk *fd, GError **error);
+    /* Export the view as FD->disk, with BITMAP (of the disk's node, may be
+     * NULL) as a dirty-bitmap map; and what FD's notices are read from. */
+    bool (*export)(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
+                   GError **error);
+    /* The export whose NOTICE_CONTEXT shows the guest's writes. */
+    const char *(*notice_export)(const FleeceDisk *fd);
+};
+
+extern const FleeceScheme fleece_scheme_a;
+extern const FleeceScheme fleece_scheme_b;
+
+/*
+ * Names for disk INDEX of backup TAG by SCHEME (short: QEMU limits names
+ * to 31); its scratch file in SCRATCH_DIR (NULL: none).
+ */
+FleeceDisk *fleece_disk_new(const FleeceScheme *scheme, const char *disk,
+                            const char *node, guint index, const char *tag,
+                            const char *scratch_dir);
+void fleece_disk_free(FleeceDisk *fd);
+
+/*
+ * Whether scheme B can be used for disk NODE: the filter goes right above
+ * the format node, under its one user (a device, or a pass-through filter
+ * such as throttle); a node with other users (an export, a job) would have
+ * writes the filter misses. Fills FD->point. WHY (new string) if not.
+ */
+bool fleece_b_possible(QmpClient *qmp, FleeceDisk *fd, char **why);
+
+/*
+ * Start an NBD server on SOCKET (a private path); *STARTED says whether we
+ * did. FLEECE_ERROR_SERVER_RUNNING if QEMU runs one already (QMP cannot
+ * tell where).
+ */
+bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
+                         GError **error);
+
+/*
+ * Undo everything fleecing added for FDS, whatever state it is in:
+ * exports, jobs (cancelled, waited for), filters (the user goes back to
+ * the disk's node), nodes, scratch files; stop the server if STOP_SERVER.
+ * Best effort: carries on past failures and reports the first.
+ */
+bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
+                     GError **error);
+
+/* The names of qbk's nodes, exports and jobs in QEMU now (strings). */
+GPtrArray *fleece_present_names(QmpClient *qmp, GError **error);
+
+/*
+ * Tear down whatever backup TAG left in QEMU: nodes, exports, jobs (to
+ * undo a killed qbk-pull; its scratch files are in a private directory
+ * that lib/util removes once its owner is gone).
+ */
+bool fleece_cleanup_tag(QmpClient *qmp, const char *tag, GError **error);
+
+#endif /* QBK_FLEECE_H */

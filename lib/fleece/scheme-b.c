@@ -1,0 +1,135 @@
+/*
+ * Fleecing, scheme B (QEMU >= 7.1): a copy-before-write filter right
+ * above the disk's format node, under its one user, copying old data into
+ * a scratch qcow2 (no backing) before the guest overwrites it, and a
+ * snapshot-access node that reads the point in time. The view is exported
+ * writable only so that trims reach snapshot-access (it refuses writes):
+ * a trim releases a region, which frees it in the scratch image and ends
+ * copy-before-write there. The scratch node is exported read-only as well:
+ * its allocation map is what the guest overwrote.
+ */
+#include "internal.h"
+
+/* A guest write waits at most this long for its copy-before-write; past
+ * it the snapshot breaks (the backup fails and is rolled back), the guest
+ * never sees an error. Before QEMU 9.1 the timeout is kept in 32-bit
+ * nanoseconds: 4 s is the largest whole number of seconds that survives
+ * (60 became 4.17). */
+#define CBW_TIMEOUT_S 4
+
+static bool b_add(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error)
+{
+    json_object *options = json_object_new_object();
+    json_object *args;
+
+    /* released clusters go back to the file system */
+    json_object_object_add(options, "discard", json_object_new_string("unmap"));
+    if (!fleece_add_scratch(qmp, fd, size, options, error)) {
+        return false;
+    }
+    args = json_object_new_object();
+    json_object_object_add(args, "driver",
+                           json_object_new_string("copy-before-write"));
+    json_object_object_add(args, "node-name", json_object_new_string(fd->cbw));
+    json_object_object_add(args, "file", json_object_new_string(fd->node));
+    json_object_object_add(args, "target", json_object_new_string(fd->scratch));
+    /* A slow or failing copy breaks the snapshot (our reads fail), never
+     * the guest's write. */
+    json_object_object_add(args, "on-cbw-error",
+                           json_object_new_string("break-snapshot"));
+    json_object_object_add(args, "cbw-timeout",
+                           json_object_new_int(CBW_TIMEOUT_S));
+    if (!qmp_run(qmp, "blockdev-add", args, error)) {
+        g_prefix_error(error,
+                       "cannot add the copy-before-write filter of "
+                       "disk '%s': ",
+                       fd->disk);
+        return false;
+    }
+    return true;
+}
+
+static bool b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error)
+{
+    json_object *args;
+
+    if (!fleece_set_user_child(qmp, &fd->point, fd->cbw, error)) {
+        g_prefix_error(error,
+                       "cannot put the filter above disk '%s': ", fd->disk);
+        return false;
+    }
+    args = json_object_new_object();
+    json_object_object_add(args, "driver",
+                           json_object_new_string("snapshot-access"));
+    json_object_object_add(args, "node-name",
+                           json_object_new_string(fd->access));
+    json_object_object_add(args, "file", json_object_new_string(fd->cbw));
+    json_object_object_add(args, "discard", json_object_new_string("unmap"));
+    if (!qmp_run(qmp, "blockdev-add", args, error)) {
+        g_prefix_error(error,
+                       "cannot add the snapshot of disk '%s': ", fd->disk);
+        return false;
+    }
+    return true;
+}
+
+static bool b_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
+                     GError **error)
+{
+    json_object *options = NULL;
+
+    if (bitmap) {
+        json_object *list = json_object_new_array();
+        json_object *ref = json_object_new_object();
+
+        options = json_object_new_object();
+        json_object_object_add(ref, "node", json_object_new_string(fd->node));
+        json_object_object_add(ref, "name", json_object_new_string(bitmap));
+        json_object_array_add(list, ref);
+        json_object_object_add(options, "bitmaps", list);
+    }
+    if (!fleece_export_node(qmp, fd->export_, fd->access, fd->disk, true,
+                            options, error)) {
+        g_prefix_error(error, "cannot export disk '%s': ", fd->disk);
+        return false;
+    }
+    if (!fleece_export_node(qmp, fd->notice_export, fd->scratch,
+                            fd->notice_export, false, NULL, error)) {
+        g_prefix_error(
+            error, "cannot export the scratch image of disk '%s': ", fd->disk);
+        return false;
+    }
+    return true;
+}
+
+static const char *b_notice_export(const FleeceDisk *fd)
+{
+    return fd->notice_export; /* the scratch node's allocation */
+}
+
+const FleeceScheme fleece_scheme_b = {
+    .name = "B",
+    .notice_context = "base:allocation",
+    .releases = true,
+    .cbw_timeout_s = CBW_TIMEOUT_S,
+    .add = b_add,
+    .add_actions = NULL,
+    .insert = b_insert,
+    .export = b_export,
+    .notice_export = b_notice_export,
+};
+
+bool fleece_b_possible(QmpClient *qmp, FleeceDisk *fd, char **why)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!qmp_insert_point(qmp, fd->node, &fd->point, &err)) {
+        *why = g_strdup_printf("disk '%s': %s", fd->disk, err->message);
+        return false;
+    }
+    if (!fd->point.reopen && !fd->point.qom) {
+        *why = g_strdup_printf("disk '%s' has no user", fd->disk);
+        return false;
+    }
+    return true;
+}
