@@ -47,17 +47,17 @@ static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
     g_autofree char *node = g_strdup_printf("img%u", index);
     char *text;
 
-    json_object_object_add(file, "driver", json_object_new_string("file"));
-    json_object_object_add(file, "filename", json_object_new_string(image));
+    qmp_json_set_string(file, "driver", "file");
+    qmp_json_set_string(file, "filename", image);
     if (flags & QMP_DAEMON_DIRECT_IO) {
         json_object *cache = json_object_new_object();
 
-        json_object_object_add(cache, "direct", json_object_new_boolean(1));
+        qmp_json_set_bool(cache, "direct", 1);
         json_object_object_add(file, "cache", cache);
-        json_object_object_add(file, "aio", json_object_new_string("native"));
+        qmp_json_set_string(file, "aio", "native");
     }
-    json_object_object_add(fmt, "driver", json_object_new_string("qcow2"));
-    json_object_object_add(fmt, "node-name", json_object_new_string(node));
+    qmp_json_set_string(fmt, "driver", "qcow2");
+    qmp_json_set_string(fmt, "node-name", node);
     json_object_object_add(fmt, "file", file);
     text =
         g_strdup(json_object_to_json_string_ext(fmt, JSON_C_TO_STRING_PLAIN));
@@ -65,11 +65,40 @@ static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
     return text;
 }
 
+/* The daemon's command line: IMAGES as nodes, the monitor on fd 3 (a
+ * socket we made: no path in an option string, and no polling for it to
+ * appear), PIDFILE written once every option is carried out. */
+static GPtrArray *daemon_argv(const char *const *images, QmpDaemonFlags flags,
+                              const char *pidfile)
+{
+    GPtrArray *argv = g_ptr_array_new_with_free_func(g_free);
+
+    g_ptr_array_add(argv, g_strdup(QSD_BINARY));
+    for (guint i = 0; images[i]; i++) {
+        g_ptr_array_add(argv, g_strdup("--blockdev"));
+        g_ptr_array_add(argv, blockdev_json(images[i], i, flags));
+    }
+    g_ptr_array_add(argv, g_strdup("--chardev"));
+    g_ptr_array_add(argv,
+                    g_strdup("socket,id=qbk-qmp,fd=3,server=on,wait=off"));
+    g_ptr_array_add(argv, g_strdup("--monitor"));
+    g_ptr_array_add(argv, g_strdup("chardev=qbk-qmp"));
+    g_ptr_array_add(argv, g_strdup_printf("--pidfile=%s", pidfile));
+    g_ptr_array_add(argv, NULL);
+    return argv;
+}
+
+static void stop_quietly(QmpClient *qmp)
+{
+    /* best effort: qmp_free's caller wanted no report of how it ended */
+    qmp_stop_storage_daemon(qmp, NULL);
+}
+
 QmpClient *qmp_spawn_storage_daemon(const char *const *images,
                                     QmpDaemonFlags flags, int timeout_ms,
                                     GError **error)
 {
-    g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) argv = NULL;
     g_autoptr(PrivDir) dir = NULL;
     g_autofree char *sock = NULL;
     g_autofree char *log = NULL;
@@ -91,21 +120,7 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images,
     log = privdir_file(dir, "stderr.log");
     pidfile = privdir_file(dir, "qsd.pid");
 
-    g_ptr_array_add(argv, g_strdup(QSD_BINARY));
-    for (guint i = 0; images[i]; i++) {
-        g_ptr_array_add(argv, g_strdup("--blockdev"));
-        g_ptr_array_add(argv, blockdev_json(images[i], i, flags));
-    }
-    /* The monitor listens on a socket we made (no path in an option
-     * string, and no polling for it to appear). */
-    g_ptr_array_add(argv, g_strdup("--chardev"));
-    g_ptr_array_add(argv,
-                    g_strdup("socket,id=qbk-qmp,fd=3,server=on,wait=off"));
-    g_ptr_array_add(argv, g_strdup("--monitor"));
-    g_ptr_array_add(argv, g_strdup("chardev=qbk-qmp"));
-    /* written once every option is carried out, the monitor included */
-    g_ptr_array_add(argv, g_strdup_printf("--pidfile=%s", pidfile));
-    g_ptr_array_add(argv, NULL);
+    argv = daemon_argv(images, flags, pidfile);
 
     errfd = open(log, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (errfd < 0 || !util_spawn_on_socket((const char *const *)argv->pdata,
@@ -147,6 +162,7 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images,
     }
     qmp->daemon_pid = pid;
     qmp->daemon_dir = g_steal_pointer(&dir);
+    qmp->stop = stop_quietly;
     return qmp;
 }
 

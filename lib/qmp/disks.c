@@ -359,8 +359,8 @@ static json_object *reopen_options(json_object *info, GError **error)
     const char *name = qmp_json_string(info, "node-name");
     json_object *o = json_object_new_object();
 
-    json_object_object_add(o, "driver", json_object_new_string(drv));
-    json_object_object_add(o, "node-name", json_object_new_string(name));
+    qmp_json_set_string(o, "driver", drv);
+    qmp_json_set_string(o, "node-name", name);
     if (g_strcmp0(drv, "throttle") == 0) {
         const char *file = qmp_json_string(info, "file");
         json_object *spec = file && g_str_has_prefix(file, "json:")
@@ -370,8 +370,7 @@ static json_object *reopen_options(json_object *info, GError **error)
             spec ? qmp_json_string(spec, "throttle-group") : NULL;
 
         if (group) {
-            json_object_object_add(o, "throttle-group",
-                                   json_object_new_string(group));
+            qmp_json_set_string(o, "throttle-group", group);
         }
         json_object_put(spec);
         if (group) {
@@ -385,6 +384,36 @@ static json_object *reopen_options(json_object *info, GError **error)
                 "cannot reopen filter '%s' (%s) to put a node under it", name,
                 drv);
     return NULL;
+}
+
+/* PT->qom: the device whose block backend shows NODE (a device's root
+ * edge; not an export's or a job's). *BLOCK caches query-block. */
+static bool device_of(QmpClient *qmp, const char *node, json_object **block,
+                      QmpInsertPoint *pt, GError **error)
+{
+    if (!*block) {
+        *block = qmp_execute(qmp, "query-block", NULL, error);
+        if (!*block) {
+            return false;
+        }
+    }
+    for (size_t b = 0; b < qmp_json_length(*block); b++) {
+        json_object *bi = qmp_json_index(*block, b);
+        json_object *ins;
+
+        if (json_object_object_get_ex(bi, "inserted", &ins) &&
+            g_strcmp0(qmp_json_string(ins, "node-name"), node) == 0) {
+            pt->qom = qom_path(qmp_json_string(bi, "qdev"));
+        }
+    }
+    if (!pt->qom) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
+                    "node '%s' is used by an export or a job, not only by a "
+                    "device",
+                    node);
+        return false;
+    }
+    return true;
 }
 
 bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
@@ -420,6 +449,7 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
         const char *type = qmp_json_string(parent, "type");
         const char *pname = qmp_json_string(parent, "name");
         const char *edge = qmp_json_string(e, "name");
+        json_object *pnode = g_hash_table_lookup(byname, pname ? pname : "");
 
         if ((int64_t)qmp_json_uint(e, "parent") == id &&
             g_strcmp0(edge, "file") == 0) {
@@ -427,43 +457,19 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
 
             pt->file = g_strdup(qmp_json_string(child, "name"));
         }
-        if ((int64_t)qmp_json_uint(e, "child") != id) {
-            continue;
-        }
-        if (pname && g_str_has_prefix(pname, "qbk-a")) {
-            continue; /* our own snapshot-access reads the filter */
+        if ((int64_t)qmp_json_uint(e, "child") != id ||
+            (pname && g_str_has_prefix(pname, "qbk-a"))) {
+            continue; /* not a user (our snapshot-access reads the filter) */
         }
         users++;
         if (g_strcmp0(type, "block-driver") == 0 &&
             g_strcmp0(edge, "file") == 0 &&
-            is_filter(
-                qmp_json_string(g_hash_table_lookup(byname, pname), "drv"))) {
-            pt->reopen =
-                reopen_options(g_hash_table_lookup(byname, pname), error);
+            is_filter(qmp_json_string(pnode, "drv"))) {
+            pt->reopen = reopen_options(pnode, error);
             ok = pt->reopen != NULL;
         } else if (g_strcmp0(type, "block-backend") == 0 &&
                    g_strcmp0(edge, "root") == 0) {
-            /* a device's? find it by the node it shows */
-            if (!block) {
-                block = qmp_execute(qmp, "query-block", NULL, error);
-                ok = block != NULL;
-            }
-            for (size_t b = 0; ok && b < qmp_json_length(block); b++) {
-                json_object *bi = qmp_json_index(block, b);
-                json_object *ins;
-
-                if (json_object_object_get_ex(bi, "inserted", &ins) &&
-                    g_strcmp0(qmp_json_string(ins, "node-name"), node) == 0) {
-                    pt->qom = qom_path(qmp_json_string(bi, "qdev"));
-                }
-            }
-            if (ok && !pt->qom) {
-                g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
-                            "node '%s' is used by an export or a job, not "
-                            "only by a device",
-                            node);
-                ok = false;
-            }
+            ok = device_of(qmp, node, &block, pt, error);
         } else {
             g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
                         "node '%s' is used by '%s' as '%s'", node,

@@ -55,7 +55,8 @@ struct QmpClient {
     bool closed;            /* peer went away: every later call fails at once */
 
     /* set only for a qemu-storage-daemon that this client started */
-    GPid daemon_pid;     /* 0 when not ours */
+    void (*stop)(QmpClient *qmp); /* called by qmp_free (daemon.c) */
+    GPid daemon_pid;              /* 0 when not ours */
     bool daemon_quit;    /* "quit" sent: only the exit is left to wait for */
     PrivDir *daemon_dir; /* socket and the daemon's stderr */
 };

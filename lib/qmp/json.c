@@ -71,3 +71,29 @@ void qmp_json_free(gpointer obj)
 {
     json_object_put(obj);
 }
+
+void qmp_json_set_string(json_object *obj, const char *key, const char *value)
+{
+    json_object_object_add(obj, key,
+                           value ? json_object_new_string(value) : NULL);
+}
+
+void qmp_json_set_int(json_object *obj, const char *key, gint64 value)
+{
+    json_object_object_add(obj, key, json_object_new_int64(value));
+}
+
+void qmp_json_set_uint(json_object *obj, const char *key, guint64 value)
+{
+    json_object_object_add(obj, key, json_object_new_uint64(value));
+}
+
+void qmp_json_set_bool(json_object *obj, const char *key, bool value)
+{
+    json_object_object_add(obj, key, json_object_new_boolean(value));
+}
+
+void qmp_json_set_double(json_object *obj, const char *key, double value)
+{
+    json_object_object_add(obj, key, json_object_new_double(value));
+}

@@ -160,7 +160,9 @@ static void trace_line(const char *dir, const char *text)
                   : -1;
     }
     if (fd >= 0) {
-        g_autofree char *line = g_strdup_printf("%s %s\n", dir, text);
+        g_autofree char *line =
+            g_strdup_printf("%.6f %s %s\n", g_get_monotonic_time() / 1e6, dir,
+                            text);
 
         if (write(fd, line, strlen(line)) < 0) {
             fd = -1;
@@ -384,9 +386,8 @@ void qmp_free(QmpClient *qmp)
     if (!qmp) {
         return;
     }
-    if (qmp->daemon_pid > 0) {
-        /* Best effort: the caller wanted no report of how it ended. */
-        qmp_stop_storage_daemon(qmp, NULL);
+    if (qmp->stop) {
+        qmp->stop(qmp); /* a daemon of ours: stopped before we hang up */
     }
     if (qmp->fd >= 0) {
         close(qmp->fd);
@@ -472,11 +473,11 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
         mark_closed(qmp, error);
         return NULL;
     }
-    json_object_object_add(msg, "execute", json_object_new_string(command));
+    qmp_json_set_string(msg, "execute", command);
     if (arguments) {
         json_object_object_add(msg, "arguments", arguments);
     }
-    json_object_object_add(msg, "id", json_object_new_string(id));
+    qmp_json_set_string(msg, "id", id);
     text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
     trace_line("->", text);
     ok = send_all(qmp, text, strlen(text), deadline, error) &&
@@ -541,8 +542,7 @@ char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error)
     json_object *ret;
     char *out;
 
-    json_object_object_add(args, "command-line",
-                           json_object_new_string(command_line));
+    qmp_json_set_string(args, "command-line", command_line);
     ret = qmp_execute(qmp, "human-monitor-command", args, error);
     if (!ret) {
         return NULL;

@@ -131,6 +131,15 @@ json_object *qmp_json_array(json_object *obj, const char *key);
 size_t qmp_json_length(json_object *array);
 json_object *qmp_json_index(json_object *array, size_t i);
 
+/* ---- json-c setters (json.c): OBJ[KEY] = VALUE, replacing any; a NULL
+ * string is JSON null ---- */
+
+void qmp_json_set_string(json_object *obj, const char *key, const char *value);
+void qmp_json_set_int(json_object *obj, const char *key, gint64 value);
+void qmp_json_set_uint(json_object *obj, const char *key, guint64 value);
+void qmp_json_set_bool(json_object *obj, const char *key, bool value);
+void qmp_json_set_double(json_object *obj, const char *key, double value);
+
 /* json_object_put() as a GDestroyNotify (for GPtrArray, GQueue). */
 void qmp_json_free(gpointer obj);
 

@@ -29,7 +29,7 @@ void qmp_transaction_add(QmpTransaction *tx, const char *type,
 {
     json_object *action = json_object_new_object();
 
-    json_object_object_add(action, "type", json_object_new_string(type));
+    qmp_json_set_string(action, "type", type);
     json_object_object_add(action, "data",
                            data ? data : json_object_new_object());
     json_object_array_add(tx->actions, action);
