@@ -120,6 +120,70 @@ static const ManifestDisk *link_disk(GPtrArray *chain, guint i,
     return manifest_disk(chain->pdata[i], disk);
 }
 
+/* The backing file link I of CHAIN must name: its parent's image (or, in
+ * the middle of PENDING's merge, the parent's old image if HAVE names it). */
+static char *wanted_backing(GPtrArray *chain, guint i, const char *disk,
+                            const MergeJournal *pending, const char *have)
+{
+    const ManifestDisk *e = link_disk(chain, i, disk);
+    g_autofree char *old = NULL;
+
+    if (!e->parent) {
+        return NULL;
+    }
+    if (pending && strcmp(e->parent, pending->to) == 0 &&
+        pending->old_format != pending->format) {
+        /* a merge changed its parent's format and did not get to point
+         * this image at the new file yet: the old one still names the same
+         * content (and the chain is opened explicitly anyway) */
+        old = repo_image_name(e->parent, pending->old_format);
+        if (g_strcmp0(have, old) == 0) {
+            return g_steal_pointer(&old);
+        }
+    }
+    return repo_image_name(e->parent, link_disk(chain, i + 1, disk)->format);
+}
+
+/* qcow2 header H of IMAGE against disk entry E and the backing file WANT. */
+static bool check_header(const Qcow2Header *h, const char *image,
+                         const ManifestDisk *e, const char *want,
+                         GError **error)
+{
+    g_autofree char *dot_format =
+        h->backing_format ? g_strconcat(".", h->backing_format, NULL) : NULL;
+
+    if (g_strcmp0(h->backing, want) != 0) {
+        g_autofree char *have =
+            h->backing ? g_strescape(h->backing, NULL) : NULL;
+
+        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
+                    "image '%s' names backing file '%s' where the manifest "
+                    "says '%s'",
+                    image, have ? have : "", want ? want : "");
+        return false;
+    }
+    if (want && dot_format && !g_str_has_suffix(want, dot_format)) {
+        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
+                    "image '%s' names backing format '%s' for '%s'", image,
+                    h->backing_format, want);
+        return false;
+    }
+    if (h->data_file) {
+        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
+                    "image '%s' has an external data file: not a qbk image",
+                    image);
+        return false;
+    }
+    if (h->size != e->size) {
+        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
+                    "image '%s' is of %" G_GUINT64_FORMAT
+                    " bytes, the disk %" G_GUINT64_FORMAT,
+                    image, h->size, e->size);
+        return false;
+    }
+    return true;
+}
+
 static bool check_link(const Repo *r, GPtrArray *chain, guint i,
                        const char *disk, const MergeJournal *pending,
                        GError **error)
@@ -128,24 +192,21 @@ static bool check_link(const Repo *r, GPtrArray *chain, guint i,
     const ManifestDisk *e = link_disk(chain, i, disk);
     g_autofree char *image = repo_image_path(r, disk, m->id, e->format);
     g_autofree char *want = NULL;
-    g_autofree char *dot_format = NULL;
     const char *top = ((Manifest *)chain->pdata[0])->id;
     g_autoptr(GError) local = NULL;
     Qcow2Header h;
-    struct stat st;
+    struct stat st = { 0 };
     int fd = repo_open_file(image, &local);
     bool ok;
 
     if (fd < 0) {
+        bool missing = g_error_matches(local, REPO_ERROR, REPO_ERROR_NOT_FOUND);
+
         g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
-                    g_error_matches(local, REPO_ERROR, REPO_ERROR_NOT_FOUND)
-                        ? "the chain of backup '%s' is broken: image '%s' "
-                          "is missing"
-                        : "the chain of backup '%s' is broken: %s",
-                    top,
-                    g_error_matches(local, REPO_ERROR, REPO_ERROR_NOT_FOUND)
-                        ? image
-                        : local->message);
+                    missing ? "the chain of backup '%s' is broken: image '%s' "
+                              "is missing"
+                            : "the chain of backup '%s' is broken: %s",
+                    top, missing ? image : local->message);
         return false;
     }
     if (e->format == REPO_RAW) {
@@ -166,50 +227,8 @@ static bool check_link(const Repo *r, GPtrArray *chain, guint i,
                     "image '%s' is damaged: %s", image, local->message);
         return false;
     }
-    if (e->parent) {
-        const ManifestDisk *pe = link_disk(chain, i + 1, disk);
-
-        want = repo_image_name(e->parent, pe->format);
-    }
-    if (pending && e->parent && strcmp(e->parent, pending->to) == 0 &&
-        pending->old_format != pending->format) {
-        /* a merge changed its parent's format and did not get to point
-         * this image at the new file yet: the old one still names the same
-         * content (and the chain is opened explicitly anyway) */
-        g_autofree char *old = repo_image_name(e->parent, pending->old_format);
-
-        if (g_strcmp0(h.backing, old) == 0) {
-            g_free(want);
-            want = g_steal_pointer(&old);
-        }
-    }
-    if (g_strcmp0(h.backing, want) != 0) {
-        g_autofree char *have = h.backing ? g_strescape(h.backing, NULL) : NULL;
-
-        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
-                    "image '%s' names backing file '%s' where the manifest "
-                    "says '%s'",
-                    image, have ? have : "", want ? want : "");
-        ok = false;
-    } else if (want && h.backing_format &&
-               !g_str_has_suffix(want, dot_format = g_strconcat(
-                                           ".", h.backing_format, NULL))) {
-        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
-                    "image '%s' names backing format '%s' for '%s'", image,
-                    h.backing_format, want);
-        ok = false;
-    } else if (h.data_file) {
-        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
-                    "image '%s' has an external data file: not a qbk image",
-                    image);
-        ok = false;
-    } else if (h.size != e->size) {
-        g_set_error(error, REPO_ERROR, REPO_ERROR_CORRUPT,
-                    "image '%s' is of %" G_GUINT64_FORMAT
-                    " bytes, the disk %" G_GUINT64_FORMAT,
-                    image, h.size, e->size);
-        ok = false;
-    }
+    want = wanted_backing(chain, i, disk, pending, h.backing);
+    ok = check_header(&h, image, e, want, error);
     qcow2_header_clear(&h);
     return ok;
 }

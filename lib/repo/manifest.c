@@ -158,33 +158,63 @@ static bool check_shown_path(json_object *e, const char *key,
     return true;
 }
 
-static ManifestDisk *parse_disk(json_object *e, const char *id, bool complete,
-                                const char *file, GError **error)
+/* D's parent (PARENT, or NULL): a plain backup name, not ID itself, present
+ * exactly when D is not full, never under a raw image. */
+static bool check_parent(ManifestDisk *d, const char *parent, const char *id,
+                         const char *mode, const char *what, GError **error)
 {
-    g_autofree char *what = NULL;
+    GError *local = NULL;
+
+    if (parent && !repo_check_name("backup", parent, &local)) {
+        repo_corrupt(error, "%s: parent: %s", what, local->message);
+        g_error_free(local);
+        return false;
+    }
+    if (parent && strcmp(parent, id) == 0) {
+        repo_corrupt(error, "%s: the backup names itself as its parent", what);
+        return false;
+    }
+    if ((d->mode == MANIFEST_FULL) != !parent ||
+        (parent && d->format == REPO_RAW)) {
+        repo_corrupt(error, "%s: a %s %s image %s a parent", what, mode,
+                     repo_format_name(d->format), parent ? "with" : "without");
+        return false;
+    }
+    d->parent = g_strdup(parent);
+    return true;
+}
+
+/* D->checksum from SUM ({"algorithm", "value"}, or NULL). */
+static bool parse_checksum(ManifestDisk *d, json_object *sum, const char *what,
+                           GError **error)
+{
+    const char *alg, *value;
+
+    if (!sum) {
+        return true;
+    }
+    if (!jget_string(sum, "algorithm", false, what, &alg, error) ||
+        !jget_string(sum, "value", false, what, &value, error)) {
+        return false;
+    }
+    if (strcmp(alg, CHECKSUM_ALGORITHM) != 0 || !is_checksum(value)) {
+        repo_corrupt(error, "%s: not a %s checksum", what, CHECKSUM_ALGORITHM);
+        return false;
+    }
+    d->checksum = g_strdup(value);
+    return true;
+}
+
+/* The fields of disk entry E of backup ID (its name already checked). */
+static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
+                              bool complete, const char *what, GError **error)
+{
     g_autofree char *image = NULL;
     g_autofree char *digests = NULL;
-    ManifestDisk *d = g_new0(ManifestDisk, 1);
-    const char *name, *mode, *parent, *format, *since, *alg, *value;
+    const char *mode, *parent, *format, *since;
     json_object *sum;
-    GError *local = NULL;
     int i;
 
-    if (!json_object_is_type(e, json_type_object)) {
-        repo_corrupt(error, "%s: a disk entry is not an object", file);
-        goto fail;
-    }
-    if (!jget_string(e, "disk", false, file, &name, error)) {
-        goto fail;
-    }
-    if (!repo_check_name("disk", name, &local)) {
-        repo_corrupt(error, "%s: %s", file, local->message);
-        g_error_free(local);
-        goto fail;
-    }
-    d->disk = g_strdup(name);
-    d->json = e;
-    what = g_strdup_printf("%s, disk '%s'", file, name);
     if (!jget_uint(e, "size", what, &d->size, error) ||
         !jget_string(e, "mode", false, what, &mode, error) ||
         !jget_string(e, "parent", true, what, &parent, error) ||
@@ -192,70 +222,67 @@ static ManifestDisk *parse_disk(json_object *e, const char *id, bool complete,
         !jget_bool(e, "checkpointed", what, &d->checkpointed, error) ||
         !jget_string(e, "since", true, what, &since, error) ||
         !jget_object(e, "checksum", !complete, what, &sum, error)) {
-        goto fail;
+        return false;
     }
     if (d->size == 0) {
         repo_corrupt(error, "%s: \"size\" is 0", what);
-        goto fail;
+        return false;
     }
     if ((i = lookup(mode_names, G_N_ELEMENTS(mode_names), mode)) < 0) {
         repo_corrupt(error, "%s: unknown \"mode\" '%s'", what, mode);
-        goto fail;
+        return false;
     }
     d->mode = i;
     d->format = REPO_QCOW2; /* the first manifests had no "format" */
     if (format && !repo_format_parse(format, &d->format)) {
         repo_corrupt(error, "%s: unknown \"format\" '%s'", what, format);
-        goto fail;
+        return false;
     }
-    if (parent) {
-        if (!repo_check_name("backup", parent, &local)) {
-            repo_corrupt(error, "%s: parent: %s", what, local->message);
-            g_error_free(local);
-            goto fail;
-        }
-        if (strcmp(parent, id) == 0) {
-            repo_corrupt(error, "%s: the backup names itself as its parent",
-                         what);
-            goto fail;
-        }
+    if (!check_parent(d, parent, id, mode, what, error)) {
+        return false;
     }
-    if ((d->mode == MANIFEST_FULL) != !parent ||
-        (parent && d->format == REPO_RAW)) {
-        repo_corrupt(error, "%s: a %s %s image %s a parent", what, mode,
-                     repo_format_name(d->format), parent ? "with" : "without");
-        goto fail;
-    }
-    d->parent = g_strdup(parent);
     if (since && !is_own_since(since, id)) {
         repo_corrupt(error, "%s: \"since\" '%s' is not a bitmap of this backup",
                      what, since);
-        goto fail;
+        return false;
     }
     d->since = g_strdup(since);
-    image = repo_image_relpath(name, id, d->format);
-    digests = repo_digests_relpath(name, id);
-    if (!check_shown_path(e, "image", image, what, error) ||
-        !check_shown_path(e, "digests", digests, what, error)) {
-        goto fail;
+    image = repo_image_relpath(d->disk, id, d->format);
+    digests = repo_digests_relpath(d->disk, id);
+    return check_shown_path(e, "image", image, what, error) &&
+           check_shown_path(e, "digests", digests, what, error) &&
+           parse_checksum(d, sum, what, error);
+}
+
+static ManifestDisk *parse_disk(json_object *e, const char *id, bool complete,
+                                const char *file, GError **error)
+{
+    g_autofree char *what = NULL;
+    ManifestDisk *d;
+    const char *name;
+    GError *local = NULL;
+
+    if (!json_object_is_type(e, json_type_object)) {
+        repo_corrupt(error, "%s: a disk entry is not an object", file);
+        return NULL;
     }
-    if (sum) {
-        if (!jget_string(sum, "algorithm", false, what, &alg, error) ||
-            !jget_string(sum, "value", false, what, &value, error)) {
-            goto fail;
-        }
-        if (strcmp(alg, CHECKSUM_ALGORITHM) != 0 || !is_checksum(value)) {
-            repo_corrupt(error, "%s: not a %s checksum", what,
-                         CHECKSUM_ALGORITHM);
-            goto fail;
-        }
-        d->checksum = g_strdup(value);
+    if (!jget_string(e, "disk", false, file, &name, error)) {
+        return NULL;
+    }
+    if (!repo_check_name("disk", name, &local)) {
+        repo_corrupt(error, "%s: %s", file, local->message);
+        g_error_free(local);
+        return NULL;
+    }
+    d = g_new0(ManifestDisk, 1);
+    d->disk = g_strdup(name);
+    d->json = e;
+    what = g_strdup_printf("%s, disk '%s'", file, name);
+    if (!parse_disk_fields(d, e, id, complete, what, error)) {
+        disk_free(d);
+        return NULL;
     }
     return d;
-
-fail:
-    disk_free(d);
-    return NULL;
 }
 
 Manifest *manifest_parse(const char *text, size_t len, const char *id,

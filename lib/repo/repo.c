@@ -288,6 +288,16 @@ char *repo_digests_path(const Repo *r, const char *disk, const char *id)
     return g_build_filename(r->root, rel, NULL);
 }
 
+void repo_remove_disk_files(const Repo *r, const char *disk, const char *id,
+                            RepoFormat format)
+{
+    g_autofree char *image = repo_image_path(r, disk, id, format);
+    g_autofree char *digests = repo_digests_path(r, disk, id);
+
+    unlink(image);
+    unlink(digests);
+}
+
 char *repo_merging_path(const Repo *r, const char *disk, const char *id,
                         RepoFormat format)
 {

@@ -99,6 +99,9 @@ char *repo_disk_dir(const Repo *r, const char *disk);
 char *repo_image_path(const Repo *r, const char *disk, const char *id,
                       RepoFormat format);
 char *repo_digests_path(const Repo *r, const char *disk, const char *id);
+/* Remove DISK's image (of FORMAT) and digests in backup ID, if there. */
+void repo_remove_disk_files(const Repo *r, const char *disk, const char *id,
+                            RepoFormat format);
 /* Where a merge writes the new image and digests before the swap. */
 char *repo_merging_path(const Repo *r, const char *disk, const char *id,
                         RepoFormat format);
