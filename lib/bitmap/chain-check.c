@@ -85,19 +85,9 @@ static guint seq_of(const QmpBitmap *b)
     return seq;
 }
 
-static void check_disk(BitmapCheck *check, const QmpDisk *disk,
-                       GPtrArray *checkpoints)
+/* Bitmaps on DISK that are not checkpoints: named, never touched. */
+static void check_others(BitmapCheck *check, const QmpDisk *disk)
 {
-    BitmapDiskVerdict *v = g_new0(BitmapDiskVerdict, 1);
-    GPtrArray *chain;
-    guint n;
-
-    v->disk = disk;
-    v->chain = chain = bitmap_disk_chain(disk);
-    v->disable = g_ptr_array_new_with_free_func(g_free);
-    g_ptr_array_add(check->verdicts, v);
-    n = chain->len;
-
     for (guint i = 0; i < disk->bitmaps->len; i++) {
         const QmpBitmap *b = disk->bitmaps->pdata[i];
 
@@ -116,6 +106,15 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
                   "%u internal bitmap(s) of a job or filter: left alone",
                   disk->nameless_bitmaps);
     }
+}
+
+/* Each checkpoint bitmap's own state: consistent, persistent, and only the
+ * newest recording. */
+static void check_states(BitmapCheck *check, BitmapDiskVerdict *v)
+{
+    const QmpDisk *disk = v->disk;
+    GPtrArray *chain = v->chain;
+    guint n = chain->len;
 
     for (guint i = 0; i < n; i++) {
         const QmpBitmap *b = chain->pdata[i];
@@ -151,11 +150,18 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
             v->untrusted = n;
         }
     }
+}
 
-    /*
-     * A checkpoint made on every disk must be on each disk whose chain spans
-     * it; where it is gone, the chain below it lost that period.
-     */
+/*
+ * A checkpoint made on every disk must be on each disk whose chain spans
+ * it; where it is gone, the chain below it lost that period.
+ */
+static void check_gaps(BitmapCheck *check, BitmapDiskVerdict *v,
+                       GPtrArray *checkpoints)
+{
+    GPtrArray *chain = v->chain;
+    guint n = chain->len;
+
     for (guint c = 0; n > 1 && c < checkpoints->len; c++) {
         const BitmapCheckpoint *cp = checkpoints->pdata[c];
         guint below = 0;
@@ -173,17 +179,31 @@ static void check_disk(BitmapCheck *check, const QmpDisk *disk,
             }
         }
         if (!here) {
-            add_issue(check, BITMAP_ISSUE_MISSING, disk, cp->bitmap,
+            add_issue(check, BITMAP_ISSUE_MISSING, v->disk, cp->bitmap,
                       "checkpoint bitmap '%s' is missing here but exists on "
                       "other disks",
                       cp->bitmap);
             v->untrusted = MAX(v->untrusted, below);
         }
     }
+}
+
+static void check_disk(BitmapCheck *check, const QmpDisk *disk,
+                       GPtrArray *checkpoints)
+{
+    BitmapDiskVerdict *v = g_new0(BitmapDiskVerdict, 1);
+
+    v->disk = disk;
+    v->chain = bitmap_disk_chain(disk);
+    v->disable = g_ptr_array_new_with_free_func(g_free);
+    g_ptr_array_add(check->verdicts, v);
+    check_others(check, disk);
+    check_states(check, v);
+    check_gaps(check, v, checkpoints);
 
     /* What the repair removes need not be disabled first. */
     for (guint i = 0; i < v->untrusted; i++) {
-        const QmpBitmap *b = chain->pdata[i];
+        const QmpBitmap *b = v->chain->pdata[i];
 
         for (guint j = 0; j < v->disable->len; j++) {
             if (strcmp(v->disable->pdata[j], b->name) == 0) {

@@ -1,152 +1,11 @@
 /*
- * Checkpoint names, the per-disk chains, and the transactions that create,
- * delete and combine checkpoints. Every change to QEMU here is one QMP
- * transaction, so it happens on all disks or on none.
+ * The transactions that create, delete and combine checkpoints. Every
+ * change to QEMU here is one QMP transaction, so it happens on all disks
+ * or on none.
  */
 #include <string.h>
 
 #include "internal.h"
-
-/* G_DEFINE_QUARK stringifies the quark name as written. */
-/* clang-format off */
-G_DEFINE_QUARK(qbk-bitmap-error-quark, bitmap_error)
-/* clang-format on */
-
-#define BITMAP_PREFIX "qbk-"
-#define SEQ_DIGITS    6
-#define SEQ_MAX       999999
-
-bool bitmap_name_valid(const char *name, GError **error)
-{
-    size_t len = strlen(name);
-
-    if (len == 0 || len > BITMAP_NAME_MAX) {
-        g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_INVALID_NAME,
-                    "checkpoint name '%s' must have 1 to %d characters", name,
-                    BITMAP_NAME_MAX);
-        return false;
-    }
-    for (size_t i = 0; i < len; i++) {
-        char c = name[i];
-
-        if (!g_ascii_isalnum(c) &&
-            (i == 0 || (c != '.' && c != '_' && c != '+' && c != '-'))) {
-            g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_INVALID_NAME,
-                        "checkpoint name '%s' may only hold letters, digits "
-                        "and . _ + - (not first)",
-                        name);
-            return false;
-        }
-    }
-    return true;
-}
-
-bool bitmap_parse_name(const char *bitmap, guint *seq, char **name,
-                       bool *partial)
-{
-    const char *p = bitmap;
-    guint n = 0;
-    bool is_partial = false;
-
-    if (!g_str_has_prefix(p, BITMAP_PREFIX)) {
-        return false;
-    }
-    p += strlen(BITMAP_PREFIX);
-    for (int i = 0; i < SEQ_DIGITS; i++, p++) {
-        if (!g_ascii_isdigit(*p)) {
-            return false;
-        }
-        n = n * 10 + (*p - '0');
-    }
-    if (*p == 'p') {
-        is_partial = true;
-        p++;
-    }
-    if (*p != '-' || !bitmap_name_valid(p + 1, NULL)) {
-        return false;
-    }
-    if (seq) {
-        *seq = n;
-    }
-    if (name) {
-        *name = g_strdup(p + 1);
-    }
-    if (partial) {
-        *partial = is_partial;
-    }
-    return true;
-}
-
-void bitmap_checkpoint_free(BitmapCheckpoint *cp)
-{
-    if (!cp) {
-        return;
-    }
-    g_free(cp->name);
-    g_free(cp->bitmap);
-    g_ptr_array_unref(cp->disks);
-    g_ptr_array_unref(cp->bitmaps);
-    g_free(cp);
-}
-
-static gint compare_seq(gconstpointer a, gconstpointer b)
-{
-    const BitmapCheckpoint *x = *(BitmapCheckpoint *const *)a;
-    const BitmapCheckpoint *y = *(BitmapCheckpoint *const *)b;
-
-    return x->seq < y->seq ? -1 : x->seq > y->seq;
-}
-
-GPtrArray *bitmap_list_checkpoints(GPtrArray *disks)
-{
-    GPtrArray *list =
-        g_ptr_array_new_with_free_func((GDestroyNotify)bitmap_checkpoint_free);
-    g_autoptr(GHashTable) bybitmap = g_hash_table_new(g_str_hash, g_str_equal);
-
-    for (guint d = 0; d < disks->len; d++) {
-        QmpDisk *disk = disks->pdata[d];
-
-        for (guint i = 0; i < disk->bitmaps->len; i++) {
-            QmpBitmap *b = disk->bitmaps->pdata[i];
-            BitmapCheckpoint *cp = g_hash_table_lookup(bybitmap, b->name);
-            guint seq;
-            char *name;
-            bool partial;
-
-            if (!cp) {
-                if (!bitmap_parse_name(b->name, &seq, &name, &partial)) {
-                    continue;
-                }
-                cp = g_new0(BitmapCheckpoint, 1);
-                cp->seq = seq;
-                cp->name = name;
-                cp->partial = partial;
-                cp->bitmap = g_strdup(b->name);
-                cp->disks = g_ptr_array_new();
-                cp->bitmaps = g_ptr_array_new();
-                g_hash_table_insert(bybitmap, cp->bitmap, cp);
-                g_ptr_array_add(list, cp);
-            }
-            g_ptr_array_add(cp->disks, disk);
-            g_ptr_array_add(cp->bitmaps, b);
-        }
-    }
-    g_ptr_array_sort(list, compare_seq);
-    return list;
-}
-
-BitmapCheckpoint *bitmap_find_checkpoint(GPtrArray *checkpoints,
-                                         const char *name)
-{
-    for (guint i = 0; i < checkpoints->len; i++) {
-        BitmapCheckpoint *cp = checkpoints->pdata[i];
-
-        if (strcmp(cp->name, name) == 0 || strcmp(cp->bitmap, name) == 0) {
-            return cp;
-        }
-    }
-    return NULL;
-}
 
 static BitmapCheckpoint *find_or_fail(GPtrArray *checkpoints, const char *name,
                                       GError **error)
@@ -158,41 +17,6 @@ static BitmapCheckpoint *find_or_fail(GPtrArray *checkpoints, const char *name,
                     "no checkpoint '%s' (see 'qbk-checkpoint list')", name);
     }
     return cp;
-}
-
-static gint compare_bitmap_seq(gconstpointer a, gconstpointer b)
-{
-    const QmpBitmap *x = *(QmpBitmap *const *)a;
-    const QmpBitmap *y = *(QmpBitmap *const *)b;
-    guint sx = 0, sy = 0;
-
-    bitmap_parse_name(x->name, &sx, NULL, NULL);
-    bitmap_parse_name(y->name, &sy, NULL, NULL);
-    return sx < sy ? -1 : sx > sy;
-}
-
-GPtrArray *bitmap_disk_chain(const QmpDisk *disk)
-{
-    GPtrArray *chain = g_ptr_array_new();
-
-    for (guint i = 0; i < disk->bitmaps->len; i++) {
-        QmpBitmap *b = disk->bitmaps->pdata[i];
-
-        if (bitmap_parse_name(b->name, NULL, NULL, NULL)) {
-            g_ptr_array_add(chain, b);
-        }
-    }
-    g_ptr_array_sort(chain, compare_bitmap_seq);
-    return chain;
-}
-
-json_object *bitmap_ref(const QmpDisk *disk, const char *name)
-{
-    json_object *o = json_object_new_object();
-
-    json_object_object_add(o, "node", json_object_new_string(disk->node));
-    json_object_object_add(o, "name", json_object_new_string(name));
-    return o;
 }
 
 static bool check_targets(GPtrArray *targets, GError **error)
@@ -290,10 +114,9 @@ char *bitmap_add_checkpoint_actions_split(QmpTransaction *tx,
                             partial ? "p" : "", chosen);
         json_object *add = bitmap_ref(disk, bitmap);
 
-        json_object_object_add(add, "persistent", json_object_new_boolean(1));
+        qmp_json_set_bool(add, "persistent", 1);
         if (granularity) {
-            json_object_object_add(add, "granularity",
-                                   json_object_new_int64(granularity));
+            qmp_json_set_int(add, "granularity", granularity);
         }
         qmp_transaction_add(tx, "block-dirty-bitmap-add", add);
         /*
@@ -362,10 +185,8 @@ bool bitmap_delete_checkpoint(QmpClient *qmp, GPtrArray *disks,
             json_object *sources = json_object_new_array();
 
             json_object_array_add(sources, json_object_new_string(cp->bitmap));
-            json_object_object_add(merge, "node",
-                                   json_object_new_string(disk->node));
-            json_object_object_add(merge, "target",
-                                   json_object_new_string(prev->name));
+            qmp_json_set_string(merge, "node", disk->node);
+            qmp_json_set_string(merge, "target", prev->name);
             json_object_object_add(merge, "bitmaps", sources);
             qmp_transaction_add(tx, "block-dirty-bitmap-merge", merge);
             if (victim->recording && !prev->recording) {
@@ -432,10 +253,9 @@ bool bitmap_add_since_actions(QmpTransaction *tx, QmpTransaction *later,
     }
 
     add = bitmap_ref(disk, target_bitmap);
-    json_object_object_add(add, "persistent", json_object_new_boolean(0));
-    json_object_object_add(add, "disabled", json_object_new_boolean(!later));
-    json_object_object_add(add, "granularity",
-                           json_object_new_int64(granularity));
+    qmp_json_set_bool(add, "persistent", 0);
+    qmp_json_set_bool(add, "disabled", !later);
+    qmp_json_set_int(add, "granularity", granularity);
     qmp_transaction_add(tx, "block-dirty-bitmap-add", add);
 
     merge = json_object_new_object();
@@ -445,9 +265,8 @@ bool bitmap_add_since_actions(QmpTransaction *tx, QmpTransaction *later,
 
         json_object_array_add(sources, json_object_new_string(b->name));
     }
-    json_object_object_add(merge, "node", json_object_new_string(disk->node));
-    json_object_object_add(merge, "target",
-                           json_object_new_string(target_bitmap));
+    qmp_json_set_string(merge, "node", disk->node);
+    qmp_json_set_string(merge, "target", target_bitmap);
     json_object_object_add(merge, "bitmaps", sources);
     qmp_transaction_add(tx, "block-dirty-bitmap-merge", merge);
     if (later) {

@@ -21,8 +21,8 @@ static json_object *bitmap_sha(QmpClient *qmp, const char *node,
 {
     json_object *args = json_object_new_object();
 
-    json_object_object_add(args, "node", json_object_new_string(node));
-    json_object_object_add(args, "name", json_object_new_string(name));
+    qmp_json_set_string(args, "node", node);
+    qmp_json_set_string(args, "name", name);
     return qmp_execute(qmp, "x-debug-block-dirty-bitmap-sha256", args, error);
 }
 
@@ -47,15 +47,10 @@ static json_object *snapshot(QmpClient *qmp, GPtrArray *disks, GError **error)
                 json_object_put(all);
                 return NULL;
             }
-            json_object_object_add(o, "count",
-                                   json_object_new_uint64(b->count));
-            json_object_object_add(o, "recording",
-                                   json_object_new_boolean(b->recording));
-            json_object_object_add(o, "persistent",
-                                   json_object_new_boolean(b->persistent));
-            json_object_object_add(
-                o, "sha256",
-                json_object_new_string(qmp_json_string(sha, "sha256")));
+            qmp_json_set_uint(o, "count", b->count);
+            qmp_json_set_bool(o, "recording", b->recording);
+            qmp_json_set_bool(o, "persistent", b->persistent);
+            qmp_json_set_string(o, "sha256", qmp_json_string(sha, "sha256"));
             json_object_put(sha);
             json_object_object_add(bms, b->name, o);
         }
@@ -127,18 +122,15 @@ static json_object *mapping(GPtrArray *pairs, int side)
         json_object *bms = json_object_new_array();
         g_autofree char *alias = g_strdup_printf("qbk%u", i / 3);
 
-        json_object_object_add(
-            m, "node-name",
-            json_object_new_string(side == 0 ? sd->node
-                                             : (char *)pairs->pdata[i + 1]));
-        json_object_object_add(m, "alias", json_object_new_string(alias));
+        qmp_json_set_string(m, "node-name",
+                            side == 0 ? sd->node : (char *)pairs->pdata[i + 1]);
+        qmp_json_set_string(m, "alias", alias);
         for (guint k = 0; k < sd->bitmaps->len; k++) {
             QmpBitmap *b = sd->bitmaps->pdata[k];
             json_object *bm = json_object_new_object();
 
-            json_object_object_add(bm, "name", json_object_new_string(b->name));
-            json_object_object_add(bm, "alias",
-                                   json_object_new_string(b->name));
+            qmp_json_set_string(bm, "name", b->name);
+            qmp_json_set_string(bm, "alias", b->name);
             json_object_array_add(bms, bm);
         }
         json_object_object_add(m, "bitmaps", bms);
@@ -220,14 +212,12 @@ static bool make_persistent(QmpClient *qmp, const QmpDisk *disk,
     json_object *a, *m;
 
     a = bitmap_ref(disk, tmp);
-    json_object_object_add(a, "granularity",
-                           json_object_new_int64(b->granularity));
-    json_object_object_add(a, "disabled",
-                           json_object_new_boolean(!b->recording));
+    qmp_json_set_int(a, "granularity", b->granularity);
+    qmp_json_set_bool(a, "disabled", !b->recording);
     qmp_transaction_add(t1, "block-dirty-bitmap-add", a);
     m = bitmap_ref(disk, tmp);
     json_object_object_del(m, "name");
-    json_object_object_add(m, "target", json_object_new_string(tmp));
+    qmp_json_set_string(m, "target", tmp);
     json_object_object_add(m, "bitmaps", json_object_new_array_ext(1));
     json_object_array_add(json_object_object_get(m, "bitmaps"),
                           json_object_new_string(b->name));
@@ -235,15 +225,13 @@ static bool make_persistent(QmpClient *qmp, const QmpDisk *disk,
     qmp_transaction_add(t2, "block-dirty-bitmap-remove",
                         bitmap_ref(disk, b->name));
     a = bitmap_ref(disk, b->name);
-    json_object_object_add(a, "persistent", json_object_new_boolean(1));
-    json_object_object_add(a, "granularity",
-                           json_object_new_int64(b->granularity));
-    json_object_object_add(a, "disabled",
-                           json_object_new_boolean(!b->recording));
+    qmp_json_set_bool(a, "persistent", 1);
+    qmp_json_set_int(a, "granularity", b->granularity);
+    qmp_json_set_bool(a, "disabled", !b->recording);
     qmp_transaction_add(t3, "block-dirty-bitmap-add", a);
     m = bitmap_ref(disk, b->name);
     json_object_object_del(m, "name");
-    json_object_object_add(m, "target", json_object_new_string(b->name));
+    qmp_json_set_string(m, "target", b->name);
     json_object_object_add(m, "bitmaps", json_object_new_array_ext(1));
     json_object_array_add(json_object_object_get(m, "bitmaps"),
                           json_object_new_string(tmp));
@@ -286,22 +274,11 @@ static int fix_persistent(QmpClient *qmp, GError **error)
     return fixed;
 }
 
-json_object *bitmap_migrate(QmpClient *src, QmpClient *dst,
-                            const BitmapMigrateOptions *o, GError **error)
+/* Pair each source disk holding bitmaps with its node on the destination:
+ * PAIRS gets (QmpDisk *, node name, NULL) triples. */
+static bool pair_disks(QmpClient *dst, GPtrArray *sdisks, GPtrArray *ddisks,
+                       char **maps, GPtrArray *pairs, GError **error)
 {
-    g_autoptr(GPtrArray) sdisks = qmp_query_disks(src, error);
-    g_autoptr(GPtrArray) ddisks = sdisks ? qmp_query_disks(dst, error) : NULL;
-    g_autoptr(GPtrArray) pairs = g_ptr_array_new(); /* sd, node, NULL */
-    json_object *before = NULL, *after = NULL, *arrived = NULL;
-    json_object *result, *args, *checks;
-    const char *status = "";
-    gint64 t0 = g_get_monotonic_time(), deadline;
-    int fixed = 0, bad = 0;
-    GError *local = NULL;
-
-    if (!ddisks || !preflight(src, dst, sdisks, error)) {
-        return NULL;
-    }
     for (guint i = 0; i < sdisks->len; i++) {
         QmpDisk *sd = sdisks->pdata[i];
         const char *dn;
@@ -309,13 +286,13 @@ json_object *bitmap_migrate(QmpClient *src, QmpClient *dst,
         if (!sd->bitmaps || sd->bitmaps->len == 0) {
             continue;
         }
-        dn = dest_node(sd, ddisks, o->maps);
+        dn = dest_node(sd, ddisks, maps);
         if (!dn) {
             g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_NOT_FOUND,
                         "disk '%s' (node '%s') has no counterpart on the "
                         "destination: give --map %s=NODE",
                         sd->id, sd->node, sd->node);
-            return NULL;
+            return false;
         }
         if (!has_node(dst, dn, error)) {
             if (error && !*error) {
@@ -323,96 +300,136 @@ json_object *bitmap_migrate(QmpClient *src, QmpClient *dst,
                             "the destination has no node '%s' for disk '%s'",
                             dn, sd->id);
             }
-            return NULL;
+            return false;
         }
         g_ptr_array_add(pairs, sd);
         g_ptr_array_add(pairs, (char *)dn);
         g_ptr_array_add(pairs, NULL);
     }
-    before = snapshot(src, sdisks, error);
-    if (!before || !set_dirty_bitmaps(src, error) ||
+    return true;
+}
+
+/* Capabilities and mappings on both sides, then the migration started. */
+static bool start_migration(QmpClient *src, QmpClient *dst, GPtrArray *sdisks,
+                            GPtrArray *pairs, const char *uri, GError **error)
+{
+    json_object *before = snapshot(src, sdisks, error);
+    bool readable = before != NULL; /* all the snapshot must show */
+    json_object *args;
+
+    json_object_put(before);
+    if (!readable || !set_dirty_bitmaps(src, error) ||
         !set_dirty_bitmaps(dst, error) ||
         !set_mapping(src, mapping(pairs, 0), error) ||
         !set_mapping(dst, mapping(pairs, 1), error)) {
         g_prefix_error(error, "preparing the migration: ");
-        json_object_put(before);
-        return NULL;
+        return false;
     }
     args = json_object_new_object();
-    json_object_object_add(args, "uri", json_object_new_string(o->uri));
+    qmp_json_set_string(args, "uri", uri);
     if (!qmp_run(dst, "migrate-incoming", args, error)) {
         g_prefix_error(error, "destination: ");
-        json_object_put(before);
-        return NULL;
+        return false;
     }
     args = json_object_new_object();
-    json_object_object_add(args, "uri", json_object_new_string(o->uri));
+    qmp_json_set_string(args, "uri", uri);
     if (!qmp_run(src, "migrate", args, error)) {
         g_prefix_error(error, "source: ");
-        json_object_put(before);
-        return NULL;
+        return false;
     }
-    deadline = t0 + (gint64)(o->timeout_s ? o->timeout_s : 600) * 1000000;
+    return true;
+}
+
+/* Poll the source until the migration ends (cancelled past O's timeout);
+ * its final status (interned). */
+static const char *wait_migration(QmpClient *src, const BitmapMigrateOptions *o,
+                                  gint64 t0, GError **error)
+{
+    guint timeout_s = o->timeout_s ? o->timeout_s : 600;
+    gint64 deadline = t0 + (gint64)timeout_s * G_USEC_PER_SEC;
+
     for (;;) {
-        json_object *q = qmp_execute(src, "query-migrate", NULL, &local);
+        json_object *q = qmp_execute(src, "query-migrate", NULL, error);
+        const char *status, *why;
 
         if (!q) {
-            break;
+            return NULL;
         }
         status = g_intern_string(
             qmp_json_string(q, "status") ? qmp_json_string(q, "status") : "");
+        why = qmp_json_string(q, "error-desc");
         if (o->progress) {
             o->progress(q, o->progress_opaque);
         }
-        if (strcmp(status, "completed") == 0 || strcmp(status, "failed") == 0 ||
-            strcmp(status, "cancelled") == 0) {
-            if (strcmp(status, "completed") != 0) {
-                g_set_error(&local, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
-                            "the migration %s: %s", status,
-                            qmp_json_string(q, "error-desc")
-                                ? qmp_json_string(q, "error-desc")
-                                : "no reason given");
-            }
-            json_object_put(q);
-            break;
+        if (strcmp(status, "failed") == 0 || strcmp(status, "cancelled") == 0) {
+            g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
+                        "the migration %s: %s", status,
+                        why ? why : "no reason given");
+            status = NULL;
         }
         json_object_put(q);
+        if (!status || strcmp(status, "completed") == 0) {
+            return status;
+        }
         if (g_get_monotonic_time() > deadline) {
             qmp_run(src, "migrate_cancel", NULL, NULL);
-            g_set_error(&local, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
+            g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNSUPPORTED,
                         "the migration did not complete in %u s: cancelled",
-                        o->timeout_s ? o->timeout_s : 600);
-            break;
+                        timeout_s);
+            return NULL;
         }
         g_usleep(POLL_US);
     }
-    if (local) {
-        /* The source keeps its checkpoints; put right any flag a failed
-         * attempt changed, and say so. */
-        int n = fix_persistent(src, NULL);
+}
 
-        g_propagate_prefixed_error(
-            error, local, "%s",
-            n > 0 ? "source checkpoints re-made persistent; "
-                  : "source checkpoints untouched; ");
-        json_object_put(before);
-        return NULL;
+/* One checkpoint's arrival: WANT (the source's) against GOT (or NULL). */
+static json_object *check_arrival(const char *disk, const char *name,
+                                  json_object *want, json_object *got, int *bad)
+{
+    json_object *c = json_object_new_object();
+    const char *why = NULL;
+
+    if (!got) {
+        why = "missing on the destination";
+    } else if (g_strcmp0(qmp_json_string(got, "sha256"),
+                         qmp_json_string(want, "sha256")) != 0 ||
+               qmp_json_uint(got, "count") != qmp_json_uint(want, "count")) {
+        why = "content differs";
+    } else if (qmp_json_bool(got, "recording") !=
+               qmp_json_bool(want, "recording")) {
+        why = "recording state differs";
+    } else if (!qmp_json_bool(got, "persistent")) {
+        why = "not persistent";
     }
+    qmp_json_set_string(c, "disk", disk);
+    qmp_json_set_string(c, "bitmap", name);
+    qmp_json_set_uint(c, "count", qmp_json_uint(want, "count"));
+    qmp_json_set_string(c, "sha256", qmp_json_string(want, "sha256"));
+    qmp_json_set_bool(c, "ok", !why);
+    if (why) {
+        qmp_json_set_string(c, "problem", why);
+        (*bad)++;
+    }
+    return c;
+}
 
-    /* the source's final state against what arrived */
-    g_ptr_array_unref(sdisks);
-    g_ptr_array_unref(ddisks);
-    sdisks = qmp_query_disks(src, error);
-    ddisks = sdisks ? qmp_query_disks(dst, error) : NULL;
-    after = sdisks ? snapshot(src, sdisks, error) : NULL;
-    fixed = ddisks ? fix_persistent(dst, error) : -1;
-    if (fixed > 0) {
+/* After the migration: the source's checkpoints against what arrived (made
+ * persistent first where they arrived otherwise: *FIXED of them). */
+static json_object *check_arrivals(QmpClient *src, QmpClient *dst, int *fixed,
+                                   int *bad, GError **error)
+{
+    g_autoptr(GPtrArray) sdisks = qmp_query_disks(src, error);
+    g_autoptr(GPtrArray) ddisks = sdisks ? qmp_query_disks(dst, error) : NULL;
+    json_object *after = sdisks ? snapshot(src, sdisks, error) : NULL;
+    json_object *arrived = NULL, *checks;
+
+    *fixed = ddisks && after ? fix_persistent(dst, error) : -1;
+    if (*fixed > 0) {
         g_ptr_array_unref(ddisks);
         ddisks = qmp_query_disks(dst, error);
     }
-    arrived = fixed >= 0 && ddisks ? snapshot(dst, ddisks, error) : NULL;
+    arrived = *fixed >= 0 && ddisks ? snapshot(dst, ddisks, error) : NULL;
     if (!arrived) {
-        json_object_put(before);
         json_object_put(after);
         return NULL;
     }
@@ -423,64 +440,66 @@ json_object *bitmap_migrate(QmpClient *src, QmpClient *dst,
 
         json_object_object_foreach(bms, name, want)
         {
-            json_object *got = dest ? json_object_object_get(dest, name) : NULL;
-            json_object *c = json_object_new_object();
-            const char *why = NULL;
-
-            if (!bitmap_parse_name(name, NULL, NULL, NULL)) {
-                json_object_put(c);
-                continue; /* not a checkpoint */
+            if (bitmap_parse_name(name, NULL, NULL, NULL)) {
+                json_object_array_add(
+                    checks,
+                    check_arrival(
+                        disk, name, want,
+                        dest ? json_object_object_get(dest, name) : NULL, bad));
             }
-            if (!got) {
-                why = "missing on the destination";
-            } else if (g_strcmp0(qmp_json_string(got, "sha256"),
-                                 qmp_json_string(want, "sha256")) != 0 ||
-                       qmp_json_uint(got, "count") !=
-                           qmp_json_uint(want, "count")) {
-                why = "content differs";
-            } else if (qmp_json_bool(got, "recording") !=
-                       qmp_json_bool(want, "recording")) {
-                why = "recording state differs";
-            } else if (!qmp_json_bool(got, "persistent")) {
-                why = "not persistent";
-            }
-            json_object_object_add(c, "disk", json_object_new_string(disk));
-            json_object_object_add(c, "bitmap", json_object_new_string(name));
-            json_object_object_add(
-                c, "count",
-                json_object_new_uint64(qmp_json_uint(want, "count")));
-            json_object_object_add(
-                c, "sha256",
-                json_object_new_string(qmp_json_string(want, "sha256")));
-            json_object_object_add(c, "ok", json_object_new_boolean(!why));
-            if (why) {
-                json_object_object_add(c, "problem",
-                                       json_object_new_string(why));
-                bad++;
-            }
-            json_object_array_add(checks, c);
         }
     }
-    result = json_object_new_object();
-    json_object_object_add(result, "status", json_object_new_string(status));
-    json_object_object_add(
-        result, "seconds",
-        json_object_new_double((g_get_monotonic_time() - t0) / 1e6));
-    json_object_object_add(result, "checkpoints", checks);
-    json_object_object_add(result, "made_persistent",
-                           json_object_new_int(fixed));
-    json_object_object_add(result, "verified",
-                           json_object_new_boolean(bad == 0));
-    json_object_put(before);
     json_object_put(after);
     json_object_put(arrived);
+    return checks;
+}
+
+json_object *bitmap_migrate(QmpClient *src, QmpClient *dst,
+                            const BitmapMigrateOptions *o, GError **error)
+{
+    g_autoptr(GPtrArray) sdisks = qmp_query_disks(src, error);
+    g_autoptr(GPtrArray) ddisks = sdisks ? qmp_query_disks(dst, error) : NULL;
+    g_autoptr(GPtrArray) pairs = g_ptr_array_new(); /* sd, node, NULL */
+    json_object *result, *checks;
+    const char *status;
+    gint64 t0 = g_get_monotonic_time();
+    int fixed = 0, bad = 0;
+    GError *local = NULL;
+
+    if (!ddisks || !preflight(src, dst, sdisks, error) ||
+        !pair_disks(dst, sdisks, ddisks, o->maps, pairs, error) ||
+        !start_migration(src, dst, sdisks, pairs, o->uri, error)) {
+        return NULL;
+    }
+    status = wait_migration(src, o, t0, &local);
+    if (!status) {
+        /* The source keeps its checkpoints; put right any flag a failed
+         * attempt changed, and say so. */
+        int n = fix_persistent(src, NULL);
+
+        g_propagate_prefixed_error(
+            error, local, "%s",
+            n > 0 ? "source checkpoints re-made persistent; "
+                  : "source checkpoints untouched; ");
+        return NULL;
+    }
+    checks = check_arrivals(src, dst, &fixed, &bad, error);
+    if (!checks) {
+        return NULL;
+    }
     if (bad) {
         g_set_error(error, BITMAP_ERROR, BITMAP_ERROR_UNTRUSTED,
                     "%d checkpoint(s) did not arrive intact: run "
                     "'qbk-checkpoint check' on the destination",
                     bad);
-        json_object_put(result);
+        json_object_put(checks);
         return NULL;
     }
+    result = json_object_new_object();
+    qmp_json_set_string(result, "status", status);
+    qmp_json_set_double(result, "seconds", (g_get_monotonic_time() - t0) / 1e6);
+    json_object_object_add(result, "checkpoints", checks);
+    qmp_json_set_int(result, "made_persistent", fixed);
+    qmp_json_set_bool(result, "verified", true);
     return result;
 }
