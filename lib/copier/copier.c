@@ -71,33 +71,6 @@ bool copier_options_check(const CopierOptions *opts, GError **error)
     return true;
 }
 
-void copier_fail(Copier *c, CopierErrorCode code, const char *fmt, ...)
-{
-    va_list ap;
-
-    if (c->error) {
-        return; /* first failure wins */
-    }
-    va_start(ap, fmt);
-    c->error = g_error_new_valist(COPIER_ERROR, code, fmt, ap);
-    va_end(ap);
-}
-
-void copier_trace(Copier *c, const char *fmt, ...)
-{
-    g_autofree char *line = NULL;
-    va_list ap;
-
-    if (c->opts.trace_fd < 0) {
-        return;
-    }
-    va_start(ap, fmt);
-    line = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    dprintf(c->opts.trace_fd, "%" G_GINT64_FORMAT "000 %s\n",
-            g_get_monotonic_time(), line);
-}
-
 /* ---- completions: record, nothing more ---- */
 
 static int read_done(void *opaque, int *error)
@@ -466,7 +439,7 @@ static Sink *open_sink(Copier *c, const CopierEndpoint *target, GError **error)
         return sink_file_new(target->file, c->size, c->opts.requests, c->ctx,
                              copier_pump, c, error);
     }
-    if (target->socket) {
+    if (target->uri) {
         return sink_nbd_new(target, c->size, c->ctx, copier_pump, c, error);
     }
     return sink_null_new();
@@ -493,7 +466,7 @@ Copier *copier_new(const CopierEndpoint *source, const CopierEndpoint *target,
     g_queue_init(&c->releases);
     if (!connect_source(c, source, error) ||
         !(c->sink = open_sink(c, target, error)) ||
-        (c->opts.notices && !notices_connect(c, error))) {
+        (c->opts.notices && !notices_connect(c, copier_pump, error))) {
         return NULL;
     }
     if (c->opts.digest_fd >= 0 &&

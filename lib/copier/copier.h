@@ -41,14 +41,23 @@ typedef enum {
  * copied; it detects corruption, it is not a defence against tampering). */
 #define COPIER_DIGEST_LEN 16
 
-/* An NBD export (a unix socket and an export name), or, as a target only,
- * a local raw file written with Linux AIO and O_DIRECT, or nothing (socket
- * and file NULL: the data is read and hashed only, to verify). */
+/* An NBD export, given as an NBD URI (nbd+unix:///EXPORT?socket=PATH,
+ * nbd://HOST:PORT/EXPORT, nbds... for TLS: whatever libnbd connects to);
+ * or, as a target only, a local raw file written with Linux AIO and
+ * O_DIRECT; or nothing (uri and file NULL: the data is read and hashed
+ * only, to verify). */
 typedef struct {
-    const char *socket;
-    const char *name;
+    const char *uri;
     const char *file; /* target only: write this raw file instead */
 } CopierEndpoint;
+
+/* The NBD URI of export NAME on the unix socket SOCKET, escaped (any
+ * character may appear in either). */
+char *copier_nbd_uri(const char *socket, const char *name);
+
+/* Whether TEXT names an NBD export (an nbd, nbds, nbd+unix ... URI)
+ * rather than a file. */
+bool copier_is_nbd_uri(const char *text);
 
 /* A byte range of the disk. */
 typedef struct {

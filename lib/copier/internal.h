@@ -267,11 +267,13 @@ struct Copier {
     gint64 start_us, last_progress_us, last_activity_us;
 };
 
-/* The engine (copier.c). */
+/* Reports (report.c): the first failure wins; trace lines if asked. */
 G_GNUC_PRINTF(3, 4)
 void copier_fail(Copier *c, CopierErrorCode code, const char *fmt, ...);
 G_GNUC_PRINTF(2, 3)
 void copier_trace(Copier *c, const char *fmt, ...);
+
+/* The engine's step (copier.c): a GSourceFunc for every wake-up. */
 gboolean copier_pump(gpointer data);
 
 /* What to copy (select.c): the map contexts to ask the source for (at
@@ -286,8 +288,8 @@ void release_range(Copier *c, guint64 offset, guint64 length);
 void release_step(Copier *c, gint64 now);
 bool release_idle(Copier *c);
 
-/* Guest-write notices (notices.c). */
-bool notices_connect(Copier *c, GError **error);
+/* Guest-write notices (notices.c); PUMP runs on each reply. */
+bool notices_connect(Copier *c, GSourceFunc pump, GError **error);
 void notices_step(Copier *c);
 
 /* Guest-aware pacing (pacing.c). */

@@ -89,11 +89,13 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
     /* libnbd zeroes every read buffer first, in case a caller ignores a
      * failed read; we never do, and it cost 6% of the copier's CPU. */
     nbd_set_pread_initialize(nbd, false);
-    if (nbd_set_export_name(nbd, endpoint->name ? endpoint->name : "") < 0 ||
-        nbd_connect_unix(nbd, endpoint->socket) < 0) {
+    /* A URI may name a unix socket or a TCP host (TLS comes with nbds);
+     * never a local file to read keys from, nor a command to run. */
+    if (nbd_set_uri_allow_transports(nbd, LIBNBD_ALLOW_TRANSPORT_UNIX |
+                                              LIBNBD_ALLOW_TRANSPORT_TCP) < 0 ||
+        nbd_connect_uri(nbd, endpoint->uri) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
-                    "cannot open NBD export '%s' at '%s': %s",
-                    endpoint->name ? endpoint->name : "", endpoint->socket,
+                    "cannot open NBD export %s: %s", endpoint->uri,
                     nbd_get_error());
         nbd_close(nbd);
         return NULL;
@@ -101,8 +103,8 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
     for (guint i = 0; meta_contexts && meta_contexts[i]; i++) {
         if (nbd_can_meta_context(nbd, meta_contexts[i]) != 1) {
             g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
-                        "NBD export '%s' does not offer '%s'",
-                        endpoint->name ? endpoint->name : "", meta_contexts[i]);
+                        "NBD export %s does not offer '%s'", endpoint->uri,
+                        meta_contexts[i]);
             nbd_close(nbd);
             return NULL;
         }
@@ -117,4 +119,21 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
     g_source_attach(&s->base, ctx);
     *source = &s->base;
     return nbd;
+}
+
+char *copier_nbd_uri(const char *socket, const char *name)
+{
+    g_autofree char *n = g_uri_escape_string(name, NULL, FALSE);
+    g_autofree char *s = g_uri_escape_string(socket, "/", FALSE);
+
+    return g_strdup_printf("nbd+unix:///%s?socket=%s", n, s);
+}
+
+bool copier_is_nbd_uri(const char *text)
+{
+    const char *scheme = g_uri_peek_scheme(text); /* lower case */
+
+    return scheme &&
+           (strcmp(scheme, "nbd") == 0 || g_str_has_prefix(scheme, "nbd+") ||
+            g_str_has_prefix(scheme, "nbds"));
 }

@@ -12,7 +12,7 @@
 /* NBD lengths are 32-bit: up to 4 GiB less a block per call */
 #define NOTICE_BYTES ((G_GUINT64_CONSTANT(1) << 32) - COPIER_BLOCK_SIZE)
 
-bool notices_connect(Copier *c, GError **error)
+bool notices_connect(Copier *c, GSourceFunc pump, GError **error)
 {
     const char *nctx[2] = { c->opts.notice_context, NULL };
 
@@ -21,8 +21,8 @@ bool notices_connect(Copier *c, GError **error)
                     "guest-write notices need a map context");
         return false;
     }
-    c->notice = nbd_source_connect(c->opts.notices, nctx, c->ctx, copier_pump,
-                                   c, &c->notice_source, error);
+    c->notice = nbd_source_connect(c->opts.notices, nctx, c->ctx, pump, c,
+                                   &c->notice_source, error);
     if (!c->notice) {
         return false;
     }
