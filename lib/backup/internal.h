@@ -5,6 +5,7 @@
 #define QBK_BACKUP_INTERNAL_H
 
 #include "backup.h"
+#include "bitmap.h"
 #include "fleece.h"
 #include "util.h"
 
@@ -28,6 +29,25 @@ bool mark_del(QmpClient *qmp, BackupMark mark, const char *tag, GError **error);
  */
 bool undo_checkpoint(QmpClient *qmp, char **nodes, const char *name,
                      GPtrArray *since, GError **error);
+
+/* ---- what each disk's backup is (decide.c) ---- */
+
+typedef struct {
+    BackupMode mode;        /* full, incremental or differential */
+    const Manifest *parent; /* what a non-full stands on (borrowed) */
+    bool fallback;          /* full only for want of a usable chain */
+    char *why;              /* for the manifest's "reason" (owned) */
+} DiskPlan;
+
+/*
+ * The plan for disk QD in MODE (SINCE: a checkpoint, backup id or bitmap
+ * to count changes from), from BACKUPS (complete manifests, oldest first)
+ * and V, the VM's verdict on its checkpoints. Returns false for a
+ * fallback: a full where MODE asked for changes (an error unless MODE is
+ * auto). Reads nothing: the parent's files are the caller's to check.
+ */
+bool disk_plan(BackupMode mode, const char *since, const QmpDisk *qd,
+               GPtrArray *backups, const BitmapDiskVerdict *v, DiskPlan *plan);
 
 /* ---- where the data goes (target.c) ---- */
 
@@ -61,6 +81,7 @@ void target_free(Target *t);
 typedef struct {
     PrivDir *dir; /* holds the socket, the log and the pid file */
     char *socket;
+    char *uri; /* of the export, for the copier */
     GPid pid;
 } NbdServer;
 
@@ -75,9 +96,6 @@ bool nbd_server_stop(NbdServer *s, GError **error);
 
 /* ---- undoing killed backups (recover.c) ---- */
 
-/* Remove the new image and digests of DISK in backup ID. */
-void pull_remove_files(const Repo *repo, const char *id, const char *disk,
-                       RepoFormat format);
 
 /* Record in MANIFEST, the partial manifest of backup ID, that it failed
  * and why, and write it. */

@@ -37,10 +37,10 @@ bool mark_add(QmpClient *qmp, BackupMark mark, const char *tag, GError **error)
     g_autofree char *id = mark_id(mark, getpid(), tag);
     json_object *args = json_object_new_object();
 
-    json_object_object_add(args, "qom-type", json_object_new_string("secret"));
-    json_object_object_add(args, "id", json_object_new_string(id));
+    qmp_json_set_string(args, "qom-type", "secret");
+    qmp_json_set_string(args, "id", id);
     /* a secret must hold something; nothing reads it */
-    json_object_object_add(args, "data", json_object_new_string("qbk"));
+    qmp_json_set_string(args, "data", "qbk");
     if (!qmp_run(qmp, "object-add", args, error)) {
         g_prefix_error(error, "cannot mark the VM: ");
         return false;
@@ -52,7 +52,7 @@ static bool object_del(QmpClient *qmp, const char *id, GError **error)
 {
     json_object *args = json_object_new_object();
 
-    json_object_object_add(args, "id", json_object_new_string(id));
+    qmp_json_set_string(args, "id", id);
     return qmp_run(qmp, "object-del", args, error);
 }
 
@@ -114,7 +114,7 @@ static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
     json_object *args = json_object_new_object();
     json_object *list;
 
-    json_object_object_add(args, "path", json_object_new_string("/objects"));
+    qmp_json_set_string(args, "path", "/objects");
     list = qmp_execute(qmp, "qom-list", args, error);
     if (!list) {
         return false;

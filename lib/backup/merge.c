@@ -97,7 +97,7 @@ bool backup_drop_disk(Repo *repo, const char *id, const char *disk,
         ok = repo_write_json(path, m->json, error);
     }
     if (ok) {
-        pull_remove_files(repo, id, disk, format);
+        repo_remove_disk_files(repo, disk, id, format);
     }
     return ok;
 }
@@ -175,17 +175,13 @@ static bool rewrite_manifest(Repo *repo, const MergeJournal *j, GError **error)
     if (!e) {
         return true; /* done before, and dropped since */
     }
-    json_object_object_add(e->json, "parent",
-                           j->parent ? json_object_new_string(j->parent)
-                                     : NULL);
-    json_object_object_add(e->json, "image", json_object_new_string(image));
-    json_object_object_add(e->json, "format",
-                           json_object_new_string(repo_format_name(j->format)));
-    json_object_object_add(e->json, "digests", json_object_new_string(digests));
+    qmp_json_set_string(e->json, "parent", j->parent);
+    qmp_json_set_string(e->json, "image", image);
+    qmp_json_set_string(e->json, "format", repo_format_name(j->format));
+    qmp_json_set_string(e->json, "digests", digests);
     if (!j->parent) {
-        json_object_object_add(e->json, "mode", json_object_new_string("full"));
-        json_object_object_add(e->json, "synthetic",
-                               json_object_new_boolean(1));
+        qmp_json_set_string(e->json, "mode", "full");
+        qmp_json_set_bool(e->json, "synthetic", 1);
     }
     merged = json_object_new_array();
     for (guint i = 0; i < j->drop->len; i++) {
@@ -544,9 +540,8 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
         ok = dfd >= 0 && (!plan->parent || pfd >= 0);
     }
     if (ok) {
-        CopierEndpoint src = { .socket = nbd->socket, .name = "" };
-        CopierEndpoint dst = { .socket = t ? t->socket : NULL,
-                               .name = "",
+        CopierEndpoint src = { .uri = nbd->uri };
+        CopierEndpoint dst = { .uri = t ? t->uri : NULL,
                                .file = t ? NULL : tmp };
 
         copier_options_init(&co);
@@ -590,25 +585,16 @@ static json_object *merge_result(const char *disk, const char *to,
         json_object_array_add(dropped,
                               json_object_new_string(plan->drop->pdata[i]));
     }
-    json_object_object_add(result, "disk", json_object_new_string(disk));
-    json_object_object_add(result, "backup", json_object_new_string(to));
-    json_object_object_add(
-        result, "parent",
-        plan->parent_id ? json_object_new_string(plan->parent_id) : NULL);
-    json_object_object_add(
-        result, "format",
-        json_object_new_string(repo_format_name(plan->format)));
+    qmp_json_set_string(result, "disk", disk);
+    qmp_json_set_string(result, "backup", to);
+    qmp_json_set_string(result, "parent", plan->parent_id);
+    qmp_json_set_string(result, "format", repo_format_name(plan->format));
     json_object_object_add(result, "dropped", dropped);
-    json_object_object_add(result, "bytes_copied",
-                           json_object_new_uint64(stats->bytes_written));
-    json_object_object_add(result, "bytes_read",
-                           json_object_new_uint64(stats->bytes_read));
-    json_object_object_add(result, "checksum", json_object_new_string(sum));
-    json_object_object_add(result, "copy_seconds",
-                           json_object_new_double(stats->seconds));
-    json_object_object_add(
-        result, "seconds",
-        json_object_new_double((g_get_monotonic_time() - t0) / 1e6));
+    qmp_json_set_uint(result, "bytes_copied", stats->bytes_written);
+    qmp_json_set_uint(result, "bytes_read", stats->bytes_read);
+    qmp_json_set_string(result, "checksum", sum);
+    qmp_json_set_double(result, "copy_seconds", stats->seconds);
+    qmp_json_set_double(result, "seconds", (g_get_monotonic_time() - t0) / 1e6);
     return result;
 }
 

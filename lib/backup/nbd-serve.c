@@ -46,6 +46,7 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
         return NULL;
     }
     s->socket = privdir_file(s->dir, "nbd.sock");
+    s->uri = copier_nbd_uri(s->socket, "");
     log = privdir_file(s->dir, "qemu-nbd.log");
     pidfile = privdir_file(s->dir, "qemu-nbd.pid");
     g_ptr_array_add(argv, g_strdup("qemu-nbd"));
@@ -120,6 +121,7 @@ bool nbd_server_stop(NbdServer *s, GError **error)
     }
     privdir_free(s->dir);
     g_free(s->socket);
+    g_free(s->uri);
     g_free(s);
     return ok;
 }

@@ -221,28 +221,6 @@ static char *now_iso(void)
 
 /* ---- deciding what each disk needs ---- */
 
-/* The newest complete backup that has DISK, is a full one if WANT_FULL,
- * and was taken at CHECKPOINT (its id, checkpoint or bitmap) if given. */
-static Manifest *find_backup(GPtrArray *backups, const char *disk,
-                             bool want_full, const char *checkpoint)
-{
-    for (guint i = backups->len; i-- > 0;) {
-        Manifest *m = backups->pdata[i];
-        const ManifestDisk *d = manifest_disk(m, disk);
-
-        if (!d || (want_full && d->mode != MANIFEST_FULL)) {
-            continue;
-        }
-        if (checkpoint && strcmp(m->id, checkpoint) != 0 &&
-            g_strcmp0(m->checkpoint, checkpoint) != 0 &&
-            g_strcmp0(m->checkpoint_bitmap, checkpoint) != 0) {
-            continue;
-        }
-        return m;
-    }
-    return NULL;
-}
-
 G_GNUC_PRINTF(4, 5)
 static bool need_full(Pull *p, PullDisk *pd, GError **error, const char *fmt,
                       ...)
@@ -333,71 +311,38 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
                    BitmapCheck *check, GError **error)
 {
     QmpDisk *qd = pd->qd;
-    bool want_full = p->opts->mode == BACKUP_MODE_DIFFERENTIAL;
-    const ManifestDisk *entry;
-    const BitmapDiskVerdict *v;
     g_autofree char *why = NULL;
-    Manifest *m;
-    int i;
+    const ManifestDisk *entry;
+    DiskPlan plan;
 
-    if (qd->no_bitmaps) {
-        /* It can never have a chain: full every time, whatever the mode
-         * (an error here would block every incremental of the VM). */
-        pd->mode = BACKUP_MODE_FULL;
-        pd->reason =
-            g_strdup_printf("no checkpoints on this disk (%s)", qd->no_bitmaps);
-        return true;
-    }
-    if (p->export_only && p->opts->since) {
+    if (p->export_only && p->opts->since && !qd->no_bitmaps) {
         return decide_export_since(p, pd, check, error);
     }
-    if (p->opts->mode == BACKUP_MODE_FULL && !p->opts->since) {
-        pd->mode = BACKUP_MODE_FULL;
-        pd->reason = g_strdup("asked for");
+    if (!disk_plan(p->opts->mode, p->opts->since, qd, backups,
+                   bitmap_check_verdict(check, qd), &plan)) {
+        why = plan.why;
+        return need_full(p, pd, error, "%s", why);
+    }
+    if (!plan.parent) {
+        pd->mode = plan.mode;
+        pd->reason = plan.why;
         return true;
     }
-    m = find_backup(backups, qd->id, want_full, p->opts->since);
-    if (!m) {
-        return need_full(p, pd, error, "%s",
-                         p->opts->since ? "no backup of it at that checkpoint"
-                                        : "no earlier backup of this disk");
-    }
-    entry = manifest_disk(m, qd->id);
-    if (entry->size != qd->size) {
-        return need_full(p, pd, error, "resized since backup '%s'", m->id);
-    }
-    if (!m->checkpoint_bitmap || !entry->checkpointed) {
-        return need_full(p, pd, error, "backup '%s' has no checkpoint", m->id);
-    }
-    v = bitmap_check_verdict(check, qd);
-    i = bitmap_verdict_find(v, m->checkpoint_bitmap);
-    if (i < 0) {
-        return need_full(p, pd, error, "checkpoint '%s' is missing",
-                         m->checkpoint ? m->checkpoint : m->id);
-    }
-    if ((guint)i < v->untrusted) {
-        return need_full(p, pd, error,
-                         "checkpoint '%s' cannot be trusted (QEMU was "
-                         "killed, or a bitmap is missing)",
-                         m->checkpoint ? m->checkpoint : m->id);
-    }
-    if (!parent_chain_sound(p, m->id, qd->id, &why)) {
+    /* the parent's files must hold, or no restore could use the new one */
+    entry = manifest_disk(plan.parent, qd->id);
+    if (!parent_chain_sound(p, plan.parent->id, qd->id, &why) ||
+        (pd->parent_digests_fd =
+             open_parent_digests(p, plan.parent->id, qd->id, qd->size,
+                                 entry->checksum, &why)) < 0) {
+        g_free(plan.why);
         return need_full(p, pd, error, "%s", why);
     }
-    pd->parent_digests_fd =
-        open_parent_digests(p, m->id, qd->id, qd->size, entry->checksum, &why);
-    if (pd->parent_digests_fd < 0) {
-        return need_full(p, pd, error, "%s", why);
-    }
-    pd->mode = p->opts->mode == BACKUP_MODE_DIFFERENTIAL
-                   ? BACKUP_MODE_DIFFERENTIAL
-                   : BACKUP_MODE_INCREMENTAL;
-    pd->base = g_strdup(m->checkpoint_bitmap);
-    pd->parent = g_strdup(m->id);
+    pd->mode = plan.mode;
+    pd->reason = plan.why;
+    pd->base = g_strdup(plan.parent->checkpoint_bitmap);
+    pd->parent = g_strdup(plan.parent->id);
     pd->parent_format = entry->format;
     pd->parent_checksum = g_strdup(entry->checksum);
-    pd->reason = g_strdup_printf("changes since checkpoint '%s'",
-                                 m->checkpoint ? m->checkpoint : m->id);
     return true;
 }
 
@@ -409,24 +354,18 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
     g_autofree char *image = repo_image_relpath(pd->qd->id, p->id, pd->format);
     g_autofree char *digests = repo_digests_relpath(pd->qd->id, p->id);
 
-    json_object_object_add(o, "disk", json_object_new_string(pd->qd->id));
-    json_object_object_add(o, "node", json_object_new_string(pd->qd->node));
-    json_object_object_add(o, "size", json_object_new_uint64(pd->qd->size));
-    json_object_object_add(o, "mode",
-                           json_object_new_string(mode_names[pd->mode]));
-    json_object_object_add(o, "reason", json_object_new_string(pd->reason));
-    json_object_object_add(
-        o, "parent", pd->parent ? json_object_new_string(pd->parent) : NULL);
-    json_object_object_add(o, "since_checkpoint",
-                           pd->base ? json_object_new_string(pd->base) : NULL);
-    json_object_object_add(
-        o, "since", pd->since ? json_object_new_string(pd->since) : NULL);
-    json_object_object_add(o, "checkpointed",
-                           json_object_new_boolean(!pd->qd->no_bitmaps));
-    json_object_object_add(o, "image", json_object_new_string(image));
-    json_object_object_add(
-        o, "format", json_object_new_string(repo_format_name(pd->format)));
-    json_object_object_add(o, "digests", json_object_new_string(digests));
+    qmp_json_set_string(o, "disk", pd->qd->id);
+    qmp_json_set_string(o, "node", pd->qd->node);
+    qmp_json_set_uint(o, "size", pd->qd->size);
+    qmp_json_set_string(o, "mode", mode_names[pd->mode]);
+    qmp_json_set_string(o, "reason", pd->reason);
+    qmp_json_set_string(o, "parent", pd->parent);
+    qmp_json_set_string(o, "since_checkpoint", pd->base);
+    qmp_json_set_string(o, "since", pd->since);
+    qmp_json_set_bool(o, "checkpointed", !pd->qd->no_bitmaps);
+    qmp_json_set_string(o, "image", image);
+    qmp_json_set_string(o, "format", repo_format_name(pd->format));
+    qmp_json_set_string(o, "digests", digests);
     return o;
 }
 
@@ -442,26 +381,19 @@ static json_object *copier_json(Pull *p, const CopierStats *s)
 {
     json_object *o = json_object_new_object();
 
-    json_object_object_add(o, "read_ms_mean",
-                           json_object_new_double(s->read_ms_mean));
-    json_object_object_add(o, "notices", json_object_new_uint64(s->notices));
-    json_object_object_add(o, "bytes_bumped",
-                           json_object_new_uint64(s->bytes_bumped));
-    json_object_object_add(o, "bytes_released",
-                           json_object_new_uint64(s->bytes_released));
-    json_object_object_add(o, "release_errors",
-                           json_object_new_uint64(s->release_errors));
+    qmp_json_set_double(o, "read_ms_mean", s->read_ms_mean);
+    qmp_json_set_uint(o, "notices", s->notices);
+    qmp_json_set_uint(o, "bytes_bumped", s->bytes_bumped);
+    qmp_json_set_uint(o, "bytes_released", s->bytes_released);
+    qmp_json_set_uint(o, "release_errors", s->release_errors);
     if (p->opts->copier.latency_target_us) {
         json_object *w = json_object_new_object();
 
-        json_object_object_add(
-            w, "target_us",
-            json_object_new_uint64(p->opts->copier.latency_target_us));
-        json_object_object_add(w, "min", json_object_new_int(s->window_min));
-        json_object_object_add(w, "max", json_object_new_int(s->window_max));
-        json_object_object_add(w, "mean",
-                               json_object_new_double(s->window_mean));
-        json_object_object_add(w, "cuts", json_object_new_int(s->pacing_cuts));
+        qmp_json_set_uint(w, "target_us", p->opts->copier.latency_target_us);
+        qmp_json_set_int(w, "min", s->window_min);
+        qmp_json_set_int(w, "max", s->window_max);
+        qmp_json_set_double(w, "mean", s->window_mean);
+        qmp_json_set_int(w, "cuts", s->pacing_cuts);
         json_object_object_add(o, "pacing", w);
     }
     return o;
@@ -482,36 +414,23 @@ static void add_results(Pull *p)
         const CopierStats *s = &pd->stats;
         double mib = s->bytes_read / 1048576.0;
 
-        json_object_object_add(d, "bytes_copied",
-                               json_object_new_uint64(s->bytes_written));
-        json_object_object_add(d, "bytes_read",
-                               json_object_new_uint64(s->bytes_read));
-        json_object_object_add(d, "bytes_zero",
-                               json_object_new_uint64(s->bytes_zero));
-        json_object_object_add(d, "bytes_skipped",
-                               json_object_new_uint64(s->bytes_skipped));
-        json_object_object_add(d, "seconds",
-                               json_object_new_double(s->seconds));
-        json_object_object_add(
-            d, "throughput_mib_s",
-            json_object_new_double(s->seconds > 0 ? mib / s->seconds : 0));
-        json_object_object_add(
-            sum, "algorithm",
-            json_object_new_string(COPIER_CHECKSUM_ALGORITHM));
-        json_object_object_add(sum, "value",
-                               json_object_new_string(pd->checksum));
+        qmp_json_set_uint(d, "bytes_copied", s->bytes_written);
+        qmp_json_set_uint(d, "bytes_read", s->bytes_read);
+        qmp_json_set_uint(d, "bytes_zero", s->bytes_zero);
+        qmp_json_set_uint(d, "bytes_skipped", s->bytes_skipped);
+        qmp_json_set_double(d, "seconds", s->seconds);
+        qmp_json_set_double(d, "throughput_mib_s",
+                            s->seconds > 0 ? mib / s->seconds : 0);
+        qmp_json_set_string(sum, "algorithm", COPIER_CHECKSUM_ALGORITHM);
+        qmp_json_set_string(sum, "value", pd->checksum);
         json_object_object_add(d, "checksum", sum);
         json_object_object_add(d, "copier", copier_json(p, s));
         total += s->bytes_written;
     }
-    json_object_object_add(p->manifest, "status",
-                           json_object_new_string("complete"));
-    json_object_object_add(p->manifest, "finished",
-                           json_object_new_string(when));
-    json_object_object_add(p->manifest, "seconds",
-                           json_object_new_double(seconds));
-    json_object_object_add(p->manifest, "bytes_copied",
-                           json_object_new_uint64(total));
+    qmp_json_set_string(p->manifest, "status", "complete");
+    qmp_json_set_string(p->manifest, "finished", when);
+    qmp_json_set_double(p->manifest, "seconds", seconds);
+    qmp_json_set_uint(p->manifest, "bytes_copied", total);
 }
 
 /* ---- the steps ---- */
@@ -572,8 +491,7 @@ static bool insert_filters(Pull *p, QmpTransaction *later, GError **error)
         }
         mark_del(p->qmp, MARK_PAUSED, p->id, NULL);
         p->pause_ms = (g_get_monotonic_time() - paused_at) / 1e3;
-        json_object_object_add(p->manifest, "pause_ms",
-                               json_object_new_double(p->pause_ms));
+        qmp_json_set_double(p->manifest, "pause_ms", p->pause_ms);
     }
     if (!ok) {
         return false;
@@ -627,9 +545,7 @@ static bool fleece(Pull *p, GError **error)
     for (guint i = 0; p->scheme->add_actions && i < p->pds->len; i++) {
         p->scheme->add_actions(tx, ((PullDisk *)p->pds->pdata[i])->fd);
     }
-    json_object_object_add(p->manifest, "checkpoint_bitmap",
-                           p->checkpoint ? json_object_new_string(p->checkpoint)
-                                         : NULL);
+    qmp_json_set_string(p->manifest, "checkpoint_bitmap", p->checkpoint);
     if (!write_partial(p, error)) {
         return false;
     }
@@ -782,17 +698,18 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
                        CopierBudget *budget, GError **error)
 {
     PullDisk *pd = p->pds->pdata[dc->index];
-    CopierEndpoint src = { .socket = p->nbd_socket, .name = pd->qd->id };
+    g_autofree char *src_uri = copier_nbd_uri(p->nbd_socket, pd->qd->id);
+    g_autofree char *notice_uri =
+        copier_nbd_uri(p->nbd_socket, p->scheme->notice_export(pd->fd));
+    g_autofree char *dst_uri = NULL;
+    CopierEndpoint src = { .uri = src_uri };
     CopierEndpoint dst = { .file = pd->image };
-    CopierEndpoint notices = {
-        .socket = p->nbd_socket,
-        .name = p->scheme->notice_export(pd->fd),
-    };
+    CopierEndpoint notices = { .uri = notice_uri };
     CopierOptions co = p->opts->copier;
 
     if (pd->format != REPO_RAW) {
-        dst =
-            (CopierEndpoint){ .socket = p->target->socket, .name = pd->qd->id };
+        dst_uri = copier_nbd_uri(p->target->socket, pd->qd->id);
+        dst = (CopierEndpoint){ .uri = dst_uri };
     }
     co.bitmap = pd->since;
     co.target_zeroed = pd->mode == BACKUP_MODE_FULL;
@@ -925,7 +842,7 @@ static void remove_new_files(Pull *p)
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
 
-        pull_remove_files(p->repo, p->id, pd->qd->id, pd->format);
+        repo_remove_disk_files(p->repo, pd->qd->id, p->id, pd->format);
     }
 }
 
@@ -1095,18 +1012,15 @@ static json_object *new_manifest(Pull *p, int major, int minor, int micro)
     g_autofree char *when = now_iso();
     g_autofree char *version = g_strdup_printf("%d.%d.%d", major, minor, micro);
 
-    json_object_object_add(m, "format",
-                           json_object_new_string(MANIFEST_FORMAT));
-    json_object_object_add(m, "id", json_object_new_string(p->id));
-    json_object_object_add(m, "status", json_object_new_string("in-progress"));
-    json_object_object_add(m, "created", json_object_new_string(when));
-    json_object_object_add(m, "qemu", json_object_new_string(version));
-    json_object_object_add(m, "checkpoint", json_object_new_string(p->id));
-    json_object_object_add(m, "fleece",
-                           json_object_new_string(p->scheme->name));
+    qmp_json_set_string(m, "format", MANIFEST_FORMAT);
+    qmp_json_set_string(m, "id", p->id);
+    qmp_json_set_string(m, "status", "in-progress");
+    qmp_json_set_string(m, "created", when);
+    qmp_json_set_string(m, "qemu", version);
+    qmp_json_set_string(m, "checkpoint", p->id);
+    qmp_json_set_string(m, "fleece", p->scheme->name);
     if (p->scheme->cbw_timeout_s) {
-        json_object_object_add(m, "cbw_timeout_s",
-                               json_object_new_int(p->scheme->cbw_timeout_s));
+        qmp_json_set_int(m, "cbw_timeout_s", p->scheme->cbw_timeout_s);
     }
     for (guint i = 0; i < p->pds->len; i++) {
         json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));
@@ -1227,39 +1141,26 @@ static void commit(Pull *p)
     undo_checkpoint(p->qmp, p->opts->nodes, NULL, since, NULL);
 }
 
-/* An NBD URI for export NAME on unix socket SOCKET, escaped. */
-static char *export_uri(const char *name, const char *socket)
-{
-    g_autofree char *n = g_uri_escape_string(name, NULL, FALSE);
-    g_autofree char *s = g_uri_escape_string(socket, "/", FALSE);
-
-    return g_strdup_printf("nbd+unix:///%s?socket=%s", n, s);
-}
-
 static json_object *exports_json(Pull *p)
 {
     json_object *info = json_object_new_object();
     json_object *exports = json_object_new_array();
 
-    json_object_object_add(info, "backup", json_object_new_string(p->id));
-    json_object_object_add(info, "checkpoint",
-                           p->checkpoint ? json_object_new_string(p->checkpoint)
-                                         : NULL);
+    qmp_json_set_string(info, "backup", p->id);
+    qmp_json_set_string(info, "checkpoint", p->checkpoint);
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
         json_object *e = json_object_new_object();
-        g_autofree char *uri = export_uri(pd->qd->id, p->nbd_socket);
+        g_autofree char *uri = copier_nbd_uri(p->nbd_socket, pd->qd->id);
         g_autofree char *ctx =
             pd->since ? g_strconcat("qemu:dirty-bitmap:", pd->since, NULL)
                       : NULL;
 
-        json_object_object_add(e, "disk", json_object_new_string(pd->qd->id));
-        json_object_object_add(e, "uri", json_object_new_string(uri));
-        json_object_object_add(e, "size", json_object_new_uint64(pd->qd->size));
-        json_object_object_add(e, "mode",
-                               json_object_new_string(mode_names[pd->mode]));
-        json_object_object_add(e, "bitmap_context",
-                               ctx ? json_object_new_string(ctx) : NULL);
+        qmp_json_set_string(e, "disk", pd->qd->id);
+        qmp_json_set_string(e, "uri", uri);
+        qmp_json_set_uint(e, "size", pd->qd->size);
+        qmp_json_set_string(e, "mode", mode_names[pd->mode]);
+        qmp_json_set_string(e, "bitmap_context", ctx);
         json_object_array_add(exports, e);
     }
     json_object_object_add(info, "exports", exports);
@@ -1297,8 +1198,7 @@ json_object *backup_export(QmpClient *qmp, Repo *repo,
     /* Committed: the repository records the export (it holds no images,
      * so it is no backup). */
     remove_new_files(p);
-    json_object_object_add(p->manifest, "status",
-                           json_object_new_string("exported"));
+    qmp_json_set_string(p->manifest, "status", "exported");
     write_partial(p, NULL);
     commit(p);
     return info;

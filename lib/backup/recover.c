@@ -20,26 +20,15 @@ static char *now_iso(void)
     return g_date_time_format_iso8601(now);
 }
 
-void pull_remove_files(const Repo *repo, const char *id, const char *disk,
-                       RepoFormat format)
-{
-    g_autofree char *image = repo_image_path(repo, disk, id, format);
-    g_autofree char *digests = repo_digests_path(repo, disk, id);
-
-    unlink(image);
-    unlink(digests);
-}
-
 bool pull_mark_failed(const Repo *repo, json_object *manifest, const char *id,
                       const char *reason, GError **error)
 {
     g_autofree char *path = repo_partial_path(repo, id);
     g_autofree char *when = now_iso();
 
-    json_object_object_add(manifest, "status",
-                           json_object_new_string("failed"));
-    json_object_object_add(manifest, "reason", json_object_new_string(reason));
-    json_object_object_add(manifest, "finished", json_object_new_string(when));
+    qmp_json_set_string(manifest, "status", "failed");
+    qmp_json_set_string(manifest, "reason", reason);
+    qmp_json_set_string(manifest, "finished", when);
     return repo_write_json(path, manifest, error);
 }
 
@@ -102,7 +91,7 @@ static bool recover_one(QmpClient *qmp, const Repo *repo, char **nodes,
     for (guint i = 0; i < m->disks->len; i++) {
         const ManifestDisk *d = m->disks->pdata[i];
 
-        pull_remove_files(repo, m->id, d->disk, d->format);
+        repo_remove_disk_files(repo, d->disk, m->id, d->format);
     }
     return pull_mark_failed(repo, m->json, m->id,
                             "interrupted: qbk-pull did not finish; rolled "

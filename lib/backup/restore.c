@@ -88,7 +88,7 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
             json_object_put(entry);
             return NULL;
         }
-        json_object_object_add(entry, "verified", json_object_new_boolean(1));
+        qmp_json_set_bool(entry, "verified", 1);
     }
     if (rename(tmp, out) < 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
@@ -194,6 +194,83 @@ static const char *common_link(GPtrArray *xs, GPtrArray *ys, guint *dx,
     return NULL;
 }
 
+/* IMAGE's format, if it is an image of SIZE bytes (else NULL, in ERROR). */
+static char *image_format(const char *image, const char *disk, guint64 size,
+                          GError **error)
+{
+    const char *args[] = { "info", image, NULL };
+    json_object *info = qemu_img_json(args, NULL);
+    char *fmt = NULL;
+
+    if (info && qmp_json_uint(info, "virtual-size") == size &&
+        qmp_json_string(info, "format")) {
+        fmt = g_strdup(qmp_json_string(info, "format"));
+    } else {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "'%s' is not an image of disk '%s' (%" G_GUINT64_FORMAT
+                    " bytes)",
+                    image, disk, size);
+    }
+    json_object_put(info);
+    return fmt;
+}
+
+/* Copy RANGES of chain YS into IMAGE (FMT), both served by qemu-nbd. */
+static bool copy_ranges(Repo *repo, GPtrArray *ys, const char *disk,
+                        GArray *ranges, const char *image, const char *fmt,
+                        CopierStats *stats, GError **error)
+{
+    g_autofree char *source = repo_chain_filename(repo, ys, 0, disk, NULL);
+    NbdServer *src = nbd_serve(source, NULL, false, error);
+    NbdServer *dst = src ? nbd_serve(image, fmt, true, error) : NULL;
+    CopierOptions co;
+    bool ok = false;
+
+    if (dst) {
+        copier_options_init(&co);
+        co.ranges = ranges;
+        ok = copier_copy(&(CopierEndpoint){ .uri = src->uri },
+                         &(CopierEndpoint){ .uri = dst->uri }, &co, stats,
+                         error);
+    }
+    nbd_server_stop(src, NULL);
+    return nbd_server_stop(dst, ok ? error : NULL) && ok;
+}
+
+/* Whether chains XS and YS of DISK can be mapped one onto the other: the
+ * newest backup they share in *COMMON, and each side's links above it. */
+static bool check_chains(GPtrArray *xs, GPtrArray *ys, const char *disk,
+                         const char **common, guint *dx, guint *dy,
+                         GError **error)
+{
+    const ManifestDisk *xe = manifest_disk(xs->pdata[0], disk);
+    const ManifestDisk *ye = manifest_disk(ys->pdata[0], disk);
+    const char *from = ((Manifest *)xs->pdata[0])->id;
+    const char *id = ((Manifest *)ys->pdata[0])->id;
+
+    *common = common_link(xs, ys, dx, dy);
+    if (!*common) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN,
+                    "backups '%s' and '%s' share no chain for disk '%s': "
+                    "restore in full",
+                    from, id, disk);
+        return false;
+    }
+    if (xe->size != ye->size) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "disk '%s' changed size between '%s' and '%s': restore "
+                    "in full",
+                    disk, from, id);
+        return false;
+    }
+    if ((*dx && xe->format == REPO_RAW) || (*dy && ye->format == REPO_RAW)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "a raw link cannot be mapped: restore in full");
+        return false;
+    }
+    return true;
+}
+
 json_object *backup_restore_into(Repo *repo, const char *from, const char *id,
                                  const char *disk, const char *image,
                                  GError **error)
@@ -202,95 +279,36 @@ json_object *backup_restore_into(Repo *repo, const char *from, const char *id,
     g_autoptr(GPtrArray) ys = xs ? checked_chain(repo, id, disk, error) : NULL;
     g_autoptr(GArray) ranges = g_array_new(FALSE, FALSE, sizeof(CopierRange));
     g_autoptr(GArray) merged = NULL;
-    g_autofree char *source = NULL, *fmt = NULL;
-    const ManifestDisk *xe, *ye;
-    json_object *result, *info;
+    g_autofree char *fmt = NULL;
+    json_object *result;
     guint dx = 0, dy = 0;
     const char *common;
-    NbdServer *src = NULL, *dst = NULL;
-    CopierOptions co;
     CopierStats stats = { 0 };
     guint64 changed = 0;
-    bool ok = false;
 
-    if (!ys) {
-        return NULL;
-    }
-    xe = manifest_disk(xs->pdata[0], disk);
-    ye = manifest_disk(ys->pdata[0], disk);
     /* what differs is what the links above the newest common backup
      * wrote, on either side */
-    common = common_link(xs, ys, &dx, &dy);
-    if (!common) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN,
-                    "backups '%s' and '%s' share no chain for disk '%s': "
-                    "restore in full",
-                    from, id, disk);
-        return NULL;
-    }
-    if (xe->size != ye->size) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "disk '%s' changed size between '%s' and '%s': restore "
-                    "in full",
-                    disk, from, id);
-        return NULL;
-    }
-    if ((dx && xe->format == REPO_RAW) || (dy && ye->format == REPO_RAW)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "a raw link cannot be mapped: restore in full");
-        return NULL;
-    }
-    if (!changed_ranges(repo, xs, disk, dx, ranges, error) ||
+    if (!ys || !check_chains(xs, ys, disk, &common, &dx, &dy, error) ||
+        !changed_ranges(repo, xs, disk, dx, ranges, error) ||
         !changed_ranges(repo, ys, disk, dy, ranges, error)) {
         return NULL;
     }
     merged = merge_ranges(ranges, &changed);
-    {
-        const char *args[] = { "info", image, NULL };
-
-        info = qemu_img_json(args, NULL);
-        if (!info || qmp_json_uint(info, "virtual-size") != ye->size ||
-            !qmp_json_string(info, "format")) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                        "'%s' is not an image of disk '%s' (%" G_GUINT64_FORMAT
-                        " bytes)",
-                        image, disk, ye->size);
-            json_object_put(info);
-            return NULL;
-        }
-        fmt = g_strdup(qmp_json_string(info, "format"));
-        json_object_put(info);
-    }
-    source = repo_chain_filename(repo, ys, 0, disk, NULL);
-    src = nbd_serve(source, NULL, false, error);
-    dst = src ? nbd_serve(image, fmt, true, error) : NULL;
-    if (dst) {
-        copier_options_init(&co);
-        co.ranges = merged;
-        ok = copier_copy(&(CopierEndpoint){ .socket = src->socket, .name = "" },
-                         &(CopierEndpoint){ .socket = dst->socket, .name = "" },
-                         &co, &stats, error);
-    }
-    nbd_server_stop(src, NULL);
-    ok = nbd_server_stop(dst, ok ? error : NULL) && ok;
-    if (!ok) {
+    fmt = image_format(image, disk, manifest_disk(ys->pdata[0], disk)->size,
+                       error);
+    if (!fmt ||
+        !copy_ranges(repo, ys, disk, merged, image, fmt, &stats, error)) {
         return NULL;
     }
     result = json_object_new_object();
-    json_object_object_add(result, "disk", json_object_new_string(disk));
-    json_object_object_add(
-        result, "from", json_object_new_string(((Manifest *)xs->pdata[0])->id));
-    json_object_object_add(
-        result, "backup",
-        json_object_new_string(((Manifest *)ys->pdata[0])->id));
-    json_object_object_add(result, "common", json_object_new_string(common));
-    json_object_object_add(result, "format", json_object_new_string(fmt));
-    json_object_object_add(result, "bytes_changed",
-                           json_object_new_uint64(changed));
-    json_object_object_add(
-        result, "bytes_written",
-        json_object_new_uint64(stats.bytes_written + stats.bytes_zero));
-    json_object_object_add(result, "seconds",
-                           json_object_new_double(stats.seconds));
+    qmp_json_set_string(result, "disk", disk);
+    qmp_json_set_string(result, "from", ((Manifest *)xs->pdata[0])->id);
+    qmp_json_set_string(result, "backup", ((Manifest *)ys->pdata[0])->id);
+    qmp_json_set_string(result, "common", common);
+    qmp_json_set_string(result, "format", fmt);
+    qmp_json_set_uint(result, "bytes_changed", changed);
+    qmp_json_set_uint(result, "bytes_written",
+                      stats.bytes_written + stats.bytes_zero);
+    qmp_json_set_double(result, "seconds", stats.seconds);
     return result;
 }

@@ -136,11 +136,9 @@ static json_object *plan_merges(GPtrArray *points, GPtrArray *disks)
             if (from) {
                 json_object *a = json_object_new_object();
 
-                json_object_object_add(a, "disk", json_object_new_string(disk));
-                json_object_object_add(a, "merge",
-                                       json_object_new_string(from->id));
-                json_object_object_add(a, "into",
-                                       json_object_new_string(y->id));
+                qmp_json_set_string(a, "disk", disk);
+                qmp_json_set_string(a, "merge", from->id);
+                qmp_json_set_string(a, "into", y->id);
                 json_object_array_add(actions, a);
             }
         }
@@ -192,10 +190,9 @@ json_object *retention_plan(GPtrArray *manifests, const BackupRetention *policy)
         Point *p = points->pdata[i];
         json_object *o = json_object_new_object();
 
-        json_object_object_add(o, "id", json_object_new_string(p->id));
-        json_object_object_add(
-            o, "created",
-            json_object_new_string(qmp_json_string(p->m->json, "created")));
+        qmp_json_set_string(o, "id", p->id);
+        qmp_json_set_string(o, "created",
+                            qmp_json_string(p->m->json, "created"));
         if (p->why->len) {
             json_object *w = json_object_new_array();
 
@@ -226,7 +223,7 @@ json_object *backup_retention(Repo *repo, const BackupRetention *policy,
         return NULL;
     }
     plan = retention_plan(all, policy);
-    json_object_object_add(plan, "dry_run", json_object_new_boolean(dry_run));
+    qmp_json_set_bool(plan, "dry_run", dry_run);
     if (dry_run) {
         return plan;
     }

@@ -49,8 +49,8 @@ Target *target_start(char **images, char **names, GError **error)
     args = json_object_new_object();
     addr = json_object_new_object();
     data = json_object_new_object();
-    json_object_object_add(data, "path", json_object_new_string(t->socket));
-    json_object_object_add(addr, "type", json_object_new_string("unix"));
+    qmp_json_set_string(data, "path", t->socket);
+    qmp_json_set_string(addr, "type", "unix");
     json_object_object_add(addr, "data", data);
     json_object_object_add(args, "addr", addr);
     if (!qmp_run(t->qsd, "nbd-server-start", args, error)) {
@@ -62,11 +62,11 @@ Target *target_start(char **images, char **names, GError **error)
         g_autofree char *id = g_strdup_printf("t%u", i);
 
         args = json_object_new_object();
-        json_object_object_add(args, "type", json_object_new_string("nbd"));
-        json_object_object_add(args, "id", json_object_new_string(id));
-        json_object_object_add(args, "node-name", json_object_new_string(node));
-        json_object_object_add(args, "name", json_object_new_string(names[i]));
-        json_object_object_add(args, "writable", json_object_new_boolean(1));
+        qmp_json_set_string(args, "type", "nbd");
+        qmp_json_set_string(args, "id", id);
+        qmp_json_set_string(args, "node-name", node);
+        qmp_json_set_string(args, "name", names[i]);
+        qmp_json_set_bool(args, "writable", 1);
         if (!qmp_run(t->qsd, "block-export-add", args, error)) {
             target_free(t);
             return NULL;

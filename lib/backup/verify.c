@@ -84,7 +84,7 @@ static char *read_checksum(const char *image, const char *format,
     unlink(path);
     copier_options_init(&co);
     co.digest_fd = fd;
-    if (copier_copy(&(CopierEndpoint){ .socket = nbd->socket, .name = "" },
+    if (copier_copy(&(CopierEndpoint){ .uri = nbd->uri },
                     &(CopierEndpoint){ 0 }, &co, stats, error)) {
         sum = copier_digests_checksum(fd, stats->size, error);
     }
@@ -142,19 +142,17 @@ json_object *backup_verify(Repo *repo, const char *id, const char *disk,
         return NULL;
     }
     result = json_object_new_object();
-    json_object_object_add(result, "backup", json_object_new_string(top));
-    json_object_object_add(result, "disk", json_object_new_string(disk));
+    qmp_json_set_string(result, "backup", top);
+    qmp_json_set_string(result, "disk", disk);
     jchain = json_object_new_array();
     for (guint i = 0; i < chain->len; i++) {
         json_object_array_add(
             jchain, json_object_new_string(((Manifest *)chain->pdata[i])->id));
     }
     json_object_object_add(result, "chain", jchain);
-    json_object_object_add(result, "checksum", json_object_new_string(sum));
-    json_object_object_add(result, "bytes_read",
-                           json_object_new_uint64(stats.bytes_read));
-    json_object_object_add(result, "seconds",
-                           json_object_new_double(stats.seconds));
+    qmp_json_set_string(result, "checksum", sum);
+    qmp_json_set_uint(result, "bytes_read", stats.bytes_read);
+    qmp_json_set_double(result, "seconds", stats.seconds);
     return result;
 }
 

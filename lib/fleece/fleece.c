@@ -85,16 +85,14 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
     }
     args = json_object_new_object();
     file = json_object_new_object();
-    json_object_object_add(file, "driver", json_object_new_string("file"));
-    json_object_object_add(file, "filename", json_object_new_string(fd->file));
+    qmp_json_set_string(file, "driver", "file");
+    qmp_json_set_string(file, "filename", fd->file);
     if (json_object_object_get_ex(options, "discard", NULL)) {
         /* what the format node discards, its file gives back too */
-        json_object_object_add(file, "discard",
-                               json_object_new_string("unmap"));
+        qmp_json_set_string(file, "discard", "unmap");
     }
-    json_object_object_add(args, "driver", json_object_new_string("qcow2"));
-    json_object_object_add(args, "node-name",
-                           json_object_new_string(fd->scratch));
+    qmp_json_set_string(args, "driver", "qcow2");
+    qmp_json_set_string(args, "node-name", fd->scratch);
     json_object_object_add(args, "file", file);
     merge_into(args, options);
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
@@ -115,14 +113,14 @@ bool fleece_set_user_child(QmpClient *qmp, const QmpInsertPoint *pt,
         json_object *opts = NULL, *list = json_object_new_array();
 
         json_object_deep_copy(pt->reopen, &opts, NULL);
-        json_object_object_add(opts, "file", json_object_new_string(node));
+        qmp_json_set_string(opts, "file", node);
         json_object_array_add(list, opts);
         json_object_object_add(args, "options", list);
         return qmp_run(qmp, "blockdev-reopen", args, error);
     }
-    json_object_object_add(args, "path", json_object_new_string(pt->qom));
-    json_object_object_add(args, "property", json_object_new_string("drive"));
-    json_object_object_add(args, "value", json_object_new_string(node));
+    qmp_json_set_string(args, "path", pt->qom);
+    qmp_json_set_string(args, "property", "drive");
+    qmp_json_set_string(args, "value", node);
     return qmp_run(qmp, "qom-set", args, error);
 }
 
@@ -132,11 +130,11 @@ bool fleece_export_node(QmpClient *qmp, const char *id, const char *node,
 {
     json_object *args = json_object_new_object();
 
-    json_object_object_add(args, "type", json_object_new_string("nbd"));
-    json_object_object_add(args, "id", json_object_new_string(id));
-    json_object_object_add(args, "node-name", json_object_new_string(node));
-    json_object_object_add(args, "name", json_object_new_string(name));
-    json_object_object_add(args, "writable", json_object_new_boolean(writable));
+    qmp_json_set_string(args, "type", "nbd");
+    qmp_json_set_string(args, "id", id);
+    qmp_json_set_string(args, "node-name", node);
+    qmp_json_set_string(args, "name", name);
+    qmp_json_set_bool(args, "writable", writable);
     if (options) {
         merge_into(args, options);
     }
@@ -151,8 +149,8 @@ bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
     json_object *data = json_object_new_object();
     g_autoptr(GError) local = NULL;
 
-    json_object_object_add(data, "path", json_object_new_string(socket));
-    json_object_object_add(addr, "type", json_object_new_string("unix"));
+    qmp_json_set_string(data, "path", socket);
+    qmp_json_set_string(addr, "type", "unix");
     json_object_object_add(addr, "data", data);
     json_object_object_add(args, "addr", addr);
     *started = false;
@@ -271,8 +269,8 @@ static void export_del(QmpClient *qmp, GHashTable *present, const char *id,
         return;
     }
     args = json_object_new_object();
-    json_object_object_add(args, "id", json_object_new_string(id));
-    json_object_object_add(args, "mode", json_object_new_string("hard"));
+    qmp_json_set_string(args, "id", id);
+    qmp_json_set_string(args, "mode", "hard");
     if (qmp_run(qmp, "block-export-del", args, &err)) {
         ev = qmp_wait_event(qmp, "BLOCK_EXPORT_DELETED", has_id, (void *)id,
                             EVENT_TIMEOUT_MS, &err);
@@ -293,7 +291,7 @@ static void node_del(QmpClient *qmp, GHashTable *present, const char *node,
         return;
     }
     args = json_object_new_object();
-    json_object_object_add(args, "node-name", json_object_new_string(node));
+    qmp_json_set_string(args, "node-name", node);
     if (!qmp_run(qmp, "blockdev-del", args, &err)) {
         keep_first(first, "removing node '%s': %s", node, err->message);
     }
@@ -328,8 +326,8 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
     }
     if (g_hash_table_contains(present, fd->job)) {
         args = json_object_new_object();
-        json_object_object_add(args, "device", json_object_new_string(fd->job));
-        json_object_object_add(args, "force", json_object_new_boolean(1));
+        qmp_json_set_string(args, "device", fd->job);
+        qmp_json_set_bool(args, "force", 1);
         if (qmp_run(qmp, "block-job-cancel", args, &err)) {
             /* sync=none ends as CANCELLED; a failed job ends as COMPLETED */
             ev = qmp_wait_event(qmp, NULL, has_id, fd->job, EVENT_TIMEOUT_MS,

@@ -13,8 +13,7 @@ static bool a_add(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error)
 {
     json_object *options = json_object_new_object();
 
-    json_object_object_add(options, "backing",
-                           json_object_new_string(fd->node));
+    qmp_json_set_string(options, "backing", fd->node);
     return fleece_add_scratch(qmp, fd, size, options, error);
 }
 
@@ -22,12 +21,11 @@ static void a_add_actions(QmpTransaction *tx, FleeceDisk *fd)
 {
     json_object *a = json_object_new_object();
 
-    json_object_object_add(a, "job-id", json_object_new_string(fd->job));
-    json_object_object_add(a, "device", json_object_new_string(fd->node));
-    json_object_object_add(a, "target", json_object_new_string(fd->scratch));
-    json_object_object_add(a, "sync", json_object_new_string("none"));
-    json_object_object_add(a, "filter-node-name",
-                           json_object_new_string(fd->filter));
+    qmp_json_set_string(a, "job-id", fd->job);
+    qmp_json_set_string(a, "device", fd->node);
+    qmp_json_set_string(a, "target", fd->scratch);
+    qmp_json_set_string(a, "sync", "none");
+    qmp_json_set_string(a, "filter-node-name", fd->filter);
     qmp_transaction_add(tx, "blockdev-backup", a);
 }
 
@@ -36,14 +34,13 @@ static bool a_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
 {
     json_object *options = json_object_new_object();
 
-    json_object_object_add(options, "allocation-depth",
-                           json_object_new_boolean(1));
+    qmp_json_set_bool(options, "allocation-depth", 1);
     if (bitmap) {
         json_object *list = json_object_new_array();
         json_object *ref = json_object_new_object();
 
-        json_object_object_add(ref, "node", json_object_new_string(fd->node));
-        json_object_object_add(ref, "name", json_object_new_string(bitmap));
+        qmp_json_set_string(ref, "node", fd->node);
+        qmp_json_set_string(ref, "name", bitmap);
         json_object_array_add(list, ref);
         json_object_object_add(options, "bitmaps", list);
     }

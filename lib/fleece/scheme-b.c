@@ -23,22 +23,19 @@ static bool b_add(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error)
     json_object *args;
 
     /* released clusters go back to the file system */
-    json_object_object_add(options, "discard", json_object_new_string("unmap"));
+    qmp_json_set_string(options, "discard", "unmap");
     if (!fleece_add_scratch(qmp, fd, size, options, error)) {
         return false;
     }
     args = json_object_new_object();
-    json_object_object_add(args, "driver",
-                           json_object_new_string("copy-before-write"));
-    json_object_object_add(args, "node-name", json_object_new_string(fd->cbw));
-    json_object_object_add(args, "file", json_object_new_string(fd->node));
-    json_object_object_add(args, "target", json_object_new_string(fd->scratch));
+    qmp_json_set_string(args, "driver", "copy-before-write");
+    qmp_json_set_string(args, "node-name", fd->cbw);
+    qmp_json_set_string(args, "file", fd->node);
+    qmp_json_set_string(args, "target", fd->scratch);
     /* A slow or failing copy breaks the snapshot (our reads fail), never
      * the guest's write. */
-    json_object_object_add(args, "on-cbw-error",
-                           json_object_new_string("break-snapshot"));
-    json_object_object_add(args, "cbw-timeout",
-                           json_object_new_int(CBW_TIMEOUT_S));
+    qmp_json_set_string(args, "on-cbw-error", "break-snapshot");
+    qmp_json_set_int(args, "cbw-timeout", CBW_TIMEOUT_S);
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,
                        "cannot add the copy-before-write filter of "
@@ -59,12 +56,10 @@ static bool b_insert(QmpClient *qmp, FleeceDisk *fd, GError **error)
         return false;
     }
     args = json_object_new_object();
-    json_object_object_add(args, "driver",
-                           json_object_new_string("snapshot-access"));
-    json_object_object_add(args, "node-name",
-                           json_object_new_string(fd->access));
-    json_object_object_add(args, "file", json_object_new_string(fd->cbw));
-    json_object_object_add(args, "discard", json_object_new_string("unmap"));
+    qmp_json_set_string(args, "driver", "snapshot-access");
+    qmp_json_set_string(args, "node-name", fd->access);
+    qmp_json_set_string(args, "file", fd->cbw);
+    qmp_json_set_string(args, "discard", "unmap");
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,
                        "cannot add the snapshot of disk '%s': ", fd->disk);
@@ -83,8 +78,8 @@ static bool b_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
         json_object *ref = json_object_new_object();
 
         options = json_object_new_object();
-        json_object_object_add(ref, "node", json_object_new_string(fd->node));
-        json_object_object_add(ref, "name", json_object_new_string(bitmap));
+        qmp_json_set_string(ref, "node", fd->node);
+        qmp_json_set_string(ref, "name", bitmap);
         json_object_array_add(list, ref);
         json_object_object_add(options, "bitmaps", list);
     }

@@ -1,6 +1,7 @@
 /*
  * lib/backup's pure logic and crash recovery, without a VM: the retention
- * plan (what a policy keeps, what is merged into what), and the merge
+ * plan (what a policy keeps, what is merged into what), what each disk's
+ * backup is (full, or on which parent, and why not), and the merge
  * journal's roll-forward on a repository of real qcow2 chains (qemu-img),
  * including a journal that does not describe a merge of the repository.
  */
@@ -14,24 +15,52 @@
 
 #define SUM "00112233445566778899aabbccddeeff"
 
-/* A complete manifest: backup ID at CREATED, disk d0 on PARENT (NULL: a
- * full). */
+/* A complete manifest: backup ID at CREATED, its disk d0 of SIZE bytes on
+ * PARENT (NULL: a full); with a checkpoint on d0 (bitmap qbk-<SEQ>-ID)
+ * unless SEQ is 0. */
+static Manifest *make_manifest(const char *id, const char *created,
+                               const char *parent, const char *mode,
+                               guint64 size, guint seq)
+{
+    json_object *o = json_object_new_object();
+    json_object *disks = json_object_new_array();
+    json_object *d = json_object_new_object();
+    json_object *sum = json_object_new_object();
+    g_autoptr(GError) error = NULL;
+    const char *text;
+    Manifest *m;
+
+    qmp_json_set_string(o, "format", "qbk-manifest-1");
+    qmp_json_set_string(o, "id", id);
+    qmp_json_set_string(o, "status", "complete");
+    qmp_json_set_string(o, "created", created);
+    if (seq) {
+        g_autofree char *bitmap = g_strdup_printf("qbk-%06u-%s", seq, id);
+
+        qmp_json_set_string(o, "checkpoint", id);
+        qmp_json_set_string(o, "checkpoint_bitmap", bitmap);
+    }
+    qmp_json_set_string(d, "disk", "d0");
+    qmp_json_set_uint(d, "size", size);
+    qmp_json_set_string(d, "mode", mode);
+    qmp_json_set_string(d, "parent", parent);
+    qmp_json_set_bool(d, "checkpointed", seq != 0);
+    qmp_json_set_string(sum, "algorithm", "xxh3-128-blocks-64k");
+    qmp_json_set_string(sum, "value", SUM);
+    json_object_object_add(d, "checksum", sum);
+    json_object_array_add(disks, d);
+    json_object_object_add(o, "disks", disks);
+    text = json_object_to_json_string(o);
+    m = manifest_parse(text, strlen(text), id, false, id, &error);
+    g_assert_no_error(error);
+    json_object_put(o);
+    return m;
+}
+
 static Manifest *manifest(const char *id, const char *created,
                           const char *parent, const char *mode)
 {
-    g_autofree char *text = g_strdup_printf(
-        "{\"format\": \"qbk-manifest-1\", \"id\": \"%s\", \"status\": "
-        "\"complete\", \"created\": \"%s\", \"disks\": [{\"disk\": \"d0\", "
-        "\"size\": 1048576, \"mode\": \"%s\", \"parent\": %s%s%s, "
-        "\"checksum\": {\"algorithm\": \"xxh3-128-blocks-64k\", \"value\": "
-        "\"" SUM "\"}}]}",
-        id, created, mode, parent ? "\"" : "", parent ? parent : "null",
-        parent ? "\"" : "");
-    g_autoptr(GError) error = NULL;
-    Manifest *m = manifest_parse(text, strlen(text), id, false, id, &error);
-
-    g_assert_no_error(error);
-    return m;
+    return make_manifest(id, created, parent, mode, 1048576, 0);
 }
 
 static char *plan_of(GPtrArray *ms, guint daily, guint weekly, guint monthly)
@@ -263,6 +292,148 @@ static void test_journal_refused(Fixture *f, gconstpointer unused)
     }
 }
 
+/* ---- what each disk's backup is (disk_plan) ---- */
+
+#define MIB (1024 * 1024)
+
+/* Backup ID of disk d0 (SIZE bytes) at checkpoint ID, bitmap
+ * qbk-<SEQ>-ID (none if !CHECKPOINTED), on PARENT (NULL: a full). */
+static Manifest *cp_manifest(const char *id, guint seq, const char *parent,
+                             const char *mode, guint64 size, bool checkpointed)
+{
+    g_autofree char *created = g_strdup_printf("2026-11-0%uT00:00:00Z", seq);
+    Manifest *m = make_manifest(id, created, parent, mode, size, seq);
+
+    if (!checkpointed) { /* the backup has one, this disk did not get it */
+        ((ManifestDisk *)m->disks->pdata[0])->checkpointed = false;
+    }
+    return m;
+}
+
+typedef struct {
+    GPtrArray *backups; /* Manifest*: full A (1), incremental B (2) on A */
+    QmpDisk disk;       /* d0, 64 MiB */
+    QmpBitmap bitmaps[2];
+    BitmapDiskVerdict verdict; /* the VM: both checkpoints, trusted */
+    DiskPlan plan;
+} PlanFixture;
+
+static void plan_setup(PlanFixture *f, gconstpointer unused)
+{
+    (void)unused;
+    f->backups = g_ptr_array_new_with_free_func((GDestroyNotify)manifest_unref);
+    g_ptr_array_add(f->backups,
+                    cp_manifest("A", 1, NULL, "full", 64 * MIB, true));
+    g_ptr_array_add(f->backups,
+                    cp_manifest("B", 2, "A", "incremental", 64 * MIB, true));
+    f->disk = (QmpDisk){ .id = "d0", .node = "d0-fmt", .size = 64 * MIB };
+    f->bitmaps[0] = (QmpBitmap){ .name = "qbk-000001-A", .persistent = true };
+    f->bitmaps[1] = (QmpBitmap){ .name = "qbk-000002-B",
+                                 .persistent = true,
+                                 .recording = true };
+    f->verdict.disk = &f->disk;
+    f->verdict.chain = g_ptr_array_new();
+    g_ptr_array_add(f->verdict.chain, &f->bitmaps[0]);
+    g_ptr_array_add(f->verdict.chain, &f->bitmaps[1]);
+}
+
+static void plan_teardown(PlanFixture *f, gconstpointer unused)
+{
+    (void)unused;
+    g_free(f->plan.why);
+    g_ptr_array_unref(f->verdict.chain);
+    g_ptr_array_unref(f->backups);
+}
+
+/* Plan for MODE since SINCE; whether it was no fallback. */
+static bool plan(PlanFixture *f, BackupMode mode, const char *since)
+{
+    g_clear_pointer(&f->plan.why, g_free);
+    return disk_plan(mode, since, &f->disk, f->backups, &f->verdict, &f->plan);
+}
+
+static void test_plan_chain(PlanFixture *f, gconstpointer unused)
+{
+    (void)unused;
+    /* auto and incremental: on the newest backup, since its checkpoint */
+    g_assert_true(plan(f, BACKUP_MODE_AUTO, NULL));
+    g_assert_cmpint(f->plan.mode, ==, BACKUP_MODE_INCREMENTAL);
+    g_assert_cmpstr(f->plan.parent->id, ==, "B");
+    g_assert_cmpstr(f->plan.why, ==, "changes since checkpoint 'B'");
+    g_assert_true(plan(f, BACKUP_MODE_INCREMENTAL, NULL));
+    g_assert_cmpstr(f->plan.parent->id, ==, "B");
+    /* differential: on the newest full */
+    g_assert_true(plan(f, BACKUP_MODE_DIFFERENTIAL, NULL));
+    g_assert_cmpint(f->plan.mode, ==, BACKUP_MODE_DIFFERENTIAL);
+    g_assert_cmpstr(f->plan.parent->id, ==, "A");
+    /* --since: by checkpoint name, backup id or bitmap */
+    g_assert_true(plan(f, BACKUP_MODE_AUTO, "A"));
+    g_assert_cmpstr(f->plan.parent->id, ==, "A");
+    g_assert_true(plan(f, BACKUP_MODE_INCREMENTAL, "qbk-000002-B"));
+    g_assert_cmpstr(f->plan.parent->id, ==, "B");
+    /* full: asked for, never a fallback */
+    g_assert_true(plan(f, BACKUP_MODE_FULL, NULL));
+    g_assert_cmpint(f->plan.mode, ==, BACKUP_MODE_FULL);
+    g_assert_null(f->plan.parent);
+    g_assert_false(f->plan.fallback);
+    g_assert_cmpstr(f->plan.why, ==, "asked for");
+}
+
+/* Each reason a chain cannot be used: a fallback to full, saying why. */
+static void test_plan_fallbacks(PlanFixture *f, gconstpointer unused)
+{
+    (void)unused;
+    g_assert_false(plan(f, BACKUP_MODE_AUTO, "nosuch"));
+    g_assert_cmpint(f->plan.mode, ==, BACKUP_MODE_FULL);
+    g_assert_true(f->plan.fallback);
+    g_assert_null(f->plan.parent);
+    g_assert_cmpstr(f->plan.why, ==, "no backup of it at that checkpoint");
+
+    /* the newest checkpoint is gone from the VM */
+    g_ptr_array_remove_index(f->verdict.chain, 1);
+    g_assert_false(plan(f, BACKUP_MODE_INCREMENTAL, NULL));
+    g_assert_cmpstr(f->plan.why, ==, "checkpoint 'B' is missing");
+    /* ... but the differential's is there */
+    g_assert_true(plan(f, BACKUP_MODE_DIFFERENTIAL, NULL));
+    g_ptr_array_add(f->verdict.chain, &f->bitmaps[1]);
+
+    /* QEMU was killed: the chain up to B cannot be trusted */
+    f->verdict.untrusted = 2;
+    g_assert_false(plan(f, BACKUP_MODE_AUTO, NULL));
+    g_assert_true(
+        g_str_has_prefix(f->plan.why, "checkpoint 'B' cannot be trusted"));
+    f->verdict.untrusted = 0;
+
+    /* resized since */
+    f->disk.size = 128 * MIB;
+    g_assert_false(plan(f, BACKUP_MODE_AUTO, NULL));
+    g_assert_cmpstr(f->plan.why, ==, "resized since backup 'B'");
+    f->disk.size = 64 * MIB;
+
+    /* a newer backup whose disk got no checkpoint */
+    g_ptr_array_add(f->backups,
+                    cp_manifest("C", 3, "B", "incremental", 64 * MIB, false));
+    g_assert_false(plan(f, BACKUP_MODE_AUTO, NULL));
+    g_assert_cmpstr(f->plan.why, ==, "backup 'C' has no checkpoint");
+
+    /* no backup at all */
+    g_ptr_array_set_size(f->backups, 0);
+    g_assert_false(plan(f, BACKUP_MODE_AUTO, NULL));
+    g_assert_cmpstr(f->plan.why, ==, "no earlier backup of this disk");
+}
+
+/* A disk that cannot hold checkpoints is full whatever the mode, and
+ * that is no fallback (it would block every incremental of the VM). */
+static void test_plan_no_bitmaps(PlanFixture *f, gconstpointer unused)
+{
+    (void)unused;
+    f->disk.no_bitmaps = "raw";
+    g_assert_true(plan(f, BACKUP_MODE_INCREMENTAL, NULL));
+    g_assert_cmpint(f->plan.mode, ==, BACKUP_MODE_FULL);
+    g_assert_false(f->plan.fallback);
+    g_assert_cmpstr(f->plan.why, ==, "no checkpoints on this disk (raw)");
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
@@ -273,5 +444,11 @@ int main(int argc, char **argv)
                test_roll_forward, fixture_teardown);
     g_test_add("/backup/journal/refused", Fixture, NULL, fixture_setup,
                test_journal_refused, fixture_teardown);
+    g_test_add("/backup/plan/chain", PlanFixture, NULL, plan_setup,
+               test_plan_chain, plan_teardown);
+    g_test_add("/backup/plan/fallbacks", PlanFixture, NULL, plan_setup,
+               test_plan_fallbacks, plan_teardown);
+    g_test_add("/backup/plan/no-bitmaps", PlanFixture, NULL, plan_setup,
+               test_plan_no_bitmaps, plan_teardown);
     return g_test_run();
 }

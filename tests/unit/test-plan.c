@@ -161,7 +161,8 @@ static void test_disk_end_unaligned(void)
 }
 
 /* Random extents: every dirty byte is covered by data, or by zero only
- * where the source reads zero across whole blocks. */
+ * where the source reads zero across whole blocks. (Over 80 lines: one
+ * generated scenario and its checks, read top to bottom.) */
 static void test_random_property(void)
 {
     GRand *rand = g_rand_new_with_seed(42);
