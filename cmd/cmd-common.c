@@ -14,11 +14,50 @@
 static bool quiet;
 static gboolean show_version;
 
-static GOptionEntry common_entries[] = {
+CmdCommon cmd_common = { .timeout_s = QMP_DEFAULT_TIMEOUT_MS / 1000 };
+
+static GOptionEntry version_entries[] = {
     { "version", 'V', 0, G_OPTION_ARG_NONE, &show_version,
       "print the version and exit", NULL },
     { NULL },
 };
+
+static GOptionEntry qmp_entries[] = {
+    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &cmd_common.qmp,
+      "QMP socket of the running VM: PATH, unix:PATH or tcp:HOST:PORT "
+      "(default: $QBK_QMP)",
+      "SOCKET" },
+    { "timeout", 't', 0, G_OPTION_ARG_INT, &cmd_common.timeout_s,
+      "seconds to wait for QEMU before giving up (1-86400, default: 30)",
+      "SECONDS" },
+    { NULL },
+};
+
+static GOptionEntry quiet_entries[] = {
+    { "quiet", 0, 0, G_OPTION_ARG_NONE, &cmd_common.quiet,
+      "print nothing on stderr but errors", NULL },
+    { NULL },
+};
+
+/* The shared options' bounds and defaults, after parsing. */
+static int check_common(const CmdSpec *spec)
+{
+    g_autoptr(GError) error = NULL;
+
+    if (spec->common & CMD_OPT_QMP) {
+        if (!cmd_check_range("--timeout", cmd_common.timeout_s, 1,
+                             CMD_MAX_TIMEOUT_S, &error) ||
+            !cmd_check_path("--qmp", cmd_common.qmp, &error)) {
+            return cmd_usage("%s", error->message);
+        }
+        if (!cmd_common.qmp && g_getenv("QBK_QMP") && *g_getenv("QBK_QMP")) {
+            cmd_common.qmp = g_strdup(g_getenv("QBK_QMP"));
+            cmd_common.qmp_env = true;
+        }
+    }
+    cmd_set_quiet(cmd_common.quiet);
+    return -1;
+}
 
 int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
 {
@@ -30,7 +69,13 @@ int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
 
     g_set_prgname(spec->name);
     g_option_context_add_main_entries(ctx, spec->entries, NULL);
-    g_option_context_add_main_entries(ctx, common_entries, NULL);
+    if (spec->common & CMD_OPT_QMP) {
+        g_option_context_add_main_entries(ctx, qmp_entries, NULL);
+    }
+    if (spec->common & CMD_OPT_QUIET) {
+        g_option_context_add_main_entries(ctx, quiet_entries, NULL);
+    }
+    g_option_context_add_main_entries(ctx, version_entries, NULL);
     if (spec->summary) {
         g_option_context_set_summary(ctx, spec->summary);
     }
@@ -42,7 +87,7 @@ int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
         printf("%s %s\n", spec->name, QBK_VERSION);
         return QBK_EXIT_OK;
     }
-    return -1;
+    return check_common(spec);
 }
 
 void cmd_set_quiet(bool q)

@@ -9,6 +9,9 @@
 
 #include "qmp.h"
 
+/* The longest --timeout, seconds. */
+#define CMD_MAX_TIMEOUT_S 86400
+
 /* Exit codes, documented in every --help and in README.md. */
 enum {
     QBK_EXIT_OK = 0,
@@ -26,6 +29,12 @@ enum {
     "  3  checkpoint chain broken or missing: the next backup must be full\n"  \
     "  4  check: a killed backup left state in the VM (check --repair)\n"
 
+/* Options that several commands share, added by CmdSpec.common. */
+typedef enum {
+    CMD_OPT_QMP = 1 << 0,   /* --qmp SOCKET and --timeout SECONDS */
+    CMD_OPT_QUIET = 1 << 1, /* --quiet: nothing on stderr but errors */
+} CmdOptions;
+
 /* What a command is, for its --help and its prologue. */
 typedef struct {
     const char *name;        /* "qbk-pull" */
@@ -33,11 +42,23 @@ typedef struct {
     const char *summary;     /* what it does (may be NULL) */
     const char *description; /* examples; the exit codes are added */
     GOptionEntry *entries;   /* its options; --version is added */
+    CmdOptions common;       /* shared options to add */
 } CmdSpec;
+
+/* The shared options as given (cmd_parse checks their bounds). */
+typedef struct {
+    char *qmp;     /* --qmp, else $QBK_QMP, else NULL */
+    bool qmp_env;  /* it came from $QBK_QMP */
+    int timeout_s; /* --timeout: 1 to CMD_MAX_TIMEOUT_S */
+    gboolean quiet;
+} CmdCommon;
+
+extern CmdCommon cmd_common;
 
 /*
  * Every command's prologue: the program's name, the options of SPEC parsed
- * out of ARGC/ARGV, --help and --version. Returns -1 for the command to go
+ * out of ARGC/ARGV (with the shared ones SPEC asks for, into cmd_common,
+ * bounds checked), --help and --version. Returns -1 for the command to go
  * on, or the status to exit with (after a usage error or --version).
  */
 int cmd_parse(const CmdSpec *spec, int *argc, char ***argv);
@@ -84,9 +105,6 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(CmdVm, cmd_vm_free)
 GPtrArray *cmd_vm_select_disks(CmdVm *vm, char **names, GError **error);
 
 /* ---- options: every bound checked before anything is touched ---- */
-
-/* The longest --timeout, seconds. */
-#define CMD_MAX_TIMEOUT_S 86400
 
 /* Print "PROG: MESSAGE (see --help)" and return QBK_EXIT_USAGE. */
 int cmd_usage(const char *fmt, ...) G_GNUC_PRINTF(1, 2);

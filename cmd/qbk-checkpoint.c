@@ -14,11 +14,9 @@
 #include "cmd-common.h"
 
 /* Options; one table for all subcommands, checked per subcommand below. */
-static char *opt_qmp;
 static char **opt_images;
 static char **opt_disks;
 static gboolean opt_json;
-static gboolean opt_quiet;
 static gboolean opt_repair;
 static gboolean opt_drop;
 static char *opt_into;
@@ -27,13 +25,8 @@ static char *opt_to;
 static char *opt_uri;
 static char **opt_maps;
 static int opt_migrate_timeout = 600;
-static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 
 static GOptionEntry entries[] = {
-    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
-      "QMP socket of the running VM: PATH, unix:PATH or tcp:HOST:PORT "
-      "(default: $QBK_QMP)",
-      "SOCKET" },
     { "image", 'i', 0, G_OPTION_ARG_FILENAME_ARRAY, &opt_images,
       "work offline on this qcow2 image of a stopped VM (repeat for every "
       "disk)",
@@ -68,10 +61,6 @@ static GOptionEntry entries[] = {
       "SRC=DST" },
     { "migrate-timeout", 0, 0, G_OPTION_ARG_INT, &opt_migrate_timeout,
       "migrate: cancel after this many seconds (default 600)", "SECONDS" },
-    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
-      "seconds to wait for QEMU before giving up (default: 30)", "SECONDS" },
-    { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
-      "print nothing on stderr but errors", NULL },
     { NULL },
 };
 
@@ -112,27 +101,18 @@ static const char description[] =
 
 /* ---- JSON builders ---- */
 
-static void add_str(json_object *o, const char *key, const char *val)
-{
-    json_object_object_add(o, key, val ? json_object_new_string(val) : NULL);
-}
-
 static json_object *bitmap_json(const QmpDisk *disk, const QmpBitmap *b)
 {
     json_object *o = json_object_new_object();
 
-    add_str(o, "disk", disk->id);
-    add_str(o, "node", disk->node);
-    json_object_object_add(o, "dirty_bytes", json_object_new_uint64(b->count));
-    json_object_object_add(o, "granularity",
-                           json_object_new_int64(b->granularity));
-    json_object_object_add(o, "recording",
-                           json_object_new_boolean(b->recording));
-    json_object_object_add(o, "busy", json_object_new_boolean(b->busy));
-    json_object_object_add(o, "persistent",
-                           json_object_new_boolean(b->persistent));
-    json_object_object_add(o, "inconsistent",
-                           json_object_new_boolean(b->inconsistent));
+    qmp_json_set_string(o, "disk", disk->id);
+    qmp_json_set_string(o, "node", disk->node);
+    qmp_json_set_uint(o, "dirty_bytes", b->count);
+    qmp_json_set_int(o, "granularity", b->granularity);
+    qmp_json_set_bool(o, "recording", b->recording);
+    qmp_json_set_bool(o, "busy", b->busy);
+    qmp_json_set_bool(o, "persistent", b->persistent);
+    qmp_json_set_bool(o, "inconsistent", b->inconsistent);
     return o;
 }
 
@@ -146,11 +126,10 @@ static json_object *checkpoints_json(GPtrArray *disks)
         json_object *o = json_object_new_object();
         json_object *per_disk = json_object_new_array();
 
-        add_str(o, "name", cp->name);
-        json_object_object_add(o, "seq", json_object_new_int64(cp->seq));
-        add_str(o, "bitmap", cp->bitmap);
-        json_object_object_add(o, "partial",
-                               json_object_new_boolean(cp->partial));
+        qmp_json_set_string(o, "name", cp->name);
+        qmp_json_set_int(o, "seq", cp->seq);
+        qmp_json_set_string(o, "bitmap", cp->bitmap);
+        qmp_json_set_bool(o, "partial", cp->partial);
         for (guint d = 0; d < cp->disks->len; d++) {
             json_object_array_add(per_disk, bitmap_json(cp->disks->pdata[d],
                                                         cp->bitmaps->pdata[d]));
@@ -195,20 +174,17 @@ static json_object *do_disks(CmdVm *vm, GPtrArray *targets, const char *name,
         g_autoptr(GPtrArray) chain = bitmap_disk_chain(disk);
         json_object *o = json_object_new_object();
 
-        add_str(o, "disk", disk->id);
-        add_str(o, "qdev", disk->qdev);
-        add_str(o, "device", disk->device);
-        add_str(o, "node", disk->node);
-        add_str(o, "driver", disk->driver);
-        add_str(o, "file", disk->filename);
-        json_object_object_add(o, "size", json_object_new_uint64(disk->size));
-        json_object_object_add(o, "read_only",
-                               json_object_new_boolean(disk->read_only));
-        json_object_object_add(o, "checkpoints_supported",
-                               json_object_new_boolean(!disk->no_bitmaps));
-        add_str(o, "reason", disk->no_bitmaps);
-        json_object_object_add(o, "checkpoints",
-                               json_object_new_int64(chain->len));
+        qmp_json_set_string(o, "disk", disk->id);
+        qmp_json_set_string(o, "qdev", disk->qdev);
+        qmp_json_set_string(o, "device", disk->device);
+        qmp_json_set_string(o, "node", disk->node);
+        qmp_json_set_string(o, "driver", disk->driver);
+        qmp_json_set_string(o, "file", disk->filename);
+        qmp_json_set_uint(o, "size", disk->size);
+        qmp_json_set_bool(o, "read_only", disk->read_only);
+        qmp_json_set_bool(o, "checkpoints_supported", !disk->no_bitmaps);
+        qmp_json_set_string(o, "reason", disk->no_bitmaps);
+        qmp_json_set_int(o, "checkpoints", chain->len);
         json_object_array_add(arr, o);
     }
     json_object_object_add(res, "disks", arr);
@@ -230,9 +206,9 @@ static json_object *do_create(CmdVm *vm, GPtrArray *targets, const char *name,
     }
     bitmap_parse_name(bitmap, &seq, &short_name, NULL);
     res = json_object_new_object();
-    add_str(res, "checkpoint", short_name);
-    json_object_object_add(res, "seq", json_object_new_int64(seq));
-    add_str(res, "bitmap", bitmap);
+    qmp_json_set_string(res, "checkpoint", short_name);
+    qmp_json_set_int(res, "seq", seq);
+    qmp_json_set_string(res, "bitmap", bitmap);
     json_object_object_add(res, "disks", disk_ids_json(targets));
     return res;
 }
@@ -250,8 +226,8 @@ static json_object *do_delete(CmdVm *vm, GPtrArray *targets, const char *name,
         return NULL;
     }
     res = json_object_new_object();
-    add_str(res, "deleted", cp->name);
-    add_str(res, "bitmap", cp->bitmap);
+    qmp_json_set_string(res, "deleted", cp->name);
+    qmp_json_set_string(res, "bitmap", cp->bitmap);
     json_object_object_add(res, "disks", disk_ids_json(cp->disks));
     if (!bitmap_delete_checkpoint(vm->qmp, vm->disks, name, error)) {
         json_object_put(res);
@@ -276,8 +252,8 @@ static json_object *do_since(CmdVm *vm, GPtrArray *targets, const char *name,
             return NULL;
         }
         res = json_object_new_object();
-        add_str(res, "dropped", into);
-        json_object_object_add(res, "count", json_object_new_int(removed));
+        qmp_json_set_string(res, "dropped", into);
+        qmp_json_set_int(res, "count", removed);
         return res;
     }
     /* The refresh below frees TARGETS' disks: remember their nodes. */
@@ -289,8 +265,8 @@ static json_object *do_since(CmdVm *vm, GPtrArray *targets, const char *name,
         return NULL;
     }
     res = json_object_new_object();
-    add_str(res, "since", name);
-    add_str(res, "bitmap", into);
+    qmp_json_set_string(res, "since", name);
+    qmp_json_set_string(res, "bitmap", into);
     arr = json_object_new_array();
     for (guint i = 0; i < nodes->len; i++) {
         const QmpDisk *disk = qmp_disk_find(vm->disks, nodes->pdata[i]);
@@ -322,12 +298,11 @@ static json_object *verdicts_json(const BitmapCheck *check)
             json_object_array_add(j < v->untrusted ? untrusted : trusted,
                                   json_object_new_string(name));
         }
-        add_str(o, "disk", v->disk->id);
+        qmp_json_set_string(o, "disk", v->disk->id);
         json_object_object_add(o, "trusted", trusted);
         json_object_object_add(o, "untrusted", untrusted);
-        json_object_object_add(
-            o, "full_backup_required",
-            json_object_new_boolean(v->untrusted == v->chain->len));
+        qmp_json_set_bool(o, "full_backup_required",
+                          v->untrusted == v->chain->len);
         json_object_array_add(arr, o);
     }
     return arr;
@@ -342,11 +317,12 @@ static json_object *issues_json(const BitmapCheck *check)
         json_object *o = json_object_new_object();
         static const char *const severities[] = { "note", "warning", "error" };
 
-        add_str(o, "disk", issue->disk->id);
-        add_str(o, "kind", bitmap_issue_kind_name(issue->kind));
-        add_str(o, "severity", severities[bitmap_issue_severity(issue->kind)]);
-        add_str(o, "bitmap", issue->bitmap);
-        add_str(o, "message", issue->message);
+        qmp_json_set_string(o, "disk", issue->disk->id);
+        qmp_json_set_string(o, "kind", bitmap_issue_kind_name(issue->kind));
+        qmp_json_set_string(o, "severity",
+                            severities[bitmap_issue_severity(issue->kind)]);
+        qmp_json_set_string(o, "bitmap", issue->bitmap);
+        qmp_json_set_string(o, "message", issue->message);
         json_object_array_add(arr, o);
     }
     return arr;
@@ -371,15 +347,12 @@ static json_object *leftovers_json(GPtrArray *leftovers)
         const BackupLeftover *l = leftovers->pdata[i];
         json_object *o = json_object_new_object();
 
-        add_str(o, "backup", l->tag);
-        json_object_object_add(o, "pid", json_object_new_int(l->pid));
-        json_object_object_add(o, "at_work", json_object_new_boolean(l->alive));
-        json_object_object_add(o, "committed",
-                               json_object_new_boolean(!l->at_work));
-        json_object_object_add(o, "paused_vm",
-                               json_object_new_boolean(l->paused));
-        json_object_object_add(o, "started_nbd_server",
-                               json_object_new_boolean(l->server));
+        qmp_json_set_string(o, "backup", l->tag);
+        qmp_json_set_int(o, "pid", l->pid);
+        qmp_json_set_bool(o, "at_work", l->alive);
+        qmp_json_set_bool(o, "committed", !l->at_work);
+        qmp_json_set_bool(o, "paused_vm", l->paused);
+        qmp_json_set_bool(o, "started_nbd_server", l->server);
         json_object_object_add(o, "objects", strings_json(l->objects));
         json_object_object_add(o, "marks", strings_json(l->marks));
         json_object_object_add(o, "bitmaps", strings_json(l->bitmaps));
@@ -449,17 +422,14 @@ static json_object *do_check(CmdVm *vm, GPtrArray *targets, const char *name,
             json_object_put(res);
             return NULL;
         }
-        json_object_object_add(res, "undone", json_object_new_int(undone));
+        qmp_json_set_int(res, "undone", undone);
     }
     json_object_object_add(res, "leftovers", leftovers_json(leftovers));
-    json_object_object_add(res, "clean",
-                           json_object_new_boolean(!count_left(leftovers)));
+    qmp_json_set_bool(res, "clean", !count_left(leftovers));
     before = bitmap_check(vm->disks);
     json_object_object_add(res, "issues", issues_json(before));
     if (!opt_repair) {
-        json_object_object_add(
-            res, "healthy",
-            json_object_new_boolean(!bitmap_check_has_errors(before)));
+        qmp_json_set_bool(res, "healthy", !bitmap_check_has_errors(before));
         json_object_object_add(res, "disks", verdicts_json(before));
         return res;
     }
@@ -469,10 +439,8 @@ static json_object *do_check(CmdVm *vm, GPtrArray *targets, const char *name,
         return NULL;
     }
     after = bitmap_check(vm->disks);
-    json_object_object_add(res, "repaired", json_object_new_int(changed));
-    json_object_object_add(
-        res, "healthy",
-        json_object_new_boolean(!bitmap_check_has_errors(after)));
+    qmp_json_set_int(res, "repaired", changed);
+    qmp_json_set_bool(res, "healthy", !bitmap_check_has_errors(after));
     json_object_object_add(res, "disks", verdicts_json(after));
     return res;
 }
@@ -742,7 +710,8 @@ static void on_migrate_progress(json_object *q, void *opaque)
 static json_object *do_migrate(CmdVm *vm, GPtrArray *targets, const char *name,
                                GError **error)
 {
-    g_autoptr(QmpClient) dst = qmp_connect(opt_to, opt_timeout * 1000, error);
+    g_autoptr(QmpClient) dst =
+        qmp_connect(opt_to, cmd_common.timeout_s * 1000, error);
     BitmapMigrateOptions o = {
         .uri = opt_uri,
         .maps = opt_maps,
@@ -795,28 +764,122 @@ static const Command commands[] = {
     { "migrate", 0, 0, do_migrate, NULL, NULL },
 };
 
-int main(int argc, char **argv)
+static const CmdSpec spec = {
+    .name = "qbk-checkpoint",
+    .parameters = "COMMAND [NAME] - manage a VM's checkpoints",
+    .summary = summary,
+    .description = description,
+    .entries = entries,
+    .common = CMD_OPT_QMP | CMD_OPT_QUIET,
+};
+
+/* Options that go with one command only, and bounds: a usage error in
+ * ERROR (G_OPTION_ERROR) before the VM is touched. */
+static bool check_options(const Command *cmd, GError **error)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-checkpoint",
-        .parameters = "COMMAND [NAME] - manage a VM's checkpoints",
-        .summary = summary,
-        .description = description,
-        .entries = entries,
+    const struct {
+        bool given;
+        const char *command, *what;
+    } only[] = {
+        { opt_repair, "check", "--repair goes with 'check'" },
+        { opt_drop || opt_into, "since", "--into and --drop go with 'since'" },
+        { opt_granularity, "create", "--granularity goes with 'create'" },
+        { opt_to || opt_uri || opt_maps, "migrate",
+          "--to, --uri and --map go with 'migrate'" },
     };
+    bool migrate = strcmp(cmd->name, "migrate") == 0;
+
+    for (size_t i = 0; i < G_N_ELEMENTS(only); i++) {
+        if (only[i].given && strcmp(cmd->name, only[i].command) != 0) {
+            g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED, "%s",
+                        only[i].what);
+            return false;
+        }
+    }
+    if (migrate && (!opt_to || !opt_uri)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                    "'migrate' needs --to SOCKET and --uri URI");
+        return false;
+    }
+    if (migrate && opt_images) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED,
+                    "'migrate' works on a running VM, not --image");
+        return false;
+    }
+    if (!cmd_check_range("--migrate-timeout", opt_migrate_timeout, 1,
+                         7 * CMD_MAX_TIMEOUT_S, error)) {
+        return false;
+    }
+    if (opt_granularity &&
+        (opt_granularity < 512 || opt_granularity > (1 << 30) ||
+         (opt_granularity & (opt_granularity - 1)))) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--granularity %" G_GINT64_FORMAT
+                    " is not a power of two from 512 to 1 GiB",
+                    opt_granularity);
+        return false;
+    }
+    if (opt_images && cmd_common.qmp_env) {
+        g_clear_pointer(&cmd_common.qmp, g_free); /* --image wins */
+    }
+    if (!!cmd_common.qmp == !!opt_images) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_FAILED, "%s",
+                    cmd_common.qmp ? "give --qmp or --image, not both"
+                                   : "give --qmp SOCKET or --image FILE");
+        return false;
+    }
+    return true;
+}
+
+/* Run CMD on the VM (or images) and print its result; the exit status. */
+static int run(const Command *cmd, const char *name)
+{
     g_autoptr(GError) error = NULL;
     g_autoptr(CmdVm) vm = NULL;
     g_autoptr(GPtrArray) targets = NULL;
+    json_object *res;
+    int rc;
+
+    vm = cmd_vm_open(cmd_common.qmp, opt_images, cmd_common.timeout_s * 1000,
+                     &error);
+    targets = vm ? cmd_vm_select_disks(vm, opt_disks, &error) : NULL;
+    if (!targets) {
+        cmd_error("%s", error->message);
+        return exit_code(error);
+    }
+    res = cmd->run(vm, targets, name, &error);
+    if (!res) {
+        cmd_error("%s: %s", cmd->name, error->message);
+        return exit_code(error);
+    }
+    /* Offline, the images are only safe once the daemon wrote them back. */
+    if (!cmd_vm_close(vm, &error)) {
+        cmd_error("%s: %s", cmd->name, error->message);
+        json_object_put(res);
+        return QBK_EXIT_FAILURE;
+    }
+    rc = cmd->status ? cmd->status(res) : QBK_EXIT_OK;
+    if (opt_json) {
+        cmd_print_json(res);
+        return rc;
+    }
+    if (cmd->print) {
+        cmd->print(res);
+    }
+    json_object_put(res);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GError) error = NULL;
     const Command *cmd = NULL;
     const char *name;
-    json_object *res = NULL;
     int nargs, rc = cmd_parse(&spec, &argc, &argv);
 
     if (rc >= 0) {
         return rc;
     }
-    rc = QBK_EXIT_OK;
-    cmd_set_quiet(opt_quiet);
     if (argc < 2) {
         return cmd_usage("%s", "no command given");
     }
@@ -834,82 +897,14 @@ int main(int argc, char **argv)
                    ? cmd_usage("'%s' needs a checkpoint NAME", cmd->name)
                    : cmd_usage("too many arguments for '%s'", cmd->name);
     }
-    name = nargs ? argv[2] : NULL;
-    if (opt_repair && strcmp(cmd->name, "check") != 0) {
-        return cmd_usage("%s", "--repair goes with 'check'");
-    }
-    if ((opt_drop || opt_into) && strcmp(cmd->name, "since") != 0) {
-        return cmd_usage("%s", "--into and --drop go with 'since'");
-    }
-    if (opt_granularity && strcmp(cmd->name, "create") != 0) {
-        return cmd_usage("%s", "--granularity goes with 'create'");
-    }
-    if ((opt_to || opt_uri || opt_maps) && strcmp(cmd->name, "migrate") != 0) {
-        return cmd_usage("%s", "--to, --uri and --map go with 'migrate'");
-    }
-    if (strcmp(cmd->name, "migrate") == 0 && (!opt_to || !opt_uri)) {
-        return cmd_usage("%s", "'migrate' needs --to SOCKET and --uri URI");
-    }
-    if (strcmp(cmd->name, "migrate") == 0 && opt_images) {
-        return cmd_usage("%s", "'migrate' works on a running VM, not --image");
-    }
-    if (!cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
-                         &error) ||
-        !cmd_check_range("--migrate-timeout", opt_migrate_timeout, 1,
-                         7 * CMD_MAX_TIMEOUT_S, &error)) {
+    if (!check_options(cmd, &error)) {
         return cmd_usage("%s", error->message);
     }
-    if (opt_granularity &&
-        (opt_granularity < 512 || opt_granularity > (1 << 30) ||
-         (opt_granularity & (opt_granularity - 1)))) {
-        return cmd_usage("--granularity %" G_GINT64_FORMAT
-                         " is not a power of two from 512 to 1 GiB",
-                         opt_granularity);
-    }
-    if (!opt_qmp && !opt_images && g_getenv("QBK_QMP")) {
-        opt_qmp = g_strdup(g_getenv("QBK_QMP"));
-    }
-    if (!!opt_qmp == !!opt_images) {
-        return cmd_usage("%s", opt_qmp ? "give --qmp or --image, not both"
-                                       : "give --qmp SOCKET or --image FILE");
-    }
+    name = nargs ? argv[2] : NULL;
     if (name && strcmp(cmd->name, "create") == 0 &&
         !bitmap_name_valid(name, &error)) {
         cmd_error("%s", error->message);
         return exit_code(error);
     }
-
-    vm = cmd_vm_open(opt_qmp, opt_images, opt_timeout * 1000, &error);
-    if (!vm) {
-        cmd_error("%s", error->message);
-        return exit_code(error);
-    }
-    targets = cmd_vm_select_disks(vm, opt_disks, &error);
-    if (!targets) {
-        cmd_error("%s", error->message);
-        return exit_code(error);
-    }
-
-    res = cmd->run(vm, targets, name, &error);
-    if (!res) {
-        cmd_error("%s: %s", cmd->name, error->message);
-        return exit_code(error);
-    }
-    /* Offline, the images are only safe once the daemon wrote them back. */
-    if (!cmd_vm_close(vm, &error)) {
-        cmd_error("%s: %s", cmd->name, error->message);
-        json_object_put(res);
-        return QBK_EXIT_FAILURE;
-    }
-
-    rc = cmd->status ? cmd->status(res) : QBK_EXIT_OK;
-    if (opt_json) {
-        cmd_print_json(res);
-        return rc;
-    }
-    if (cmd->print) {
-        cmd->print(res);
-    }
-    json_object_put(res);
-    return rc;
+    return run(cmd, name);
 }

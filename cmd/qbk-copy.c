@@ -52,38 +52,6 @@ static GOptionEntry entries[] = {
     { NULL },
 };
 
-/* "nbd+unix:///EXPORT?socket=PATH" */
-static bool parse_uri(const char *text, CopierEndpoint *ep, char **socket,
-                      char **name, GError **error)
-{
-    g_autoptr(GUri) uri = g_uri_parse(text, G_URI_FLAGS_NONE, error);
-    g_autoptr(GHashTable) query = NULL;
-    const char *path;
-
-    if (!uri) {
-        return false;
-    }
-    if (g_strcmp0(g_uri_get_scheme(uri), "nbd+unix") != 0 ||
-        !g_uri_get_query(uri)) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "'%s' is not nbd+unix:///EXPORT?socket=PATH", text);
-        return false;
-    }
-    query = g_uri_parse_params(g_uri_get_query(uri), -1, "&", G_URI_PARAMS_NONE,
-                               error);
-    if (!query || !g_hash_table_lookup(query, "socket")) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "'%s' has no socket=PATH", text);
-        return false;
-    }
-    path = g_uri_get_path(uri);
-    *socket = g_strdup(g_hash_table_lookup(query, "socket"));
-    *name = g_strdup(path[0] == '/' ? path + 1 : path);
-    ep->socket = *socket;
-    ep->name = *name;
-    return true;
-}
-
 static void show_progress(const CopierStats *s, void *opaque)
 {
     double mib = (s->bytes_read + s->bytes_zero) / 1048576.0;
@@ -93,27 +61,74 @@ static void show_progress(const CopierStats *s, void *opaque)
             s->seconds > 0 ? mib / s->seconds : 0.0);
 }
 
+static const CmdSpec spec = {
+    .name = "qbk-copy",
+    .parameters = "SOURCE-URI TARGET - copy an NBD export",
+    .summary = NULL,
+    .description =
+        "SOURCE-URI and a TARGET that is one are NBD URIs, as libnbd reads\n"
+        "them: nbd+unix:///EXPORT?socket=PATH (percent-encode odd characters)\n"
+        "or nbd://HOST:PORT/EXPORT. Any other TARGET is a local raw file,\n"
+        "written sparse with Linux AIO and O_DIRECT.\n"
+        "\n"
+        "Example:\n"
+        "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
+        "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
+        "      'nbd+unix:///inc?socket=/run/target.sock'\n",
+    .entries = entries,
+};
+
+/* The copier's options from the command line, bounds checked. */
+static bool make_options(CopierOptions *opts, GError **error)
+{
+    copier_options_init(opts);
+    if (opt_requests) {
+        opts->requests = opt_requests;
+    }
+    if (opt_connections) {
+        opts->connections = opt_connections;
+    }
+    if (opt_chunk) {
+        opts->chunk_size = opt_chunk;
+    }
+    if (opt_sequential) {
+        opts->requests = opts->connections = 1;
+    }
+    opts->bitmap = opt_bitmap;
+    opts->target_zeroed = opt_zeroed;
+    opts->rate_limit = opt_rate;
+    if (opt_progress) {
+        opts->progress = show_progress;
+    }
+    return copier_options_check(opts, error);
+}
+
+static void print_result(const CopierStats *stats, const char *checksum)
+{
+    json_object *o;
+
+    if (!opt_json) {
+        if (checksum) {
+            printf("%s\n", checksum);
+        }
+        return;
+    }
+    o = json_object_new_object();
+    qmp_json_set_uint(o, "size", stats->size);
+    qmp_json_set_uint(o, "bytes_read", stats->bytes_read);
+    qmp_json_set_uint(o, "bytes_written", stats->bytes_written);
+    qmp_json_set_uint(o, "bytes_zero", stats->bytes_zero);
+    qmp_json_set_uint(o, "bytes_skipped", stats->bytes_skipped);
+    qmp_json_set_double(o, "seconds", stats->seconds);
+    qmp_json_set_string(o, "checksum", checksum);
+    cmd_print_json(o);
+}
+
 int main(int argc, char **argv)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-copy",
-        .parameters = "SOURCE-URI TARGET - copy an NBD export",
-        .summary = NULL,
-        .description =
-            "URIs are nbd+unix:///EXPORT?socket=PATH; a TARGET that is not a "
-            "URI "
-            "is a local\nraw file, written sparse with Linux AIO and O_DIRECT."
-            "\n\nExample:\n"
-            "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
-            "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
-            "      "
-            "'nbd+unix:///inc?socket=/run/target.sock'\n\n",
-        .entries = entries,
-    };
     g_autoptr(GError) error = NULL;
-    g_autofree char *ssock = NULL, *sname = NULL, *tsock = NULL, *tname = NULL,
-                    *checksum = NULL;
-    CopierEndpoint src, dst;
+    g_autofree char *checksum = NULL;
+    CopierEndpoint src = { 0 }, dst = { 0 };
     CopierOptions opts;
     CopierStats stats;
     int dfd = -1;
@@ -135,40 +150,19 @@ int main(int argc, char **argv)
                          &error) ||
         !cmd_check_range("--rate-limit", opt_rate, 0, G_MAXINT64, &error) ||
         !cmd_check_path("--digests", opt_digests, &error) ||
-        !cmd_check_path("TARGET", argv[2], &error)) {
+        !cmd_check_path("TARGET", argv[2], &error) ||
+        !make_options(&opts, &error)) {
         return cmd_usage("%s", error->message);
     }
-    dst = (CopierEndpoint){ 0 };
-    if (!g_str_has_prefix(argv[2], "nbd+unix:")) {
+    if (!copier_is_nbd_uri(argv[1])) {
+        return cmd_usage("'%s' is not an NBD URI", argv[1]);
+    }
+    src.uri = argv[1];
+    if (copier_is_nbd_uri(argv[2])) {
+        dst.uri = argv[2];
+    } else {
         dst.file = argv[2]; /* a local raw file, written with Linux AIO */
-        opt_zeroed = TRUE;  /* made sparse: it reads as zeros */
-    }
-    if (!parse_uri(argv[1], &src, &ssock, &sname, &error) ||
-        (!dst.file && !parse_uri(argv[2], &dst, &tsock, &tname, &error))) {
-        cmd_error("%s", error->message);
-        return QBK_EXIT_USAGE;
-    }
-    copier_options_init(&opts);
-    if (opt_requests) {
-        opts.requests = opt_requests;
-    }
-    if (opt_connections) {
-        opts.connections = opt_connections;
-    }
-    if (opt_chunk) {
-        opts.chunk_size = opt_chunk;
-    }
-    if (opt_sequential) {
-        opts.requests = opts.connections = 1;
-    }
-    opts.bitmap = opt_bitmap;
-    opts.target_zeroed = opt_zeroed;
-    if (!copier_options_check(&opts, &error)) {
-        return cmd_usage("%s", error->message);
-    }
-    opts.rate_limit = opt_rate;
-    if (opt_progress) {
-        opts.progress = show_progress;
+        opts.target_zeroed = true; /* made sparse: it reads as zeros */
     }
     if (opt_digests) {
         dfd = open(opt_digests, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -182,40 +176,17 @@ int main(int argc, char **argv)
     if (opt_progress) {
         fputc('\n', stderr);
     }
-    if (!ok) {
-        cmd_error("%s", error->message);
-        if (dfd >= 0) {
-            close(dfd);
-        }
-        return QBK_EXIT_FAILURE;
+    if (ok && dfd >= 0) {
+        checksum = copier_digests_checksum(dfd, stats.size, &error);
+        ok = checksum != NULL;
     }
     if (dfd >= 0) {
-        checksum = copier_digests_checksum(dfd, stats.size, &error);
         close(dfd);
-        if (!checksum) {
-            cmd_error("%s", error->message);
-            return QBK_EXIT_FAILURE;
-        }
     }
-    if (opt_json) {
-        json_object *o = json_object_new_object();
-
-        json_object_object_add(o, "size", json_object_new_uint64(stats.size));
-        json_object_object_add(o, "bytes_read",
-                               json_object_new_uint64(stats.bytes_read));
-        json_object_object_add(o, "bytes_written",
-                               json_object_new_uint64(stats.bytes_written));
-        json_object_object_add(o, "bytes_zero",
-                               json_object_new_uint64(stats.bytes_zero));
-        json_object_object_add(o, "bytes_skipped",
-                               json_object_new_uint64(stats.bytes_skipped));
-        json_object_object_add(o, "seconds",
-                               json_object_new_double(stats.seconds));
-        json_object_object_add(
-            o, "checksum", checksum ? json_object_new_string(checksum) : NULL);
-        cmd_print_json(o);
-    } else if (checksum) {
-        printf("%s\n", checksum);
+    if (!ok) {
+        cmd_error("%s", error->message);
+        return QBK_EXIT_FAILURE;
     }
+    print_result(&stats, checksum);
     return QBK_EXIT_OK;
 }

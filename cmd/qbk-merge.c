@@ -18,7 +18,6 @@ static char *opt_format;
 static gint opt_daily = G_MININT, opt_weekly = G_MININT, opt_monthly = G_MININT;
 static gboolean opt_dry_run;
 static gboolean opt_json;
-static gboolean opt_quiet;
 
 static GOptionEntry entries[] = {
     { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo, "backup repository",
@@ -50,8 +49,6 @@ static GOptionEntry entries[] = {
       "of a synthetic full: qcow2 (default) or raw", "FORMAT" },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print {results: [...]} as one JSON object", NULL },
-    { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
-      "print nothing on stderr but errors", NULL },
     { NULL },
 };
 
@@ -135,40 +132,100 @@ static bool check_options(GError **error)
     return true;
 }
 
+static void print_merged(const char *disk, const char *id, json_object *r)
+{
+    g_autofree char *copied = cmd_format_bytes(qmp_json_uint(r, "bytes_read"));
+    const char *parent = qmp_json_string(r, "parent");
+
+    cmd_info("disk '%s' of '%s' now stands on %s%s%s (%s read, "
+             "%zu backup(s) dropped the disk, %.2f s)",
+             disk, id, parent ? "'" : "",
+             parent ? parent : "nothing: a synthetic full", parent ? "'" : "",
+             copied, qmp_json_length(qmp_json_array(r, "dropped")),
+             json_object_get_double(json_object_object_get(r, "seconds")));
+}
+
+/* --from/--to or --full-at, on each disk of the backup (or the --disk
+ * ones); the exit status. */
+static int merge_disks(Repo *repo)
+{
+    g_autoptr(GError) error = NULL;
+    g_autoptr(Manifest) m =
+        repo_load(repo, opt_to ? opt_to : opt_full_at, &error);
+    json_object *results, *out;
+
+    if (!m) {
+        cmd_error("%s", error->message);
+        return cmd_backup_exit_code(error);
+    }
+    results = json_object_new_array();
+    for (guint i = 0; i < m->disks->len; i++) {
+        const char *disk = ((ManifestDisk *)m->disks->pdata[i])->disk;
+        json_object *r;
+
+        if (opt_disks &&
+            !g_strv_contains((const char *const *)opt_disks, disk)) {
+            continue;
+        }
+        r = backup_merge(repo, disk, opt_from, m->id, opt_format, &error);
+        if (!r && !opt_disks &&
+            g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN)) {
+            cmd_info("disk '%s': nothing to merge (%s)", disk, error->message);
+            g_clear_error(&error);
+            continue;
+        }
+        if (!r) {
+            cmd_error("%s%s", error->message, cmd_hint(error));
+            json_object_put(results);
+            return cmd_backup_exit_code(error);
+        }
+        if (!opt_json) {
+            print_merged(disk, m->id, r);
+        }
+        json_object_array_add(results, r);
+    }
+    if (qmp_json_length(results) == 0) {
+        cmd_error("nothing merged in backup '%s'", m->id);
+        json_object_put(results);
+        return QBK_EXIT_USAGE;
+    }
+    if (!opt_json) {
+        json_object_put(results);
+        return QBK_EXIT_OK;
+    }
+    out = json_object_new_object();
+    json_object_object_add(out, "results", results);
+    cmd_print_json(out);
+    return QBK_EXIT_OK;
+}
+
+static const CmdSpec spec = {
+    .name = "qbk-merge",
+    .parameters = "- merge backups of a repository",
+    .summary =
+        "Merges backups inside a repository; the VM and its checkpoints are\n"
+        "not touched (merging backups is independent of the bitmaps on the\n"
+        "VM). Only the data the merged links hold is copied (qemu-nbd serves\n"
+        "the chain with its allocation depth; the copier copies the newest\n"
+        "layers), and the result must hash to the backup's recorded checksum\n"
+        "before anything changes. A journal (REPO/merge-journal.json) makes\n"
+        "the swap crash-safe: the next qbk-merge finishes an interrupted one,\n"
+        "and every kept backup restores at every step.",
+    .description =
+        "Examples:\n"
+        "  qbk-merge --repo /backups/vm1 --from MON --to SUN  # 7 -> 1\n"
+        "  qbk-merge --repo /backups/vm1 --full-at SUN --disk disk0\n"
+        "  qbk-merge --repo /backups/vm1 --keep-daily 7 --keep-weekly 4 \\\n"
+        "      --keep-monthly 12 --dry-run\n"
+        "  qbk-merge --repo /backups/vm1  # only finish an interrupted merge\n",
+    .entries = entries,
+    .common = CMD_OPT_QUIET,
+};
+
 int main(int argc, char **argv)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-merge",
-        .parameters = "- merge backups of a repository",
-        .summary =
-            "Merges backups inside a repository; the VM and its checkpoints "
-            "are "
-            "not touched\n(merging backups is independent of the bitmaps on "
-            "the "
-            "VM). Only the data the\nmerged links hold is copied (qemu-nbd "
-            "serves the chain with its allocation\ndepth; lib/copier copies "
-            "the "
-            "newest layers), and the result must hash to the\nbackup's "
-            "recorded "
-            "checksum before anything changes. A journal\n"
-            "(REPO/merge-journal.json) makes the swap crash-safe: the next "
-            "qbk-merge\nfinishes an interrupted one, and every kept backup "
-            "restores at every step.",
-        .description =
-            "Examples:\n"
-            "  qbk-merge --repo /backups/vm1 --from MON --to SUN    # seven "
-            "dailies -> one weekly\n"
-            "  qbk-merge --repo /backups/vm1 --full-at SUN --disk disk0\n"
-            "  qbk-merge --repo /backups/vm1 --keep-daily 7 --keep-weekly 4 "
-            "--keep-monthly 12 --dry-run\n"
-            "  qbk-merge --repo /backups/vm1                       # only "
-            "finish an interrupted merge\n",
-        .entries = entries,
-    };
     g_autoptr(GError) error = NULL;
     g_autoptr(Repo) repo = NULL;
-    g_autoptr(Manifest) m = NULL;
-    json_object *results;
     bool retention;
 
     int rc = cmd_parse(&spec, &argc, &argv);
@@ -176,7 +233,6 @@ int main(int argc, char **argv)
     if (rc >= 0) {
         return rc;
     }
-    cmd_set_quiet(opt_quiet);
     retention = opt_daily != G_MININT || opt_weekly != G_MININT ||
                 opt_monthly != G_MININT;
     if (argc != 1 || !opt_repo || (!opt_from != !opt_to) ||
@@ -209,60 +265,5 @@ int main(int argc, char **argv)
         cmd_info("nothing to merge; the repository is consistent");
         return QBK_EXIT_OK;
     }
-    m = repo_load(repo, opt_to ? opt_to : opt_full_at, &error);
-    if (!m) {
-        cmd_error("%s", error->message);
-        return cmd_backup_exit_code(error);
-    }
-    results = json_object_new_array();
-    for (guint i = 0; i < m->disks->len; i++) {
-        const char *disk = ((ManifestDisk *)m->disks->pdata[i])->disk;
-        json_object *r;
-
-        if (opt_disks &&
-            !g_strv_contains((const char *const *)opt_disks, disk)) {
-            continue;
-        }
-        r = backup_merge(repo, disk, opt_from, m->id, opt_format, &error);
-        if (!r && !opt_disks &&
-            g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_NOT_IN_CHAIN)) {
-            cmd_info("disk '%s': nothing to merge (%s)", disk, error->message);
-            g_clear_error(&error);
-            continue;
-        }
-        if (!r) {
-            cmd_error("%s%s", error->message, cmd_hint(error));
-            json_object_put(results);
-            return cmd_backup_exit_code(error);
-        }
-        if (!opt_json) {
-            g_autofree char *copied =
-                cmd_format_bytes(qmp_json_uint(r, "bytes_read"));
-
-            cmd_info(
-                "disk '%s' of '%s' now stands on %s%s%s (%s read, "
-                "%zu backup(s) dropped the disk, %.2f s)",
-                disk, m->id, qmp_json_string(r, "parent") ? "'" : "",
-                qmp_json_string(r, "parent") ? qmp_json_string(r, "parent")
-                                             : "nothing: a synthetic full",
-                qmp_json_string(r, "parent") ? "'" : "", copied,
-                qmp_json_length(qmp_json_array(r, "dropped")),
-                json_object_get_double(json_object_object_get(r, "seconds")));
-        }
-        json_object_array_add(results, r);
-    }
-    if (qmp_json_length(results) == 0) {
-        cmd_error("nothing merged in backup '%s'", m->id);
-        json_object_put(results);
-        return QBK_EXIT_USAGE;
-    }
-    if (opt_json) {
-        json_object *out = json_object_new_object();
-
-        json_object_object_add(out, "results", results);
-        cmd_print_json(out);
-    } else {
-        json_object_put(results);
-    }
-    return QBK_EXIT_OK;
+    return merge_disks(repo);
 }

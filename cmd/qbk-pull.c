@@ -14,7 +14,6 @@
 #include "backup.h"
 #include "cmd-common.h"
 
-static char *opt_qmp;
 static char *opt_repo;
 static char *opt_mode;
 static char *opt_since;
@@ -37,12 +36,8 @@ static char *opt_rate;
 static gint opt_progress_fd = -1;
 static gboolean opt_json;
 static gboolean opt_export_only;
-static gboolean opt_quiet;
-static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 
 static GOptionEntry entries[] = {
-    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
-      "QMP socket of the running VM (default: $QBK_QMP)", "SOCKET" },
     { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo,
       "backup repository (made if missing)", "DIR" },
     { "mode", 'm', 0, G_OPTION_ARG_STRING, &opt_mode,
@@ -121,10 +116,6 @@ static GOptionEntry entries[] = {
       NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the manifest as one JSON object on stdout", NULL },
-    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
-      "seconds to wait for QEMU (1-86400, default 30)", "SECONDS" },
-    { "quiet", 0, 0, G_OPTION_ARG_NONE, &opt_quiet,
-      "print nothing on stderr but errors", NULL },
     { NULL },
 };
 
@@ -156,7 +147,7 @@ static void on_progress(const BackupProgress *p, void *opaque)
             opt_progress_fd = -1;
         }
     }
-    if (!opt_quiet && isatty(STDERR_FILENO)) {
+    if (!cmd_common.quiet && isatty(STDERR_FILENO)) {
         fprintf(stderr, "\r%s: %s (%u/%u) %5.1f%%  %7.1f MiB/s  ETA %4.0fs ",
                 g_get_prgname(), p->disk, p->index + 1, p->count, pct, mib_s,
                 eta);
@@ -256,19 +247,12 @@ static bool wait_for_commit(json_object *exports, void *opaque)
 
 /* Every option checked, into OPTS, before anything is touched; false
  * with the reason in ERROR. */
-static bool check_options(int argc, BackupOptions *opts, GError **error)
+/* Every option's bounds (G_OPTION_ERROR), before anything is touched. */
+static bool check_bounds(BackupOptions *opts, GError **error)
 {
-    if (argc != 1 || !opt_qmp || !opt_repo) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "give --qmp SOCKET and --repo DIR, and no other argument");
-        return false;
-    }
     if (!cmd_check_path("--repo", opt_repo, error) ||
-        !cmd_check_path("--qmp", opt_qmp, error) ||
         !cmd_check_path("--scratch-dir", opt_scratch, error) ||
         !cmd_check_path("--trace", opt_trace, error) ||
-        !cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
-                         error) ||
         (opt_requests != G_MININT &&
          !cmd_check_range("--requests", opt_requests, 1, COPIER_MAX_REQUESTS,
                           error)) ||
@@ -284,6 +268,20 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
                          error) ||
         (opt_rate && !cmd_parse_size("--rate-limit", opt_rate,
                                      &opts->copier.rate_limit, error))) {
+        return false;
+    }
+    return true;
+}
+
+/* OPTS from the command line, checked (G_OPTION_ERROR). */
+static bool check_options(int argc, BackupOptions *opts, GError **error)
+{
+    if (argc != 1 || !cmd_common.qmp || !opt_repo) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "give --qmp SOCKET and --repo DIR, and no other argument");
+        return false;
+    }
+    if (!check_bounds(opts, error)) {
         return false;
     }
     if (opt_progress_fd >= 0 && fcntl(opt_progress_fd, F_GETFD) < 0) {
@@ -336,48 +334,85 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     return backup_options_check(opts, error);
 }
 
+/* --export-only: export the point in time until a client commits. */
+static int export_only(QmpClient *qmp, Repo *repo, BackupOptions *opts)
+{
+    g_autoptr(GError) error = NULL;
+    json_object *info =
+        backup_export(qmp, repo, opts, wait_for_commit, NULL, &error);
+
+    if (!info) {
+        cmd_error("export failed: %s%s", error->message, cmd_hint(error));
+        return cmd_backup_exit_code(error);
+    }
+    cmd_info("committed: checkpoint kept, exports removed");
+    json_object_put(info);
+    return QBK_EXIT_OK;
+}
+
+static int pull(QmpClient *qmp, Repo *repo, BackupOptions *opts)
+{
+    g_autoptr(GError) error = NULL;
+    json_object *manifest = backup_pull(qmp, repo, opts, &error);
+    json_object *skipped;
+
+    if (!manifest) {
+        cmd_error("backup failed: %s%s", error->message, cmd_hint(error));
+        return cmd_backup_exit_code(error);
+    }
+    skipped = qmp_json_array(manifest, "skipped_manifests");
+    for (size_t i = 0; i < qmp_json_length(skipped); i++) {
+        cmd_info("warning: left out a damaged manifest: %s",
+                 json_object_get_string(qmp_json_index(skipped, i)));
+    }
+    if (opt_json) {
+        cmd_print_json(manifest);
+    } else {
+        print_summary(manifest);
+        json_object_put(manifest);
+    }
+    return QBK_EXIT_OK;
+}
+
+static const CmdSpec spec = {
+    .name = "qbk-pull",
+    .parameters = "- back up a running VM",
+    .summary =
+        "Takes a crash-consistent backup of every disk of a running VM at one\n"
+        "instant (image fleecing), while the guest keeps writing. Per disk: a\n"
+        "full backup when there is no usable chain, else only what changed\n"
+        "since the disk's last backup (auto). The repository keeps one qcow2\n"
+        "chain per disk (full <- inc <- ...) with relative backing files, and\n"
+        "a JSON manifest per backup, all owner-only. On failure or\n"
+        "SIGINT/SIGTERM everything is rolled back: the next backup misses no\n"
+        "write.",
+    .description =
+        "Examples:\n"
+        "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1\n"
+        "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 \\\n"
+        "      --mode differential\n"
+        "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 \\\n"
+        "      --since 20261122T213500Z --json\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n",
+    .entries = entries,
+    .common = CMD_OPT_QMP | CMD_OPT_QUIET,
+};
+
 int main(int argc, char **argv)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-pull",
-        .parameters = "- back up a running VM",
-        .summary =
-            "Takes a crash-consistent backup of every disk of a running VM "
-            "at one instant\n(image fleecing), while the guest keeps "
-            "writing. Per disk: a full backup\nwhen there is no usable "
-            "chain, else only what changed since the disk's last\nbackup "
-            "(auto). The repository keeps one qcow2 chain per disk (full <- "
-            "inc <-\n...) with relative backing files, and a JSON manifest "
-            "per backup, all\nowner-only. On failure or SIGINT/SIGTERM "
-            "everything is rolled back: the next\nbackup misses no write.",
-        .description =
-            "Examples:\n"
-            "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1\n"
-            "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
-            "--mode differential\n"
-            "  qbk-pull --qmp /run/vm1/qmp.sock --repo /backups/vm1 "
-            "--since 20261122T213500Z --json\n"
-            "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n",
-        .entries = entries,
-    };
     g_autoptr(GError) error = NULL;
     g_autoptr(QmpClient) qmp = NULL;
     g_autoptr(Repo) repo = NULL;
     struct sigaction sa = { .sa_handler = on_signal };
     BackupOptions opts;
     int trace_fd = -1; /* closed at exit */
-    json_object *manifest;
 
     int rc = cmd_parse(&spec, &argc, &argv);
 
     if (rc >= 0) {
         return rc;
     }
-    cmd_set_quiet(opt_quiet);
     backup_options_init(&opts);
-    if (!opt_qmp) {
-        opt_qmp = g_strdup(g_getenv("QBK_QMP"));
-    }
     if (!check_options(argc, &opts, &error)) {
         return cmd_usage("%s", error->message);
     }
@@ -404,40 +439,11 @@ int main(int argc, char **argv)
         cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }
-    qmp = qmp_connect(opt_qmp, opt_timeout * 1000, &error);
+    qmp = qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
     if (!qmp) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;
     }
-    if (opt_export_only) {
-        json_object *info =
-            backup_export(qmp, repo, &opts, wait_for_commit, NULL, &error);
-
-        if (!info) {
-            cmd_error("export failed: %s%s", error->message, cmd_hint(error));
-            return cmd_backup_exit_code(error);
-        }
-        cmd_info("committed: checkpoint kept, exports removed");
-        json_object_put(info);
-        return QBK_EXIT_OK;
-    }
-    manifest = backup_pull(qmp, repo, &opts, &error);
-    if (!manifest) {
-        cmd_error("backup failed: %s%s", error->message, cmd_hint(error));
-        return cmd_backup_exit_code(error);
-    }
-    for (size_t i = 0;
-         i < qmp_json_length(qmp_json_array(manifest, "skipped_manifests"));
-         i++) {
-        cmd_info("warning: left out a damaged manifest: %s",
-                 json_object_get_string(qmp_json_index(
-                     qmp_json_array(manifest, "skipped_manifests"), i)));
-    }
-    if (opt_json) {
-        cmd_print_json(manifest);
-    } else {
-        print_summary(manifest);
-        json_object_put(manifest);
-    }
-    return QBK_EXIT_OK;
+    return opt_export_only ? export_only(qmp, repo, &opts)
+                           : pull(qmp, repo, &opts);
 }

@@ -8,38 +8,33 @@
 
 #include "cmd-common.h"
 
-static char *opt_qmp;
 static gboolean opt_hmp;
 static char *opt_wait_event;
-static int opt_timeout = QMP_DEFAULT_TIMEOUT_MS / 1000;
 
 static GOptionEntry entries[] = {
-    { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &opt_qmp,
-      "QMP socket: PATH, unix:PATH or tcp:HOST:PORT (default: $QBK_QMP)",
-      "SOCKET" },
     { "hmp", 0, 0, G_OPTION_ARG_NONE, &opt_hmp,
       "COMMAND is an HMP command line; print its output as text", NULL },
     { "wait-event", 'w', 0, G_OPTION_ARG_STRING, &opt_wait_event,
       "after the command, wait for this event and print it", "EVENT" },
-    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout,
-      "seconds to wait for QEMU (1-86400, default: 30)", "SECONDS" },
     { NULL },
+};
+
+static const CmdSpec spec = {
+    .name = "qbk-qmp",
+    .parameters = "COMMAND [ARGUMENTS-JSON] - talk to QEMU",
+    .summary = NULL,
+    .description =
+        "Examples:\n"
+        "  qbk-qmp --qmp vm.sock query-block\n"
+        "  qbk-qmp --qmp vm.sock x-debug-block-dirty-bitmap-sha256 \\\n"
+        "      '{\"node\": \"disk0-fmt\", \"name\": \"qbk-000001-mon\"}'\n"
+        "  qbk-qmp --qmp vm.sock --hmp 'info block'\n",
+    .entries = entries,
+    .common = CMD_OPT_QMP,
 };
 
 int main(int argc, char **argv)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-qmp",
-        .parameters = "COMMAND [ARGUMENTS-JSON] - talk to QEMU",
-        .summary = NULL,
-        .description =
-            "Examples:\n"
-            "  qbk-qmp --qmp vm.sock query-block\n"
-            "  qbk-qmp --qmp vm.sock x-debug-block-dirty-bitmap-sha256 \\\n"
-            "      '{\"node\": \"disk0-fmt\", \"name\": \"qbk-000001-mon\"}'\n"
-            "  qbk-qmp --qmp vm.sock --hmp 'info block'\n",
-        .entries = entries,
-    };
     g_autoptr(GError) error = NULL;
     g_autoptr(QmpClient) qmp = NULL;
     json_object *args = NULL;
@@ -50,15 +45,8 @@ int main(int argc, char **argv)
     if (rc >= 0) {
         return rc;
     }
-    if (!opt_qmp) {
-        opt_qmp = g_strdup(g_getenv("QBK_QMP"));
-    }
-    if (argc < 2 || argc > 3 || !opt_qmp) {
+    if (argc < 2 || argc > 3 || !cmd_common.qmp) {
         return cmd_usage("give --qmp SOCKET and one COMMAND");
-    }
-    if (!cmd_check_range("--timeout", opt_timeout, 1, CMD_MAX_TIMEOUT_S,
-                         &error)) {
-        return cmd_usage("%s", error->message);
     }
     if (argc == 3) {
         if (opt_hmp) {
@@ -72,7 +60,7 @@ int main(int argc, char **argv)
             return QBK_EXIT_USAGE;
         }
     }
-    qmp = qmp_connect(opt_qmp, opt_timeout * 1000, &error);
+    qmp = qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
     if (!qmp) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;
@@ -95,8 +83,9 @@ int main(int argc, char **argv)
         return QBK_EXIT_FAILURE;
     }
     if (opt_wait_event) {
-        json_object *event = qmp_wait_event(qmp, opt_wait_event, NULL, NULL,
-                                            opt_timeout * 1000, &error);
+        json_object *event =
+            qmp_wait_event(qmp, opt_wait_event, NULL, NULL,
+                           cmd_common.timeout_s * 1000, &error);
 
         if (!event) {
             json_object_put(ret);

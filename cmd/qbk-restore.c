@@ -110,7 +110,7 @@ static int restore_into(void)
             json_object_put(r);
             return QBK_EXIT_FAILURE;
         }
-        json_object_object_add(r, "verified", json_object_new_boolean(1));
+        qmp_json_set_bool(r, "verified", 1);
     }
     if (opt_json) {
         cmd_print_json(r);
@@ -145,27 +145,27 @@ static bool check_names(GError **error)
            cmd_check_path("--into", opt_into, error);
 }
 
+static const CmdSpec spec = {
+    .name = "qbk-restore",
+    .parameters = "- rebuild a disk from a backup repository",
+    .summary = NULL,
+    .description =
+        "Every link of the chain is checked against the manifests before it\n"
+        "is read, and the output appears under its name only once it is\n"
+        "complete (and, for raw, verified); it is created owner-only.\n"
+        "\n"
+        "Examples:\n"
+        "  qbk-restore --repo /backups/vm1 --list\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 \\\n"
+        "      --backup 20261122T213500Z -o disk0.qcow2 --format qcow2\n"
+        "  qbk-restore --repo /backups/vm1 --disk disk0 \\\n"
+        "      --into vm1-disk0.qcow2 --from TUE --backup MON --verify\n",
+    .entries = entries,
+};
+
 int main(int argc, char **argv)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-restore",
-        .parameters = "- rebuild a disk from a backup repository",
-        .summary = NULL,
-        .description =
-            "Every link of the chain is checked against the manifests before "
-            "it "
-            "is read,\nand the output appears under its name only once it is "
-            "complete (and, for\nraw, verified); it is created owner-only.\n\n"
-            "Examples:\n"
-            "  qbk-restore --repo /backups/vm1 --list\n"
-            "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n"
-            "  qbk-restore --repo /backups/vm1 --disk disk0 --backup "
-            "20261122T213500Z \\\n      -o disk0.qcow2 --format qcow2\n"
-            "  qbk-restore --repo /backups/vm1 --disk disk0 --into "
-            "vm1-disk0.qcow2 "
-            "--from TUE --backup MON --verify\n",
-        .entries = entries,
-    };
     g_autoptr(GError) error = NULL;
     g_autoptr(Repo) opened = NULL;
     json_object *entry;

@@ -38,18 +38,17 @@ static int verify_one(Repo *repo, const char *id, const char *disk,
 
     if (!r) {
         r = json_object_new_object();
-        json_object_object_add(r, "backup", json_object_new_string(id));
-        json_object_object_add(r, "disk", json_object_new_string(disk));
-        json_object_object_add(r, "ok", json_object_new_boolean(0));
-        json_object_object_add(r, "error",
-                               json_object_new_string(error->message));
+        qmp_json_set_string(r, "backup", id);
+        qmp_json_set_string(r, "disk", disk);
+        qmp_json_set_bool(r, "ok", 0);
+        qmp_json_set_string(r, "error", error->message);
         json_object_array_add(results, r);
         if (!opt_json) {
             printf("%s  %-10s FAILED: %s\n", id, disk, error->message);
         }
         return cmd_backup_exit_code(error);
     }
-    json_object_object_add(r, "ok", json_object_new_boolean(1));
+    qmp_json_set_bool(r, "ok", 1);
     if (!opt_json && !opt_quiet) {
         g_autofree char *read =
             cmd_format_bytes(qmp_json_uint(r, "bytes_read"));
@@ -65,37 +64,77 @@ static int verify_one(Repo *repo, const char *id, const char *disk,
     return QBK_EXIT_OK;
 }
 
+static const CmdSpec spec = {
+    .name = "qbk-verify",
+    .parameters = "- check backups against their checksums",
+    .summary =
+        "Re-reads each backup's disks through their qcow2 chains (no VM\n"
+        "needed) and compares them with the XXH3-128 block checksums recorded\n"
+        "at backup time. Each link is checked first: its image is there,\n"
+        "whole, and its backing file is the parent the manifest names. A\n"
+        "mismatch names the first block that differs; a manifest that cannot\n"
+        "be trusted is named too. Exit status 1 if anything failed.",
+    .description = "Examples:\n"
+                   "  qbk-verify --repo /backups/vm1\n"
+                   "  qbk-verify --repo /backups/vm1 --backup latest \\\n"
+                   "      --disk disk0 --json\n",
+    .entries = entries,
+};
+
+/* The backups to verify: --backup, or all; those whose manifests do not
+ * validate go to SKIPPED (as messages). NULL on failure (reported). */
+static GPtrArray *backups_to_verify(Repo *repo, GPtrArray *skipped, int *rc)
+{
+    g_autoptr(GError) error = NULL;
+    GPtrArray *backups;
+    Manifest *m;
+
+    if (!opt_backup) {
+        backups = repo_list(repo, false, skipped, &error);
+        if (!backups) {
+            cmd_error("%s", error->message);
+            *rc = QBK_EXIT_FAILURE;
+        }
+        return backups;
+    }
+    m = repo_load(repo, opt_backup, &error);
+    if (!m) {
+        cmd_error("%s", error->message);
+        *rc = cmd_backup_exit_code(error);
+        return NULL;
+    }
+    backups = g_ptr_array_new_with_free_func((GDestroyNotify)manifest_unref);
+    g_ptr_array_add(backups, m);
+    return backups;
+}
+
+/* A manifest that does not validate is a failure of verify. */
+static void add_skipped(GPtrArray *skipped, json_object *results)
+{
+    for (guint i = 0; i < skipped->len; i++) {
+        json_object *r = json_object_new_object();
+
+        qmp_json_set_bool(r, "ok", 0);
+        qmp_json_set_string(r, "error", skipped->pdata[i]);
+        json_object_array_add(results, r);
+        if (!opt_json) {
+            printf("FAILED: %s\n", (char *)skipped->pdata[i]);
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
-    static const CmdSpec spec = {
-        .name = "qbk-verify",
-        .parameters = "- check backups against their checksums",
-        .summary =
-            "Re-reads each backup's disks through their qcow2 chains (no VM "
-            "needed) and\ncompares them with the XXH3-128 block checksums "
-            "recorded at backup time.\nEach link is checked first: its "
-            "image is there, whole, and its backing file\nis the parent "
-            "the manifest names. A mismatch names the first block that\n"
-            "differs; a manifest that cannot be trusted is named too. Exit "
-            "status 1 if\nanything failed.",
-        .description =
-            "Examples:\n"
-            "  qbk-verify --repo /backups/vm1\n"
-            "  qbk-verify --repo /backups/vm1 --backup latest --disk disk0 "
-            "--json\n",
-        .entries = entries,
-    };
     g_autoptr(GError) error = NULL;
     g_autoptr(GPtrArray) backups = NULL;
     g_autoptr(GPtrArray) skipped = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(Repo) repo = NULL;
     json_object *results, *out;
-    int failed = 0, rc = cmd_parse(&spec, &argc, &argv);
+    int failed, rc = cmd_parse(&spec, &argc, &argv);
 
     if (rc >= 0) {
         return rc;
     }
-    rc = QBK_EXIT_OK;
     if (argc != 1 || !opt_repo) {
         return cmd_usage("give --repo DIR and no other argument");
     }
@@ -109,40 +148,18 @@ int main(int argc, char **argv)
         cmd_error("%s", error->message);
         return cmd_backup_exit_code(error);
     }
-    if (opt_backup) {
-        Manifest *m = repo_load(repo, opt_backup, &error);
-
-        if (!m) {
-            cmd_error("%s", error->message);
-            return cmd_backup_exit_code(error);
-        }
-        backups =
-            g_ptr_array_new_with_free_func((GDestroyNotify)manifest_unref);
-        g_ptr_array_add(backups, m);
-    } else if (!(backups = repo_list(repo, false, skipped, &error))) {
-        cmd_error("%s", error->message);
-        return QBK_EXIT_FAILURE;
-    }
-    results = json_object_new_array();
-    /* a manifest that does not validate is a failure of verify */
-    for (guint i = 0; i < skipped->len; i++) {
-        json_object *r = json_object_new_object();
-
-        json_object_object_add(r, "ok", json_object_new_boolean(0));
-        json_object_object_add(r, "error",
-                               json_object_new_string(skipped->pdata[i]));
-        json_object_array_add(results, r);
-        if (!opt_json) {
-            printf("FAILED: %s\n", (char *)skipped->pdata[i]);
-        }
-        failed++;
-        rc = QBK_EXIT_FAILURE;
+    backups = backups_to_verify(repo, skipped, &rc);
+    if (!backups) {
+        return rc;
     }
     if (backups->len == 0 && skipped->len == 0) {
-        json_object_put(results);
         cmd_error("no complete backup in '%s'", repo_root(repo));
         return QBK_EXIT_USAGE;
     }
+    results = json_object_new_array();
+    add_skipped(skipped, results);
+    failed = skipped->len;
+    rc = failed ? QBK_EXIT_FAILURE : QBK_EXIT_OK;
     for (guint i = 0; i < backups->len; i++) {
         Manifest *m = backups->pdata[i];
 
@@ -164,13 +181,13 @@ int main(int argc, char **argv)
         json_object_put(results);
         return QBK_EXIT_USAGE;
     }
-    if (opt_json) {
-        out = json_object_new_object();
-        json_object_object_add(out, "results", results);
-        json_object_object_add(out, "failed", json_object_new_int(failed));
-        cmd_print_json(out);
-    } else {
+    if (!opt_json) {
         json_object_put(results);
+        return rc;
     }
+    out = json_object_new_object();
+    json_object_object_add(out, "results", results);
+    qmp_json_set_int(out, "failed", failed);
+    cmd_print_json(out);
     return rc;
 }
