@@ -69,24 +69,33 @@ make_images() {
     qemu-img create -q -f raw "$T/disk2.raw" 16M
 }
 
-# launch_vm [EXTRA QEMU ARGS...]: start QEMU paused, no guest OS, on the
-# images of make_images. qmp.sock is for qbk's tools, test.sock for the
-# test itself (QEMU serves one client per monitor). disk0 is a -blockdev with named nodes, disk1 a
-# -drive (auto-named node), disk2 raw, plus an empty CD-ROM drive.
-launch_vm() {
-    rm -f "$T/qmp.sock" "$T/test.sock"
+# run_vm PREFIX DIR NODE [EXTRA QEMU ARGS...]: start QEMU paused, no guest
+# OS, on the images of make_images in DIR. PREFIXqmp.sock is for qbk's
+# tools, PREFIXtest.sock for the test itself (QEMU serves one client per
+# monitor). disk0 is a -blockdev with format node NODE, disk1 a -drive
+# (auto-named node), disk2 raw, plus an empty CD-ROM drive.
+run_vm() {
+    local prefix=$1 dir=$2 node=$3
+    shift 3
+    rm -f "$T/${prefix}qmp.sock" "$T/${prefix}test.sock"
     qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
-        -qmp "unix:$T/qmp.sock,server=on,wait=off" \
-        -qmp "unix:$T/test.sock,server=on,wait=off" \
-        -blockdev "driver=file,filename=$T/disk0.qcow2,node-name=disk0-file" \
-        -blockdev "driver=qcow2,file=disk0-file,node-name=disk0-fmt" \
-        -device virtio-blk-pci,drive=disk0-fmt,id=disk0 \
-        -drive "file=$T/disk1.qcow2,format=qcow2,if=none,id=drive1" \
+        -qmp "unix:$T/${prefix}qmp.sock,server=on,wait=off" \
+        -qmp "unix:$T/${prefix}test.sock,server=on,wait=off" \
+        -blockdev "driver=file,filename=$dir/disk0.qcow2,node-name=disk0-file" \
+        -blockdev "driver=qcow2,file=disk0-file,node-name=$node" \
+        -device "virtio-blk-pci,drive=$node,id=disk0" \
+        -drive "file=$dir/disk1.qcow2,format=qcow2,if=none,id=drive1" \
         -device virtio-blk-pci,drive=drive1,id=disk1 \
-        -drive "file=$T/disk2.raw,format=raw,if=none,id=drive2" \
+        -drive "file=$dir/disk2.raw,format=raw,if=none,id=drive2" \
         -device virtio-blk-pci,drive=drive2,id=disk2 \
         -drive if=none,id=cd0,media=cdrom -device ide-cd,drive=cd0,bus=ide.0 \
-        -pidfile "$T/qemu.pid" -daemonize "$@"
+        -daemonize "$@"
+}
+
+# launch_vm [EXTRA QEMU ARGS...]: the test's VM (qmp.sock, test.sock,
+# qemu.pid).
+launch_vm() {
+    run_vm "" "$T" disk0-fmt -pidfile "$T/qemu.pid" "$@"
 }
 
 start_vm() {
@@ -279,6 +288,29 @@ pull_with_writes() {
         cat "$T/pull-$name.err" >&2
     fi
     return "$rc"
+}
+
+# two_disk_vm: a VM with disk0 and disk1, their shadows, and a few known
+# writes on each.
+two_disk_vm() {
+    start_vm
+    shadow_init disk0 disk1
+    gw disk0 0 $((4 << 20)) 17
+    gw disk1 $((5 << 20)) 2097152 51
+}
+
+# backup_chain INCS WRITES: a full backup of disk0 and disk1, then INCS
+# incrementals with WRITES random writes before each (and writes during
+# every copy). Their ids: $FULL, $INC1 ... $INC<INCS>.
+backup_chain() {
+    local n
+    pull_with_writes full "disk0 disk1"
+    FULL=$(jq -r .id "$T/pull-full.json")
+    for ((n = 1; n <= $1; n++)); do
+        random_writes "$2" disk0 disk1
+        pull_with_writes "inc$n" "disk0 disk1"
+        printf -v "INC$n" %s "$(jq -r .id "$T/pull-inc$n.json")"
+    done
 }
 
 # restore_matches NAME DISK [BACKUP-ID]: restore and compare byte by byte.

@@ -338,7 +338,6 @@ teardown() {
 }
 
 @test "offline: a missing image is a one-line error" {
-    common_setup
     run qbk-checkpoint --image "$T/nope.qcow2" list
     [ "$status" -eq 1 ]
     assert_one_line_error

@@ -9,19 +9,8 @@ load helpers
 
 setup() {
     common_setup
-    start_vm
-    shadow_init disk0 disk1
-    gw disk0 0 $((4 << 20)) 17
-    gw disk1 $((5 << 20)) 2097152 51
-    pull_with_writes full "disk0 disk1"
-    for n in 1 2 3; do
-        random_writes 6 disk0 disk1
-        pull_with_writes inc$n "disk0 disk1"
-    done
-    FULL=$(jq -r .id "$T/pull-full.json")
-    INC1=$(jq -r .id "$T/pull-inc1.json")
-    INC2=$(jq -r .id "$T/pull-inc2.json")
-    INC3=$(jq -r .id "$T/pull-inc3.json")
+    two_disk_vm
+    backup_chain 3 6
 }
 
 teardown() {

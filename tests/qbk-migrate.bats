@@ -8,19 +8,8 @@ load helpers
 
 # launch_dst: the destination, as launch_vm but waiting for a migration.
 launch_dst() {
-    rm -f "$T/dst-qmp.sock" "$T/dst-test.sock"
-    qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
-        -qmp "unix:$T/dst-qmp.sock,server=on,wait=off" \
-        -qmp "unix:$T/dst-test.sock,server=on,wait=off" \
-        -blockdev "driver=file,filename=$T/disk0.qcow2,node-name=disk0-file" \
-        -blockdev "driver=qcow2,file=disk0-file,node-name=${DST_NODE:-disk0-fmt}" \
-        -device "virtio-blk-pci,drive=${DST_NODE:-disk0-fmt},id=disk0" \
-        -drive "file=$T/disk1.qcow2,format=qcow2,if=none,id=drive1" \
-        -device virtio-blk-pci,drive=drive1,id=disk1 \
-        -drive "file=$T/disk2.raw,format=raw,if=none,id=drive2" \
-        -device virtio-blk-pci,drive=drive2,id=disk2 \
-        -drive if=none,id=cd0,media=cdrom -device ide-cd,drive=cd0,bus=ide.0 \
-        -incoming defer -pidfile "$T/dst.pid" -daemonize
+    run_vm dst- "$T" "${DST_NODE:-disk0-fmt}" -incoming defer \
+        -pidfile "$T/dst.pid"
 }
 
 dqmp() { qbk-qmp --qmp "$T/dst-test.sock" "$@"; }
@@ -49,10 +38,7 @@ become_dst() {
 
 setup() {
     common_setup
-    start_vm
-    shadow_init disk0 disk1
-    gw disk0 0 $((4 << 20)) 17
-    gw disk1 $((5 << 20)) 2097152 51
+    two_disk_vm
 }
 
 teardown() {
@@ -203,19 +189,7 @@ launch_dst_on_copies() {
     done
     mkdir -p "$T/copy"
     cp --sparse=always "$T/disk0.qcow2" "$T/disk1.qcow2" "$T/disk2.raw" "$T/copy/"
-    rm -f "$T/dst-qmp.sock" "$T/dst-test.sock"
-    qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
-        -qmp "unix:$T/dst-qmp.sock,server=on,wait=off" \
-        -qmp "unix:$T/dst-test.sock,server=on,wait=off" \
-        -blockdev "driver=file,filename=$T/copy/disk0.qcow2,node-name=disk0-file" \
-        -blockdev "driver=qcow2,file=disk0-file,node-name=disk0-fmt" \
-        -device virtio-blk-pci,drive=disk0-fmt,id=disk0 \
-        -drive "file=$T/copy/disk1.qcow2,format=qcow2,if=none,id=drive1" \
-        -device virtio-blk-pci,drive=drive1,id=disk1 \
-        -drive "file=$T/copy/disk2.raw,format=raw,if=none,id=drive2" \
-        -device virtio-blk-pci,drive=drive2,id=disk2 \
-        -drive if=none,id=cd0,media=cdrom -device ide-cd,drive=cd0,bus=ide.0 \
-        -incoming defer -pidfile "$T/dst.pid" -daemonize
+    run_vm dst- "$T/copy" disk0-fmt -incoming defer -pidfile "$T/dst.pid"
 }
 
 @test "separate copies of the images: checkpoints arrive intact; the next backup there is exact" {

@@ -195,7 +195,7 @@ notice_scenario() {
     QBK_QMP_TRACE="$T/qmp.trace" pull_with_writes b "disk0 disk1" --fleece B
     [ "$(jq .cbw_timeout_s "$T/pull-b.json")" -eq 4 ]
     # before QEMU 9.1 a timeout over 4 s wraps (60 s became 4.17 s)
-    grep '^-> ' "$T/qmp.trace" | sed 's/^-> //' |
+    sed -n 's/^[0-9.]* -> //p' "$T/qmp.trace" |
         jq -se '[.[] | select(.execute == "blockdev-add" and
             .arguments.driver == "copy-before-write") | .arguments."cbw-timeout"]
             | length == 3 and all(. == 4)'

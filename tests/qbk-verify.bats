@@ -8,18 +8,8 @@ load helpers
 
 setup() {
     common_setup
-    start_vm
-    shadow_init disk0 disk1
-    gw disk0 0 $((4 << 20)) 17
-    gw disk1 $((5 << 20)) 2097152 51
-    pull_with_writes full "disk0 disk1"
-    random_writes 4 disk0 disk1
-    pull_with_writes inc1 "disk0 disk1"
-    random_writes 4 disk0 disk1
-    pull_with_writes inc2 "disk0 disk1"
-    FULL=$(jq -r .id "$T/pull-full.json")
-    INC1=$(jq -r .id "$T/pull-inc1.json")
-    INC2=$(jq -r .id "$T/pull-inc2.json")
+    two_disk_vm
+    backup_chain 2 4
 }
 
 teardown() {

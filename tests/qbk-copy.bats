@@ -1,0 +1,91 @@
+#!/usr/bin/env bats
+# qbk-copy: the copier on its own, between real qemu-nbd exports named by
+# NBD URIs (in a directory whose name needs percent-encoding) and into a
+# local raw file. Correctness is byte-for-byte equality and equal digests.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+setup() {
+    common_setup
+    D="$T/odd dir,a&b"
+    mkdir "$D"
+    # 24 MiB: data, a hole, zeros written out, data at the very end
+    truncate -s 24M "$D/src.raw"
+    head -c $((5 << 20)) /dev/urandom |
+        dd of="$D/src.raw" bs=1M conv=notrunc status=none
+    head -c $((3 << 20)) /dev/zero |
+        dd of="$D/src.raw" bs=1M seek=12 conv=notrunc status=none
+    head -c $((1 << 20)) /dev/urandom |
+        dd of="$D/src.raw" bs=1M seek=23 conv=notrunc status=none
+    qemu-nbd --fork --persistent --read-only -f raw --export-name=disk0 --shared=8 \
+        --socket="$D/src.sock" --pid-file="$T/src.pid" "$D/src.raw"
+    SRC="nbd+unix:///disk0?socket=$(uri_escape "$D/src.sock")"
+}
+
+teardown() {
+    common_teardown
+}
+
+# uri_escape TEXT: TEXT percent-encoded for a URI's query
+uri_escape() {
+    jq -rn --arg s "$1" '$s | @uri'
+}
+
+# serve_target NAME: an empty raw image of the source's size, writable
+# over NBD; its URI in $DST.
+serve_target() {
+    truncate -s 24M "$D/$1.raw"
+    qemu-nbd --fork -f raw --cache=none --export-name="$1" \
+        --socket="$D/$1.sock" --pid-file="$T/$1.pid" "$D/$1.raw"
+    DST="nbd+unix:///$1?socket=$(uri_escape "$D/$1.sock")"
+}
+
+@test "an export into a raw file and into another export: exact, equal digests" {
+    run -0 qbk-copy --digests "$T/a.dig" --json "$SRC" "$D/out.raw"
+    cmp "$D/src.raw" "$D/out.raw"
+    [ "$(stat -c %a "$D/out.raw")" = 600 ]
+    [ "$(jq .size <<<"$output")" -eq $((24 << 20)) ]
+    # 9 MiB allocated (zeros written out are data to a raw file): the
+    # 15 MiB of holes are not read
+    [ "$(jq .bytes_read <<<"$output")" -le $((9 << 20)) ]
+    sum_file=$(jq -r .checksum <<<"$output")
+
+    serve_target dst
+    run -0 qbk-copy --digests "$T/b.dig" --requests 4 --connections 2 \
+        "$SRC" "$DST"
+    sum_nbd=$output
+    kill -TERM "$(cat "$T/dst.pid")"
+    wait_gone "$(cat "$T/dst.pid")"
+    cmp "$D/src.raw" "$D/dst.raw"
+    [ "$sum_nbd" = "$sum_file" ]
+    cmp "$T/a.dig" "$T/b.dig"
+}
+
+@test "no URI, an unreachable export, a target of another size: one-line errors, exit 2 or 1" {
+    run -2 qbk-copy "$D/src.raw" "$D/out.raw"
+    assert_one_line_error
+    [[ "$output" == *"is not an NBD URI"* ]]
+
+    run -1 qbk-copy "nbd+unix:///disk0?socket=$(uri_escape "$D/none.sock")" \
+        "$D/out.raw"
+    assert_one_line_error
+    [[ "$output" == *"cannot open NBD export"* ]]
+    [ ! -e "$D/out.raw" ]
+
+    run -1 qbk-copy "nbd+unix:///nosuch?socket=$(uri_escape "$D/src.sock")" \
+        "$D/out.raw"
+    assert_one_line_error
+    [ ! -e "$D/out.raw" ]
+
+    serve_target small
+    kill -TERM "$(cat "$T/small.pid")"
+    wait_gone "$(cat "$T/small.pid")"
+    truncate -s 20M "$D/small.raw"
+    qemu-nbd --fork -f raw --export-name=small --socket="$D/small.sock" \
+        --pid-file="$T/small.pid" "$D/small.raw"
+    run -1 qbk-copy "$SRC" "$DST"
+    assert_one_line_error
+    [[ "$output" == *"differ in size"* ]]
+    cmp <(head -c 20M /dev/zero) "$D/small.raw"
+}
