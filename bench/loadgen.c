@@ -107,7 +107,14 @@ static void usage(void)
     exit(2);
 }
 
-int main(int argc, char **argv)
+typedef struct {
+    double seconds, rate, hot_fraction, hot_share;
+    uint64_t min, max, spots, seed;
+    const char *log_path;
+    const char *uri;
+} Options;
+
+static void parse_options(int argc, char **argv, Options *o)
 {
     static const struct option longopts[] = {
         { "seconds", required_argument, NULL, 's' },
@@ -121,80 +128,160 @@ int main(int argc, char **argv)
         { "log", required_argument, NULL, 'l' },
         { NULL },
     };
-    double seconds = 0, rate = 0, hot_fraction = 0.05, hot_share = 0.9;
-    uint64_t min = 4096, max = 65536, spots = 4, seed = 1;
-    const char *log_path = NULL;
-    struct nbd_handle *nbd;
-    FILE *log = NULL;
-    uint64_t *lat = NULL, nlat = 0, cap = 0, bytes = 0;
-    uint64_t size, hot_len, hot_start[64], t0, next;
-    unsigned char *buf;
-    struct sigaction sa = { .sa_handler = on_stop, .sa_flags = SA_RESTART };
-    struct sigaction sm = { .sa_handler = on_mark, .sa_flags = SA_RESTART };
     int c;
 
+    *o = (Options){ .hot_fraction = 0.05,
+                    .hot_share = 0.9,
+                    .min = 4096,
+                    .max = 65536,
+                    .spots = 4,
+                    .seed = 1 };
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
         case 's':
-            seconds = atof(optarg);
+            o->seconds = atof(optarg);
             break;
         case 'r':
-            rate = atof(optarg);
+            o->rate = atof(optarg);
             break;
         case 'm':
-            min = parse_size(optarg);
+            o->min = parse_size(optarg);
             break;
         case 'M':
-            max = parse_size(optarg);
+            o->max = parse_size(optarg);
             break;
         case 'h':
-            spots = strtoull(optarg, NULL, 10);
+            o->spots = strtoull(optarg, NULL, 10);
             break;
         case 'f':
-            hot_fraction = atof(optarg);
+            o->hot_fraction = atof(optarg);
             break;
         case 'S':
-            hot_share = atof(optarg);
+            o->hot_share = atof(optarg);
             break;
         case 'e':
-            seed = strtoull(optarg, NULL, 10);
+            o->seed = strtoull(optarg, NULL, 10);
             break;
         case 'l':
-            log_path = optarg;
+            o->log_path = optarg;
             break;
         default:
             usage();
         }
     }
-    if (optind + 1 != argc || min < ALIGN || max < min || spots > 64 ||
-        hot_fraction <= 0 || hot_fraction > 1) {
+    if (optind + 1 != argc || o->min < ALIGN || o->max < o->min ||
+        o->spots > 64 || o->hot_fraction <= 0 || o->hot_fraction > 1) {
         usage();
     }
-    rng_state ^= seed * 0xbf58476d1ce4e5b9u; /* never 0: xorshift stays 0 */
+    o->uri = argv[optind];
+}
+
+/* Where the next write of LEN goes: in a hot spot (HOT_LEN bytes at each
+ * of HOT_START) with probability hot_share, else anywhere in SIZE. */
+static uint64_t pick_offset(const Options *o, uint64_t size, uint64_t len,
+                            uint64_t hot_len, const uint64_t *hot_start)
+{
+    if (o->spots && hot_len >= len &&
+        rng_below(1000000) < o->hot_share * 1000000) {
+        uint64_t s = hot_start[rng_below(o->spots)];
+
+        return s + rng_below((hot_len - len) / ALIGN + 1) * ALIGN;
+    }
+    return rng_below((size - len) / ALIGN + 1) * ALIGN;
+}
+
+/* Sleep until *NEXT, then move it on by one write at RATE per second. */
+static void pace(uint64_t *next, double rate)
+{
+    uint64_t t = now_ns();
+
+    if (t < *next) {
+        struct timespec ts = { .tv_sec = (*next - t) / 1000000000u,
+                               .tv_nsec = (*next - t) % 1000000000u };
+
+        nanosleep(&ts, NULL);
+    }
+    *next += (uint64_t)(1e9 / rate);
+}
+
+/* One write done: to the log (with any marks a signal asked for) and to
+ * the latencies. */
+typedef struct {
+    FILE *log;
+    uint64_t *lat, nlat, cap, bytes;
+} Record;
+
+static void record(Record *r, uint64_t start, uint64_t took, uint64_t off,
+                   uint64_t len)
+{
+    for (int m = 1; m <= 2; m++) {
+        if (mark_pending[m]) {
+            mark_pending[m] = 0;
+            if (r->log) {
+                fprintf(r->log, "%" PRIu64 " mark %d\n", now_ns(), m);
+            }
+        }
+    }
+    if (r->log) {
+        fprintf(r->log, "%" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "\n",
+                start, took, off, len);
+    }
+    if (r->nlat == r->cap) {
+        r->cap = r->cap ? r->cap * 2 : 65536;
+        r->lat = realloc(r->lat, r->cap * sizeof(*r->lat));
+    }
+    r->lat[r->nlat++] = took;
+    r->bytes += len;
+}
+
+static void print_summary(Record *r, uint64_t t0)
+{
+    uint64_t n = r->nlat;
+
+    qsort(r->lat, n, sizeof(*r->lat), cmp_u64);
+    printf("{\"writes\": %" PRIu64 ", \"bytes\": %" PRIu64
+           ", \"seconds\": %.3f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
+           "\"max_ms\": %.3f}\n",
+           n, r->bytes, (now_ns() - t0) / 1e9, n ? r->lat[n / 2] / 1e6 : 0.0,
+           n ? r->lat[n * 99 / 100] / 1e6 : 0.0, n ? r->lat[n - 1] / 1e6 : 0.0);
+}
+
+int main(int argc, char **argv)
+{
+    Options o;
+    Record r = { 0 };
+    struct nbd_handle *nbd;
+    uint64_t size, hot_len, hot_start[64], t0, next;
+    unsigned char *buf;
+    struct sigaction sa = { .sa_handler = on_stop, .sa_flags = SA_RESTART };
+    struct sigaction sm = { .sa_handler = on_mark, .sa_flags = SA_RESTART };
+
+    parse_options(argc, argv, &o);
+    rng_state ^= o.seed * 0xbf58476d1ce4e5b9u; /* never 0: xorshift stays 0 */
     if (!rng_state) {
         rng_state = 1;
     }
     nbd = nbd_create();
-    if (!nbd || nbd_connect_uri(nbd, argv[optind]) < 0) {
+    if (!nbd || nbd_connect_uri(nbd, o.uri) < 0) {
         fprintf(stderr, "qbk-loadgen: %s\n", nbd_get_error());
         return 1;
     }
     size = (uint64_t)nbd_get_size(nbd);
-    if (nbd_is_read_only(nbd) == 1 || size < max * 2) {
+    if (nbd_is_read_only(nbd) == 1 || size < o.max * 2) {
         fprintf(stderr, "qbk-loadgen: the export is read-only or too small\n");
         return 1;
     }
-    if (log_path && !(log = fopen(log_path, "w"))) {
-        fprintf(stderr, "qbk-loadgen: %s: %s\n", log_path, strerror(errno));
+    if (o.log_path && !(r.log = fopen(o.log_path, "w"))) {
+        fprintf(stderr, "qbk-loadgen: %s: %s\n", o.log_path, strerror(errno));
         return 1;
     }
-    buf = aligned_alloc(ALIGN, max + ALIGN);
-    for (uint64_t i = 0; i < (max + ALIGN) / 8; i++) {
+    buf = aligned_alloc(ALIGN, o.max + ALIGN);
+    for (uint64_t i = 0; i < (o.max + ALIGN) / 8; i++) {
         ((uint64_t *)buf)[i] = rng();
     }
-    hot_len = spots ? (uint64_t)(size * hot_fraction / spots) : 0;
+    hot_len = o.spots ? (uint64_t)(size * o.hot_fraction / o.spots) : 0;
     hot_len -= hot_len % ALIGN;
-    for (uint64_t i = 0; i < spots; i++) {
+    for (uint64_t i = 0; i < o.spots; i++) {
         hot_start[i] = rng_below((size - hot_len) / ALIGN) * ALIGN;
     }
     sigaction(SIGTERM, &sa, NULL);
@@ -203,28 +290,13 @@ int main(int argc, char **argv)
     sigaction(SIGUSR2, &sm, NULL);
 
     t0 = next = now_ns();
-    while (!stop && (!seconds || now_ns() - t0 < seconds * 1e9)) {
-        uint64_t len = min + rng_below((max - min) / ALIGN + 1) * ALIGN;
-        uint64_t off, start, took;
+    while (!stop && (!o.seconds || now_ns() - t0 < o.seconds * 1e9)) {
+        uint64_t len = o.min + rng_below((o.max - o.min) / ALIGN + 1) * ALIGN;
+        uint64_t off = pick_offset(&o, size, len, hot_len, hot_start);
+        uint64_t start;
 
-        if (spots && hot_len >= len &&
-            rng_below(1000000) < hot_share * 1000000) {
-            uint64_t s = hot_start[rng_below(spots)];
-
-            off = s + rng_below((hot_len - len) / ALIGN + 1) * ALIGN;
-        } else {
-            off = rng_below((size - len) / ALIGN + 1) * ALIGN;
-        }
-        if (rate > 0) {
-            uint64_t t = now_ns();
-
-            if (t < next) {
-                struct timespec ts = { .tv_sec = (next - t) / 1000000000u,
-                                       .tv_nsec = (next - t) % 1000000000u };
-
-                nanosleep(&ts, NULL);
-            }
-            next += (uint64_t)(1e9 / rate);
+        if (o.rate > 0) {
+            pace(&next, o.rate);
         }
         /* a different buffer start each time: no two writes alike */
         start = now_ns();
@@ -236,39 +308,15 @@ int main(int argc, char **argv)
                     nbd_get_error());
             return 1;
         }
-        took = now_ns() - start;
-        for (int m = 1; m <= 2; m++) {
-            if (mark_pending[m]) {
-                mark_pending[m] = 0;
-                if (log) {
-                    fprintf(log, "%" PRIu64 " mark %d\n", now_ns(), m);
-                }
-            }
-        }
-        if (log) {
-            fprintf(log, "%" PRIu64 " %" PRIu64 " %" PRIu64 " %" PRIu64 "\n",
-                    start, took, off, len);
-        }
-        if (nlat == cap) {
-            cap = cap ? cap * 2 : 65536;
-            lat = realloc(lat, cap * sizeof(*lat));
-        }
-        lat[nlat++] = took;
-        bytes += len;
+        record(&r, start, now_ns() - start, off, len);
     }
-    if (log) {
-        fclose(log);
+    if (r.log) {
+        fclose(r.log);
     }
     nbd_shutdown(nbd, 0);
     nbd_close(nbd);
-    qsort(lat, nlat, sizeof(*lat), cmp_u64);
-    printf("{\"writes\": %" PRIu64 ", \"bytes\": %" PRIu64
-           ", \"seconds\": %.3f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
-           "\"max_ms\": %.3f}\n",
-           nlat, bytes, (now_ns() - t0) / 1e9, nlat ? lat[nlat / 2] / 1e6 : 0.0,
-           nlat ? lat[nlat * 99 / 100] / 1e6 : 0.0,
-           nlat ? lat[nlat - 1] / 1e6 : 0.0);
-    free(lat);
+    print_summary(&r, t0);
+    free(r.lat);
     free(buf);
     return 0;
 }
