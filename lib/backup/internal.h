@@ -59,12 +59,9 @@ typedef struct {
     char *socket; /* NBD server of the daemon */
 } Target;
 
-/*
- * Create IMAGE (qcow2, SIZE bytes) with BACKING (a file name relative to
- * IMAGE's directory, or NULL for a full backup) of BACKING_FORMAT.
- */
-bool target_create_image(const char *image, guint64 size, const char *backing,
-                         const char *backing_format, GError **error);
+/* Create the N new images of IMGS at once (a full backup's has no
+ * backing file); none is left on failure. */
+bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error);
 
 /* Serve IMAGES[i] as export NAMES[i]. */
 Target *target_start(char **images, char **names, GError **error);
@@ -95,7 +92,6 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
 bool nbd_server_stop(NbdServer *s, GError **error);
 
 /* ---- undoing killed backups (recover.c) ---- */
-
 
 /* Record in MANIFEST, the partial manifest of backup ID, that it failed
  * and why, and write it. */

@@ -514,10 +514,12 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
         if (plan->parent) {
             backing = repo_image_name(plan->parent_id, plan->parent->format);
         }
-        ok = target_create_image(
-            tmp, plan->to->size, backing,
-            plan->parent ? repo_format_name(plan->parent->format) : NULL,
-            error);
+        QemuImgCreate img = { tmp, plan->to->size, backing,
+                              plan->parent
+                                  ? repo_format_name(plan->parent->format)
+                                  : NULL };
+
+        ok = target_create_images(&img, 1, error);
         /* opened above the new parent's chain, named explicitly */
         target =
             repo_chain_filename(repo, plan->chain, plan->at + 1, disk, tmp);

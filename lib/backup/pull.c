@@ -515,6 +515,7 @@ static bool fleece(Pull *p, GError **error)
     g_autoptr(QmpTransaction) later =
         p->scheme->insert ? qmp_transaction_new() : NULL;
     g_autoptr(GPtrArray) targets = g_ptr_array_new();
+    g_autofree guint64 *sizes = g_new(guint64, p->pds->len);
 
     /* From here on the VM holds this backup's objects: a run that finds
      * this mark without its qbk-pull undoes them. */
@@ -526,6 +527,14 @@ static bool fleece(Pull *p, GError **error)
         PullDisk *pd = p->pds->pdata[i];
 
         g_ptr_array_add(p->fds, pd->fd); /* torn down even if half added */
+        sizes[i] = pd->qd->size;
+    }
+    if (!fleece_create_scratch(p->fds, sizes, error)) {
+        return false;
+    }
+    for (guint i = 0; i < p->pds->len; i++) {
+        PullDisk *pd = p->pds->pdata[i];
+
         if (!p->scheme->add(p->qmp, pd->fd, pd->qd->size, error)) {
             return false;
         }
@@ -614,10 +623,12 @@ static bool make_targets(Pull *p, GError **error)
 {
     g_autoptr(GPtrArray) images = g_ptr_array_new();
     g_autoptr(GPtrArray) names = g_ptr_array_new();
+    g_autoptr(GPtrArray) backings = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GArray) create = g_array_new(FALSE, TRUE, sizeof(QemuImgCreate));
 
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
-        g_autofree char *backing = NULL;
+        char *backing = NULL;
 
         if (!repo_make_disk_dir(p->repo, pd->qd->id, error)) {
             return false;
@@ -627,16 +638,21 @@ static bool make_targets(Pull *p, GError **error)
         }
         if (pd->parent) {
             backing = repo_image_name(pd->parent, pd->parent_format);
+            g_ptr_array_add(backings, backing);
         }
-        if (!target_create_image(pd->image, pd->qd->size, backing,
-                                 repo_format_name(pd->parent_format), error)) {
-            return false;
-        }
+        g_array_append_val(
+            create, ((QemuImgCreate){ pd->image, pd->qd->size, backing,
+                                      repo_format_name(pd->parent_format) }));
         g_ptr_array_add(images, pd->image);
         g_ptr_array_add(names, pd->qd->id);
     }
     if (images->len == 0) {
         return true;
+    }
+    /* all at once: each is a qemu-img run with an fsync or two */
+    if (!target_create_images((QemuImgCreate *)create->data, create->len,
+                              error)) {
+        return false;
     }
     g_ptr_array_add(images, NULL);
     g_ptr_array_add(names, NULL);

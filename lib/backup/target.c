@@ -8,12 +8,11 @@
 
 #include "internal.h"
 
-bool target_create_image(const char *image, guint64 size, const char *backing,
-                         const char *backing_format, GError **error)
+bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error)
 {
     GError *local = NULL;
 
-    if (!qemu_img_create(image, size, backing, backing_format, &local)) {
+    if (!qemu_img_create_all(imgs, n, &local)) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s",
                     local->message);
         g_error_free(local);

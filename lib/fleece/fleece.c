@@ -71,18 +71,31 @@ static void merge_into(json_object *to, json_object *from)
     json_object_put(from);
 }
 
+bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
+{
+    g_autoptr(GArray) imgs = g_array_new(FALSE, TRUE, sizeof(QemuImgCreate));
+    g_autoptr(GError) local = NULL;
+
+    for (guint i = 0; i < fds->len; i++) {
+        FleeceDisk *fd = fds->pdata[i];
+
+        g_array_append_val(
+            imgs, ((QemuImgCreate){ .image = fd->file, .size = sizes[i] }));
+    }
+    if (!qemu_img_create_all((QemuImgCreate *)imgs->data, imgs->len, &local)) {
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
+                    "cannot create the scratch images: %s", local->message);
+        return false;
+    }
+    return true;
+}
+
 bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
                         json_object *options, GError **error)
 {
-    g_autoptr(GError) local = NULL;
     json_object *args, *file;
 
-    if (!qemu_img_create(fd->file, size, NULL, NULL, &local)) {
-        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
-                    "cannot create a scratch image: %s", local->message);
-        json_object_put(options);
-        return false;
-    }
+    (void)size; /* made by fleece_create_scratch */
     args = json_object_new_object();
     file = json_object_new_object();
     qmp_json_set_string(file, "driver", "file");

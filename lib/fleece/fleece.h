@@ -54,8 +54,9 @@ struct FleeceScheme {
     guint cbw_timeout_s;        /* longest wait of a guest write, or 0 */
 
     /*
-     * Add what goes in before the point in time: the scratch image (SIZE
-     * bytes) and node, and (B) the filter, not yet in the guest's path.
+     * Add what goes in before the point in time: the scratch node (on the
+     * image fleece_create_scratch made, SIZE bytes), and (B) the filter,
+     * not yet in the guest's path.
      */
     bool (*add)(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error);
     /* Actions of the point-in-time transaction (A: the backup job). */
@@ -86,6 +87,12 @@ FleeceDisk *fleece_disk_new(const FleeceScheme *scheme, const char *disk,
                             const char *node, guint index, const char *tag,
                             const char *scratch_dir);
 void fleece_disk_free(FleeceDisk *fd);
+
+/* The scratch images of FDS (FleeceDisk*), SIZES[i] bytes each, made at
+ * once before the schemes' add (each is a qemu-img run); none is left on
+ * failure. */
+bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes,
+                           GError **error);
 
 /*
  * Whether scheme B can be used for disk NODE: the filter goes right above

@@ -106,6 +106,66 @@ bool util_run(const char *const *argv, const char *cwd, char **out,
     return true;
 }
 
+/* The standard error of a child, read to its end (the child may be
+ * blocked writing it until then). */
+static char *read_all(int fd)
+{
+    GString *text = g_string_new(NULL);
+    char buf[4096];
+    ssize_t n;
+
+    while ((n = read(fd, buf, sizeof(buf))) > 0 || (n < 0 && errno == EINTR)) {
+        if (n > 0) {
+            g_string_append_len(text, buf, n);
+        }
+    }
+    close(fd);
+    return g_string_free(text, FALSE);
+}
+
+bool util_run_all(const char *const *const *argvs, const char *const *cwds,
+                  guint n, GError **error)
+{
+    g_autofree GPid *pids = g_new0(GPid, n);
+    g_autofree int *errfds = g_new(int, n);
+    GError *first = NULL;
+
+    for (guint i = 0; i < n && !first; i++) {
+        g_autoptr(GError) local = NULL;
+
+        if (!g_spawn_async_with_pipes(
+                cwds ? cwds[i] : NULL, (char **)argvs[i], NULL,
+                G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD |
+                    G_SPAWN_STDOUT_TO_DEV_NULL,
+                util_child_setup, NULL, &pids[i], NULL, NULL, &errfds[i],
+                &local)) {
+            first =
+                g_error_new(UTIL_ERROR, UTIL_ERROR_SPAWN, "cannot run %s: %s",
+                            argvs[i][0], local->message);
+            pids[i] = 0;
+        }
+    }
+    /* every child started is waited for, even after a failure */
+    for (guint i = 0; i < n && pids[i]; i++) {
+        g_autofree char *err = read_all(errfds[i]);
+        int status = 0;
+
+        while (waitpid(pids[i], &status, 0) < 0 && errno == EINTR) {
+        }
+
+        if (!first && !g_spawn_check_wait_status(status, NULL)) {
+            first = g_error_new(UTIL_ERROR, UTIL_ERROR_EXIT, "%s",
+                                *g_strstrip(err) ? err
+                                                 : "failed without a message");
+        }
+    }
+    if (first) {
+        g_propagate_error(error, first);
+        return false;
+    }
+    return true;
+}
+
 int util_listen_unix(const char *path, GError **error)
 {
     struct sockaddr_un addr = { .sun_family = AF_UNIX };

@@ -8,46 +8,85 @@
 
 #include "util.h"
 
+/* The command line of IMG's creation (strings owned by ARGV), run in the
+ * image's directory, which goes to *DIR. */
+static GPtrArray *create_argv(const QemuImgCreate *img, char **dir)
+{
+    g_autofree char *abs = g_canonicalize_filename(img->image, NULL);
+    GPtrArray *argv = g_ptr_array_new_with_free_func(g_free);
+    const char *fixed[] = { "qemu-img", "create", "-q", "-f", "qcow2" };
+
+    for (guint i = 0; i < G_N_ELEMENTS(fixed); i++) {
+        g_ptr_array_add(argv, g_strdup(fixed[i]));
+    }
+    if (img->backing) {
+        /* Not opened: the size is given and qbk checked the chain. */
+        g_ptr_array_add(argv, g_strdup("-u"));
+        g_ptr_array_add(argv, g_strdup("-b"));
+        g_ptr_array_add(argv, g_strdup(img->backing));
+        g_ptr_array_add(argv, g_strdup("-F"));
+        g_ptr_array_add(argv, g_strdup(img->backing_format ? img->backing_format
+                                                           : "qcow2"));
+    }
+    g_ptr_array_add(argv, g_strdup(abs));
+    g_ptr_array_add(argv, g_strdup_printf("%" G_GUINT64_FORMAT, img->size));
+    g_ptr_array_add(argv, NULL);
+    *dir = g_path_get_dirname(abs);
+    return argv;
+}
+
+bool qemu_img_create_all(const QemuImgCreate *imgs, guint n, GError **error)
+{
+    g_autoptr(GPtrArray) argvs =
+        g_ptr_array_new_with_free_func((GDestroyNotify)g_ptr_array_unref);
+    g_autoptr(GPtrArray) dirs = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) pdatas = g_ptr_array_new();
+    guint made = 0;
+    bool ok = true;
+
+    /* Ours alone from the start: qemu-img then writes into these files
+     * (never a planted link), and their mode is kept. */
+    for (; made < n; made++) {
+        int fd =
+            open(imgs[made].image,
+                 O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+
+        if (fd < 0) {
+            g_set_error(error, UTIL_ERROR, UTIL_ERROR_IO,
+                        "cannot create image '%s': %s", imgs[made].image,
+                        g_strerror(errno));
+            ok = false;
+            break;
+        }
+        close(fd);
+    }
+    for (guint i = 0; ok && i < n; i++) {
+        char *dir;
+        GPtrArray *argv = create_argv(&imgs[i], &dir);
+
+        g_ptr_array_add(argvs, argv);
+        g_ptr_array_add(pdatas, argv->pdata);
+        g_ptr_array_add(dirs, dir);
+    }
+    /* Relative backing names resolve from each image's directory. */
+    if (ok && !util_run_all((const char *const *const *)pdatas->pdata,
+                            (const char *const *)dirs->pdata, n, error)) {
+        g_prefix_error(error, "cannot create image%s '%s'%s: ",
+                       n > 1 ? "s" : "", imgs[0].image, n > 1 ? " ..." : "");
+        ok = false;
+    }
+    for (guint i = 0; !ok && i < made; i++) {
+        unlink(imgs[i].image);
+    }
+    return ok;
+}
+
 bool qemu_img_create(const char *image, guint64 size, const char *backing,
                      const char *backing_format, GError **error)
 {
-    g_autofree char *size_s = g_strdup_printf("%" G_GUINT64_FORMAT, size);
-    g_autofree char *abs = g_canonicalize_filename(image, NULL);
-    g_autofree char *dir = g_path_get_dirname(abs);
-    g_autoptr(GPtrArray) argv = g_ptr_array_new();
-    int fd;
+    QemuImgCreate img = { image, size, backing, backing_format };
 
-    /* Ours alone from the start: qemu-img then writes into this file
-     * (never a planted link), and its mode is kept. */
-    fd = open(abs, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        g_set_error(error, UTIL_ERROR, UTIL_ERROR_IO,
-                    "cannot create image '%s': %s", image, g_strerror(errno));
-        return false;
-    }
-    close(fd);
-    g_ptr_array_add(argv, "qemu-img");
-    g_ptr_array_add(argv, "create");
-    g_ptr_array_add(argv, "-q");
-    g_ptr_array_add(argv, "-f");
-    g_ptr_array_add(argv, "qcow2");
-    if (backing) {
-        g_ptr_array_add(argv, "-b");
-        g_ptr_array_add(argv, (char *)backing);
-        g_ptr_array_add(argv, "-F");
-        g_ptr_array_add(argv,
-                        (char *)(backing_format ? backing_format : "qcow2"));
-    }
-    g_ptr_array_add(argv, abs);
-    g_ptr_array_add(argv, size_s);
-    g_ptr_array_add(argv, NULL);
-    /* Relative backing names resolve from the image's directory. */
-    if (!util_run((const char *const *)argv->pdata, dir, NULL, error)) {
-        g_prefix_error(error, "cannot create image '%s': ", image);
-        unlink(abs);
-        return false;
-    }
-    return true;
+    return qemu_img_create_all(&img, 1, error);
 }
 
 json_object *qemu_img_json(const char *const *args, GError **error)

@@ -100,6 +100,14 @@ bool util_run(const char *const *argv, const char *cwd, char **out,
               GError **error);
 
 /*
+ * Run N programs at once (ARGVS[i] in directory CWDS[i]; CWDS may be NULL)
+ * and wait for all of them; their output is dropped. Fails with the first
+ * failure (as util_run) once every one that started has ended.
+ */
+bool util_run_all(const char *const *const *argvs, const char *const *cwds,
+                  guint n, GError **error);
+
+/*
  * Start ARGV with a unix socket bound at SOCKET and already listening as
  * its file descriptor 3; ACTIVATION also sets LISTEN_FDS=1 and LISTEN_PID
  * (systemd's socket activation, which qemu-nbd follows; QEMU's own
@@ -119,11 +127,23 @@ int util_listen_unix(const char *path, GError **error);
 
 /* ---- qemu-img (qemu-img.c) ---- */
 
+/* A qcow2 image to make: IMAGE of SIZE bytes on BACKING (a file name
+ * relative to IMAGE's directory, or NULL) of BACKING_FORMAT. */
+typedef struct {
+    const char *image;
+    guint64 size;
+    const char *backing;
+    const char *backing_format; /* NULL: qcow2 */
+} QemuImgCreate;
+
 /*
- * Create IMAGE (qcow2, SIZE bytes) with BACKING (a file name relative to
- * IMAGE's directory, or NULL) of BACKING_FORMAT. IMAGE must not exist: it
- * is created here exclusively, owner-only, never through a symbolic link.
+ * Create the N images of IMGS at once (qemu-img each, run concurrently).
+ * No image may exist: each is created here exclusively, owner-only, never
+ * through a symbolic link. On failure none is left.
  */
+bool qemu_img_create_all(const QemuImgCreate *imgs, guint n, GError **error);
+
+/* One image, as qemu_img_create_all. */
 bool qemu_img_create(const char *image, guint64 size, const char *backing,
                      const char *backing_format, GError **error);
 
