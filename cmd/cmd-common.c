@@ -354,6 +354,7 @@ int cmd_backup_exit_code(const GError *error)
     case BACKUP_ERROR_NOT_FOUND:
     case BACKUP_ERROR_NOT_IN_CHAIN:
     case BACKUP_ERROR_USAGE:
+    case BACKUP_ERROR_DISK_ID:
         return QBK_EXIT_USAGE;
     default:
         return QBK_EXIT_FAILURE;
@@ -364,6 +365,10 @@ const char *cmd_hint(const GError *error)
 {
     if (g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_LEFTOVER)) {
         return " (run 'qbk-checkpoint check --repair' to undo it)";
+    }
+    if (g_error_matches(error, BACKUP_ERROR, BACKUP_ERROR_DISK_ID)) {
+        return " (give the device an id, or name the node with --node "
+               "NODE=ID)";
     }
     if (g_error_matches(error, FLEECE_ERROR, FLEECE_ERROR_SERVER_RUNNING)) {
         return " (give its socket with --nbd-server SOCKET)";

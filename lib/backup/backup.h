@@ -30,6 +30,7 @@ typedef enum {
     BACKUP_ERROR_LEFTOVER,     /* a killed backup of another repository left
                                   state in the VM that must be undone first */
     BACKUP_ERROR_USAGE,        /* an option out of its bounds */
+    BACKUP_ERROR_DISK_ID,      /* a disk's id cannot name its directory */
 } BackupErrorCode;
 
 typedef enum {

@@ -955,7 +955,7 @@ static bool choose_scheme(Pull *p, int version, GError **error)
     } else if (p->export_only) {
         why = g_strdup("--export-only serves another NBD client");
     } else if (p->opts->fleece == BACKUP_FLEECE_A) {
-        why = g_strdup("--fleece A");
+        why = g_strdup("scheme A was asked for");
     } else if (p->pds->len > 1 && !can_pause(p->qmp)) {
         why = g_strdup("QEMU cannot pause to fleece several disks at once");
     }
@@ -997,10 +997,8 @@ static bool select_disks(Pull *p, GError **error)
             continue;
         }
         if (!repo_check_name("disk", qd->id, &local)) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
-                        "the VM's %s (give the device an id, or name the "
-                        "node with --node NODE=ID)",
-                        local->message);
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_DISK_ID,
+                        "the VM's %s", local->message);
             return false;
         }
         if (!g_hash_table_add(ids, qd->id)) {
