@@ -16,12 +16,6 @@ teardown() {
     common_teardown
 }
 
-# an allocated data cluster's host offset in a qcow2 image
-data_offset() {
-    qemu-img map --output=json -f qcow2 "$1" |
-        jq -r '[.[] | select(.data and .depth == 0 and .offset != null)][0].offset'
-}
-
 @test "every backup of every disk verifies; --json, --backup, --disk" {
     run qbk-verify --repo "$T/repo"
     echo "$output"
@@ -38,9 +32,24 @@ data_offset() {
     run -2 qbk-verify --repo "$T/repo" --disk nosuch
 }
 
+# unshadowed_offset IMAGE ABOVE: the host offset of a data cluster of IMAGE
+# that the next link ABOVE does not overwrite (reads of ABOVE's chain go
+# through it)
+unshadowed_offset() {
+    local above
+    above=$(qemu-img map --output=json -f qcow2 "$2" |
+        jq -c '[.[] | select(.depth == 0 and .data) | [.start, .start + .length]]')
+    qemu-img map --output=json -f qcow2 "$1" |
+        jq -r --argjson above "$above" '[.[] | select(.data and .depth == 0 and
+            .offset != null) | . as $e | range(0; .length; 65536) as $d |
+            {start: ($e.start + $d), offset: ($e.offset + $d)} |
+            select(.start as $s | all($above[]; .[1] <= $s or .[0] >= $s + 65536))
+            ][0].offset'
+}
+
 @test "a flipped byte in a link: mismatch, the offset named, later backups fail too" {
     img=$T/repo/disks/disk0/$INC1.qcow2
-    off=$(data_offset "$img")
+    off=$(unshadowed_offset "$img" "$T/repo/disks/disk0/$INC2.qcow2")
     [ "$off" != null ]
     printf '\xff' | dd of="$img" bs=1 seek="$((off + 1000))" conv=notrunc status=none
     run -1 qbk-verify --repo "$T/repo" --disk disk0
