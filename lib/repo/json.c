@@ -17,39 +17,42 @@ bool repo_corrupt(GError **error, const char *fmt, ...)
     return false;
 }
 
-/* The member KEY of O: false if absent or null (and then an error unless
- * OPTIONAL, *OK says whether to go on). */
-static json_object *member(json_object *o, const char *key, bool optional,
-                           const char *what, bool *ok, GError **error)
+/* The member KEY of O in *V, if it is of TYPE (IS_NOT says what it then is
+ * not); NULL if absent or null, which is an error unless OPTIONAL. */
+static bool member(json_object *o, const char *key, bool optional,
+                   json_type type, const char *is_not, const char *what,
+                   json_object **v, GError **error)
 {
-    json_object *v = NULL;
+    json_object *m = NULL;
 
-    *ok = true;
-    if (!json_object_object_get_ex(o, key, &v) || !v) {
-        if (!optional) {
-            *ok = repo_corrupt(error, "%s: \"%s\" is missing", what, key);
-        }
-        return NULL;
+    *v = NULL;
+    if (!json_object_object_get_ex(o, key, &m) || !m) {
+        return optional ||
+               repo_corrupt(error, "%s: \"%s\" is missing", what, key);
     }
-    return v;
+    if (!json_object_is_type(m, type)) {
+        return repo_corrupt(error, "%s: \"%s\" is not %s", what, key, is_not);
+    }
+    *v = m;
+    return true;
 }
 
 bool jget_string(json_object *o, const char *key, bool optional,
                  const char *what, const char **out, GError **error)
 {
-    bool ok;
-    json_object *v = member(o, key, optional, what, &ok, error);
+    json_object *v;
 
     *out = NULL;
-    if (!v) {
-        return ok;
+    if (!member(o, key, optional, json_type_string, "a string", what, &v,
+                error)) {
+        return false;
     }
-    if (!json_object_is_type(v, json_type_string)) {
-        return repo_corrupt(error, "%s: \"%s\" is not a string", what, key);
-    }
-    *out = json_object_get_string(v);
-    if (strlen(*out) != (size_t)json_object_get_string_len(v)) {
-        return repo_corrupt(error, "%s: \"%s\" holds a NUL byte", what, key);
+    if (v) {
+        *out = json_object_get_string(v);
+        if (strlen(*out) != (size_t)json_object_get_string_len(v)) {
+            return repo_corrupt(error, "%s: \"%s\" holds a NUL byte", what,
+                                key);
+        }
     }
     return true;
 }
@@ -57,18 +60,16 @@ bool jget_string(json_object *o, const char *key, bool optional,
 bool jget_uint(json_object *o, const char *key, const char *what, guint64 *out,
                GError **error)
 {
-    bool ok;
-    json_object *v = member(o, key, false, what, &ok, error);
+    const char *is_not = "a non-negative integer";
+    json_object *v;
 
-    if (!v) {
-        return ok;
+    if (!member(o, key, false, json_type_int, is_not, what, &v, error)) {
+        return false;
     }
-    /* json-c keeps integers as int64 or uint64; a negative or fractional
-     * number is not a size */
-    if (!json_object_is_type(v, json_type_int) ||
-        (json_object_get_int64(v) < 0 && json_object_get_uint64(v) == 0)) {
-        return repo_corrupt(error, "%s: \"%s\" is not a non-negative integer",
-                            what, key);
+    /* json-c keeps integers as int64 or uint64; a negative number is not a
+     * size (a fractional one is no json_type_int) */
+    if (json_object_get_int64(v) < 0 && json_object_get_uint64(v) == 0) {
+        return repo_corrupt(error, "%s: \"%s\" is not %s", what, key, is_not);
     }
     *out = json_object_get_uint64(v);
     return true;
@@ -77,53 +78,29 @@ bool jget_uint(json_object *o, const char *key, const char *what, guint64 *out,
 bool jget_bool(json_object *o, const char *key, const char *what, bool *out,
                GError **error)
 {
-    bool ok;
-    json_object *v = member(o, key, true, what, &ok, error);
+    json_object *v;
 
     *out = false;
-    if (!v) {
-        return ok;
+    if (!member(o, key, true, json_type_boolean, "true or false", what, &v,
+                error)) {
+        return false;
     }
-    if (!json_object_is_type(v, json_type_boolean)) {
-        return repo_corrupt(error, "%s: \"%s\" is not true or false", what,
-                            key);
-    }
-    *out = json_object_get_boolean(v);
+    *out = v && json_object_get_boolean(v);
     return true;
 }
 
 bool jget_array(json_object *o, const char *key, bool optional,
                 const char *what, json_object **out, GError **error)
 {
-    bool ok;
-    json_object *v = member(o, key, optional, what, &ok, error);
-
-    *out = NULL;
-    if (!v) {
-        return ok;
-    }
-    if (!json_object_is_type(v, json_type_array)) {
-        return repo_corrupt(error, "%s: \"%s\" is not an array", what, key);
-    }
-    *out = v;
-    return true;
+    return member(o, key, optional, json_type_array, "an array", what, out,
+                  error);
 }
 
 bool jget_object(json_object *o, const char *key, bool optional,
                  const char *what, json_object **out, GError **error)
 {
-    bool ok;
-    json_object *v = member(o, key, optional, what, &ok, error);
-
-    *out = NULL;
-    if (!v) {
-        return ok;
-    }
-    if (!json_object_is_type(v, json_type_object)) {
-        return repo_corrupt(error, "%s: \"%s\" is not an object", what, key);
-    }
-    *out = v;
-    return true;
+    return member(o, key, optional, json_type_object, "an object", what, out,
+                  error);
 }
 
 json_object *jparse_object(const char *text, size_t len, const char *what,
