@@ -160,9 +160,8 @@ static void trace_line(const char *dir, const char *text)
                   : -1;
     }
     if (fd >= 0) {
-        g_autofree char *line =
-            g_strdup_printf("%.6f %s %s\n", g_get_monotonic_time() / 1e6, dir,
-                            text);
+        g_autofree char *line = g_strdup_printf(
+            "%.6f %s %s\n", g_get_monotonic_time() / 1e6, dir, text);
 
         if (write(fd, line, strlen(line)) < 0) {
             fd = -1;

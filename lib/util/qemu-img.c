@@ -71,22 +71,15 @@ bool qemu_img_create_all(const QemuImgCreate *imgs, guint n, GError **error)
     /* Relative backing names resolve from each image's directory. */
     if (ok && !util_run_all((const char *const *const *)pdatas->pdata,
                             (const char *const *)dirs->pdata, n, error)) {
-        g_prefix_error(error, "cannot create image%s '%s'%s: ",
-                       n > 1 ? "s" : "", imgs[0].image, n > 1 ? " ..." : "");
+        g_prefix_error(error,
+                       "cannot create image%s '%s'%s: ", n > 1 ? "s" : "",
+                       imgs[0].image, n > 1 ? " ..." : "");
         ok = false;
     }
     for (guint i = 0; !ok && i < made; i++) {
         unlink(imgs[i].image);
     }
     return ok;
-}
-
-bool qemu_img_create(const char *image, guint64 size, const char *backing,
-                     const char *backing_format, GError **error)
-{
-    QemuImgCreate img = { image, size, backing, backing_format };
-
-    return qemu_img_create_all(&img, 1, error);
 }
 
 json_object *qemu_img_json(const char *const *args, GError **error)

@@ -143,10 +143,6 @@ typedef struct {
  */
 bool qemu_img_create_all(const QemuImgCreate *imgs, guint n, GError **error);
 
-/* One image, as qemu_img_create_all. */
-bool qemu_img_create(const char *image, guint64 size, const char *backing,
-                     const char *backing_format, GError **error);
-
 /* Run "qemu-img ARGS[0] --output=json ARGS[1..]" and parse its answer (new
  * reference); UTIL_ERROR_EXIT with qemu-img's message if it fails. */
 json_object *qemu_img_json(const char *const *args, GError **error);
