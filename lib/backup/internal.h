@@ -93,6 +93,9 @@ bool nbd_server_stop(NbdServer *s, GError **error);
 
 /* ---- undoing killed backups (recover.c) ---- */
 
+/* The time now, UTC, ISO 8601 (for manifests). */
+char *backup_now_iso(void);
+
 /* Record in MANIFEST, the partial manifest of backup ID, that it failed
  * and why, and write it. */
 bool pull_mark_failed(const Repo *repo, json_object *manifest, const char *id,

@@ -212,13 +212,6 @@ static bool cancelled(Pull *p, GError **error)
     return false;
 }
 
-static char *now_iso(void)
-{
-    g_autoptr(GDateTime) now = g_date_time_new_now_utc();
-
-    return g_date_time_format_iso8601(now);
-}
-
 /* ---- deciding what each disk needs ---- */
 
 G_GNUC_PRINTF(4, 5)
@@ -404,7 +397,7 @@ static void add_results(Pull *p)
     json_object *disks;
     guint64 total = 0;
     double seconds = (g_get_monotonic_time() - p->start_us) / 1e6;
-    g_autofree char *when = now_iso();
+    g_autofree char *when = backup_now_iso();
 
     json_object_object_get_ex(p->manifest, "disks", &disks);
     for (guint i = 0; i < p->pds->len; i++) {
@@ -535,7 +528,7 @@ static bool fleece(Pull *p, GError **error)
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
 
-        if (!p->scheme->add(p->qmp, pd->fd, pd->qd->size, error)) {
+        if (!p->scheme->add(p->qmp, pd->fd, error)) {
             return false;
         }
         if (!pd->qd->no_bitmaps) {
@@ -1023,7 +1016,7 @@ static json_object *new_manifest(Pull *p, int major, int minor, int micro)
 {
     json_object *m = json_object_new_object();
     json_object *jdisks = json_object_new_array();
-    g_autofree char *when = now_iso();
+    g_autofree char *when = backup_now_iso();
     g_autofree char *version = g_strdup_printf("%d.%d.%d", major, minor, micro);
 
     qmp_json_set_string(m, "format", MANIFEST_FORMAT);

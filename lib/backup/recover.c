@@ -13,7 +13,7 @@
 
 #include "internal.h"
 
-static char *now_iso(void)
+char *backup_now_iso(void)
 {
     g_autoptr(GDateTime) now = g_date_time_new_now_utc();
 
@@ -24,7 +24,7 @@ bool pull_mark_failed(const Repo *repo, json_object *manifest, const char *id,
                       const char *reason, GError **error)
 {
     g_autofree char *path = repo_partial_path(repo, id);
-    g_autofree char *when = now_iso();
+    g_autofree char *when = backup_now_iso();
 
     qmp_json_set_string(manifest, "status", "failed");
     qmp_json_set_string(manifest, "reason", reason);

@@ -90,13 +90,12 @@ bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
     return true;
 }
 
-bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
-                        json_object *options, GError **error)
+bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, json_object *options,
+                        GError **error)
 {
-    json_object *args, *file;
+    json_object *args = json_object_new_object();
+    json_object *file;
 
-    (void)size; /* made by fleece_create_scratch */
-    args = json_object_new_object();
     file = json_object_new_object();
     qmp_json_set_string(file, "driver", "file");
     qmp_json_set_string(file, "filename", fd->file);

@@ -55,10 +55,10 @@ struct FleeceScheme {
 
     /*
      * Add what goes in before the point in time: the scratch node (on the
-     * image fleece_create_scratch made, SIZE bytes), and (B) the filter,
-     * not yet in the guest's path.
+     * image fleece_create_scratch made), and (B) the filter, not yet in
+     * the guest's path.
      */
-    bool (*add)(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error);
+    bool (*add)(QmpClient *qmp, FleeceDisk *fd, GError **error);
     /* Actions of the point-in-time transaction (A: the backup job). */
     void (*add_actions)(QmpTransaction *tx, FleeceDisk *fd);
     /*

@@ -6,10 +6,10 @@
 
 #include "fleece.h"
 
-/* The scratch image of FD, SIZE bytes, created (exclusively, owner-only)
- * and added as FD->scratch with OPTIONS (taken over) merged in. */
-bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, guint64 size,
-                        json_object *options, GError **error);
+/* The scratch image of FD (made by fleece_create_scratch) added as
+ * FD->scratch with OPTIONS (taken over) merged in. */
+bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, json_object *options,
+                        GError **error);
 
 /* Make PT's user (a device or a pass-through filter) use NODE. */
 bool fleece_set_user_child(QmpClient *qmp, const QmpInsertPoint *pt,

@@ -9,12 +9,12 @@
  */
 #include "internal.h"
 
-static bool a_add(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error)
+static bool a_add(QmpClient *qmp, FleeceDisk *fd, GError **error)
 {
     json_object *options = json_object_new_object();
 
     qmp_json_set_string(options, "backing", fd->node);
-    return fleece_add_scratch(qmp, fd, size, options, error);
+    return fleece_add_scratch(qmp, fd, options, error);
 }
 
 static void a_add_actions(QmpTransaction *tx, FleeceDisk *fd)

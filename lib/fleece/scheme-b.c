@@ -17,14 +17,14 @@
  * (60 became 4.17). */
 #define CBW_TIMEOUT_S 4
 
-static bool b_add(QmpClient *qmp, FleeceDisk *fd, guint64 size, GError **error)
+static bool b_add(QmpClient *qmp, FleeceDisk *fd, GError **error)
 {
     json_object *options = json_object_new_object();
     json_object *args;
 
     /* released clusters go back to the file system */
     qmp_json_set_string(options, "discard", "unmap");
-    if (!fleece_add_scratch(qmp, fd, size, options, error)) {
+    if (!fleece_add_scratch(qmp, fd, options, error)) {
         return false;
     }
     args = json_object_new_object();
