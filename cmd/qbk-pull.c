@@ -20,6 +20,7 @@ static char *opt_since;
 static char **opt_disks;
 static char **opt_nodes;
 static char *opt_scratch;
+static char *opt_scratch_format;
 static char *opt_format;
 static char *opt_nbd_server;
 /* G_MININT: not given, the copier's default */
@@ -64,6 +65,11 @@ static GOptionEntry entries[] = {
       "SOCKET" },
     { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch,
       "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
+    { "scratch-format", 0, 0, G_OPTION_ARG_STRING, &opt_scratch_format,
+      "raw (scheme B's default: a sparse file, the cheapest write for the "
+      "guest's copy-before-write; released regions become holes) or qcow2 "
+      "(scheme A's only choice)",
+      "FORMAT" },
     { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
       "copier requests in flight (1-1024, default 16)", "N" },
     { "connections", 0, 0, G_OPTION_ARG_INT, &opt_connections,
@@ -314,6 +320,7 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->disks = opt_disks;
     opts->nodes = opt_nodes;
     opts->scratch_dir = opt_scratch;
+    opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
     if (opt_requests != G_MININT) {

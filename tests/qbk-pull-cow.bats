@@ -41,14 +41,15 @@ wait_trace() {
     return 1
 }
 
-# The scenario of both schemes: once the copy passed 4 MiB, the guest
+# The scenario of both schemes (notice_scenario SCHEME [OPTION...]): once the copy passed 4 MiB, the guest
 # writes at 0 (copied already; under B released) and at 28 MiB (not
 # copied yet). The write at 28 MiB is noticed and copied (with its
 # neighbourhood) before the copy in offset order reaches 16 MiB.
 notice_scenario() {
     local scheme=$1
+    shift
     start_pull "$scheme" --fleece "$scheme" --disk disk0 --rate-limit 4M \
-        --trace "$T/trace-$scheme" --json
+        --trace "$T/trace-$scheme" --json "$@"
     local pid=$PULL_PID
     wait_fleeced "$T/progress-$scheme" "$pid"
     snapshot "$scheme" disk0
@@ -80,6 +81,7 @@ notice_scenario() {
 
 @test "scheme B: notices, and writes on released regions; restore exact; scratch released" {
     notice_scenario B
+    [ "$(jq -r .scratch_format "$T/pull-B.json")" = raw ]
     # every copied region was released: data, and the zeros skipped
     [ "$(manifest_field B disk0 copier | jq .bytes_released)" -eq $((64 << 20)) ]
     [ "$(manifest_field B disk0 copier | jq .release_errors)" -eq 0 ]
@@ -96,6 +98,26 @@ notice_scenario() {
     [ "$(manifest_field inca disk1 mode)" = incremental ]
     restore_matches inca disk0
     restore_matches inca disk1
+    assert_clean
+}
+
+@test "scheme B on a qcow2 scratch (--scratch-format qcow2): notices, releases, restore exact" {
+    notice_scenario B --scratch-format qcow2
+    [ "$(jq -r .scratch_format "$T/pull-B.json")" = qcow2 ]
+    [ "$(manifest_field B disk0 copier | jq .bytes_released)" -eq $((64 << 20)) ]
+    [ "$(manifest_field B disk0 copier | jq .release_errors)" -eq 0 ]
+    assert_clean
+}
+
+@test "a raw scratch with scheme A, or an unknown scratch format: usage error, VM untouched" {
+    run -2 qbk-pull --repo "$T/repo" --fleece A --scratch-format raw
+    [[ "$output" == *"raw scratch needs fleecing scheme B"* ]]
+    run -2 qbk-pull --repo "$T/repo" --scratch-format vmdk
+    [[ "$output" == *"scratch format must be raw or qcow2"* ]]
+    # auto picks A for --export-only: the raw scratch is refused, nothing added
+    run -1 qbk-pull --repo "$T/repo" --scratch-format raw --export-only </dev/null
+    [[ "$output" == *"raw scratch needs fleecing scheme B"* ]]
+    [ -z "$(ls "$T/repo/backups" 2>/dev/null)" ]
     assert_clean
 }
 

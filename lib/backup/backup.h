@@ -61,16 +61,18 @@ typedef void (*BackupProgressFn)(const BackupProgress *p, void *opaque);
 
 typedef struct {
     BackupMode mode;
-    const char *since;       /* checkpoint (or backup id) to copy changes
+    const char *since;          /* checkpoint (or backup id) to copy changes
                                  since, on every disk; NULL: by mode */
-    char **disks;            /* only these disks; NULL: every disk */
-    char **nodes;            /* "NODE[=ID]": back up these format nodes
+    char **disks;               /* only these disks; NULL: every disk */
+    char **nodes;               /* "NODE[=ID]": back up these format nodes
                                 (a qemu-storage-daemon has no devices);
                                 NULL: the VM's devices */
-    const char *scratch_dir; /* NULL: REPO/.scratch */
-    const char *nbd_server;  /* QEMU already runs an NBD server on this unix
+    const char *scratch_dir;    /* NULL: REPO/.scratch */
+    const char *scratch_format; /* "raw" (scheme B only) or "qcow2"; NULL:
+                                   raw for B, qcow2 for A */
+    const char *nbd_server;     /* QEMU already runs an NBD server on this unix
                                 socket: export there, never stop it */
-    const char *format;      /* of full backups: "qcow2" (NULL) or "raw"
+    const char *format;         /* of full backups: "qcow2" (NULL) or "raw"
                                 (sparse, written with Linux AIO) */
     BackupFleece fleece;
     bool no_notices; /* don't copy what the guest writes first */

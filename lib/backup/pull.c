@@ -87,6 +87,15 @@ bool backup_options_check(const BackupOptions *opts, GError **error)
         strcmp(opts->format, "raw") != 0) {
         return usage(error, "the format must be qcow2 or raw");
     }
+    if (opts->scratch_format && strcmp(opts->scratch_format, "qcow2") != 0 &&
+        strcmp(opts->scratch_format, "raw") != 0) {
+        return usage(error, "the scratch format must be raw or qcow2");
+    }
+    if (opts->fleece == BACKUP_FLEECE_A &&
+        g_strcmp0(opts->scratch_format, "raw") == 0) {
+        return usage(error, "a raw scratch needs fleecing scheme B (scheme "
+                            "A's scratch has the disk as its backing)");
+    }
     if (opts->scratch_dir && !*opts->scratch_dir) {
         return usage(error, "the scratch directory is empty");
     }
@@ -961,8 +970,20 @@ static bool choose_scheme(Pull *p, int version, GError **error)
         return false;
     }
     p->scheme = why ? &fleece_scheme_a : &fleece_scheme_b;
+    if (p->scheme->qcow2_scratch &&
+        g_strcmp0(p->opts->scratch_format, "raw") == 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "a raw scratch needs fleecing scheme B, and scheme A is "
+                    "used: %s",
+                    why);
+        return false;
+    }
     for (guint i = 0; i < p->pds->len; i++) {
-        ((PullDisk *)p->pds->pdata[i])->fd->scheme = p->scheme;
+        FleeceDisk *fd = ((PullDisk *)p->pds->pdata[i])->fd;
+
+        fd->scheme = p->scheme;
+        fd->raw_scratch = !p->scheme->qcow2_scratch &&
+                          g_strcmp0(p->opts->scratch_format, "qcow2") != 0;
     }
     return true;
 }
@@ -1028,6 +1049,12 @@ static json_object *new_manifest(Pull *p, int major, int minor, int micro)
     qmp_json_set_string(m, "fleece", p->scheme->name);
     if (p->scheme->cbw_timeout_s) {
         qmp_json_set_int(m, "cbw_timeout_s", p->scheme->cbw_timeout_s);
+    }
+    if (p->pds->len) {
+        FleeceDisk *fd = ((PullDisk *)p->pds->pdata[0])->fd;
+
+        qmp_json_set_string(m, "scratch_format",
+                            fd->raw_scratch ? "raw" : "qcow2");
     }
     for (guint i = 0; i < p->pds->len; i++) {
         json_object_array_add(jdisks, disk_json(p, p->pds->pdata[i]));

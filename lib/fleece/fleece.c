@@ -3,6 +3,8 @@
  * the scratch image, exports, the NBD server, and the teardown that undoes
  * all of it, in any state, after a failure or a kill.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -34,8 +36,8 @@ FleeceDisk *fleece_disk_new(const FleeceScheme *scheme, const char *disk,
     fd->access = g_strdup_printf("qbk-a%u-%s", index, tag);
     fd->notice_export = g_strdup_printf("qbk-x%u-%s", index, tag);
     if (scratch_dir) {
-        g_autofree char *base =
-            g_strdup_printf("%s.scratch.qcow2", fd->scratch);
+        /* raw or qcow2: the scheme is chosen later */
+        g_autofree char *base = g_strdup_printf("%s.scratch", fd->scratch);
 
         fd->file = g_build_filename(scratch_dir, base, NULL);
     }
@@ -71,41 +73,92 @@ static void merge_into(json_object *to, json_object *from)
     json_object_put(from);
 }
 
+/* A sparse raw file of SIZE bytes at PATH: made here, owner-only, never
+ * through a symbolic link; no process to run. */
+static bool create_raw(const char *path, guint64 size, GError **error)
+{
+    int fd =
+        open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+
+    if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
+        int e = errno;
+
+        if (fd >= 0) {
+            close(fd);
+            unlink(path);
+        }
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
+                    "cannot create the scratch image '%s': %s", path,
+                    g_strerror(e));
+        return false;
+    }
+    close(fd);
+    return true;
+}
+
 bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
 {
     g_autoptr(GArray) imgs = g_array_new(FALSE, TRUE, sizeof(QemuImgCreate));
     g_autoptr(GError) local = NULL;
+    guint made = 0;
 
-    for (guint i = 0; i < fds->len; i++) {
-        FleeceDisk *fd = fds->pdata[i];
+    for (; made < fds->len; made++) {
+        FleeceDisk *fd = fds->pdata[made];
 
-        g_array_append_val(
-            imgs, ((QemuImgCreate){ .image = fd->file, .size = sizes[i] }));
+        if (!fd->raw_scratch) {
+            g_array_append_val(imgs, ((QemuImgCreate){ .image = fd->file,
+                                                       .size = sizes[made] }));
+        } else if (!create_raw(fd->file, sizes[made], error)) {
+            break;
+        }
     }
-    if (!qemu_img_create_all((QemuImgCreate *)imgs->data, imgs->len, &local)) {
+    if (made == fds->len &&
+        !qemu_img_create_all((QemuImgCreate *)imgs->data, imgs->len, &local)) {
         g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
                     "cannot create the scratch images: %s", local->message);
-        return false;
+    } else if (made == fds->len) {
+        return true;
     }
-    return true;
+    for (guint i = 0; i < made; i++) {
+        FleeceDisk *fd = fds->pdata[i];
+
+        if (fd->raw_scratch) {
+            unlink(fd->file);
+        }
+    }
+    return false;
+}
+
+/* {"no-flush": true}: the scratch outlives no crash of QEMU (the next run
+ * removes it), so a flush there would only make the guest's write wait. */
+static json_object *no_flush(void)
+{
+    json_object *cache = json_object_new_object();
+
+    qmp_json_set_bool(cache, "no-flush", 1);
+    return cache;
 }
 
 bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, json_object *options,
                         GError **error)
 {
     json_object *args = json_object_new_object();
-    json_object *file;
+    json_object *file = args; /* a raw scratch is its file node */
 
-    file = json_object_new_object();
+    if (!fd->raw_scratch) {
+        file = json_object_new_object();
+        qmp_json_set_string(args, "driver", "qcow2");
+        json_object_object_add(args, "file", file);
+        json_object_object_add(args, "cache", no_flush());
+    }
     qmp_json_set_string(file, "driver", "file");
     qmp_json_set_string(file, "filename", fd->file);
+    json_object_object_add(file, "cache", no_flush());
     if (json_object_object_get_ex(options, "discard", NULL)) {
         /* what the format node discards, its file gives back too */
         qmp_json_set_string(file, "discard", "unmap");
     }
-    qmp_json_set_string(args, "driver", "qcow2");
     qmp_json_set_string(args, "node-name", fd->scratch);
-    json_object_object_add(args, "file", file);
     merge_into(args, options);
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,

@@ -40,6 +40,7 @@ typedef struct {
     char *job;            /* A: the sync=none backup job */
     char *export_;        /* NBD export id */
     char *file;           /* scratch image file, or NULL (not ours to remove) */
+    bool raw_scratch;     /* the scratch is a sparse raw file, not a qcow2 */
     char *cbw;            /* B: copy-before-write filter node */
     char *access;         /* B: snapshot-access node: the point in time */
     char *notice_export;  /* B: id and name of the scratch node's export */
@@ -51,6 +52,8 @@ struct FleeceScheme {
     const char *notice_context; /* the notice export's map of what the
                                    guest overwrote since the point */
     bool releases;              /* its view may be trimmed as it is copied */
+    bool qcow2_scratch;         /* its scratch must be a qcow2 (A: it has
+                                   the disk as its backing) */
     guint cbw_timeout_s;        /* longest wait of a guest write, or 0 */
 
     /*
@@ -89,8 +92,8 @@ FleeceDisk *fleece_disk_new(const FleeceScheme *scheme, const char *disk,
 void fleece_disk_free(FleeceDisk *fd);
 
 /* The scratch images of FDS (FleeceDisk*), SIZES[i] bytes each, made at
- * once before the schemes' add (each is a qemu-img run); none is left on
- * failure. */
+ * once before the schemes' add: a sparse raw file, or a qcow2 (each a
+ * qemu-img run, all at once); none is left on failure. */
 bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes,
                            GError **error);
 

@@ -61,6 +61,7 @@ const FleeceScheme fleece_scheme_a = {
     .name = "A",
     .notice_context = "qemu:allocation-depth",
     .releases = false,
+    .qcow2_scratch = true,
     .add = a_add,
     .add_actions = a_add_actions,
     .insert = NULL,

@@ -1,12 +1,18 @@
 /*
  * Fleecing, scheme B (QEMU >= 7.1): a copy-before-write filter right
  * above the disk's format node, under its one user, copying old data into
- * a scratch qcow2 (no backing) before the guest overwrites it, and a
+ * a scratch image before the guest overwrites it, and a
  * snapshot-access node that reads the point in time. The view is exported
  * writable only so that trims reach snapshot-access (it refuses writes):
  * a trim releases a region, which frees it in the scratch image and ends
  * copy-before-write there. The scratch node is exported read-only as well:
  * its allocation map is what the guest overwrote.
+ *
+ * The filter keeps its own map of what it copied, so the scratch needs no
+ * backing and no format: by default a sparse raw file (its file node), so
+ * that a copy-before-write is one write to the page cache, with no qcow2
+ * cluster to allocate, no refcount and L2 update, no flush between them;
+ * a release punches a hole (bench/cow and DESIGN.md have the numbers).
  */
 #include "internal.h"
 
