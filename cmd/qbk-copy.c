@@ -22,6 +22,7 @@ static gboolean opt_sequential;
 static gboolean opt_json;
 static gboolean opt_progress;
 static gint64 opt_rate;
+static char *opt_write_mode;
 
 static GOptionEntry entries[] = {
     { "bitmap", 'b', 0, G_OPTION_ARG_STRING, &opt_bitmap,
@@ -45,6 +46,11 @@ static GOptionEntry entries[] = {
       "FILE" },
     { "rate-limit", 0, 0, G_OPTION_ARG_INT64, &opt_rate,
       "read at most BYTES per second", "BYTES" },
+    { "write-mode", 0, 0, G_OPTION_ARG_STRING, &opt_write_mode,
+      "how a file target is written: cached (default: through the page "
+      "cache, writeback started at once, pages dropped once written) or "
+      "direct (O_DIRECT)",
+      "MODE" },
     { "progress", 'p', 0, G_OPTION_ARG_NONE, &opt_progress,
       "print progress on stderr", NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
@@ -97,6 +103,12 @@ static bool make_options(CopierOptions *opts, GError **error)
     opts->bitmap = opt_bitmap;
     opts->target_zeroed = opt_zeroed;
     opts->rate_limit = opt_rate;
+    if (opt_write_mode &&
+        !copier_write_mode_parse(opt_write_mode, &opts->write_mode)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--write-mode must be cached or direct");
+        return false;
+    }
     if (opt_progress) {
         opts->progress = show_progress;
     }

@@ -21,6 +21,7 @@ static char **opt_disks;
 static char **opt_nodes;
 static char *opt_scratch;
 static char *opt_scratch_format;
+static char *opt_write_mode;
 static char *opt_format;
 static char *opt_nbd_server;
 /* G_MININT: not given, the copier's default */
@@ -109,6 +110,11 @@ static GOptionEntry entries[] = {
       "256 KiB: smaller requests wait less behind each other, and so does "
       "the guest)",
       "BYTES" },
+    { "write-mode", 0, 0, G_OPTION_ARG_STRING, &opt_write_mode,
+      "how a raw full backup is written: cached (default: through the page "
+      "cache, writeback started at once, pages dropped once written) or "
+      "direct (O_DIRECT)",
+      "MODE" },
     { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
       "read at most this much per second from the VM, e.g. 50M", "SIZE" },
     { "progress-fd", 0, 0, G_OPTION_ARG_INT, &opt_progress_fd,
@@ -338,6 +344,12 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->no_notices = opt_no_notices || opt_sequential;
     opts->no_release = opt_no_release;
     opts->copier.latency_target_us = (guint)(opt_latency_ms * 1000);
+    if (opt_write_mode &&
+        !copier_write_mode_parse(opt_write_mode, &opts->copier.write_mode)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--write-mode must be cached or direct");
+        return false;
+    }
     return backup_options_check(opts, error);
 }
 

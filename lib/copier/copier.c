@@ -45,7 +45,25 @@ void copier_options_init(CopierOptions *opts)
         .notice_ms = 20,
         .notice_radius = 4 * 1024 * 1024,
         .trace_fd = -1,
+        .write_mode = COPIER_WRITE_CACHED,
     };
+}
+
+const char *copier_write_mode_name(CopierWriteMode mode)
+{
+    return mode == COPIER_WRITE_DIRECT ? "direct" : "cached";
+}
+
+bool copier_write_mode_parse(const char *text, CopierWriteMode *mode)
+{
+    if (g_strcmp0(text, "cached") == 0) {
+        *mode = COPIER_WRITE_CACHED;
+    } else if (g_strcmp0(text, "direct") == 0) {
+        *mode = COPIER_WRITE_DIRECT;
+    } else {
+        return false;
+    }
+    return true;
 }
 
 bool copier_options_check(const CopierOptions *opts, GError **error)
@@ -436,8 +454,8 @@ static bool connect_source(Copier *c, const CopierEndpoint *source,
 static Sink *open_sink(Copier *c, const CopierEndpoint *target, GError **error)
 {
     if (target->file) {
-        return sink_file_new(target->file, c->size, c->opts.requests, c->ctx,
-                             copier_pump, c, error);
+        return sink_file_new(target->file, c->size, c->opts.requests,
+                             c->opts.write_mode, c->ctx, copier_pump, c, error);
     }
     if (target->uri) {
         return sink_nbd_new(target, c->size, c->ctx, copier_pump, c, error);

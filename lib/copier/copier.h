@@ -86,21 +86,38 @@ typedef struct {
 
 typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
 
+/* How a file target is written (an NBD target is the server's business). */
+typedef enum {
+    /* through the page cache, each write's writeback started at once and
+     * the pages dropped once written back (COPIER_WRITE_BEHIND bytes
+     * behind): the device always has work, and the cache stays small */
+    COPIER_WRITE_CACHED,
+    /* O_DIRECT (the page cache where the file system refuses it) */
+    COPIER_WRITE_DIRECT,
+} CopierWriteMode;
+
+/* Cached writes: bytes written but not yet known durable and dropped. */
+#define COPIER_WRITE_BEHIND (64 * 1024 * 1024)
+
+const char *copier_write_mode_name(CopierWriteMode mode);
+bool copier_write_mode_parse(const char *text, CopierWriteMode *mode);
+
 typedef struct {
-    guint requests;          /* in flight at once (default 16) */
-    guint connections;       /* to the source; requests spread over them
+    guint requests;       /* in flight at once (default 16) */
+    guint connections;    /* to the source; requests spread over them
                              (default 2, at most COPIER_MAX_CONNECTIONS) */
-    guint64 chunk_size;      /* bytes per request, a multiple of
+    guint64 chunk_size;   /* bytes per request, a multiple of
                              COPIER_BLOCK_SIZE (default 256 KiB) */
-    const char *bitmap;      /* copy only what the source's
+    const char *bitmap;   /* copy only what the source's
                              "qemu:dirty-bitmap:BITMAP" marks; NULL: all */
-    guint depth_limit;       /* instead of a bitmap: copy only what the
+    guint depth_limit;    /* instead of a bitmap: copy only what the
                                 source's "qemu:allocation-depth" puts in
                                 its top DEPTH_LIMIT layers (a backing
                                 chain's newest links); 0: off */
-    const GArray *ranges;    /* instead of a bitmap: copy only these
+    const GArray *ranges; /* instead of a bitmap: copy only these
                                 CopierRange (sorted, disjoint); NULL: off */
-    bool target_zeroed;      /* the target reads as zeros: skip zero regions */
+    bool target_zeroed;   /* the target reads as zeros: skip zero regions */
+    CopierWriteMode write_mode; /* how a file target is written */
     int digest_fd;           /* -1, or a file receiving one digest per block at
                              offset block * COPIER_DIGEST_LEN; filled from
                              digest_parent_fd, so blocks not copied keep the

@@ -146,11 +146,12 @@ Sink *sink_nbd_new(const CopierEndpoint *endpoint, guint64 size,
                    GMainContext *ctx, GSourceFunc callback, gpointer data,
                    GError **error);
 
-/* PATH made a sparse raw file of SIZE bytes, written through Linux AIO
- * whose completions wake CTX and then run CALLBACK(DATA). */
+/* PATH made a sparse raw file of SIZE bytes, written (as MODE says)
+ * through Linux AIO whose completions wake CTX and then run
+ * CALLBACK(DATA). */
 Sink *sink_file_new(const char *path, guint64 size, guint max_requests,
-                    GMainContext *ctx, GSourceFunc callback, gpointer data,
-                    GError **error);
+                    CopierWriteMode mode, GMainContext *ctx,
+                    GSourceFunc callback, gpointer data, GError **error);
 
 /* Nothing: the data is read (and hashed) only, to verify. */
 Sink *sink_null_new(void);

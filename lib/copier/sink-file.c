@@ -1,12 +1,21 @@
 /*
  * A local raw file as the copier's target (a Sink), written with libaio:
- * O_DIRECT
- * (falling back to the page cache where the file system refuses it, e.g.
- * tmpfs), one iocb per write with io_set_eventfd, and the eventfd polled on
- * the copier's GMainContext; completions are drained with a zero timeout.
+ * one iocb per write with io_set_eventfd, and the eventfd polled on the
+ * copier's GMainContext; completions are drained with a zero timeout.
  * The file is made sparse at the disk's size, so what is not written reads
  * as zeros. A short write is an error; -EAGAIN from io_submit keeps the
  * write queued for the next wake-up.
+ *
+ * Two ways to the device (CopierWriteMode):
+ * - cached: io_submit copies the data into the page cache (for a buffered
+ *   file it completes at once), and each completed write's writeback is
+ *   started right away (sync_file_range WRITE), so the device is never
+ *   idle waiting for the kernel's flusher and the final fdatasync finds
+ *   little to do. Once more than COPIER_WRITE_BEHIND bytes are behind, the
+ *   oldest writes are waited for and their pages dropped (fadvise
+ *   DONTNEED): the backup does not push the guests' data out of the cache.
+ * - direct: O_DIRECT (the page cache where the file system refuses it,
+ *   e.g. tmpfs); lengths padded to whole sectors.
  */
 #define _GNU_SOURCE /* O_DIRECT, fallocate */
 #include <errno.h>
@@ -26,16 +35,25 @@ typedef struct {
     SinkDone done;
     void *opaque;
     size_t len;
+    guint64 offset;
 } FileWrite;
+
+typedef struct {
+    guint64 offset, len;
+} Behind;
 
 typedef struct {
     Sink base;
     int fd;
     int efd; /* eventfd signalled on each completion */
     io_context_t aio;
-    guint64 size;   /* of the disk: the file is cut to it at the end */
-    bool direct;    /* O_DIRECT: lengths padded to DIRECT_ALIGN */
-    GQueue pending; /* FileWrite* not yet accepted by io_submit */
+    guint64 size;  /* of the disk: the file is cut to it at the end */
+    bool direct;   /* O_DIRECT: lengths padded to DIRECT_ALIGN */
+    bool cached;   /* writeback started per write, pages dropped behind */
+    GQueue behind; /* cached: Behind*, oldest first */
+    guint64 behind_bytes;
+    int writeback_error; /* cached: the first error writeback reported */
+    GQueue pending;      /* FileWrite* not yet accepted by io_submit */
     guint in_flight;
     GSource *source;
     GSourceFunc callback; /* the copier's pump, after each wake-up */
@@ -63,6 +81,34 @@ static void submit_pending(FileSink *s)
     }
 }
 
+/* Cached: start the writeback of a completed write; past the limit, wait
+ * for the oldest and drop their pages. */
+static void write_behind(FileSink *s, guint64 offset, guint64 len)
+{
+    Behind *b = g_new(Behind, 1);
+
+    if (sync_file_range(s->fd, offset, len, SYNC_FILE_RANGE_WRITE) < 0 &&
+        !s->writeback_error) {
+        s->writeback_error = errno;
+    }
+    *b = (Behind){ offset, len };
+    g_queue_push_tail(&s->behind, b);
+    s->behind_bytes += len;
+    while (s->behind_bytes > COPIER_WRITE_BEHIND) {
+        b = g_queue_pop_head(&s->behind);
+        if (sync_file_range(s->fd, b->offset, b->len,
+                            SYNC_FILE_RANGE_WAIT_BEFORE |
+                                SYNC_FILE_RANGE_WRITE |
+                                SYNC_FILE_RANGE_WAIT_AFTER) < 0 &&
+            !s->writeback_error) {
+            s->writeback_error = errno;
+        }
+        posix_fadvise(s->fd, b->offset, b->len, POSIX_FADV_DONTNEED);
+        s->behind_bytes -= b->len;
+        g_free(b);
+    }
+}
+
 static gboolean on_eventfd(gint fd, GIOCondition cond, gpointer data)
 {
     FileSink *s = data;
@@ -82,6 +128,9 @@ static gboolean on_eventfd(gint fd, GIOCondition cond, gpointer data)
             int err = res < 0 ? (int)-res : (size_t)res != w->len ? EIO : 0;
 
             s->in_flight--;
+            if (!err && s->cached) {
+                write_behind(s, w->offset, w->len);
+            }
             w->done(w->opaque, err);
             g_free(w);
         }
@@ -95,8 +144,8 @@ static const SinkOps file_ops;
 static void file_sink_free(Sink *sink);
 
 Sink *sink_file_new(const char *path, guint64 size, guint max_requests,
-                    GMainContext *ctx, GSourceFunc callback, gpointer data,
-                    GError **error)
+                    CopierWriteMode mode, GMainContext *ctx,
+                    GSourceFunc callback, gpointer data, GError **error)
 {
     FileSink *s = g_new0(FileSink, 1);
     /* a backup file: owner-only, and never written through a link */
@@ -108,10 +157,15 @@ Sink *sink_file_new(const char *path, guint64 size, guint max_requests,
     s->size = size;
     s->path = g_strdup(path);
     g_queue_init(&s->pending);
-    s->fd = open(path, flags | O_DIRECT, 0600);
-    s->direct = s->fd >= 0;
-    if (s->fd < 0 && errno == EINVAL) {
-        s->fd = open(path, flags, 0600); /* no O_DIRECT here (tmpfs) */
+    g_queue_init(&s->behind);
+    if (mode == COPIER_WRITE_DIRECT) {
+        s->fd = open(path, flags | O_DIRECT, 0600);
+        s->direct = s->fd >= 0;
+    }
+    if (!s->direct && (mode == COPIER_WRITE_CACHED || errno == EINVAL)) {
+        /* cached, or no O_DIRECT here (tmpfs) */
+        s->fd = open(path, flags, 0600);
+        s->cached = mode == COPIER_WRITE_CACHED;
     }
     if (s->fd < 0 || ftruncate(s->fd, size) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
@@ -175,6 +229,7 @@ static bool file_sink_write(Sink *sink, void *buf, guint64 len, guint64 offset,
     w->done = done;
     w->opaque = opaque;
     w->len = io_len;
+    w->offset = offset;
     io_prep_pwrite(&w->iocb, s->fd, buf, io_len, offset);
     io_set_eventfd(&w->iocb, s->efd);
     g_queue_push_tail(&s->pending, w);
@@ -187,12 +242,21 @@ static bool file_sink_flush(Sink *sink, SinkDone done, void *opaque,
                             GError **error)
 {
     FileSink *s = (FileSink *)sink;
+    int err;
 
     g_assert(s->in_flight == 0 && g_queue_is_empty(&s->pending));
     if (ftruncate(s->fd, s->size) < 0 || fdatasync(s->fd) < 0) {
+        err = errno;
+    } else {
+        err = s->writeback_error; /* a write whose writeback failed */
+    }
+    if (err) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_WRITE,
-                    "cannot complete '%s': %s", s->path, g_strerror(errno));
+                    "cannot complete '%s': %s", s->path, g_strerror(err));
         return false;
+    }
+    if (s->cached) {
+        posix_fadvise(s->fd, 0, 0, POSIX_FADV_DONTNEED); /* all durable */
     }
     done(opaque, 0);
     return true;
@@ -229,6 +293,7 @@ static void file_sink_free(Sink *sink)
         }
     }
     g_queue_clear_full(&s->pending, g_free);
+    g_queue_clear_full(&s->behind, g_free);
     if (s->aio) {
         io_destroy(s->aio);
     }
