@@ -62,6 +62,20 @@ serve_target() {
     cmp "$T/a.dig" "$T/b.dig"
 }
 
+@test "both write modes into a raw file: exact, the same digests; a bad mode is a usage error" {
+    run -0 qbk-copy --digests "$T/c.dig" --write-mode cached "$SRC" "$D/cached.raw"
+    sum_cached=$output
+    run -0 qbk-copy --digests "$T/d.dig" --write-mode direct "$SRC" "$D/direct.raw"
+    [ "$output" = "$sum_cached" ]
+    cmp "$D/src.raw" "$D/cached.raw"
+    cmp "$D/src.raw" "$D/direct.raw"
+    cmp "$T/c.dig" "$T/d.dig"
+    run -2 qbk-copy --write-mode fast "$SRC" "$D/x.raw"
+    assert_one_line_error
+    [[ "$output" == *"--write-mode must be cached or direct"* ]]
+    [ ! -e "$D/x.raw" ]
+}
+
 @test "no URI, an unreachable export, a target of another size: one-line errors, exit 2 or 1" {
     run -2 qbk-copy "$D/src.raw" "$D/out.raw"
     assert_one_line_error
