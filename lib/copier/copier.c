@@ -130,14 +130,17 @@ static bool rate_allows(Copier *c, guint64 len)
            c->read_started + len <= elapsed * c->opts.rate_limit;
 }
 
-/* Whether this copier may have one more request out: its pacing window,
- * and its fair share of the budget while other copiers run. */
+/* Whether this copier may have one more request out: its fair share of
+ * the budget while other copiers run, and for the cold copy (offset
+ * order) its pacing window. What the guest is writing around (hot ranges)
+ * is never held back: a copy there spares the guest a copy-before-write. */
 static bool may_start(Copier *c)
 {
     CopierBudget *b = c->budget;
     guint share = MAX(1, b->limit / MAX(1, b->running));
+    guint limit = chunk_queue_next_is_hot(c->queue) ? c->nreqs : c->window;
 
-    return c->active < c->window && c->active < share && b->active < b->limit;
+    return c->active < limit && c->active < share && b->active < b->limit;
 }
 
 static void request_busy(Copier *c)

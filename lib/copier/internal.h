@@ -98,7 +98,8 @@ guint64 notice_apply(ChunkQueue *q, guint64 pos, guint64 size,
 
 guint64 chunk_queue_bytes(const ChunkQueue *q);
 bool chunk_queue_is_empty(const ChunkQueue *q);
-guint chunk_queue_entries(const ChunkQueue *q); /* ranges held */
+bool chunk_queue_next_is_hot(const ChunkQueue *q); /* a hot range is next */
+guint chunk_queue_entries(const ChunkQueue *q);    /* ranges held */
 
 /* ---- a libnbd handle on a GMainContext (nbd-source.c) ---- */
 

@@ -2,7 +2,9 @@
  * Guest-aware pacing: keep the mean latency of the copier's reads (which
  * wait in QEMU's queue with the guest's I/O) near the target by cutting
  * the requests allowed in flight in half when above it, and adding one
- * when below (AIMD), once per period.
+ * when below (AIMD), once per period. The window holds back only the cold
+ * copy: ranges the guest writes around (notices) go at full width, as a
+ * copy there spares the guest a copy-before-write (may_start, copier.c).
  */
 #include "internal.h"
 

@@ -84,6 +84,11 @@ bool chunk_queue_is_empty(const ChunkQueue *q)
     return q->bytes == 0;
 }
 
+bool chunk_queue_next_is_hot(const ChunkQueue *q)
+{
+    return !g_sequence_is_empty(q->by_heat);
+}
+
 guint chunk_queue_entries(const ChunkQueue *q)
 {
     return g_sequence_get_length(q->by_offset);

@@ -52,12 +52,15 @@ static void test_bump_goes_first(void)
     Chunk c;
 
     chunk_queue_push(q, 0, 16 * MiB, false);
+    g_assert_false(chunk_queue_next_is_hot(q));
     /* unaligned: widened to whole blocks */
     g_assert_cmpuint(chunk_queue_bump(q, 5 * MiB + 100, 2 * B, 1), ==, 3 * B);
     g_assert_cmpuint(chunk_queue_entries(q), ==, 3);
+    g_assert_true(chunk_queue_next_is_hot(q)); /* pacing lets it through */
     c = pop(q);
     g_assert_cmpuint(c.offset, ==, 5 * MiB);
     g_assert_cmpuint(c.length, ==, 3 * B);
+    g_assert_false(chunk_queue_next_is_hot(q));
     c = pop(q); /* then back to offset order */
     g_assert_cmpuint(c.offset, ==, 0);
     /* bumping what was taken or is already as hot does nothing */
