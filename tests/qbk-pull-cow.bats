@@ -20,6 +20,9 @@ setup() {
 }
 
 teardown() {
+    if mountpoint -q "${T:-/nonexistent}/small" 2>/dev/null; then
+        umount "$T/small"
+    fi
     common_teardown
 }
 
@@ -118,6 +121,36 @@ notice_scenario() {
     run -1 qbk-pull --repo "$T/repo" --scratch-format raw --export-only </dev/null
     [[ "$output" == *"raw scratch needs fleecing scheme B"* ]]
     [ -z "$(ls "$T/repo/backups" 2>/dev/null)" ]
+    assert_clean
+}
+
+@test "a scratch that fills up (1 MiB tmpfs): the guest's writes succeed, the backup fails and rolls back, the next is exact" {
+    [ "$(id -u)" -eq 0 ] || skip "mounting a small tmpfs needs root"
+    pull_with_writes full "disk0 disk1"
+    restore_matches full disk0
+    mkdir "$T/small"
+    mount -t tmpfs -o size=1M,mode=0700 tmpfs "$T/small"
+    start_pull tiny --mode full --disk disk0 --rate-limit 2M --scratch-dir "$T/small"
+    pid=$PULL_PID
+    wait_fleeced "$T/progress-tiny" "$pid"
+    # 4 MiB the copy has not reached: copied first into a scratch that
+    # holds 1 MiB. The guest never sees the error (gw fails if it does).
+    gw disk0 $((16 << 20)) $((4 << 20)) 66
+    gw disk1 $((40 << 20)) 65536 67
+    rc=0
+    wait "$pid" || rc=$?
+    cat "$T/pull-tiny.err" >&2
+    [ "$rc" -eq 1 ]
+    [ "$(wc -l <"$T/pull-tiny.err")" -eq 1 ]
+    grep -q "scratch directory '$T/small' is full" "$T/pull-tiny.err"
+    [ -z "$(ls -A "$T/small")" ]
+    umount "$T/small"
+    assert_clean
+    # what the guest wrote during the failed run is in the next backup
+    pull_with_writes next "disk0 disk1"
+    [ "$(manifest_field next disk0 mode)" = incremental ]
+    restore_matches next disk0
+    restore_matches next disk1
     assert_clean
 }
 

@@ -354,7 +354,7 @@ start_export() {
     assert_clean
 }
 
-@test "--format raw: a sparse raw full (libaio), then qcow2 incrementals on it" {
+@test "--format raw: a sparse raw full (libaio, both write modes), then qcow2 incrementals on it" {
     # an odd size: the last O_DIRECT write is padded, the file cut back
     odd=$(( (64 << 20) + 4608 ))
     qmp block_resize "{\"node-name\": \"disk0-fmt\", \"size\": $odd}"
@@ -376,6 +376,12 @@ start_export() {
     [ "$(qemu-img info --output=json "$inc" | jq -r '."backing-filename-format"')" = raw ]
     restore_matches inc disk0
     restore_matches inc disk1
+    # the same odd-sized full written with O_DIRECT (padded, cut back)
+    random_writes 4 disk0 disk1
+    pull_with_writes direct "disk0 disk1" --format raw --mode full --write-mode direct
+    [ "$(stat -c %s "$T/repo/$(manifest_field direct disk0 image)")" -eq "$odd" ]
+    restore_matches direct disk0
+    restore_matches direct disk1
     assert_clean
 }
 

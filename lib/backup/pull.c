@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "bitmap.h"
@@ -755,6 +756,34 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
     return true;
 }
 
+/*
+ * A read of scheme B's snapshot fails once the filter broke it: a guest
+ * write it could not copy into the scratch image (full, or slower than
+ * the timeout). QEMU 7.2 says so nowhere, so add the likely cause to
+ * ERROR: the guest's writes went through; the backup is rolled back.
+ */
+static void why_broken(Pull *p, GError *error)
+{
+    struct statvfs fs;
+
+    if (!p->scheme->releases ||
+        !g_error_matches(error, COPIER_ERROR, COPIER_ERROR_READ)) {
+        return;
+    }
+    if (statvfs(p->scratch_dir, &fs) == 0 && fs.f_bavail == 0) {
+        g_prefix_error(&error,
+                       "the scratch directory '%s' is full, which broke the "
+                       "point in time (the guest's writes went on): ",
+                       p->scratch_dir);
+    } else {
+        g_prefix_error(&error,
+                       "the point in time may have broken (a copy-before-write "
+                       "failed or took over %u s; the guest's writes went "
+                       "on): ",
+                       p->scheme->cbw_timeout_s);
+    }
+}
+
 /* After the loop: the copy of disk DC, its checksum, its digests durable. */
 static bool copy_result(Pull *p, DiskCopy *dc, GError **error)
 {
@@ -771,6 +800,7 @@ static bool copy_result(Pull *p, DiskCopy *dc, GError **error)
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "interrupted by a signal");
     } else if (!ok) {
+        why_broken(p, *error);
         g_prefix_error(error, "disk '%s': ", pd->qd->id);
     }
     return ok;
