@@ -220,7 +220,7 @@ assert_clean_exit() {
     # while it is at work: its scratch and sockets are private
     [ -z "$(find "$T/repo" "$T/tmp" -mindepth 1 \( -type d ! -perm 0700 \) -o \
         \( -type f -perm /077 \))" ]
-    [ -n "$(find "$T/repo/.scratch" -name '*.qcow2')" ]
+    [ -n "$(find "$T/repo/.scratch" -name '*.scratch')" ]
     echo commit >&5
     exec 5>&-
     wait "$pid"
@@ -241,6 +241,7 @@ assert_clean_exit() {
         id=$(date -u -d "@$((now + s))" +%Y%m%dT%H%M%SZ)
         for i in 0 1 2; do
             ln -sf "$T/outside/victim.img" "$T/repo/.scratch/qbk-s$i-$id.scratch.qcow2"
+            ln -sf "$T/outside/victim.img" "$T/repo/.scratch/qbk-s$i-$id.scratch"
         done
         ln -sf "$T/outside/victim.txt" "$T/repo/disks/disk0/$id.digests"
         ln -sf "$T/outside/victim.txt" "$T/repo/backups/$id.json.tmp"
