@@ -721,9 +721,14 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
     g_autofree char *notice_uri =
         copier_nbd_uri(p->nbd_socket, p->scheme->notice_export(pd->fd));
     g_autofree char *dst_uri = NULL;
+    g_autofree char *chain_uri =
+        p->scheme->chain_export
+            ? copier_nbd_uri(p->nbd_socket, p->scheme->chain_export(pd->fd))
+            : NULL;
     CopierEndpoint src = { .uri = src_uri };
     CopierEndpoint dst = { .file = pd->image };
     CopierEndpoint notices = { .uri = notice_uri };
+    CopierEndpoint chain = { .uri = chain_uri };
     CopierOptions co = p->opts->copier;
 
     if (pd->format != REPO_RAW) {
@@ -737,6 +742,7 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
         co.notice_context = p->scheme->notice_context;
     }
     co.release = p->scheme->releases && !p->opts->no_release;
+    co.chain = chain_uri ? &chain : NULL;
     if (p->opts->progress) {
         co.progress = on_progress;
         co.progress_opaque = dc;

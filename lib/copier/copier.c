@@ -313,8 +313,10 @@ static void check_health(Copier *c, gint64 now)
                         "the source NBD server went away");
         }
     }
-    if (c->notice &&
-        (nbd_aio_is_dead(c->notice) || nbd_aio_is_closed(c->notice))) {
+    if ((c->notice &&
+         (nbd_aio_is_dead(c->notice) || nbd_aio_is_closed(c->notice))) ||
+        (c->chain &&
+         (nbd_aio_is_dead(c->chain) || nbd_aio_is_closed(c->chain)))) {
         copier_fail(c, COPIER_ERROR_READ, "the source NBD server went away");
     }
     if (c->sink->ops->dead(c->sink)) {
@@ -487,7 +489,8 @@ Copier *copier_new(const CopierEndpoint *source, const CopierEndpoint *target,
     g_queue_init(&c->releases);
     if (!connect_source(c, source, error) ||
         !(c->sink = open_sink(c, target, error)) ||
-        (c->opts.notices && !notices_connect(c, copier_pump, error))) {
+        (c->opts.notices && !notices_connect(c, copier_pump, error)) ||
+        (c->opts.chain && !select_chain_connect(c, copier_pump, error))) {
         return NULL;
     }
     if (c->opts.digest_fd >= 0 &&
@@ -584,6 +587,14 @@ void copier_free(Copier *c)
         g_source_unref(c->notice_source);
     }
     nbd_close(c->notice);
+    if (c->chain_source) {
+        g_source_destroy(c->chain_source);
+        g_source_unref(c->chain_source);
+    }
+    nbd_close(c->chain);
+    if (c->bs_depth) {
+        g_array_unref(c->bs_depth);
+    }
     sink_free(c->sink); /* the kernel is done with the buffers after it */
     for (guint i = 0; c->reqs && i < c->nreqs; i++) {
         if (c->reqs[i].state != REQ_IDLE) {

@@ -117,6 +117,12 @@ typedef struct {
     const GArray *ranges; /* instead of a bitmap: copy only these
                                 CopierRange (sorted, disjoint); NULL: off */
     bool target_zeroed;   /* the target reads as zeros: skip zero regions */
+    /* The source's own chain, exported with "qemu:allocation-depth", for a
+     * source whose map stops at its top image (a snapshot-access view says
+     * "hole" but not "zero" where that image has nothing): there, a depth
+     * of 0 (nothing in the whole chain), asked after the source's map,
+     * means zeros. The images below the top must not change. NULL: off. */
+    const CopierEndpoint *chain;
     CopierWriteMode write_mode; /* how a file target is written */
     int digest_fd;           /* -1, or a file receiving one digest per block at
                              offset block * COPIER_DIGEST_LEN; filled from

@@ -40,6 +40,17 @@ typedef struct {
  * *END is where both contexts have answered, block aligned unless it is the
  * disk's end SIZE; at least one block is always covered.
  */
+/*
+ * ALLOC's N (length, flags) pairs of "base:allocation" from START, with
+ * every part that is a hole but not zero, and where DEPTH's ND pairs of
+ * "qemu:allocation-depth" (also from START) say 0, made hole and zero.
+ * Parts DEPTH does not reach keep their flags. Returns a new array of
+ * uint32 pairs covering what ALLOC covered.
+ */
+bool is_unknown_hole(uint32_t flags); /* a hole, not said to be zero */
+GArray *plan_chain_zeros(const uint32_t *alloc, size_t n, const uint32_t *depth,
+                         size_t nd);
+
 GArray *plan_regions(guint64 start, guint64 size, const uint32_t *alloc,
                      size_t n_alloc, const uint32_t *dirty, size_t n_dirty,
                      guint64 *end);
@@ -226,6 +237,10 @@ struct Copier {
     int bs_error;
     GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */
     GArray *bs_dirty;
+    struct nbd_handle *chain; /* opts.chain's allocation depth */
+    GSource *chain_source;
+    GArray *bs_depth;  /* its answer for the window */
+    bool chain_asked;  /* the window's second question is out */
     ChunkQueue *queue; /* planned and not started */
 
     /* release (release.c) */
@@ -284,6 +299,7 @@ gboolean copier_pump(gpointer data);
 bool select_init(Copier *c, const char **contexts, GError **error);
 void select_start(Copier *c);
 void select_finish(Copier *c);
+bool select_chain_connect(Copier *c, GSourceFunc pump, GError **error);
 
 /* Release of copied regions (release.c). */
 void release_range(Copier *c, guint64 offset, guint64 length);

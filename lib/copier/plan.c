@@ -141,3 +141,49 @@ guint64 plan_chunks(GArray *regions, guint64 size, guint64 chunk_size,
     }
     return skipped;
 }
+
+bool is_unknown_hole(uint32_t flags)
+{
+    return (flags & (LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO)) ==
+           LIBNBD_STATE_HOLE;
+}
+
+GArray *plan_chain_zeros(const uint32_t *alloc, size_t n, const uint32_t *depth,
+                         size_t nd)
+{
+    GArray *out = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    guint64 pos = 0, dpos = 0; /* from START, in ALLOC and in DEPTH */
+    size_t j = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        guint64 end = pos + alloc[2 * i];
+        uint32_t flags = alloc[2 * i + 1];
+
+        while (pos < end) {
+            guint64 piece = end - pos;
+            uint32_t f = flags;
+
+            /* the depth extent that holds POS, if DEPTH reaches it */
+            while (j < nd && dpos + depth[2 * j] <= pos) {
+                dpos += depth[2 * j];
+                j++;
+            }
+            if (j < nd) {
+                piece = MIN(piece, dpos + depth[2 * j] - pos);
+                if (is_unknown_hole(flags) && depth[2 * j + 1] == 0) {
+                    f = LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO;
+                }
+            }
+            if (out->len >= 2 &&
+                g_array_index(out, uint32_t, out->len - 1) == f) {
+                g_array_index(out, uint32_t, out->len - 2) += (uint32_t)piece;
+            } else {
+                uint32_t e[2] = { (uint32_t)piece, f };
+
+                g_array_append_vals(out, e, 2);
+            }
+            pos += piece;
+        }
+    }
+    return out;
+}

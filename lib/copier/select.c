@@ -4,7 +4,9 @@
  * a chain (its allocation depth), or the caller's ranges. Block status is
  * asked a window at a time, ahead of the requests, and what it says goes
  * into the work queue (plan.c, queue.c); what needs no copy may be
- * released at once.
+ * released at once. A source whose map stops at its top image (a
+ * snapshot-access view) gets a second question per window, about its
+ * chain (opts.chain), where the first answer says "hole" but not "zero".
  */
 #include <string.h>
 
@@ -39,6 +41,26 @@ bool select_init(Copier *c, const char **contexts, GError **error)
     return true;
 }
 
+bool select_chain_connect(Copier *c, GSourceFunc pump, GError **error)
+{
+    const char *ctx[2] = { "qemu:allocation-depth", NULL };
+
+    c->chain = nbd_source_connect(c->opts.chain, ctx, c->ctx, pump, c,
+                                  &c->chain_source, error);
+    if (!c->chain) {
+        return false;
+    }
+    if (nbd_can_meta_context(c->chain, ctx[0]) != 1 ||
+        nbd_get_size(c->chain) != (int64_t)c->size) {
+        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                    "the chain export has no allocation depth of the "
+                    "source's size");
+        return false;
+    }
+    c->bs_depth = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    return true;
+}
+
 /* ---- libnbd callbacks: record, nothing more ---- */
 
 static int extent_cb(void *opaque, const char *context, uint64_t offset,
@@ -46,7 +68,10 @@ static int extent_cb(void *opaque, const char *context, uint64_t offset,
 {
     Copier *c = opaque;
     GArray *into =
-        strcmp(context, "base:allocation") == 0 ? c->bs_alloc
+        c->chain_asked
+            ? (strcmp(context, "qemu:allocation-depth") == 0 ? c->bs_depth
+                                                             : NULL)
+        : strcmp(context, "base:allocation") == 0 ? c->bs_alloc
         : c->bitmap_context && strcmp(context, c->bitmap_context) == 0
             ? c->bs_dirty
             : NULL;
@@ -144,6 +169,60 @@ static void release_skipped(Copier *c, GArray *regions)
     }
 }
 
+/* Whether the first answer has a hole that is not zero. */
+static bool has_unknown_hole(const GArray *alloc)
+{
+    for (guint i = 1; i < alloc->len; i += 2) {
+        if (is_unknown_hole(g_array_index(alloc, uint32_t, i))) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Ask the chain export about what the first answer covered; false if
+ * there is nothing to ask (or it failed: the copier failed then). */
+static bool ask_chain(Copier *c)
+{
+    guint64 len = 0;
+
+    if (!c->chain || !has_unknown_hole(c->bs_alloc)) {
+        return false;
+    }
+    for (guint i = 0; i < c->bs_alloc->len; i += 2) {
+        len += g_array_index(c->bs_alloc, uint32_t, i);
+    }
+    g_array_set_size(c->bs_depth, 0);
+    c->chain_asked = true;
+    c->bs_done = false;
+    if (nbd_aio_block_status(
+            c->chain, len, c->plan_pos,
+            (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
+            (nbd_completion_callback){ .callback = bs_done_cb, .user_data = c },
+            0) < 0) {
+        copier_fail(c, COPIER_ERROR_READ,
+                    "chain block status at %" G_GUINT64_FORMAT ": %s",
+                    c->plan_pos, nbd_get_error());
+    }
+    return true;
+}
+
+/* The second answer in: where the chain has nothing, the holes are zeros. */
+static void apply_chain(Copier *c)
+{
+    GArray *merged;
+
+    c->chain_asked = false;
+    if (c->bs_depth->len == 0) {
+        return; /* no answer: the holes stay unknown, and are read */
+    }
+    merged =
+        plan_chain_zeros((uint32_t *)c->bs_alloc->data, c->bs_alloc->len / 2,
+                         (uint32_t *)c->bs_depth->data, c->bs_depth->len / 2);
+    g_array_unref(c->bs_alloc);
+    c->bs_alloc = merged;
+}
+
 void select_finish(Copier *c)
 {
     g_autoptr(GArray) regions = NULL;
@@ -162,6 +241,12 @@ void select_finish(Copier *c)
                     c->plan_pos,
                     c->bs_error ? g_strerror(c->bs_error) : "no extents");
         return;
+    }
+    if (c->chain_asked) {
+        apply_chain(c);
+    } else if (ask_chain(c)) {
+        c->bs_in_flight = true;
+        return; /* planned when the second answer is in */
     }
     if (c->opts.depth_limit) {
         /* allocation depth -> dirty flag: written in the top layers */

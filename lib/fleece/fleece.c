@@ -35,6 +35,7 @@ FleeceDisk *fleece_disk_new(const FleeceScheme *scheme, const char *disk,
     fd->cbw = g_strdup_printf("qbk-c%u-%s", index, tag);
     fd->access = g_strdup_printf("qbk-a%u-%s", index, tag);
     fd->notice_export = g_strdup_printf("qbk-x%u-%s", index, tag);
+    fd->chain_export = g_strdup_printf("qbk-h%u-%s", index, tag);
     if (scratch_dir) {
         /* raw or qcow2: the scheme is chosen later */
         g_autofree char *base = g_strdup_printf("%s.scratch", fd->scratch);
@@ -59,6 +60,7 @@ void fleece_disk_free(FleeceDisk *fd)
     g_free(fd->cbw);
     g_free(fd->access);
     g_free(fd->notice_export);
+    g_free(fd->chain_export);
     qmp_insert_point_clear(&fd->point);
     g_free(fd);
 }
@@ -370,6 +372,7 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
 
     export_del(qmp, present, fd->export_, first);
     export_del(qmp, present, fd->notice_export, first);
+    export_del(qmp, present, fd->chain_export, first);
     /* Scheme B: the snapshot goes first (while it reads through the
      * filter, the filter lets no one else write below it), then the disk's
      * user goes back to the disk's node, then the filter. */

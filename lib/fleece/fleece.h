@@ -26,7 +26,7 @@ typedef enum {
 } FleeceErrorCode;
 
 /* The kinds of names a FleeceDisk gives (qbk-<kind><index>-<tag>). */
-#define FLEECE_KINDS "sfjecax"
+#define FLEECE_KINDS "sfjecaxh"
 
 typedef struct FleeceScheme FleeceScheme;
 
@@ -44,6 +44,7 @@ typedef struct {
     char *cbw;            /* B: copy-before-write filter node */
     char *access;         /* B: snapshot-access node: the point in time */
     char *notice_export;  /* B: id and name of the scratch node's export */
+    char *chain_export;   /* B: id and name of the disk node's export */
     QmpInsertPoint point; /* B: where the filter goes: above NODE */
 } FleeceDisk;
 
@@ -77,6 +78,10 @@ struct FleeceScheme {
                    GError **error);
     /* The export whose NOTICE_CONTEXT shows the guest's writes. */
     const char *(*notice_export)(const FleeceDisk *fd);
+    /* B: the disk's own node, exported read-only with its allocation depth,
+     * where the view's map does not see below the disk's top image (its
+     * backing chain); NULL if the view's map is complete (A). */
+    const char *(*chain_export)(const FleeceDisk *fd);
 };
 
 extern const FleeceScheme fleece_scheme_a;

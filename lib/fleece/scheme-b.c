@@ -100,12 +100,33 @@ static bool b_export(QmpClient *qmp, FleeceDisk *fd, const char *bitmap,
             error, "cannot export the scratch image of disk '%s': ", fd->disk);
         return false;
     }
+    options = json_object_new_object();
+    qmp_json_set_bool(options, "allocation-depth", 1);
+    if (!fleece_export_node(qmp, fd->chain_export, fd->node, fd->chain_export,
+                            false, options, error)) {
+        g_prefix_error(error,
+                       "cannot export the node of disk '%s': ", fd->disk);
+        return false;
+    }
     return true;
 }
 
 static const char *b_notice_export(const FleeceDisk *fd)
 {
     return fd->notice_export; /* the scratch node's allocation */
+}
+
+/*
+ * The snapshot's map comes from the disk's top image only (the filter asks
+ * its node, not the chain below): where that image has nothing, it says
+ * "hole" but not "zero", and the copier would read the whole chain's holes.
+ * The images below the top never change while the VM runs, so the live
+ * node's allocation depth, asked after the snapshot's map, tells where the
+ * whole chain has nothing: zeros at the point in time too (copier, select.c).
+ */
+static const char *b_chain_export(const FleeceDisk *fd)
+{
+    return fd->chain_export;
 }
 
 const FleeceScheme fleece_scheme_b = {
@@ -118,6 +139,7 @@ const FleeceScheme fleece_scheme_b = {
     .insert = b_insert,
     .export = b_export,
     .notice_export = b_notice_export,
+    .chain_export = b_chain_export,
 };
 
 bool fleece_b_possible(QmpClient *qmp, FleeceDisk *fd, char **why)

@@ -249,10 +249,51 @@ static void test_random_property(void)
     g_rand_free(rand);
 }
 
+/* Unknown holes (hole, not zero) become zeros where the chain has nothing
+ * (depth 0), and only there; data, known zeros, and what the depth answer
+ * does not reach keep their flags; equal neighbours merge. */
+static void test_chain_zeros(void)
+{
+    /* alloc: data 4B | hole 8B | hole+zero 2B | hole 6B */
+    const uint32_t alloc[] = { 4 * B, 0,
+                               8 * B, LIBNBD_STATE_HOLE,
+                               2 * B, LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO,
+                               6 * B, LIBNBD_STATE_HOLE };
+    /* depth: 0 over 6B, 2 (backing) over 3B, 0 over 7B; stops at 16B */
+    const uint32_t depth[] = { 6 * B, 0, 3 * B, 2, 7 * B, 0 };
+    const uint32_t want[] = {
+        4 * B,
+        0, /* data stays */
+        2 * B,
+        LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO, /* depth 0 */
+        3 * B,
+        LIBNBD_STATE_HOLE, /* the backing holds data */
+        7 * B,
+        LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO, /* 3B hole + 2B zero + 2B */
+        4 * B,
+        LIBNBD_STATE_HOLE, /* beyond the depth answer */
+    };
+    g_autoptr(GArray) out = plan_chain_zeros(alloc, G_N_ELEMENTS(alloc) / 2,
+                                             depth, G_N_ELEMENTS(depth) / 2);
+
+    g_assert_cmpuint(out->len, ==, G_N_ELEMENTS(want));
+    for (guint i = 0; i < out->len; i++) {
+        g_assert_cmpuint(g_array_index(out, uint32_t, i), ==, want[i]);
+    }
+    /* no depth answer: unchanged */
+    g_array_unref(g_steal_pointer(&out));
+    out = plan_chain_zeros(alloc, G_N_ELEMENTS(alloc) / 2, NULL, 0);
+    g_assert_cmpuint(out->len, ==, G_N_ELEMENTS(alloc));
+    for (guint i = 0; i < out->len; i++) {
+        g_assert_cmpuint(g_array_index(out, uint32_t, i), ==, alloc[i]);
+    }
+}
+
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
     g_test_add_func("/plan/full-copy", test_full_copy);
+    g_test_add_func("/plan/chain-zeros", test_chain_zeros);
     g_test_add_func("/plan/dirty-only", test_dirty_only);
     g_test_add_func("/plan/zero-edges-become-data",
                     test_zero_edges_become_data);
