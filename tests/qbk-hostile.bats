@@ -295,6 +295,14 @@ assert_clean_exit() {
     [ "$status" -eq 4 ]
     [[ "$output" == *"backup '$id' was left by a qbk-pull that is gone"* ]]
     [ "$(qmp query-block-exports | jq length)" -gt 0 ]
+    # scheme B's exports, one of each per disk: the view, the scratch
+    # (notices), the disk's chain
+    views=$(qmp query-block-exports | jq '[.[].id | select(startswith("qbk-e"))] | length')
+    [ "$views" -gt 0 ]
+    for kind in x h; do
+        [ "$(qmp query-block-exports | jq --arg k "qbk-$kind" \
+            '[.[].id | select(startswith($k))] | length')" -eq "$views" ]
+    done
     run qbk-checkpoint check --repair --json
     [ "$status" -eq 0 ]
     [ "$(jq .undone <<<"$output")" -eq 1 ]
