@@ -49,11 +49,6 @@ void copier_options_init(CopierOptions *opts)
     };
 }
 
-const char *copier_write_mode_name(CopierWriteMode mode)
-{
-    return mode == COPIER_WRITE_DIRECT ? "direct" : "cached";
-}
-
 bool copier_write_mode_parse(const char *text, CopierWriteMode *mode)
 {
     if (g_strcmp0(text, "cached") == 0) {
@@ -307,16 +302,12 @@ static void check_health(Copier *c, gint64 now)
                     c->opts.stall_seconds);
     }
     for (guint i = 0; i < c->nreaders; i++) {
-        if (nbd_aio_is_dead(c->readers[i]) ||
-            nbd_aio_is_closed(c->readers[i])) {
+        if (nbd_source_gone(c->readers[i])) {
             copier_fail(c, COPIER_ERROR_READ,
                         "the source NBD server went away");
         }
     }
-    if ((c->notice &&
-         (nbd_aio_is_dead(c->notice) || nbd_aio_is_closed(c->notice))) ||
-        (c->chain &&
-         (nbd_aio_is_dead(c->chain) || nbd_aio_is_closed(c->chain)))) {
+    if (nbd_source_gone(c->notice) || nbd_source_gone(c->chain)) {
         copier_fail(c, COPIER_ERROR_READ, "the source NBD server went away");
     }
     if (c->sink->ops->dead(c->sink)) {
@@ -578,20 +569,10 @@ void copier_free(Copier *c)
         g_source_unref(c->tick);
     }
     for (guint i = 0; i < c->nreaders; i++) {
-        g_source_destroy(c->reader_sources[i]);
-        g_source_unref(c->reader_sources[i]);
-        nbd_close(c->readers[i]); /* abandons anything still in flight */
+        nbd_source_close(c->readers[i], c->reader_sources[i]);
     }
-    if (c->notice_source) {
-        g_source_destroy(c->notice_source);
-        g_source_unref(c->notice_source);
-    }
-    nbd_close(c->notice);
-    if (c->chain_source) {
-        g_source_destroy(c->chain_source);
-        g_source_unref(c->chain_source);
-    }
-    nbd_close(c->chain);
+    nbd_source_close(c->notice, c->notice_source);
+    nbd_source_close(c->chain, c->chain_source);
     if (c->bs_depth) {
         g_array_unref(c->bs_depth);
     }

@@ -99,7 +99,6 @@ typedef enum {
 /* Cached writes: bytes written but not yet known durable and dropped. */
 #define COPIER_WRITE_BEHIND (64 * 1024 * 1024)
 
-const char *copier_write_mode_name(CopierWriteMode mode);
 bool copier_write_mode_parse(const char *text, CopierWriteMode *mode);
 
 typedef struct {

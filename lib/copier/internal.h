@@ -40,6 +40,10 @@ typedef struct {
  * *END is where both contexts have answered, block aligned unless it is the
  * disk's end SIZE; at least one block is always covered.
  */
+GArray *plan_regions(guint64 start, guint64 size, const uint32_t *alloc,
+                     size_t n_alloc, const uint32_t *dirty, size_t n_dirty,
+                     guint64 *end);
+
 /*
  * ALLOC's N (length, flags) pairs of "base:allocation" from START, with
  * every part that is a hole but not zero, and where DEPTH's ND pairs of
@@ -47,13 +51,9 @@ typedef struct {
  * Parts DEPTH does not reach keep their flags. Returns a new array of
  * uint32 pairs covering what ALLOC covered.
  */
-bool is_unknown_hole(uint32_t flags); /* a hole, not said to be zero */
 GArray *plan_chain_zeros(const uint32_t *alloc, size_t n, const uint32_t *depth,
                          size_t nd);
-
-GArray *plan_regions(guint64 start, guint64 size, const uint32_t *alloc,
-                     size_t n_alloc, const uint32_t *dirty, size_t n_dirty,
-                     guint64 *end);
+bool is_unknown_hole(uint32_t flags); /* a hole, not said to be zero */
 
 /*
  * Cut REGIONS into chunks of at most CHUNK_SIZE bytes, appended to CHUNKS.
@@ -124,6 +124,12 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
                                       GMainContext *ctx, GSourceFunc callback,
                                       gpointer data, GSource **source,
                                       GError **error);
+
+/* Whether NBD (may be NULL) is dead or closed: its server went away. */
+bool nbd_source_gone(struct nbd_handle *nbd);
+
+/* Detach SOURCE (may be NULL) and close NBD (may be NULL). */
+void nbd_source_close(struct nbd_handle *nbd, GSource *source);
 
 /* ---- targets: where the data goes (sink-nbd.c, sink-file.c, sink-null.c)
  * ---- */

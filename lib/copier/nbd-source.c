@@ -121,6 +121,20 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
     return nbd;
 }
 
+bool nbd_source_gone(struct nbd_handle *nbd)
+{
+    return nbd && (nbd_aio_is_dead(nbd) || nbd_aio_is_closed(nbd));
+}
+
+void nbd_source_close(struct nbd_handle *nbd, GSource *source)
+{
+    if (source) {
+        g_source_destroy(source);
+        g_source_unref(source);
+    }
+    nbd_close(nbd); /* abandons anything still in flight */
+}
+
 char *copier_nbd_uri(const char *socket, const char *name)
 {
     g_autofree char *n = g_uri_escape_string(name, NULL, FALSE);

@@ -70,18 +70,14 @@ static bool nbd_sink_dead(Sink *sink)
 {
     NbdSink *s = (NbdSink *)sink;
 
-    return nbd_aio_is_dead(s->nbd) || nbd_aio_is_closed(s->nbd);
+    return nbd_source_gone(s->nbd);
 }
 
 static void nbd_sink_free(Sink *sink)
 {
     NbdSink *s = (NbdSink *)sink;
 
-    if (s->source) {
-        g_source_destroy(s->source);
-        g_source_unref(s->source);
-    }
-    nbd_close(s->nbd); /* abandons what is in flight */
+    nbd_source_close(s->nbd, s->source); /* abandons what is in flight */
     g_free(s);
 }
 
