@@ -92,25 +92,32 @@ static int bs_done_cb(void *opaque, int *error)
     return 1;
 }
 
-void select_start(Copier *c)
+/* Ask NBD for the block status of LEN bytes from the window's start, the
+ * answer going where extent_cb puts it; WHAT names it in an error. */
+static bool ask_block_status(Copier *c, struct nbd_handle *nbd, guint64 len,
+                             const char *what)
 {
-    guint64 len = MIN(WINDOW_BYTES, c->size - c->plan_pos);
-
-    g_array_set_size(c->bs_alloc, 0);
-    g_array_set_size(c->bs_dirty, 0);
     c->bs_done = false;
     c->bs_error = 0;
     if (nbd_aio_block_status(
-            c->src, len, c->plan_pos,
+            nbd, len, c->plan_pos,
             (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
             (nbd_completion_callback){ .callback = bs_done_cb, .user_data = c },
             0) < 0) {
         copier_fail(c, COPIER_ERROR_READ,
-                    "block status at %" G_GUINT64_FORMAT ": %s", c->plan_pos,
-                    nbd_get_error());
-        return;
+                    "%sblock status at %" G_GUINT64_FORMAT ": %s", what,
+                    c->plan_pos, nbd_get_error());
+        return false;
     }
-    c->bs_in_flight = true;
+    return true;
+}
+
+void select_start(Copier *c)
+{
+    g_array_set_size(c->bs_alloc, 0);
+    g_array_set_size(c->bs_dirty, 0);
+    c->bs_in_flight = ask_block_status(
+        c, c->src, MIN(WINDOW_BYTES, c->size - c->plan_pos), "");
 }
 
 /* The caller's ranges as a dirty context's extents over the window that
@@ -194,16 +201,7 @@ static bool ask_chain(Copier *c)
     }
     g_array_set_size(c->bs_depth, 0);
     c->chain_asked = true;
-    c->bs_done = false;
-    if (nbd_aio_block_status(
-            c->chain, len, c->plan_pos,
-            (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
-            (nbd_completion_callback){ .callback = bs_done_cb, .user_data = c },
-            0) < 0) {
-        copier_fail(c, COPIER_ERROR_READ,
-                    "chain block status at %" G_GUINT64_FORMAT ": %s",
-                    c->plan_pos, nbd_get_error());
-    }
+    ask_block_status(c, c->chain, len, "chain "); /* fails the copier if not */
     return true;
 }
 
