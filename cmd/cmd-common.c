@@ -308,6 +308,16 @@ bool cmd_check_path(const char *name, const char *path, GError **error)
     return true;
 }
 
+bool cmd_write_mode(const char *text, CopierWriteMode *mode, GError **error)
+{
+    if (text && !copier_write_mode_parse(text, mode)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--write-mode must be cached or direct");
+        return false;
+    }
+    return true;
+}
+
 char *cmd_format_bytes(guint64 bytes)
 {
     return g_format_size_full(bytes, G_FORMAT_SIZE_IEC_UNITS);

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 
+#include "copier.h"
 #include "qmp.h"
 
 /* The longest --timeout, seconds. */
@@ -124,6 +125,9 @@ bool cmd_parse_size(const char *name, const char *text, guint64 *out,
 
 /* Whether option NAME gives a path (not empty). */
 bool cmd_check_path(const char *name, const char *path, GError **error);
+
+/* --write-mode TEXT into *MODE (TEXT NULL: *MODE stays). */
+bool cmd_write_mode(const char *text, CopierWriteMode *mode, GError **error);
 
 /* "1.5 MiB" */
 char *cmd_format_bytes(guint64 bytes);

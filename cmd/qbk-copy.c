@@ -103,10 +103,7 @@ static bool make_options(CopierOptions *opts, GError **error)
     opts->bitmap = opt_bitmap;
     opts->target_zeroed = opt_zeroed;
     opts->rate_limit = opt_rate;
-    if (opt_write_mode &&
-        !copier_write_mode_parse(opt_write_mode, &opts->write_mode)) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "--write-mode must be cached or direct");
+    if (!cmd_write_mode(opt_write_mode, &opts->write_mode, error)) {
         return false;
     }
     if (opt_progress) {

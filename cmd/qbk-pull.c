@@ -344,13 +344,8 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->no_notices = opt_no_notices || opt_sequential;
     opts->no_release = opt_no_release;
     opts->copier.latency_target_us = (guint)(opt_latency_ms * 1000);
-    if (opt_write_mode &&
-        !copier_write_mode_parse(opt_write_mode, &opts->copier.write_mode)) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "--write-mode must be cached or direct");
-        return false;
-    }
-    return backup_options_check(opts, error);
+    return cmd_write_mode(opt_write_mode, &opts->copier.write_mode, error) &&
+           backup_options_check(opts, error);
 }
 
 /* --export-only: export the point in time until a client commits. */
