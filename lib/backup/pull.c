@@ -80,16 +80,16 @@ bool backup_options_check(const BackupOptions *opts, GError **error)
 {
     g_autoptr(GHashTable) ids = g_hash_table_new(g_str_hash, g_str_equal);
     g_autoptr(GError) local = NULL;
+    RepoFormat format;
 
     if (!copier_options_check(&opts->copier, &local)) {
         return usage(error, "%s", local->message);
     }
-    if (opts->format && strcmp(opts->format, "qcow2") != 0 &&
-        strcmp(opts->format, "raw") != 0) {
+    if (opts->format && !repo_format_parse(opts->format, &format)) {
         return usage(error, "the format must be qcow2 or raw");
     }
-    if (opts->scratch_format && strcmp(opts->scratch_format, "qcow2") != 0 &&
-        strcmp(opts->scratch_format, "raw") != 0) {
+    if (opts->scratch_format &&
+        !repo_format_parse(opts->scratch_format, &format)) {
         return usage(error, "the scratch format must be raw or qcow2");
     }
     if (opts->fleece == BACKUP_FLEECE_A &&
@@ -766,23 +766,23 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
  * A read of scheme B's snapshot fails once the filter broke it: a guest
  * write it could not copy into the scratch image (full, or slower than
  * the timeout). QEMU 7.2 says so nowhere, so add the likely cause to
- * ERROR: the guest's writes went through; the backup is rolled back.
+ * *ERROR: the guest's writes went through; the backup is rolled back.
  */
-static void why_broken(Pull *p, GError *error)
+static void why_broken(Pull *p, GError **error)
 {
     struct statvfs fs;
 
     if (!p->scheme->releases ||
-        !g_error_matches(error, COPIER_ERROR, COPIER_ERROR_READ)) {
+        !g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_READ)) {
         return;
     }
     if (statvfs(p->scratch_dir, &fs) == 0 && fs.f_bavail == 0) {
-        g_prefix_error(&error,
+        g_prefix_error(error,
                        "the scratch directory '%s' is full, which broke the "
                        "point in time (the guest's writes went on): ",
                        p->scratch_dir);
     } else {
-        g_prefix_error(&error,
+        g_prefix_error(error,
                        "the point in time may have broken (a copy-before-write "
                        "failed or took over %u s; the guest's writes went "
                        "on): ",
@@ -806,7 +806,7 @@ static bool copy_result(Pull *p, DiskCopy *dc, GError **error)
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "interrupted by a signal");
     } else if (!ok) {
-        why_broken(p, *error);
+        why_broken(p, error);
         g_prefix_error(error, "disk '%s': ", pd->qd->id);
     }
     return ok;
