@@ -98,37 +98,41 @@ static bool create_raw(const char *path, guint64 size, GError **error)
     return true;
 }
 
-bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
+/* Remove the raw scratch files of the first N disks of FDS. */
+static void remove_raw(GPtrArray *fds, guint n)
 {
-    g_autoptr(GArray) imgs = g_array_new(FALSE, TRUE, sizeof(QemuImgCreate));
-    g_autoptr(GError) local = NULL;
-    guint made = 0;
-
-    for (; made < fds->len; made++) {
-        FleeceDisk *fd = fds->pdata[made];
-
-        if (!fd->raw_scratch) {
-            g_array_append_val(imgs, ((QemuImgCreate){ .image = fd->file,
-                                                       .size = sizes[made] }));
-        } else if (!create_raw(fd->file, sizes[made], error)) {
-            break;
-        }
-    }
-    if (made == fds->len &&
-        !qemu_img_create_all((QemuImgCreate *)imgs->data, imgs->len, &local)) {
-        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
-                    "cannot create the scratch images: %s", local->message);
-    } else if (made == fds->len) {
-        return true;
-    }
-    for (guint i = 0; i < made; i++) {
+    for (guint i = 0; i < n; i++) {
         FleeceDisk *fd = fds->pdata[i];
 
         if (fd->raw_scratch) {
             unlink(fd->file);
         }
     }
-    return false;
+}
+
+bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
+{
+    g_autoptr(GArray) imgs = g_array_new(FALSE, TRUE, sizeof(QemuImgCreate));
+    g_autoptr(GError) local = NULL;
+
+    for (guint i = 0; i < fds->len; i++) {
+        FleeceDisk *fd = fds->pdata[i];
+
+        if (!fd->raw_scratch) {
+            g_array_append_val(
+                imgs, ((QemuImgCreate){ .image = fd->file, .size = sizes[i] }));
+        } else if (!create_raw(fd->file, sizes[i], error)) {
+            remove_raw(fds, i);
+            return false;
+        }
+    }
+    if (!qemu_img_create_all((QemuImgCreate *)imgs->data, imgs->len, &local)) {
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
+                    "cannot create the scratch images: %s", local->message);
+        remove_raw(fds, fds->len);
+        return false;
+    }
+    return true;
 }
 
 /* {"no-flush": true}: the scratch outlives no crash of QEMU (the next run
