@@ -28,6 +28,31 @@ static void die_with_parent(gpointer data)
     prctl(PR_SET_PDEATHSIG, SIGKILL);
 }
 
+/*
+ * QEMU binds its monitor socket before it listens on it: the file exists a
+ * moment before a connect() succeeds. Wait for a connection, not the file.
+ * The probe's hang-up is handled before QEMU accepts the next client.
+ */
+static bool socket_listens(const char *path)
+{
+    struct sockaddr_un addr = { .sun_family = AF_UNIX };
+
+    g_strlcpy(addr.sun_path, path, sizeof(addr.sun_path));
+    for (int i = 0; i < 500; i++) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        bool up;
+
+        g_assert_cmpint(fd, >=, 0);
+        up = connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0;
+        close(fd);
+        if (up) {
+            return true;
+        }
+        g_usleep(10000);
+    }
+    return false;
+}
+
 static void vm_start(Vm *vm)
 {
     g_autoptr(GError) error = NULL;
@@ -71,11 +96,7 @@ static void vm_start(Vm *vm)
                                 G_SPAWN_SEARCH_PATH | G_SPAWN_DO_NOT_REAP_CHILD,
                                 die_with_parent, NULL, &vm->pid, &error));
     g_assert_no_error(error);
-    for (int i = 0; i < 500 && !g_file_test(vm->sock, G_FILE_TEST_EXISTS);
-         i++) {
-        g_usleep(10000);
-    }
-    g_assert_true(g_file_test(vm->sock, G_FILE_TEST_EXISTS));
+    g_assert_true(socket_listens(vm->sock));
 }
 
 static void vm_stop(Vm *vm)
