@@ -33,16 +33,100 @@ static GOptionEntry qmp_entries[] = {
     { NULL },
 };
 
+/* The copier's options as given; G_MININT(64): not given. */
+static gint copier_requests = G_MININT;
+static gint copier_connections = G_MININT;
+static gint64 copier_chunk = G_MININT64;
+static char *copier_rate;
+static char *copier_write_mode;
+
+static GOptionEntry copier_entries[] = {
+    { "requests", 0, 0, G_OPTION_ARG_INT, &copier_requests,
+      "copier requests in flight (1-1024, default 16)", "N" },
+    { "connections", 0, 0, G_OPTION_ARG_INT, &copier_connections,
+      "NBD connections to each source, requests spread over them (1-8, "
+      "default 2)",
+      "N" },
+    { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &copier_chunk,
+      "bytes per request, a multiple of 64 KiB up to 32 MiB (default "
+      "256 KiB: smaller requests wait less behind each other, and so does "
+      "a guest)",
+      "BYTES" },
+    { "sequential", 0, 0, G_OPTION_ARG_NONE, &cmd_common.sequential,
+      "one request at a time in ascending order (the baseline; qbk-pull: "
+      "no notices either)",
+      NULL },
+    { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &copier_rate,
+      "read at most this much per second, e.g. 50M", "SIZE" },
+    { "write-mode", 0, 0, G_OPTION_ARG_STRING, &copier_write_mode,
+      "how a local raw file is written: cached (default: through the page "
+      "cache, writeback started at once, pages dropped once written) or "
+      "direct (O_DIRECT)",
+      "MODE" },
+    { NULL },
+};
+
 static GOptionEntry quiet_entries[] = {
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &cmd_common.quiet,
       "print nothing on stderr but errors", NULL },
     { NULL },
 };
 
+/* --write-mode TEXT into *MODE (TEXT NULL: *MODE stays). */
+static bool cmd_write_mode(const char *text, CopierWriteMode *mode,
+                           GError **error)
+{
+    if (text && !copier_write_mode_parse(text, mode)) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--write-mode must be cached or direct");
+        return false;
+    }
+    return true;
+}
+
+/* The copier's options into cmd_common.copier, bounds checked. */
+static bool check_copier(GError **error)
+{
+    CopierOptions *o = &cmd_common.copier;
+
+    copier_options_init(o);
+    if ((copier_requests != G_MININT &&
+         !cmd_check_range("--requests", copier_requests, 1, COPIER_MAX_REQUESTS,
+                          error)) ||
+        (copier_connections != G_MININT &&
+         !cmd_check_range("--connections", copier_connections, 1,
+                          COPIER_MAX_CONNECTIONS, error)) ||
+        (copier_chunk != G_MININT64 &&
+         !cmd_check_range("--chunk-size", copier_chunk, COPIER_BLOCK_SIZE,
+                          COPIER_MAX_CHUNK, error)) ||
+        (copier_rate &&
+         !cmd_parse_size("--rate-limit", copier_rate, &o->rate_limit, error)) ||
+        !cmd_write_mode(copier_write_mode, &o->write_mode, error)) {
+        return false;
+    }
+    if (copier_requests != G_MININT) {
+        o->requests = copier_requests;
+    }
+    if (copier_connections != G_MININT) {
+        o->connections = copier_connections;
+    }
+    if (copier_chunk != G_MININT64) {
+        o->chunk_size = copier_chunk;
+    }
+    if (cmd_common.sequential) {
+        o->requests = o->connections = 1;
+    }
+    return copier_options_check(o, error);
+}
+
 /* The shared options' bounds and defaults, after parsing. */
 static int check_common(const CmdSpec *spec)
 {
     g_autoptr(GError) error = NULL;
+
+    if ((spec->common & CMD_OPT_COPIER) && !check_copier(&error)) {
+        return cmd_usage("%s", error->message);
+    }
 
     if (spec->common & CMD_OPT_QMP) {
         if (!cmd_check_range("--timeout", cmd_common.timeout_s, 1,
@@ -71,6 +155,9 @@ int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
     g_option_context_add_main_entries(ctx, spec->entries, NULL);
     if (spec->common & CMD_OPT_QMP) {
         g_option_context_add_main_entries(ctx, qmp_entries, NULL);
+    }
+    if (spec->common & CMD_OPT_COPIER) {
+        g_option_context_add_main_entries(ctx, copier_entries, NULL);
     }
     if (spec->common & CMD_OPT_QUIET) {
         g_option_context_add_main_entries(ctx, quiet_entries, NULL);
@@ -303,16 +390,6 @@ bool cmd_check_path(const char *name, const char *path, GError **error)
     if (path && !*path) {
         g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
                     "%s is empty", name);
-        return false;
-    }
-    return true;
-}
-
-bool cmd_write_mode(const char *text, CopierWriteMode *mode, GError **error)
-{
-    if (text && !copier_write_mode_parse(text, mode)) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "--write-mode must be cached or direct");
         return false;
     }
     return true;

@@ -34,6 +34,9 @@ enum {
 typedef enum {
     CMD_OPT_QMP = 1 << 0,   /* --qmp SOCKET and --timeout SECONDS */
     CMD_OPT_QUIET = 1 << 1, /* --quiet: nothing on stderr but errors */
+    /* the copier's --requests, --connections, --chunk-size, --sequential,
+     * --rate-limit and --write-mode */
+    CMD_OPT_COPIER = 1 << 2,
 } CmdOptions;
 
 /* What a command is, for its --help and its prologue. */
@@ -52,6 +55,8 @@ typedef struct {
     bool qmp_env;  /* it came from $QBK_QMP */
     int timeout_s; /* --timeout: 1 to CMD_MAX_TIMEOUT_S */
     gboolean quiet;
+    CopierOptions copier; /* the defaults with the options given */
+    gboolean sequential;  /* --sequential (copier.requests is 1) */
 } CmdCommon;
 
 extern CmdCommon cmd_common;
@@ -125,9 +130,6 @@ bool cmd_parse_size(const char *name, const char *text, guint64 *out,
 
 /* Whether option NAME gives a path (not empty). */
 bool cmd_check_path(const char *name, const char *path, GError **error);
-
-/* --write-mode TEXT into *MODE (TEXT NULL: *MODE stays). */
-bool cmd_write_mode(const char *text, CopierWriteMode *mode, GError **error);
 
 /* "1.5 MiB" */
 char *cmd_format_bytes(guint64 bytes);

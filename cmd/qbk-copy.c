@@ -14,43 +14,18 @@
 
 static char *opt_bitmap;
 static char *opt_digests;
-static gint opt_requests;    /* 0: the copier's default */
-static gint opt_connections; /* 0: the copier's default */
-static gint64 opt_chunk;     /* 0: the copier's default */
 static gboolean opt_zeroed;
-static gboolean opt_sequential;
 static gboolean opt_json;
 static gboolean opt_progress;
-static gint64 opt_rate;
-static char *opt_write_mode;
 
 static GOptionEntry entries[] = {
     { "bitmap", 'b', 0, G_OPTION_ARG_STRING, &opt_bitmap,
       "copy only what the source's qemu:dirty-bitmap:BITMAP marks", "BITMAP" },
-    { "requests", 'r', 0, G_OPTION_ARG_INT, &opt_requests,
-      "requests in flight (1-1024, default 16)", "N" },
-    { "connections", 'C', 0, G_OPTION_ARG_INT, &opt_connections,
-      "NBD connections to the source, requests spread over them (1-8, "
-      "default 2)",
-      "N" },
-    { "chunk-size", 'c', 0, G_OPTION_ARG_INT64, &opt_chunk,
-      "bytes per request, a multiple of 65536 up to 32 MiB (default "
-      "256 KiB)",
-      "BYTES" },
-    { "sequential", 's', 0, G_OPTION_ARG_NONE, &opt_sequential,
-      "one request at a time in ascending order (the baseline)", NULL },
     { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,
       "the target reads as zeros already: skip zero regions", NULL },
     { "digests", 'd', 0, G_OPTION_ARG_FILENAME, &opt_digests,
       "write one XXH3-128 per 64 KiB block to FILE and print the checksum",
       "FILE" },
-    { "rate-limit", 0, 0, G_OPTION_ARG_INT64, &opt_rate,
-      "read at most BYTES per second", "BYTES" },
-    { "write-mode", 0, 0, G_OPTION_ARG_STRING, &opt_write_mode,
-      "how a file target is written: cached (default: through the page "
-      "cache, writeback started at once, pages dropped once written) or "
-      "direct (O_DIRECT)",
-      "MODE" },
     { "progress", 'p', 0, G_OPTION_ARG_NONE, &opt_progress,
       "print progress on stderr", NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
@@ -75,41 +50,26 @@ static const CmdSpec spec = {
         "SOURCE-URI and a TARGET that is one are NBD URIs, as libnbd reads\n"
         "them: nbd+unix:///EXPORT?socket=PATH (percent-encode odd characters)\n"
         "or nbd://HOST:PORT/EXPORT. Any other TARGET is a local raw file,\n"
-        "written sparse with Linux AIO and O_DIRECT.\n"
+        "written sparse with Linux AIO (see --write-mode).\n"
         "\n"
         "Example:\n"
         "  qbk-copy --bitmap since-mon --digests d.bin \\\n"
         "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
         "      'nbd+unix:///inc?socket=/run/target.sock'\n",
     .entries = entries,
+    .common = CMD_OPT_COPIER,
 };
 
-/* The copier's options from the command line, bounds checked. */
-static bool make_options(CopierOptions *opts, GError **error)
+/* The copier's options: the shared ones (cmd_parse checked them) and
+ * qbk-copy's own. */
+static void make_options(CopierOptions *opts)
 {
-    copier_options_init(opts);
-    if (opt_requests) {
-        opts->requests = opt_requests;
-    }
-    if (opt_connections) {
-        opts->connections = opt_connections;
-    }
-    if (opt_chunk) {
-        opts->chunk_size = opt_chunk;
-    }
-    if (opt_sequential) {
-        opts->requests = opts->connections = 1;
-    }
+    *opts = cmd_common.copier;
     opts->bitmap = opt_bitmap;
     opts->target_zeroed = opt_zeroed;
-    opts->rate_limit = opt_rate;
-    if (!cmd_write_mode(opt_write_mode, &opts->write_mode, error)) {
-        return false;
-    }
     if (opt_progress) {
         opts->progress = show_progress;
     }
-    return copier_options_check(opts, error);
 }
 
 static void print_result(const CopierStats *stats, const char *checksum)
@@ -151,18 +111,11 @@ int main(int argc, char **argv)
     if (argc != 3) {
         return cmd_usage("give SOURCE-URI and TARGET");
     }
-    if (!cmd_check_range("--requests", opt_requests, 0, COPIER_MAX_REQUESTS,
-                         &error) ||
-        !cmd_check_range("--connections", opt_connections, 0,
-                         COPIER_MAX_CONNECTIONS, &error) ||
-        !cmd_check_range("--chunk-size", opt_chunk, 0, COPIER_MAX_CHUNK,
-                         &error) ||
-        !cmd_check_range("--rate-limit", opt_rate, 0, G_MAXINT64, &error) ||
-        !cmd_check_path("--digests", opt_digests, &error) ||
-        !cmd_check_path("TARGET", argv[2], &error) ||
-        !make_options(&opts, &error)) {
+    if (!cmd_check_path("--digests", opt_digests, &error) ||
+        !cmd_check_path("TARGET", argv[2], &error)) {
         return cmd_usage("%s", error->message);
     }
+    make_options(&opts);
     if (!copier_is_nbd_uri(argv[1])) {
         return cmd_usage("'%s' is not an NBD URI", argv[1]);
     }

@@ -21,20 +21,13 @@ static char **opt_disks;
 static char **opt_nodes;
 static char *opt_scratch;
 static char *opt_scratch_format;
-static char *opt_write_mode;
 static char *opt_format;
 static char *opt_nbd_server;
-/* G_MININT: not given, the copier's default */
-static gint opt_requests = G_MININT;
-static gint opt_connections = G_MININT;
-static gboolean opt_sequential;
 static char *opt_fleece;
 static gboolean opt_no_notices;
 static gboolean opt_no_release;
 static double opt_latency_ms;
 static char *opt_trace;
-static gint64 opt_chunk = G_MININT64; /* not given: the copier's default */
-static char *opt_rate;
 static gint opt_progress_fd = -1;
 static gboolean opt_json;
 static gboolean opt_export_only;
@@ -58,7 +51,7 @@ static GOptionEntry entries[] = {
       "NODE[=ID]" },
     { "format", 'f', 0, G_OPTION_ARG_STRING, &opt_format,
       "of full backups: qcow2 (default) or raw (sparse, written with Linux "
-      "AIO and O_DIRECT); incrementals are always qcow2",
+      "AIO, see --write-mode); incrementals are always qcow2",
       "FORMAT" },
     { "nbd-server", 0, 0, G_OPTION_ARG_FILENAME, &opt_nbd_server,
       "QEMU already runs an NBD server on this unix socket: add the "
@@ -71,16 +64,6 @@ static GOptionEntry entries[] = {
       "guest's copy-before-write; released regions become holes) or qcow2 "
       "(scheme A's only choice)",
       "FORMAT" },
-    { "requests", 0, 0, G_OPTION_ARG_INT, &opt_requests,
-      "copier requests in flight (1-1024, default 16)", "N" },
-    { "connections", 0, 0, G_OPTION_ARG_INT, &opt_connections,
-      "copier NBD connections to each disk's fleecing export, requests "
-      "spread over them (1-8, default 2)",
-      "N" },
-    { "sequential", 0, 0, G_OPTION_ARG_NONE, &opt_sequential,
-      "copy with one request at a time in ascending order, no notices "
-      "(the baseline)",
-      NULL },
     { "fleece", 0, 0, G_OPTION_ARG_STRING, &opt_fleece,
       "how the point in time is kept: B (copy-before-write + "
       "snapshot-access, QEMU >= 7.1: copied regions are released, so the "
@@ -105,18 +88,6 @@ static GOptionEntry entries[] = {
       "write the copier's events (release, notice, window) to FILE, one "
       "line each with a CLOCK_MONOTONIC time in ns (for benchmarks)",
       "FILE" },
-    { "chunk-size", 0, 0, G_OPTION_ARG_INT64, &opt_chunk,
-      "copier bytes per request, a multiple of 64 KiB up to 32 MiB (default "
-      "256 KiB: smaller requests wait less behind each other, and so does "
-      "the guest)",
-      "BYTES" },
-    { "write-mode", 0, 0, G_OPTION_ARG_STRING, &opt_write_mode,
-      "how a raw full backup is written: cached (default: through the page "
-      "cache, writeback started at once, pages dropped once written) or "
-      "direct (O_DIRECT)",
-      "MODE" },
-    { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &opt_rate,
-      "read at most this much per second from the VM, e.g. 50M", "SIZE" },
     { "progress-fd", 0, 0, G_OPTION_ARG_INT, &opt_progress_fd,
       "write JSON lines to this file descriptor: the fleece point, then "
       "progress",
@@ -257,32 +228,16 @@ static bool wait_for_commit(json_object *exports, void *opaque)
     return false;
 }
 
-/* Every option checked, into OPTS, before anything is touched; false
- * with the reason in ERROR. */
 /* Every option's bounds (G_OPTION_ERROR), before anything is touched. */
-static bool check_bounds(BackupOptions *opts, GError **error)
+static bool check_bounds(GError **error)
 {
-    if (!cmd_check_path("--repo", opt_repo, error) ||
-        !cmd_check_path("--scratch-dir", opt_scratch, error) ||
-        !cmd_check_path("--trace", opt_trace, error) ||
-        (opt_requests != G_MININT &&
-         !cmd_check_range("--requests", opt_requests, 1, COPIER_MAX_REQUESTS,
-                          error)) ||
-        (opt_connections != G_MININT &&
-         !cmd_check_range("--connections", opt_connections, 1,
-                          COPIER_MAX_CONNECTIONS, error)) ||
-        (opt_chunk != G_MININT64 &&
-         !cmd_check_range("--chunk-size", opt_chunk, COPIER_BLOCK_SIZE,
-                          COPIER_MAX_CHUNK, error)) ||
-        !cmd_check_number("--guest-latency-target", opt_latency_ms, 0,
-                          COPIER_MAX_LATENCY_US / 1000, error) ||
-        !cmd_check_range("--progress-fd", opt_progress_fd, -1, G_MAXINT,
-                         error) ||
-        (opt_rate && !cmd_parse_size("--rate-limit", opt_rate,
-                                     &opts->copier.rate_limit, error))) {
-        return false;
-    }
-    return true;
+    return cmd_check_path("--repo", opt_repo, error) &&
+           cmd_check_path("--scratch-dir", opt_scratch, error) &&
+           cmd_check_path("--trace", opt_trace, error) &&
+           cmd_check_number("--guest-latency-target", opt_latency_ms, 0,
+                            COPIER_MAX_LATENCY_US / 1000, error) &&
+           cmd_check_range("--progress-fd", opt_progress_fd, -1, G_MAXINT,
+                           error);
 }
 
 /* OPTS from the command line, checked (G_OPTION_ERROR). */
@@ -293,7 +248,7 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
                     "give --qmp SOCKET and --repo DIR, and no other argument");
         return false;
     }
-    if (!check_bounds(opts, error)) {
+    if (!check_bounds(error)) {
         return false;
     }
     if (opt_progress_fd >= 0 && fcntl(opt_progress_fd, F_GETFD) < 0) {
@@ -329,23 +284,11 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
-    if (opt_requests != G_MININT) {
-        opts->copier.requests = opt_requests;
-    }
-    if (opt_connections != G_MININT) {
-        opts->copier.connections = opt_connections;
-    }
-    if (opt_chunk != G_MININT64) {
-        opts->copier.chunk_size = opt_chunk;
-    }
-    if (opt_sequential) {
-        opts->copier.requests = opts->copier.connections = 1;
-    }
-    opts->no_notices = opt_no_notices || opt_sequential;
+    opts->no_notices = opt_no_notices || cmd_common.sequential;
     opts->no_release = opt_no_release;
+    opts->copier = cmd_common.copier;
     opts->copier.latency_target_us = (guint)(opt_latency_ms * 1000);
-    return cmd_write_mode(opt_write_mode, &opts->copier.write_mode, error) &&
-           backup_options_check(opts, error);
+    return backup_options_check(opts, error);
 }
 
 /* --export-only: export the point in time until a client commits. */
@@ -409,7 +352,7 @@ static const CmdSpec spec = {
         "      --since 20261122T213500Z --json\n"
         "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n",
     .entries = entries,
-    .common = CMD_OPT_QMP | CMD_OPT_QUIET,
+    .common = CMD_OPT_QMP | CMD_OPT_QUIET | CMD_OPT_COPIER,
 };
 
 int main(int argc, char **argv)

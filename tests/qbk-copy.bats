@@ -76,6 +76,20 @@ serve_target() {
     [ ! -e "$D/x.raw" ]
 }
 
+@test "copier options share qbk-pull's bounds and sizes: out of bounds is a usage error, 50M a rate" {
+    for args in "--requests 0" "--requests 100000000" "--connections 9" \
+        "--chunk-size 1000" "--chunk-size 68719476736" "--rate-limit 0" \
+        "--rate-limit 5X" "--rate-limit -5"; do
+        run qbk-copy $args "$SRC" "$D/x.raw"
+        echo "$args: $output"
+        [ "$status" -eq 2 ]
+        assert_one_line_error
+        [ ! -e "$D/x.raw" ]
+    done
+    run -0 qbk-copy --digests "$T/r.dig" --rate-limit 1G --sequential "$SRC" "$D/rated.raw"
+    cmp "$D/src.raw" "$D/rated.raw"
+}
+
 @test "no URI, an unreachable export, a target of another size: one-line errors, exit 2 or 1" {
     run -2 qbk-copy "$D/src.raw" "$D/out.raw"
     assert_one_line_error

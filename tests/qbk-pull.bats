@@ -378,8 +378,13 @@ start_export() {
     restore_matches inc disk1
     # the same odd-sized full written with O_DIRECT (padded, cut back)
     random_writes 4 disk0 disk1
-    pull_with_writes direct "disk0 disk1" --format raw --mode full --write-mode direct
+    pull_with_writes direct "disk0 disk1" --format raw --mode full --write-mode direct \
+        --requests 5 --connections 1 --chunk-size 131072
     [ "$(stat -c %s "$T/repo/$(manifest_field direct disk0 image)")" -eq "$odd" ]
+    # the copier ran as asked, and the manifest says so
+    [ "$(manifest_field full disk0 copier | jq -r .write_mode)" = cached ]
+    [ "$(manifest_field inc disk0 copier | jq -r .write_mode)" = null ]
+    [ "$(manifest_field direct disk0 copier | jq -c '[.write_mode, .requests, .connections, .chunk_size]')" = '["direct",5,1,131072]' ]
     restore_matches direct disk0
     restore_matches direct disk1
     assert_clean

@@ -379,11 +379,24 @@ static bool write_partial(Pull *p, GError **error)
     return repo_write_json(path, p->manifest, error);
 }
 
-/* What the copier did beyond copying: notices, releases, pacing. */
-static json_object *copier_json(Pull *p, const CopierStats *s)
+/* How the copier was set, and what it did beyond copying: notices,
+ * releases, pacing. */
+static json_object *copier_json(Pull *p, const PullDisk *pd)
 {
+    const CopierOptions *opts = &p->opts->copier;
+    const CopierStats *s = &pd->stats;
     json_object *o = json_object_new_object();
 
+    qmp_json_set_uint(o, "requests", opts->requests);
+    qmp_json_set_uint(o, "connections", opts->connections);
+    qmp_json_set_uint(o, "chunk_size", opts->chunk_size);
+    if (opts->rate_limit) {
+        qmp_json_set_uint(o, "rate_limit", opts->rate_limit);
+    }
+    if (pd->format == REPO_RAW) { /* a file: the copier writes it */
+        qmp_json_set_string(o, "write_mode",
+                            copier_write_mode_name(opts->write_mode));
+    }
     qmp_json_set_double(o, "read_ms_mean", s->read_ms_mean);
     qmp_json_set_uint(o, "notices", s->notices);
     qmp_json_set_uint(o, "bytes_bumped", s->bytes_bumped);
@@ -427,7 +440,7 @@ static void add_results(Pull *p)
         qmp_json_set_string(sum, "algorithm", COPIER_CHECKSUM_ALGORITHM);
         qmp_json_set_string(sum, "value", pd->checksum);
         json_object_object_add(d, "checksum", sum);
-        json_object_object_add(d, "copier", copier_json(p, s));
+        json_object_object_add(d, "copier", copier_json(p, pd));
         total += s->bytes_written;
     }
     qmp_json_set_string(p->manifest, "status", "complete");

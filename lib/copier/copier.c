@@ -49,16 +49,25 @@ void copier_options_init(CopierOptions *opts)
     };
 }
 
+static const char *const write_mode_names[] = {
+    [COPIER_WRITE_CACHED] = "cached",
+    [COPIER_WRITE_DIRECT] = "direct",
+};
+
 bool copier_write_mode_parse(const char *text, CopierWriteMode *mode)
 {
-    if (g_strcmp0(text, "cached") == 0) {
-        *mode = COPIER_WRITE_CACHED;
-    } else if (g_strcmp0(text, "direct") == 0) {
-        *mode = COPIER_WRITE_DIRECT;
-    } else {
-        return false;
+    for (guint i = 0; i < G_N_ELEMENTS(write_mode_names); i++) {
+        if (g_strcmp0(text, write_mode_names[i]) == 0) {
+            *mode = i;
+            return true;
+        }
     }
-    return true;
+    return false;
+}
+
+const char *copier_write_mode_name(CopierWriteMode mode)
+{
+    return write_mode_names[mode];
 }
 
 bool copier_options_check(const CopierOptions *opts, GError **error)

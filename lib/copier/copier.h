@@ -100,6 +100,7 @@ typedef enum {
 #define COPIER_WRITE_BEHIND (64 * 1024 * 1024)
 
 bool copier_write_mode_parse(const char *text, CopierWriteMode *mode);
+const char *copier_write_mode_name(CopierWriteMode mode);
 
 typedef struct {
     guint requests;       /* in flight at once (default 16) */
