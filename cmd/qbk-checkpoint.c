@@ -353,6 +353,7 @@ static json_object *leftovers_json(GPtrArray *leftovers)
         qmp_json_set_bool(o, "committed", !l->at_work);
         qmp_json_set_bool(o, "paused_vm", l->paused);
         qmp_json_set_bool(o, "started_nbd_server", l->server);
+        qmp_json_set_string(o, "froze_guest_via", l->agent);
         json_object_object_add(o, "objects", strings_json(l->objects));
         json_object_object_add(o, "marks", strings_json(l->marks));
         json_object_object_add(o, "bitmaps", strings_json(l->bitmaps));
@@ -579,8 +580,11 @@ static void print_leftovers(json_object *res)
             continue;
         }
         printf("error: backup '%s' was left by a qbk-pull that is gone: "
-               "%zu object(s) and %zu temporary bitmap(s) in the VM%s%s%s\n",
+               "%zu object(s) and %zu temporary bitmap(s) in the VM%s%s%s%s\n",
                qmp_json_string(l, "backup"), objects, bitmaps,
+               qmp_json_string(l, "froze_guest_via")
+                   ? ", the guest's file systems perhaps still frozen by it"
+                   : "",
                qmp_json_bool(l, "paused_vm") ? ", the VM paused by it" : "",
                qmp_json_bool(l, "started_nbd_server") ? ", its NBD server" : "",
                qmp_json_bool(l, "committed")

@@ -31,6 +31,21 @@ static char *opt_trace;
 static gint opt_progress_fd = -1;
 static gboolean opt_json;
 static gboolean opt_export_only;
+static char *opt_guest_agent;
+static BackupQuiesce opt_quiesce = BACKUP_QUIESCE_OFF;
+
+/* --quiesce alone is --quiesce=required */
+static gboolean parse_quiesce(const char *name, const char *value,
+                              gpointer data, GError **error)
+{
+    if (!backup_quiesce_parse(value ? value : "required", &opt_quiesce) ||
+        opt_quiesce == BACKUP_QUIESCE_OFF) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--quiesce must be required or try, not '%s'", value);
+        return FALSE;
+    }
+    return TRUE;
+}
 
 static GOptionEntry entries[] = {
     { "repo", 'r', 0, G_OPTION_ARG_FILENAME, &opt_repo,
@@ -92,6 +107,18 @@ static GOptionEntry entries[] = {
       "write JSON lines to this file descriptor: the fleece point, then "
       "progress",
       "FD" },
+    { "quiesce", 0, G_OPTION_FLAG_OPTIONAL_ARG, G_OPTION_ARG_CALLBACK,
+      parse_quiesce,
+      "application-consistent: the guest agent freezes the guest's file "
+      "systems just around the point in time (milliseconds, not the copy) "
+      "and thaws them whatever happens. required (the default): no agent, "
+      "no backup; try: without an agent the backup is crash-consistent, "
+      "and says so",
+      "[required|try]" },
+    { "guest-agent", 0, 0, G_OPTION_ARG_FILENAME, &opt_guest_agent,
+      "the guest agent's socket (the host side of its virtio-serial port "
+      "org.qemu.guest_agent.0; default: as QEMU knows it)",
+      "SOCKET" },
     { "export-only", 'e', 0, G_OPTION_ARG_NONE, &opt_export_only,
       "fleece and export over NBD without copying: print the exports as "
       "JSON, then read 'commit' (keep the new checkpoint) or 'abort' on "
@@ -234,6 +261,7 @@ static bool check_bounds(GError **error)
     return cmd_check_path("--repo", opt_repo, error) &&
            cmd_check_path("--scratch-dir", opt_scratch, error) &&
            cmd_check_path("--trace", opt_trace, error) &&
+           cmd_check_path("--guest-agent", opt_guest_agent, error) &&
            cmd_check_number("--guest-latency-target", opt_latency_ms, 0,
                             COPIER_MAX_LATENCY_US / 1000, error) &&
            cmd_check_range("--progress-fd", opt_progress_fd, -1, G_MAXINT,
@@ -284,6 +312,9 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
+    opts->quiesce = opt_quiesce;
+    opts->guest_agent = opt_guest_agent;
+    opts->agent_timeout_ms = cmd_common.timeout_s * 1000;
     opts->no_notices = opt_no_notices || cmd_common.sequential;
     opts->no_release = opt_no_release;
     opts->copier = cmd_common.copier;
@@ -312,10 +343,16 @@ static int pull(QmpClient *qmp, Repo *repo, BackupOptions *opts)
     g_autoptr(GError) error = NULL;
     json_object *manifest = backup_pull(qmp, repo, opts, &error);
     json_object *skipped;
+    const char *why_not;
 
     if (!manifest) {
         cmd_error("backup failed: %s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
+    }
+    why_not =
+        qmp_json_string(json_object_object_get(manifest, "quiesce"), "skipped");
+    if (why_not) {
+        cmd_info("warning: crash-consistent only: %s", why_not);
     }
     skipped = qmp_json_array(manifest, "skipped_manifests");
     for (size_t i = 0; i < qmp_json_length(skipped); i++) {

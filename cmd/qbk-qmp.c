@@ -10,12 +10,17 @@
 
 static gboolean opt_hmp;
 static char *opt_wait_event;
+static char *opt_agent;
 
 static GOptionEntry entries[] = {
     { "hmp", 0, 0, G_OPTION_ARG_NONE, &opt_hmp,
       "COMMAND is an HMP command line; print its output as text", NULL },
     { "wait-event", 'w', 0, G_OPTION_ARG_STRING, &opt_wait_event,
       "after the command, wait for this event and print it", "EVENT" },
+    { "agent", 'a', 0, G_OPTION_ARG_FILENAME, &opt_agent,
+      "COMMAND goes to the guest agent on this socket (the host side of "
+      "its virtio-serial port), not to QEMU",
+      "SOCKET" },
     { NULL },
 };
 
@@ -28,7 +33,8 @@ static const CmdSpec spec = {
         "  qbk-qmp --qmp vm.sock query-block\n"
         "  qbk-qmp --qmp vm.sock x-debug-block-dirty-bitmap-sha256 \\\n"
         "      '{\"node\": \"disk0-fmt\", \"name\": \"qbk-000001-mon\"}'\n"
-        "  qbk-qmp --qmp vm.sock --hmp 'info block'\n",
+        "  qbk-qmp --qmp vm.sock --hmp 'info block'\n"
+        "  qbk-qmp --agent vm-ga.sock guest-fsfreeze-status\n",
     .entries = entries,
     .common = CMD_OPT_QMP,
 };
@@ -45,8 +51,12 @@ int main(int argc, char **argv)
     if (rc >= 0) {
         return rc;
     }
-    if (argc < 2 || argc > 3 || !cmd_common.qmp) {
-        return cmd_usage("give --qmp SOCKET and one COMMAND");
+    if (argc < 2 || argc > 3 || !(cmd_common.qmp || opt_agent)) {
+        return cmd_usage("give --qmp SOCKET (or --agent SOCKET) and one "
+                         "COMMAND");
+    }
+    if (opt_agent && (opt_hmp || opt_wait_event)) {
+        return cmd_usage("a guest agent has no HMP and no events");
     }
     if (argc == 3) {
         if (opt_hmp) {
@@ -60,7 +70,10 @@ int main(int argc, char **argv)
             return QBK_EXIT_USAGE;
         }
     }
-    qmp = qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
+    qmp =
+        opt_agent
+            ? qmp_connect_agent(opt_agent, cmd_common.timeout_s * 1000, &error)
+            : qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
     if (!qmp) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;

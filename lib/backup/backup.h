@@ -51,6 +51,17 @@ typedef enum {
                            regions are released as the copy goes */
 } BackupFleece;
 
+/* Application consistency through the guest agent (--quiesce). */
+typedef enum {
+    BACKUP_QUIESCE_OFF,      /* crash-consistent */
+    BACKUP_QUIESCE_TRY,      /* freeze if the agent answers, else go on
+                                crash-consistent and say so */
+    BACKUP_QUIESCE_REQUIRED, /* no agent, no backup (nothing changed) */
+} BackupQuiesce;
+
+const char *backup_quiesce_name(BackupQuiesce mode);
+bool backup_quiesce_parse(const char *text, BackupQuiesce *mode);
+
 typedef struct {
     const char *disk;   /* being copied */
     guint index, count; /* which of how many disks */
@@ -77,6 +88,11 @@ typedef struct {
     BackupFleece fleece;
     bool no_notices; /* don't copy what the guest writes first */
     bool no_release; /* scheme B: keep copied regions in scratch */
+    BackupQuiesce quiesce;
+    const char *guest_agent; /* its socket; NULL: the VM's agent channel as
+                                QEMU knows it */
+    int agent_timeout_ms;    /* for the freeze (the guest's sync); 0:
+                                QMP_DEFAULT_TIMEOUT_MS */
     /* The copier's options for every disk (copier_options_init's defaults
      * from backup_options_init): requests (one budget for all the disks),
      * connections, chunk size, rate limit, pacing target, trace, cancel.
@@ -138,6 +154,7 @@ typedef struct {
                            back into its predecessor */
     bool paused;        /* qbk paused the VM for it */
     bool server;        /* qbk started QEMU's NBD server for it */
+    char *agent;        /* qbk froze the guest through this agent: thaw */
     GPtrArray *objects; /* its nodes, exports and jobs (names) */
     GPtrArray *marks;   /* its marks (QOM object ids) */
     GPtrArray *bitmaps; /* its temporary bitmaps ("DISK:BITMAP") */
@@ -151,7 +168,8 @@ GPtrArray *backup_find_leftovers(QmpClient *qmp, char **nodes, GError **error);
 
 /*
  * Undo what backup L left, as the next qbk-pull would: its nodes,
- * exports and jobs go, a VM qbk paused is resumed, a server qbk started is
+ * exports and jobs go, a guest qbk froze is thawed (first), a VM qbk
+ * paused is resumed, a server qbk started is
  * stopped, its temporary bitmaps go and, unless COMMITTED (its manifest is
  * durable), its checkpoint is merged back into its predecessor, so that
  * nothing is lost. Its marks go last. The caller makes sure L is not at

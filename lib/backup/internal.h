@@ -15,10 +15,16 @@ typedef enum {
     MARK_AT_WORK = 'm', /* the backup's checkpoint is not committed yet */
     MARK_PAUSED = 'p',  /* qbk paused the VM for it: resume it */
     MARK_SERVER = 'n',  /* qbk started QEMU's NBD server for it: stop it */
+    MARK_FROZEN = 'f',  /* qbk froze the guest's file systems: thaw them
+                           (the mark holds the agent's address) */
 } BackupMark;
 
-/* Put (remove) mark MARK of backup TAG, made by this process. */
-bool mark_add(QmpClient *qmp, BackupMark mark, const char *tag, GError **error);
+#define MARK_LETTERS "mpnf"
+
+/* Put (remove) mark MARK of backup TAG, made by this process, holding
+ * DATA (NULL: nothing to say). */
+bool mark_add(QmpClient *qmp, BackupMark mark, const char *tag,
+              const char *data, GError **error);
 bool mark_del(QmpClient *qmp, BackupMark mark, const char *tag, GError **error);
 
 /*
@@ -29,6 +35,40 @@ bool mark_del(QmpClient *qmp, BackupMark mark, const char *tag, GError **error);
  */
 bool undo_checkpoint(QmpClient *qmp, char **nodes, const char *name,
                      GPtrArray *since, GError **error);
+
+/* ---- application consistency (quiesce.c) ---- */
+
+typedef struct Quiesce Quiesce;
+
+/* With OPTS->quiesce, the guest agent connected (OPTS->guest_agent, else
+ * found through QMP), before anything changes; NULL when off. Required
+ * and unreachable: NULL with ERROR. Try: a Quiesce that only reports why
+ * the backup is crash-consistent (quiesce_skipped). */
+Quiesce *quiesce_open(QmpClient *qmp, const BackupOptions *opts,
+                      GError **error);
+void quiesce_free(Quiesce *q);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(Quiesce, quiesce_free)
+
+/* Why a --quiesce=try backup is only crash-consistent, or NULL. */
+const char *quiesce_skipped(const Quiesce *q);
+
+/* Freeze the guest's file systems (Q NULL: nothing to do), marked in the
+ * VM as backup TAG's. A failure is an error when required; with try, the
+ * backup goes on crash-consistent. Thawed again on failure. */
+bool quiesce_freeze(Quiesce *q, QmpClient *qmp, const char *tag,
+                    GError **error);
+
+/* Thaw (if frozen) and drop the mark; false with ERROR naming the way out
+ * if the agent would not, the mark staying for the next run. */
+bool quiesce_thaw(Quiesce *q, QmpClient *qmp, GError **error);
+
+/* The manifest's "consistency" ("application" or "crash") and "quiesce"
+ * (mode, agent, file systems frozen, freeze length; or why skipped). */
+void quiesce_report(const Quiesce *q, json_object *manifest);
+
+/* A killed backup's freeze: thaw the guest through the agent at ADDRESS
+ * if it is still frozen. */
+bool quiesce_thaw_leftover(QmpClient *qmp, const char *address, GError **error);
 
 /* ---- what each disk's backup is (decide.c) ---- */
 

@@ -10,6 +10,8 @@
  *   m  the backup is at work: its checkpoint is not committed yet
  *   p  qbk paused the VM to fleece, and must resume it
  *   n  qbk started QEMU's NBD server, and must stop it
+ *   f  qbk froze the guest's file systems through the guest agent whose
+ *      address the mark holds, and must thaw them
  *
  * A mark lives and dies with the QEMU process, as the state it describes
  * does: a VM restarted (or paused again by its administrator) carries no
@@ -32,15 +34,16 @@ static char *mark_id(BackupMark mark, GPid pid, const char *tag)
     return g_strdup_printf("qbk-%c%d-%s", (char)mark, (int)pid, tag);
 }
 
-bool mark_add(QmpClient *qmp, BackupMark mark, const char *tag, GError **error)
+bool mark_add(QmpClient *qmp, BackupMark mark, const char *tag,
+              const char *data, GError **error)
 {
     g_autofree char *id = mark_id(mark, getpid(), tag);
     json_object *args = json_object_new_object();
 
     qmp_json_set_string(args, "qom-type", "secret");
     qmp_json_set_string(args, "id", id);
-    /* a secret must hold something; nothing reads it */
-    qmp_json_set_string(args, "data", "qbk");
+    /* a secret must hold something */
+    qmp_json_set_string(args, "data", data ? data : "qbk");
     if (!qmp_run(qmp, "object-add", args, error)) {
         g_prefix_error(error, "cannot mark the VM: ");
         return false;
@@ -71,6 +74,7 @@ void backup_leftover_free(BackupLeftover *l)
         return;
     }
     g_free(l->tag);
+    g_free(l->agent);
     g_ptr_array_unref(l->objects);
     g_ptr_array_unref(l->marks);
     g_ptr_array_unref(l->bitmaps);
@@ -108,7 +112,25 @@ static bool pull_alive(GPid pid)
     return g_str_has_prefix(comm, "qbk-pull");
 }
 
-/* The marks: qbk-<m|p|n><pid>-<tag> among the VM's objects. */
+/* What mark ID holds (a secret's data). */
+static char *mark_data(QmpClient *qmp, const char *id)
+{
+    json_object *args = json_object_new_object();
+    g_autofree char *path = g_strdup_printf("/objects/%s", id);
+    json_object *v;
+    char *data = NULL;
+
+    qmp_json_set_string(args, "path", path);
+    qmp_json_set_string(args, "property", "data");
+    v = qmp_execute(qmp, "qom-get", args, NULL);
+    if (v && json_object_is_type(v, json_type_string)) {
+        data = g_strdup(json_object_get_string(v));
+    }
+    json_object_put(v);
+    return data;
+}
+
+/* The marks: qbk-<m|p|n|f><pid>-<tag> among the VM's objects. */
 static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
 {
     json_object *args = json_object_new_object();
@@ -128,7 +150,7 @@ static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
         BackupLeftover *l;
 
         if (!name || sscanf(name, "qbk-%c%d-%n", &mark, &pid, &end) != 2 ||
-            end == 0 || !strchr("mpn", mark) || pid <= 0 || !name[end]) {
+            end == 0 || !strchr(MARK_LETTERS, mark) || pid <= 0 || !name[end]) {
             continue;
         }
         l = leftover_of(by_tag, name + end);
@@ -136,6 +158,9 @@ static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
         l->at_work |= mark == MARK_AT_WORK;
         l->paused |= mark == MARK_PAUSED;
         l->server |= mark == MARK_SERVER;
+        if (mark == MARK_FROZEN && !l->agent) {
+            l->agent = mark_data(qmp, name);
+        }
         g_ptr_array_add(l->marks, g_strdup(name));
     }
     json_object_put(list);
@@ -292,6 +317,10 @@ bool backup_undo_leftover(QmpClient *qmp, char **nodes, const BackupLeftover *l,
 {
     g_autoptr(GPtrArray) since = g_ptr_array_new_with_free_func(g_free);
 
+    /* a frozen guest is an outage: first */
+    if (l->agent && !quiesce_thaw_leftover(qmp, l->agent, error)) {
+        return false;
+    }
     if (!fleece_cleanup_tag(qmp, l->tag, error)) {
         return false;
     }

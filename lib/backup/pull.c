@@ -152,6 +152,7 @@ typedef struct {
     bool export_only;           /* fleece and export for another NBD client */
     const FleeceScheme *scheme; /* how the point in time is kept */
     double pause_ms;            /* the VM was paused this long to fleece (B) */
+    Quiesce *quiesce;           /* the guest agent, with --quiesce */
     char *scratch_dir;          /* where scratch images go */
     PrivDir *scratch; /* ours in SCRATCH_DIR: this backup's scratch images */
     PrivDir *rundir;  /* ours in the temporary directory: the NBD socket */
@@ -191,6 +192,7 @@ static void pull_disk_free(PullDisk *pd)
 static void pull_free(Pull *p)
 {
     target_free(p->target);
+    quiesce_free(p->quiesce);
     privdir_free(p->rundir);
     privdir_free(p->scratch);
     g_free(p->id);
@@ -479,7 +481,7 @@ static bool insert_filters(Pull *p, QmpTransaction *later, GError **error)
     if (p->pds->len > 1 && vm_running(p->qmp)) {
         /* whoever finds this mark after a kill resumes the VM; a VM paused
          * by someone else carries none */
-        if (!mark_add(p->qmp, MARK_PAUSED, p->id, error)) {
+        if (!mark_add(p->qmp, MARK_PAUSED, p->id, NULL, error)) {
             return false;
         }
         paused_at = g_get_monotonic_time();
@@ -519,6 +521,43 @@ static bool insert_filters(Pull *p, QmpTransaction *later, GError **error)
     return true;
 }
 
+/* The point in time: TX, then (B) the filters and LATER. */
+static bool fix_point(Pull *p, QmpTransaction *tx, QmpTransaction *later,
+                      GError **error)
+{
+    if (!qmp_transaction_run(p->qmp, tx, error)) {
+        g_prefix_error(error, "cannot start fleecing: ");
+        return false;
+    }
+    p->fleeced = true;
+    return !later || insert_filters(p, later, error);
+}
+
+/* fix_point, with the guest's file systems frozen around it (--quiesce);
+ * they are thawed whatever happens. */
+static bool freeze_point(Pull *p, QmpTransaction *tx, QmpTransaction *later,
+                         GError **error)
+{
+    g_autoptr(GError) thaw_err = NULL;
+    bool fixed, thawed;
+
+    if (!quiesce_freeze(p->quiesce, p->qmp, p->id, error)) {
+        return false;
+    }
+    fixed = fix_point(p, tx, later, error);
+    thawed = quiesce_thaw(p->quiesce, p->qmp, &thaw_err);
+    quiesce_report(p->quiesce, p->manifest);
+    if (!thawed) {
+        if (fixed) {
+            g_propagate_error(error, g_steal_pointer(&thaw_err));
+        } else {
+            g_prefix_error(error, "%s; and: ", thaw_err->message);
+        }
+        return false;
+    }
+    return fixed;
+}
+
 /*
  * Fix the point in time. Scheme A: one transaction adds the checkpoint
  * and "since" bitmaps, stops the older ones and starts the sync=none
@@ -535,7 +574,7 @@ static bool fleece(Pull *p, GError **error)
 
     /* From here on the VM holds this backup's objects: a run that finds
      * this mark without its qbk-pull undoes them. */
-    if (!mark_add(p->qmp, MARK_AT_WORK, p->id, error)) {
+    if (!mark_add(p->qmp, MARK_AT_WORK, p->id, NULL, error)) {
         return false;
     }
     p->marked = true;
@@ -571,15 +610,7 @@ static bool fleece(Pull *p, GError **error)
         p->scheme->add_actions(tx, ((PullDisk *)p->pds->pdata[i])->fd);
     }
     qmp_json_set_string(p->manifest, "checkpoint_bitmap", p->checkpoint);
-    if (!write_partial(p, error)) {
-        return false;
-    }
-    if (!qmp_transaction_run(p->qmp, tx, error)) {
-        g_prefix_error(error, "cannot start fleecing: ");
-        return false;
-    }
-    p->fleeced = true;
-    if (later && !insert_filters(p, later, error)) {
+    if (!write_partial(p, error) || !freeze_point(p, tx, later, error)) {
         return false;
     }
     if (p->opts->fleeced) {
@@ -602,7 +633,7 @@ static bool export_all(Pull *p, GError **error)
         /* Only a server we started is ours to stop, now or after a kill:
          * mark it before starting it, and take the mark back if one was
          * running already. */
-        if (!mark_add(p->qmp, MARK_SERVER, p->id, error)) {
+        if (!mark_add(p->qmp, MARK_SERVER, p->id, NULL, error)) {
             return false;
         }
         if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
@@ -1163,6 +1194,10 @@ static bool prepare(Pull *p, GError **error)
     }
     qmp_get_version(p->qmp, &major, &minor, &micro);
     if (!choose_scheme(p, major * 100 + minor, error)) {
+        return false;
+    }
+    if (p->opts->quiesce != BACKUP_QUIESCE_OFF &&
+        !(p->quiesce = quiesce_open(p->qmp, p->opts, error))) {
         return false;
     }
     p->manifest = new_manifest(p, major, minor, micro);

@@ -53,6 +53,7 @@ struct QmpClient {
     guint64 events_dropped; /* the oldest, beyond QMP_MAX_EVENTS */
     guint64 last_id;        /* ids are "qbk-<n>"; older replies are stale */
     bool closed;            /* peer went away: every later call fails at once */
+    bool agent;             /* a guest agent, not QEMU (qmp_connect_agent) */
 
     /* set only for a qemu-storage-daemon that this client started */
     void (*stop)(QmpClient *qmp); /* called by qmp_free (daemon.c) */

@@ -66,9 +66,22 @@ static gint64 deadline_in(int timeout_ms)
     return g_get_monotonic_time() + (gint64)timeout_ms * 1000;
 }
 
+/* Who answers, for messages. */
+static const char *peer(const QmpClient *qmp)
+{
+    return qmp->agent ? "the guest agent" : "QEMU";
+}
+
 static void mark_closed(QmpClient *qmp, GError **error)
 {
     qmp->closed = true;
+    if (qmp->agent) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CLOSED,
+                    "the guest agent's socket '%s' was closed (did QEMU "
+                    "exit?)",
+                    qmp->address);
+        return;
+    }
     g_set_error(error, QMP_ERROR, QMP_ERROR_CLOSED,
                 "QEMU closed the QMP connection '%s' (did it exit?)",
                 qmp->address);
@@ -284,7 +297,7 @@ static bool send_all(QmpClient *qmp, const char *data, size_t len,
         if (n < 0 && errno == EAGAIN) {
             if (poll(&pfd, 1, ms_left(deadline)) == 0) {
                 g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
-                            "QEMU at '%s' stopped reading commands",
+                            "%s at '%s' stopped reading commands", peer(qmp),
                             qmp->address);
                 return false;
             }
@@ -322,21 +335,17 @@ static bool parse_greeting(QmpClient *qmp, json_object *greeting,
     return true;
 }
 
-QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
+/* A client connected to ADDRESS, non-blocking, before any handshake. */
+static QmpClient *client_open(const char *address, int timeout_ms,
+                              GError **error)
 {
     g_autoptr(QmpClient) qmp = g_new0(QmpClient, 1);
-    json_object *greeting;
-    gint64 deadline;
-    bool timed_out;
-
-    g_return_val_if_fail(address != NULL, NULL);
 
     qmp->fd = -1;
     qmp->address = g_strdup(address);
     qmp->timeout_ms = timeout_ms > 0 ? timeout_ms : QMP_DEFAULT_TIMEOUT_MS;
     qmp_framer_init(&qmp->framer, QMP_MAX_LINE);
     g_queue_init(&qmp->events);
-    deadline = deadline_in(qmp->timeout_ms);
 
     if (g_str_has_prefix(address, "tcp:")) {
         qmp->fd = connect_tcp(address + 4, error);
@@ -353,7 +362,23 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
                     g_strerror(errno));
         return NULL;
     }
+    return g_steal_pointer(&qmp);
+}
 
+QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
+{
+    g_autoptr(QmpClient) qmp = NULL;
+    json_object *greeting;
+    gint64 deadline;
+    bool timed_out;
+
+    g_return_val_if_fail(address != NULL, NULL);
+
+    qmp = client_open(address, timeout_ms, error);
+    if (!qmp) {
+        return NULL;
+    }
+    deadline = deadline_in(qmp->timeout_ms);
     greeting = read_message(qmp, deadline, &timed_out, error);
     if (timed_out) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
@@ -378,6 +403,86 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
         return NULL;
     }
     return g_steal_pointer(&qmp);
+}
+
+/*
+ * Drop what the agent sent before its 0xFF delimiter (answers to a former
+ * client, or to our own 0xFF), waiting until DEADLINE. 1 once it came,
+ * 0 on timeout, -1 on error.
+ */
+static int skip_to_delimiter(QmpClient *qmp, gint64 deadline, GError **error)
+{
+    for (;;) {
+        GString *buf = qmp->framer.buf;
+        char *ff = memchr(buf->str, 0xff, buf->len);
+        int rc;
+
+        if (ff) {
+            g_string_erase(buf, 0, ff - buf->str + 1);
+            return 1;
+        }
+        g_string_truncate(buf, 0);
+        rc = fill(qmp, deadline, error);
+        if (rc <= 0) {
+            return rc;
+        }
+    }
+}
+
+QmpClient *qmp_connect_agent(const char *address, int timeout_ms,
+                             GError **error)
+{
+    g_autoptr(QmpClient) qmp = NULL;
+    g_autofree char *sync = NULL;
+    guint32 token = g_random_int_range(1, G_MAXINT32);
+    gint64 deadline;
+    int rc;
+
+    g_return_val_if_fail(address != NULL, NULL);
+
+    qmp = client_open(address, timeout_ms, error);
+    if (!qmp) {
+        return NULL;
+    }
+    qmp->agent = true;
+    deadline = deadline_in(qmp->timeout_ms);
+    /* 0xFF resets the agent's parser (a former client may have left half a
+     * command); the answer to guest-sync-delimited starts with 0xFF too */
+    sync = g_strdup_printf("\xff{\"execute\": \"guest-sync-delimited\", "
+                           "\"arguments\": {\"id\": %u}}\n",
+                           token);
+    trace_line("->", sync + 1);
+    if (!send_all(qmp, sync, strlen(sync), deadline, error)) {
+        return NULL;
+    }
+    rc = skip_to_delimiter(qmp, deadline, error);
+    for (; rc > 0;) {
+        bool timed_out;
+        json_object *reply = read_message(qmp, deadline, &timed_out, error);
+        json_object *ret;
+
+        if (!reply) {
+            rc = timed_out ? 0 : -1;
+            break;
+        }
+        /* anything else is a late answer to someone else's command */
+        if (json_object_object_get_ex(reply, "return", &ret) &&
+            json_object_is_type(ret, json_type_int) &&
+            json_object_get_int64(ret) == token) {
+            json_object_put(reply);
+            return g_steal_pointer(&qmp);
+        }
+        json_object_put(reply);
+    }
+    if (rc == 0) {
+        g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                    "no answer from the guest agent at '%s' within %d ms "
+                    "(is qemu-guest-agent running in the guest?)",
+                    address, qmp->timeout_ms);
+    } else {
+        g_prefix_error(error, "the guest agent at '%s': ", address);
+    }
+    return NULL;
 }
 
 void qmp_free(QmpClient *qmp)
@@ -499,8 +604,8 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
         }
         if (timed_out) {
             g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
-                        "QEMU did not answer '%s' within %d ms", command,
-                        qmp->timeout_ms);
+                        "%s did not answer '%s' within %d ms", peer(qmp),
+                        command, qmp->timeout_ms);
             return NULL;
         }
         if (!reply) {

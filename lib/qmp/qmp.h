@@ -65,6 +65,25 @@ typedef struct QmpClient QmpClient;
 QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error);
 
 /*
+ * Connect to the guest agent (qemu-guest-agent in the guest) through
+ * ADDRESS, the host side of its virtio-serial port, as for qmp_connect().
+ * Its protocol is QMP's without greeting or events; the handshake
+ * (guest-sync-delimited) skips whatever a former client left in the
+ * channel. TIMEOUT_MS bounds it, so an agent that is not running (or a
+ * guest that does not run) is an error, not a hang. qmp_execute() then
+ * runs the agent's commands.
+ */
+QmpClient *qmp_connect_agent(const char *address, int timeout_ms,
+                             GError **error);
+
+/*
+ * The address ("unix:PATH") of the VM's guest agent channel: the
+ * virtio-serial port named org.qemu.guest_agent.0 and its socket server
+ * chardev. NULL with ERROR if there is none, or it is not a unix socket.
+ */
+char *qmp_find_agent(QmpClient *qmp, GError **error);
+
+/*
  * Close the connection. A client made by qmp_spawn_storage_daemon() also
  * stops its daemon (QMP "quit", then SIGTERM, then SIGKILL, each bounded).
  */

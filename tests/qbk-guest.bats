@@ -1,0 +1,157 @@
+#!/usr/bin/env bats
+# A real Linux guest (Debian's kernel, busybox, two ext4 disks,
+# qemu-guest-agent; tests/guest/build) backed up while it writes: what the
+# file systems look like when restored, crash-consistent and quiesced, and
+# that a guest qbk froze is always thawed.
+
+bats_require_minimum_version 1.5.0
+load helpers
+load guest/guest
+
+setup_file() {
+    guest_build
+}
+
+setup() {
+    common_setup
+    make_fs_images
+    launch_guest
+    # files written and fsync'd before any backup, with their checksums
+    gsh 'for i in 1 2 3 4 5 6; do
+             dd if=/dev/urandom of=/mnt/vda/pre$i bs=64k count=4 conv=fsync 2>/dev/null
+         done
+         cd /mnt/vda && md5sum pre* >/mnt/vdb/pre.md5 && sync'
+}
+
+teardown() {
+    guest_shell_stop
+    common_teardown
+}
+
+# start_writer: the guest writes on both disks until the test ends, each
+# file fsync'd, a counter on disk1 after each.
+start_writer() {
+    gsh 'i=0; while :; do
+             i=$((i + 1))
+             dd if=/dev/urandom of=/mnt/vda/w$((i % 40)) bs=4k count=8 conv=fsync 2>/dev/null
+             echo $i | dd of=/mnt/vdb/count.new conv=fsync 2>/dev/null
+             mv /mnt/vdb/count.new /mnt/vdb/count
+         done >/dev/null 2>&1 &'
+}
+
+# writes_go_on: the guest's writer counts on (its file systems are not
+# frozen), and the agent says thawed.
+writes_go_on() {
+    local c1 c2
+    [ "$(agent guest-fsfreeze-status)" = '"thawed"' ]
+    c1=$(gsh cat /mnt/vdb/count)
+    sleep 1
+    c2=$(gsh cat /mnt/vdb/count)
+    echo "writer: $c1 -> $c2"
+    [ "$c2" -gt "$c1" ]
+}
+
+# pre_files_exact IMAGE0 IMAGE1: the files fsync'd before the backups are
+# in the restored disk0 with the checksums the guest wrote on disk1.
+pre_files_exact() {
+    local d
+    d=$(mktemp -d "$T/files.XXXXXX")
+    debugfs -R "dump /pre.md5 $d/pre.md5" "$2" >/dev/null 2>&1
+    for i in 1 2 3 4 5 6; do
+        debugfs -R "dump /pre$i $d/pre$i" "$1" >/dev/null 2>&1
+    done
+    (cd "$d" && md5sum -c pre.md5)
+}
+
+@test "--quiesce: frozen only around the point in time; restores need no journal replay, hold every file, and the guest writes on" {
+    start_writer
+    qbk-pull --repo "$T/repo" --quiesce --json >"$T/full.json"
+    [ "$(jq -r .consistency "$T/full.json")" = application ]
+    [ "$(jq -r .quiesce.filesystems "$T/full.json")" -eq 2 ]
+    jq -e '.quiesce.frozen_ms > 0 and .quiesce.freezing_ms <= .quiesce.frozen_ms' "$T/full.json"
+    echo "frozen for $(jq .quiesce.frozen_ms "$T/full.json") ms"
+    writes_go_on
+    qbk-pull --repo "$T/repo" --quiesce --json >"$T/inc.json"
+    [ "$(jq -r '.disks[0].mode' "$T/inc.json")" = incremental ]
+    [ "$(jq -r .consistency "$T/inc.json")" = application ]
+    writes_go_on
+    for b in full inc; do
+        id=$(jq -r .id "$T/$b.json")
+        img0=$(restored_fs "$id" disk0)
+        img1=$(restored_fs "$id" disk1)
+        # clean as if unmounted: nothing in the journal to replay
+        ! needs_recovery "$img0"
+        ! needs_recovery "$img1"
+        e2fsck -fn "$img0"
+        e2fsck -fn "$img1"
+        pre_files_exact "$img0" "$img1"
+    done
+    assert_clean
+}
+
+@test "crash-consistent (no --quiesce): the journal replays, every file fsync'd before is there, both disks at one instant" {
+    start_writer
+    qbk-pull --repo "$T/repo" --json >"$T/full.json"
+    [ "$(jq -r .consistency "$T/full.json")" = crash ]
+    [ "$(jq -r .quiesce "$T/full.json")" = null ]
+    gsh 'echo more >/mnt/vdb/marker && sync'
+    qbk-pull --repo "$T/repo" --json >"$T/inc.json"
+    for b in full inc; do
+        id=$(jq -r .id "$T/$b.json")
+        img0=$(restored_fs "$id" disk0)
+        img1=$(restored_fs "$id" disk1)
+        # mounted and written: a crash image needs its journal replayed
+        needs_recovery "$img0"
+        run e2fsck -fy "$img0"
+        [ "$status" -le 1 ]
+        run e2fsck -fy "$img1"
+        [ "$status" -le 1 ]
+        e2fsck -fn "$img0"
+        e2fsck -fn "$img1"
+        pre_files_exact "$img0" "$img1"
+        # the counter on disk1 names a file on disk0 written before it
+        # (fsync'd first): disk1 can never be ahead of disk0
+        n=$(debugfs -R "cat /count" "$img1" 2>/dev/null)
+        [ -n "$n" ]
+        debugfs -R "stat /w$((n % 40))" "$img0" 2>/dev/null | grep -q "Size: 32768"
+    done
+    writes_go_on
+    assert_clean
+}
+
+@test "killed while the guest is frozen: check names it (exit 4), the next qbk-pull thaws it first" {
+    start_writer
+    QBK_CRASH_AT=frozen run qbk-pull --repo "$T/repo" --quiesce
+    [ "$status" -eq 99 ]
+    [ "$(agent guest-fsfreeze-status)" = '"frozen"' ]
+    run qbk-checkpoint check
+    echo "$output"
+    [ "$status" -eq 4 ]
+    [[ "$output" == *"file systems perhaps still frozen"* ]]
+    # still frozen: check alone changes nothing
+    [ "$(agent guest-fsfreeze-status)" = '"frozen"' ]
+    qbk-pull --repo "$T/repo" --quiesce --json >"$T/next.json"
+    [ "$(jq -r .consistency "$T/next.json")" = application ]
+    writes_go_on
+    id=$(jq -r .id "$T/next.json")
+    img0=$(restored_fs "$id" disk0)
+    ! needs_recovery "$img0"
+    e2fsck -fn "$img0"
+    assert_clean
+}
+
+@test "killed while frozen, then check --repair: thawed, nothing of the backup left" {
+    QBK_CRASH_AT=frozen run qbk-pull --repo "$T/repo" --quiesce --guest-agent "$T/ga.sock"
+    [ "$status" -eq 99 ]
+    [ "$(agent guest-fsfreeze-status)" = '"frozen"' ]
+    run qbk-checkpoint check --repair
+    echo "$output"
+    [ "$(agent guest-fsfreeze-status)" = '"thawed"' ]
+    run -0 qbk-checkpoint check
+    gsh 'echo after >/mnt/vda/after && sync'
+    # the next backup (it also removes the killed run's scratch directory)
+    qbk-pull --repo "$T/repo" --quiesce --json >"$T/next.json"
+    img0=$(restored_fs "$(jq -r .id "$T/next.json")" disk0)
+    [ "$(debugfs -R "cat /after" "$img0" 2>/dev/null)" = after ]
+    assert_clean
+}
