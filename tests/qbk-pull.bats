@@ -9,7 +9,14 @@ load helpers
 
 setup() {
     common_setup
-    start_vm
+    if [[ "$BATS_TEST_DESCRIPTION" == *"silent guest agent"* ]]; then
+        # the agent's channel, with no agent behind it (no guest OS)
+        start_vm -device virtio-serial-pci,id=vser0 \
+            -chardev "socket,id=ga0,path=$T/ga.sock,server=on,wait=off" \
+            -device virtserialport,chardev=ga0,name=org.qemu.guest_agent.0
+    else
+        start_vm
+    fi
     shadow_init disk0 disk1
     gw disk0 0 1048576 17
     gw disk0 $((20 << 20)) 3145728 34
@@ -435,5 +442,51 @@ start_export() {
     restore_matches full disk0
     restore_matches next disk0
     restore_matches next disk1
+    assert_clean
+}
+
+@test "--quiesce and no guest agent channel: required fails before anything changes; try is crash-consistent and says so" {
+    before=$(qbk-checkpoint list --json | jq -c .)
+    run qbk-pull --repo "$T/repo" --quiesce
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"--quiesce: no guest agent to quiesce with: the VM has no guest agent channel"* ]]
+    [ "$(qbk-checkpoint list --json | jq -c .)" = "$before" ]
+    [ -z "$(ls "$T/repo/backups" 2>/dev/null)" ]
+    run qbk-pull --repo "$T/repo" --quiesce=sometimes
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    [[ "$output" == *"--quiesce must be required or try"* ]]
+    # try: a backup all the same, crash-consistent, and it says so
+    pull_with_writes try "disk0 disk1" --quiesce=try
+    [ "$(jq -r .consistency "$T/pull-try.json")" = crash ]
+    [[ "$(jq -r .quiesce.skipped "$T/pull-try.json")" == *"no guest agent channel"* ]]
+    grep -q "warning: crash-consistent only" "$T/pull-try.err"
+    restore_matches try disk0
+    restore_matches try disk1
+    assert_clean
+}
+
+@test "--quiesce and a silent guest agent: required times out cleanly, VM untouched; try goes on crash-consistent" {
+    before=$(qbk-checkpoint list --json | jq -c .)
+    # found through QEMU (the channel's socket), and asked: no answer
+    run qbk-pull --repo "$T/repo" --quiesce
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"no answer from the guest agent at 'unix:$T/ga.sock'"* ]]
+    [ "$(qbk-checkpoint list --json | jq -c .)" = "$before" ]
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
+    run qbk-pull --repo "$T/repo" --quiesce --guest-agent "$T/nowhere.sock"
+    [ "$status" -eq 1 ]
+    [[ "$output" == *"cannot connect to '$T/nowhere.sock'"* ]]
+    pull_with_writes try "disk0 disk1" --quiesce=try --guest-agent "$T/ga.sock"
+    [ "$(jq -r .consistency "$T/pull-try.json")" = crash ]
+    [[ "$(jq -r .quiesce.skipped "$T/pull-try.json")" == *"no answer from the guest agent"* ]]
+    restore_matches try disk0
+    restore_matches try disk1
+    # the agent of a qbk-qmp user: the same one-line error
+    run qbk-qmp --agent "$T/ga.sock" --timeout 1 guest-fsfreeze-status
+    [ "$status" -eq 1 ]
+    assert_one_line_error
     assert_clean
 }

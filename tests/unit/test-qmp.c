@@ -436,7 +436,7 @@ static gpointer peer_thread(gpointer data)
     return NULL;
 }
 
-static GThread *peer_start(Peer *peer, const char *dir)
+static GThread *peer_start_with(Peer *peer, const char *dir, GThreadFunc fn)
 {
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
 
@@ -446,7 +446,12 @@ static GThread *peer_start(Peer *peer, const char *dir)
     g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&addr, sizeof(addr)), ==,
                     0);
     g_assert_cmpint(listen(peer->lfd, 1), ==, 0);
-    return g_thread_new("peer", peer_thread, peer);
+    return g_thread_new("peer", fn, peer);
+}
+
+static GThread *peer_start(Peer *peer, const char *dir)
+{
+    return peer_start_with(peer, dir, peer_thread);
 }
 
 static void peer_finish(Peer *peer, GThread *t)
@@ -489,6 +494,72 @@ static void test_silent_peer(void)
     g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
     /* bounded: well under the peer's 1.5 s */
     g_assert_cmpint(g_get_monotonic_time() - start, <, 1200 * 1000);
+    peer_finish(&peer, t);
+    rmdir(dir);
+}
+
+/* A guest agent, scripted: what a former client left, then the answer to
+ * our guest-sync-delimited behind its 0xFF, then one command's answer. */
+static gpointer agent_thread(gpointer data)
+{
+    Peer *peer = data;
+    int fd = accept(peer->lfd, NULL, NULL);
+    char buf[4096];
+    ssize_t n;
+    const char *id;
+    guint64 token;
+    g_autofree char *answer = NULL;
+    const char *status = "{\"return\": \"thawed\", \"id\": \"qbk-1\"}\n";
+
+    n = read(fd, buf, sizeof(buf) - 1);
+    g_assert_cmpint(n, >, 0);
+    buf[n] = 0;
+    g_assert_cmpint((guchar)buf[0], ==, 0xff); /* the parser reset */
+    id = strstr(buf, "\"id\": ");
+    g_assert_nonnull(id);
+    token = g_ascii_strtoull(id + 6, NULL, 10);
+    answer = g_strdup_printf(
+        "{\"error\": {\"class\": \"GenericError\", \"desc\": \"stray\"}}\n"
+        "{\"return\": 12}\n"    /* a former client's, before our delimiter */
+        "\xff{\"return\": 7}\n" /* another's late sync */
+        "{\"return\": %" G_GUINT64_FORMAT "}\n",
+        token);
+    g_assert_cmpint(write(fd, answer, strlen(answer)), >, 0);
+    g_assert_cmpint(read(fd, buf, sizeof(buf)), >, 0);
+    g_assert_nonnull(g_strstr_len(buf, sizeof(buf), "guest-fsfreeze-status"));
+    g_assert_cmpint(write(fd, status, strlen(status)), >, 0);
+    g_usleep(300 * 1000);
+    close(fd);
+    close(peer->lfd);
+    return NULL;
+}
+
+static void test_agent(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+    g_autoptr(GError) error = NULL;
+    Peer peer = { 0 };
+    GThread *t;
+    QmpClient *agent;
+    json_object *ret;
+
+    /* the handshake skips everything before the 0xFF and other tokens */
+    t = peer_start_with(&peer, dir, agent_thread);
+    agent = qmp_connect_agent(peer.path, 2000, &error);
+    g_assert_no_error(error);
+    ret = qmp_execute(agent, "guest-fsfreeze-status", NULL, &error);
+    g_assert_no_error(error);
+    g_assert_cmpstr(json_object_get_string(ret), ==, "thawed");
+    json_object_put(ret);
+    qmp_free(agent);
+    peer_finish(&peer, t);
+
+    /* nobody answers (a guest without its agent): bounded, and says so */
+    peer = (Peer){ .script = NULL };
+    t = peer_start(&peer, dir);
+    g_assert_null(qmp_connect_agent(peer.path, 300, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
+    g_assert_nonnull(strstr(error->message, "is qemu-guest-agent running"));
     peer_finish(&peer, t);
     rmdir(dir);
 }
@@ -729,6 +800,7 @@ int main(int argc, char **argv)
     g_test_add_func("/qmp/not-qmp", test_not_qmp);
     g_test_add_func("/qmp/silent-peer", test_silent_peer);
     g_test_add_func("/qmp/late-reply-dropped", test_late_reply_dropped);
+    g_test_add_func("/qmp/agent", test_agent);
     g_test_add_func("/qmp/connect-errors", test_connect_errors);
     g_test_add_func("/qmp/hostile/event-flood", test_event_flood);
     g_test_add_func("/qmp/hostile/endless-line", test_endless_line);
