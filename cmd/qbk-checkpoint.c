@@ -12,6 +12,7 @@
 #include "backup.h"
 #include "bitmap.h"
 #include "cmd-common.h"
+#include "util.h"
 
 /* Options; one table for all subcommands, checked per subcommand below. */
 static char **opt_images;
@@ -354,6 +355,8 @@ static json_object *leftovers_json(GPtrArray *leftovers)
         qmp_json_set_bool(o, "paused_vm", l->paused);
         qmp_json_set_bool(o, "started_nbd_server", l->server);
         qmp_json_set_string(o, "froze_guest_via", l->agent);
+        qmp_json_set_string(o, "shutdown_action_to_restore",
+                            l->shutdown_action);
         json_object_object_add(o, "objects", strings_json(l->objects));
         json_object_object_add(o, "marks", strings_json(l->marks));
         json_object_object_add(o, "bitmaps", strings_json(l->bitmaps));
@@ -373,11 +376,16 @@ static guint count_left(GPtrArray *leftovers)
     return n;
 }
 
-/* Undo every leftover as the next qbk-pull would; how many. */
-static int repair_leftovers(CmdVm *vm, GPtrArray *leftovers, GError **error)
+/* Undo every leftover as the next qbk-pull would (their private
+ * directories too); how many. *HELD_POWEROFF: one held the guest's
+ * poweroff, which its undo may have carried out (QEMU exits). */
+static int repair_leftovers(CmdVm *vm, GPtrArray *leftovers,
+                            bool *held_poweroff, GError **error)
 {
     int undone = 0;
 
+    *held_poweroff = false;
+    privdir_reap(NULL);
     for (guint i = 0; i < leftovers->len; i++) {
         const BackupLeftover *l = leftovers->pdata[i];
 
@@ -390,9 +398,19 @@ static int repair_leftovers(CmdVm *vm, GPtrArray *leftovers, GError **error)
             g_prefix_error(error, "undoing backup '%s': ", l->tag);
             return -1;
         }
+        *held_poweroff |= l->shutdown_action != NULL;
         undone++;
     }
     return undone;
+}
+
+/* QEMU has exited (it closed the connection). */
+static bool qemu_gone(CmdVm *vm)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *st = qmp_query_status(vm->qmp, NULL, &err);
+
+    return !st && g_error_matches(err, QMP_ERROR, QMP_ERROR_CLOSED);
 }
 
 static json_object *do_check(CmdVm *vm, GPtrArray *targets, const char *name,
@@ -403,6 +421,7 @@ static json_object *do_check(CmdVm *vm, GPtrArray *targets, const char *name,
     g_autoptr(GPtrArray) leftovers = NULL;
     json_object *res = json_object_new_object();
     int changed, undone = 0;
+    bool held_poweroff;
 
     /* an image of a stopped VM holds no backup's state */
     leftovers = vm->offline ? g_ptr_array_new()
@@ -412,7 +431,15 @@ static json_object *do_check(CmdVm *vm, GPtrArray *targets, const char *name,
         return NULL;
     }
     if (opt_repair && count_left(leftovers)) {
-        undone = repair_leftovers(vm, leftovers, error);
+        undone = repair_leftovers(vm, leftovers, &held_poweroff, error);
+        if (undone >= 0 && held_poweroff && qemu_gone(vm)) {
+            /* the guest powered off while a backup held it: done now */
+            qmp_json_set_int(res, "undone", undone);
+            qmp_json_set_bool(res, "qemu_exited", true);
+            qmp_json_set_bool(res, "clean", true);
+            qmp_json_set_bool(res, "healthy", true);
+            return res;
+        }
         if (undone < 0 || !cmd_vm_refresh(vm, error)) {
             json_object_put(res);
             return NULL;
@@ -599,6 +626,11 @@ static void print_check(json_object *res)
     json_object *disks = qmp_json_array(res, "disks");
 
     print_leftovers(res);
+    if (qmp_json_bool(res, "qemu_exited")) {
+        printf("the guest powered off while a killed backup held it: QEMU "
+               "has now exited, as it would have then\n");
+        return;
+    }
     for (size_t i = 0; i < qmp_json_length(issues); i++) {
         json_object *issue = qmp_json_index(issues, i);
 

@@ -32,6 +32,7 @@ static gint opt_progress_fd = -1;
 static gboolean opt_json;
 static gboolean opt_export_only;
 static char *opt_guest_agent;
+static char *opt_shutdown_action;
 static BackupQuiesce opt_quiesce = BACKUP_QUIESCE_OFF;
 
 /* --quiesce alone is --quiesce=required */
@@ -119,6 +120,12 @@ static GOptionEntry entries[] = {
       "the guest agent's socket (the host side of its virtio-serial port "
       "org.qemu.guest_agent.0; default: as QEMU knows it)",
       "SOCKET" },
+    { "shutdown-action", 0, 0, G_OPTION_ARG_STRING, &opt_shutdown_action,
+      "what QEMU does when the guest powers off, which QEMU cannot report: "
+      "poweroff (its default: QEMU exits) or pause (-no-shutdown). A "
+      "poweroff during a backup pauses the VM until the backup is done, "
+      "then this is carried out",
+      "ACTION" },
     { "export-only", 'e', 0, G_OPTION_ARG_NONE, &opt_export_only,
       "fleece and export over NBD without copying: print the exports as "
       "JSON, then read 'commit' (keep the new checkpoint) or 'abort' on "
@@ -313,6 +320,15 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
     opts->quiesce = opt_quiesce;
+    if (opt_shutdown_action) {
+        if (g_strcmp0(opt_shutdown_action, "poweroff") != 0 &&
+            g_strcmp0(opt_shutdown_action, "pause") != 0) {
+            g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                        "--shutdown-action must be poweroff or pause");
+            return false;
+        }
+        opts->shutdown_action = opt_shutdown_action;
+    }
     opts->guest_agent = opt_guest_agent;
     opts->agent_timeout_ms = cmd_common.timeout_s * 1000;
     opts->no_notices = opt_no_notices || cmd_common.sequential;

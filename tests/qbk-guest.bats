@@ -15,6 +15,9 @@ setup_file() {
 setup() {
     common_setup
     make_fs_images
+    if [[ "$BATS_TEST_DESCRIPTION" == *"reboots"* ]]; then
+        GUEST_REBOOTS=1
+    fi
     launch_guest
     # files written and fsync'd before any backup, with their checksums
     gsh 'for i in 1 2 3 4 5 6; do
@@ -154,4 +157,71 @@ pre_files_exact() {
     img0=$(restored_fs "$(jq -r .id "$T/next.json")" disk0)
     [ "$(debugfs -R "cat /after" "$img0" 2>/dev/null)" = after ]
     assert_clean
+}
+
+@test "the guest powers off mid-backup: the backup completes, exact and clean, then QEMU exits as it would have" {
+    start_writer
+    pid=$(cat "$T/qemu.pid")
+    start_pull off --rate-limit 2M --json
+    wait_fleeced "$T/progress-off" "$PULL_PID"
+    gsend 'sync; poweroff -f'
+    wait "$PULL_PID" || { cat "$T"/pull-*.err; false; }
+    [ "$(jq -r .status "$T/pull-off.json")" = complete ]
+    [ "$(jq -r .guest_powered_off "$T/pull-off.json")" = true ]
+    # the poweroff, carried out once the backup was done
+    wait_gone "$pid"
+    id=$(jq -r .id "$T/pull-off.json")
+    img0=$(restored_fs "$id" disk0)
+    img1=$(restored_fs "$id" disk1)
+    run e2fsck -fy "$img0"
+    [ "$status" -le 1 ]
+    e2fsck -fn "$img0"
+    pre_files_exact "$img0" "$img1"
+    # nothing of the backup left (QEMU is gone: its side went with it)
+    [ -z "$(ls -A "$T/repo/.scratch")" ]
+    assert_no_private_dirs
+}
+
+@test "the guest reboots mid-backup: the backup completes and the guest comes back up" {
+    start_writer
+    start_pull reboot --rate-limit 2M --json
+    wait_fleeced "$T/progress-reboot" "$PULL_PID"
+    gsend 'sync; reboot -f'
+    wait "$PULL_PID" || { cat "$T"/pull-*.err; false; }
+    [ "$(jq -r .status "$T/pull-reboot.json")" = complete ]
+    [ "$(jq -r .guest_powered_off "$T/pull-reboot.json")" = false ]
+    guest_wait_up 2
+    [ "$(qmp query-status | jq -r .status)" = running ]
+    id=$(jq -r .id "$T/pull-reboot.json")
+    img0=$(restored_fs "$id" disk0)
+    img1=$(restored_fs "$id" disk1)
+    run e2fsck -fy "$img0"
+    [ "$status" -le 1 ]
+    pre_files_exact "$img0" "$img1"
+    assert_clean
+}
+
+@test "a poweroff while a killed backup held it: check --repair puts the action back and carries the poweroff out" {
+    pid=$(cat "$T/qemu.pid")
+    start_pull held --rate-limit 1M
+    wait_fleeced "$T/progress-held" "$PULL_PID"
+    kill -KILL "$PULL_PID"
+    wait "$PULL_PID" || true
+    gsend 'sync; poweroff -f'
+    for i in $(seq 100); do
+        [ "$(qmp query-status | jq -r .status)" = shutdown ] && break
+        sleep 0.1
+    done
+    # held: QEMU waits, the disks intact
+    [ "$(qmp query-status | jq -r .status)" = shutdown ]
+    run qbk-checkpoint check --json
+    [ "$status" -eq 4 ]
+    [ "$(jq -r '.leftovers[0].shutdown_action_to_restore' <<<"$output")" = poweroff ]
+    run qbk-checkpoint check --repair
+    echo "$output"
+    [ "$status" -eq 0 ]
+    [[ "$output" == *"QEMU has now exited, as it would have then"* ]]
+    wait_gone "$pid"
+    # the killed run's private directory went with the repair
+    assert_no_private_dirs
 }

@@ -89,10 +89,14 @@ typedef struct {
     bool no_notices; /* don't copy what the guest writes first */
     bool no_release; /* scheme B: keep copied regions in scratch */
     BackupQuiesce quiesce;
-    const char *guest_agent; /* its socket; NULL: the VM's agent channel as
+    const char *guest_agent;     /* its socket; NULL: the VM's agent channel as
                                 QEMU knows it */
-    int agent_timeout_ms;    /* for the freeze (the guest's sync); 0:
+    int agent_timeout_ms;        /* for the freeze (the guest's sync); 0:
                                 QMP_DEFAULT_TIMEOUT_MS */
+    const char *shutdown_action; /* QEMU's, which it cannot report:
+                                    "poweroff" (its default) or "pause"
+                                    (-no-shutdown); what a guest poweroff
+                                    during the backup comes to after it */
     /* The copier's options for every disk (copier_options_init's defaults
      * from backup_options_init): requests (one budget for all the disks),
      * connections, chunk size, rate limit, pacing target, trace, cancel.
@@ -145,19 +149,21 @@ GPtrArray *backup_query_disks(QmpClient *qmp, char **nodes, GError **error);
 
 /* What one backup has in the VM now. */
 typedef struct {
-    char *tag;          /* the backup's id */
-    GPid pid;           /* the qbk-pull that made it; 0 if unknown (an older
+    char *tag;             /* the backup's id */
+    GPid pid;              /* the qbk-pull that made it; 0 if unknown (an older
                            qbk) */
-    bool alive;         /* that qbk-pull still runs on this host: the backup
+    bool alive;            /* that qbk-pull still runs on this host: the backup
                            is at work, not a leftover */
-    bool at_work;       /* not committed: its checkpoint is to be merged
+    bool at_work;          /* not committed: its checkpoint is to be merged
                            back into its predecessor */
-    bool paused;        /* qbk paused the VM for it */
-    bool server;        /* qbk started QEMU's NBD server for it */
-    char *agent;        /* qbk froze the guest through this agent: thaw */
-    GPtrArray *objects; /* its nodes, exports and jobs (names) */
-    GPtrArray *marks;   /* its marks (QOM object ids) */
-    GPtrArray *bitmaps; /* its temporary bitmaps ("DISK:BITMAP") */
+    bool paused;           /* qbk paused the VM for it */
+    bool server;           /* qbk started QEMU's NBD server for it */
+    char *agent;           /* qbk froze the guest through this agent: thaw */
+    char *shutdown_action; /* qbk set the shutdown action to pause: put
+                              this back */
+    GPtrArray *objects;    /* its nodes, exports and jobs (names) */
+    GPtrArray *marks;      /* its marks (QOM object ids) */
+    GPtrArray *bitmaps;    /* its temporary bitmaps ("DISK:BITMAP") */
 } BackupLeftover;
 
 void backup_leftover_free(BackupLeftover *l);

@@ -12,14 +12,16 @@
 /* ---- marks of a backup in the VM (leftover.c) ---- */
 
 typedef enum {
-    MARK_AT_WORK = 'm', /* the backup's checkpoint is not committed yet */
-    MARK_PAUSED = 'p',  /* qbk paused the VM for it: resume it */
-    MARK_SERVER = 'n',  /* qbk started QEMU's NBD server for it: stop it */
-    MARK_FROZEN = 'f',  /* qbk froze the guest's file systems: thaw them
+    MARK_AT_WORK = 'm',  /* the backup's checkpoint is not committed yet */
+    MARK_PAUSED = 'p',   /* qbk paused the VM for it: resume it */
+    MARK_SERVER = 'n',   /* qbk started QEMU's NBD server for it: stop it */
+    MARK_FROZEN = 'f',   /* qbk froze the guest's file systems: thaw them
                            (the mark holds the agent's address) */
+    MARK_SHUTDOWN = 's', /* qbk made a guest poweroff pause the VM: put
+                            the action back (the mark holds it) */
 } BackupMark;
 
-#define MARK_LETTERS "mpnf"
+#define MARK_LETTERS "mpnfs"
 
 /* Put (remove) mark MARK of backup TAG, made by this process, holding
  * DATA (NULL: nothing to say). */
@@ -69,6 +71,32 @@ void quiesce_report(const Quiesce *q, json_object *manifest);
 /* A killed backup's freeze: thaw the guest through the agent at ADDRESS
  * if it is still frozen. */
 bool quiesce_thaw_leftover(QmpClient *qmp, const char *address, GError **error);
+
+/* ---- a guest that powers off during a backup (power.c) ---- */
+
+typedef struct {
+    const char *action; /* QEMU's shutdown action, as the caller said */
+    char *tag;          /* of the backup that holds it */
+    bool held;          /* set to "pause" by us */
+} PowerHold;
+
+/* While backup TAG holds the VM, a guest poweroff pauses it (nothing to
+ * do without set-action, for a VM already shut down, or for a
+ * qemu-storage-daemon). */
+bool power_hold(PowerHold *h, QmpClient *qmp, const BackupOptions *opts,
+                const char *tag, GError **error);
+
+/* Put the action back; *OFF: the guest powered off meanwhile (with
+ * poweroff as the action, for power_carry_out once done with QEMU). */
+bool power_release(PowerHold *h, QmpClient *qmp, bool *off, GError **error);
+
+/* OFF: do what QEMU would have done at the guest's poweroff ("quit"). */
+void power_carry_out(QmpClient *qmp, bool off);
+
+/* A killed backup's hold: put ACTION back; *QUIT: a guest poweroff came
+ * meanwhile, for the caller to carry out ("quit") once done with QEMU. */
+bool power_release_leftover(QmpClient *qmp, const char *action, bool *quit,
+                            GError **error);
 
 /* ---- what each disk's backup is (decide.c) ---- */
 

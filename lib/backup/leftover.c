@@ -12,6 +12,8 @@
  *   n  qbk started QEMU's NBD server, and must stop it
  *   f  qbk froze the guest's file systems through the guest agent whose
  *      address the mark holds, and must thaw them
+ *   s  qbk made a guest poweroff pause the VM, and must put back the
+ *      shutdown action the mark holds
  *
  * A mark lives and dies with the QEMU process, as the state it describes
  * does: a VM restarted (or paused again by its administrator) carries no
@@ -75,6 +77,7 @@ void backup_leftover_free(BackupLeftover *l)
     }
     g_free(l->tag);
     g_free(l->agent);
+    g_free(l->shutdown_action);
     g_ptr_array_unref(l->objects);
     g_ptr_array_unref(l->marks);
     g_ptr_array_unref(l->bitmaps);
@@ -160,6 +163,9 @@ static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
         l->server |= mark == MARK_SERVER;
         if (mark == MARK_FROZEN && !l->agent) {
             l->agent = mark_data(qmp, name);
+        }
+        if (mark == MARK_SHUTDOWN && !l->shutdown_action) {
+            l->shutdown_action = mark_data(qmp, name);
         }
         g_ptr_array_add(l->marks, g_strdup(name));
     }
@@ -316,6 +322,7 @@ bool backup_undo_leftover(QmpClient *qmp, char **nodes, const BackupLeftover *l,
                           bool committed, GError **error)
 {
     g_autoptr(GPtrArray) since = g_ptr_array_new_with_free_func(g_free);
+    bool quit = false;
 
     /* a frozen guest is an outage: first */
     if (l->agent && !quiesce_thaw_leftover(qmp, l->agent, error)) {
@@ -350,11 +357,19 @@ bool backup_undo_leftover(QmpClient *qmp, char **nodes, const BackupLeftover *l,
                          since, error)) {
         return false;
     }
+    if (l->shutdown_action &&
+        !power_release_leftover(qmp, l->shutdown_action, &quit, error)) {
+        return false;
+    }
     /* the marks go last: an undo cut short is done again next time */
     for (guint i = 0; i < l->marks->len; i++) {
         if (!object_del(qmp, l->marks->pdata[i], error)) {
             return false;
         }
+    }
+    if (quit) {
+        /* the guest powered off while the backup held it */
+        qmp_run(qmp, "quit", NULL, NULL);
     }
     return true;
 }

@@ -60,7 +60,8 @@ bool backup_mode_parse(const char *text, BackupMode *mode)
 
 void backup_options_init(BackupOptions *opts)
 {
-    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO };
+    *opts = (BackupOptions){ .mode = BACKUP_MODE_AUTO,
+                             .shutdown_action = "poweroff" };
     copier_options_init(&opts->copier);
 }
 
@@ -153,6 +154,8 @@ typedef struct {
     const FleeceScheme *scheme; /* how the point in time is kept */
     double pause_ms;            /* the VM was paused this long to fleece (B) */
     Quiesce *quiesce;           /* the guest agent, with --quiesce */
+    PowerHold power;            /* a guest poweroff pauses the VM meanwhile */
+    bool powered_off;           /* it did: carried out at the very end */
     char *scratch_dir;          /* where scratch images go */
     PrivDir *scratch; /* ours in SCRATCH_DIR: this backup's scratch images */
     PrivDir *rundir;  /* ours in the temporary directory: the NBD socket */
@@ -193,6 +196,7 @@ static void pull_free(Pull *p)
 {
     target_free(p->target);
     quiesce_free(p->quiesce);
+    g_free(p->power.tag);
     privdir_free(p->rundir);
     privdir_free(p->scratch);
     g_free(p->id);
@@ -447,6 +451,7 @@ static void add_results(Pull *p)
     }
     qmp_json_set_string(p->manifest, "status", "complete");
     qmp_json_set_string(p->manifest, "finished", when);
+    qmp_json_set_bool(p->manifest, "guest_powered_off", p->powered_off);
     qmp_json_set_double(p->manifest, "seconds", seconds);
     qmp_json_set_uint(p->manifest, "bytes_copied", total);
 }
@@ -578,6 +583,9 @@ static bool fleece(Pull *p, GError **error)
         return false;
     }
     p->marked = true;
+    if (!power_hold(&p->power, p->qmp, p->opts, p->id, error)) {
+        return false;
+    }
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
 
@@ -972,6 +980,10 @@ static void fail_and_undo(Pull *p, GError *why)
                                err->message);
         g_clear_error(&err);
     }
+    if (!power_release(&p->power, p->qmp, &p->powered_off, &err)) {
+        g_string_append_printf(reason, "; %s", err->message);
+        g_clear_error(&err);
+    }
     if (p->marked && mark_del(p->qmp, MARK_AT_WORK, p->id, NULL)) {
         p->marked = false;
     }
@@ -979,6 +991,7 @@ static void fail_and_undo(Pull *p, GError *why)
         remove_new_files(p);
         pull_mark_failed(p->repo, p->manifest, p->id, reason->str, NULL);
     }
+    power_carry_out(p->qmp, p->powered_off);
     g_free(why->message);
     why->message = g_string_free(reason, FALSE);
 }
@@ -1308,7 +1321,8 @@ json_object *backup_export(QmpClient *qmp, Repo *repo,
         err = g_error_new(BACKUP_ERROR, BACKUP_ERROR_FAILED,
                           "the export was aborted");
     }
-    if (!ok || !teardown(p, &err)) {
+    if (!ok || !teardown(p, &err) ||
+        !power_release(&p->power, p->qmp, &p->powered_off, &err)) {
         json_object_put(info);
         pull_fail(p, err, error);
         return NULL;
@@ -1319,6 +1333,7 @@ json_object *backup_export(QmpClient *qmp, Repo *repo,
     qmp_json_set_string(p->manifest, "status", "exported");
     write_partial(p, NULL);
     commit(p);
+    power_carry_out(p->qmp, p->powered_off);
     return info;
 }
 
@@ -1341,8 +1356,9 @@ json_object *backup_pull(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
          * the VM's fleecing comes down; only its clean exit, awaited in
          * finish_targets(), makes the backup good. */
         target_quit(p->target);
-        ok =
-            teardown(p, &err) && finish_targets(p, &err) && !cancelled(p, &err);
+        ok = teardown(p, &err) && finish_targets(p, &err) &&
+             !cancelled(p, &err) &&
+             power_release(&p->power, p->qmp, &p->powered_off, &err);
     }
     if (!ok) {
         pull_fail(p, g_steal_pointer(&err), error);
@@ -1360,5 +1376,6 @@ json_object *backup_pull(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
     unlink(partial_path);
     backup_test_crash("committed");
     commit(p);
+    power_carry_out(p->qmp, p->powered_off);
     return json_object_get(p->manifest);
 }

@@ -30,7 +30,7 @@ launch_guest() {
     rm -f "$T"/{qmp,test,ga,shell}.sock "$T/console.log"
     qemu-system-x86_64 -M q35 -m 256 -display none -nodefaults -no-user-config \
         -kernel "$QBK_GUEST_DIR/vmlinuz" -initrd "$QBK_GUEST_DIR/initrd.img" \
-        -append "console=ttyS0 panic=-1 quiet" -no-reboot \
+        -append "console=ttyS0 panic=-1 quiet" $([ -n "${GUEST_REBOOTS:-}" ] || echo -no-reboot) \
         -serial "file:$T/console.log" \
         -qmp "unix:$T/qmp.sock,server=on,wait=off" \
         -qmp "unix:$T/test.sock,server=on,wait=off" \
@@ -46,16 +46,28 @@ launch_guest() {
         -blockdev "driver=qcow2,file=disk1-file,node-name=disk1-fmt" \
         -device virtio-blk-pci,drive=disk1-fmt,id=disk1 \
         -daemonize -pidfile "$T/qemu.pid" "$@"
+    guest_wait_up 1
+    guest_shell_start
+}
+
+# guest_wait_up N: until the guest said it is up N times (boots), 60 s.
+guest_wait_up() {
+    local i
     for i in $(seq 600); do
-        grep -q "guest: up" "$T/console.log" 2>/dev/null && break
+        [ "$(grep -c "guest: up" "$T/console.log" 2>/dev/null)" -ge "$1" ] && break
         sleep 0.1
     done
-    if ! grep -q "guest: up, file systems: vda vdb" "$T/console.log"; then
+    if [ "$(grep -c "guest: up, file systems: vda vdb" "$T/console.log")" -lt "$1" ]; then
         echo "the guest did not come up:" >&2
         cat "$T/console.log" >&2
         return 1
     fi
-    guest_shell_start
+}
+
+# gsend COMMAND: send COMMAND to the guest's shell, not waiting for it
+# (a poweroff or reboot never answers).
+gsend() {
+    printf '%s\n' "$*" >>"$T/guest.in"
 }
 
 # The test's shell in the guest: one connection for the whole test (a
