@@ -176,6 +176,7 @@ static json_object *do_disks(CmdVm *vm, GPtrArray *targets, const char *name,
         json_object *o = json_object_new_object();
 
         qmp_json_set_string(o, "disk", disk->id);
+        qmp_json_set_string(o, "role", qmp_disk_role(disk));
         qmp_json_set_string(o, "qdev", disk->qdev);
         qmp_json_set_string(o, "device", disk->device);
         qmp_json_set_string(o, "node", disk->node);
@@ -551,8 +552,8 @@ static void print_disks(json_object *res)
     int dw = column_width(disks, NULL, "disk", 4);
     int nw = column_width(disks, NULL, "node", 4);
 
-    printf("%-*s %-*s %-7s %10s  %-5s %s\n", dw, "DISK", nw, "NODE", "DRIVER",
-           "SIZE", "CKPTS", "FILE");
+    printf("%-*s %-13s %-*s %-7s %10s  %-5s %s\n", dw, "DISK", "ROLE", nw,
+           "NODE", "DRIVER", "SIZE", "CKPTS", "FILE");
     for (size_t i = 0; i < qmp_json_length(disks); i++) {
         json_object *d = qmp_json_index(disks, i);
         g_autofree char *size = cmd_format_bytes(qmp_json_int(d, "size"));
@@ -562,9 +563,10 @@ static void print_disks(json_object *res)
                                   qmp_json_int(d, "checkpoints"))
                 : g_strdup("no");
 
-        printf("%-*s %-*s %-7s %10s  %-5s %s", dw, qmp_json_string(d, "disk"),
-               nw, qmp_json_string(d, "node"), qmp_json_string(d, "driver"),
-               size, ckpts,
+        printf("%-*s %-13s %-*s %-7s %10s  %-5s %s", dw,
+               qmp_json_string(d, "disk"), qmp_json_string(d, "role"), nw,
+               qmp_json_string(d, "node"), qmp_json_string(d, "driver"), size,
+               ckpts,
                qmp_json_string(d, "file") ? qmp_json_string(d, "file") : "");
         if (qmp_json_string(d, "reason")) {
             printf("  (%s)", qmp_json_string(d, "reason"));

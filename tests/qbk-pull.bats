@@ -9,7 +9,13 @@ load helpers
 
 setup() {
     common_setup
-    if [[ "$BATS_TEST_DESCRIPTION" == *"silent guest agent"* ]]; then
+    if [[ "$BATS_TEST_DESCRIPTION" == *"UEFI"* ]]; then
+        # firmware code (read-only) and a variable store, as OVMF has them
+        head -c $((2 << 20)) /dev/urandom >"$T/code.fd"
+        head -c $((256 << 10)) /dev/urandom >"$T/vars.fd"
+        start_vm -drive "if=pflash,format=raw,unit=0,file=$T/code.fd,readonly=on" \
+            -drive "if=pflash,format=raw,unit=1,file=$T/vars.fd"
+    elif [[ "$BATS_TEST_DESCRIPTION" == *"silent guest agent"* ]]; then
         # the agent's channel, with no agent behind it (no guest OS)
         start_vm -device virtio-serial-pci,id=vser0 \
             -chardev "socket,id=ga0,path=$T/ga.sock,server=on,wait=off" \
@@ -488,5 +494,37 @@ start_export() {
     run qbk-qmp --agent "$T/ga.sock" --timeout 1 guest-fsfreeze-status
     [ "$status" -eq 1 ]
     assert_one_line_error
+    assert_clean
+}
+
+@test "UEFI firmware and its variable store (pflash): listed with their roles, backed up in full with the disks, restored exact" {
+    run -0 qbk-checkpoint disks --json
+    [ "$(jq -r '.disks[] | select(.disk == "pflash0") | .role' <<<"$output")" = firmware ]
+    [ "$(jq -r '.disks[] | select(.disk == "pflash1") | .role' <<<"$output")" = firmware-vars ]
+    [ "$(jq -r '.disks[] | select(.disk == "disk0") | .role' <<<"$output")" = disk ]
+    run -0 qbk-checkpoint disks
+    [[ "$output" == *"pflash1"*"firmware-vars"* ]]
+    # the firmware writes a variable
+    qmp --hmp 'qemu-io pflash1 "write -P 0x42 8192 4096"' >/dev/null
+    cp "$T/vars.fd" "$T/vars-1.fd"
+    pull_with_writes one "disk0 disk1"
+    [ "$(jq -r '.disks[] | select(.disk == "pflash1") | .role' "$T/pull-one.json")" = firmware-vars ]
+    [ "$(manifest_field one pflash1 mode)" = full ]
+    restore_matches one disk0
+    qmp --hmp 'qemu-io pflash1 "write -P 0x43 0 512"' >/dev/null
+    cp "$T/vars.fd" "$T/vars-2.fd"
+    pull_with_writes two "disk0 disk1"
+    # raw: no checkpoints, so in full every time, next to incrementals
+    [ "$(manifest_field two pflash1 mode)" = full ]
+    [ "$(manifest_field two disk0 mode)" = incremental ]
+    for n in 1 2; do
+        id=$(jq -r .id "$T/pull-$([ $n = 1 ] && echo one || echo two).json")
+        qbk-restore --repo "$T/repo" --backup "$id" --disk pflash1 -o "$T/r$n.fd"
+        cmp "$T/r$n.fd" "$T/vars-$n.fd"
+    done
+    qbk-restore --repo "$T/repo" --disk pflash0 -o "$T/code-r.fd"
+    cmp "$T/code-r.fd" "$T/code.fd"
+    restore_matches two disk0
+    restore_matches two disk1
     assert_clean
 }

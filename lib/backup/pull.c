@@ -371,6 +371,7 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
     qmp_json_set_string(o, "parent", pd->parent);
     qmp_json_set_string(o, "since_checkpoint", pd->base);
     qmp_json_set_string(o, "since", pd->since);
+    qmp_json_set_string(o, "role", qmp_disk_role(pd->qd));
     qmp_json_set_bool(o, "checkpointed", !pd->qd->no_bitmaps);
     qmp_json_set_string(o, "image", image);
     qmp_json_set_string(o, "format", repo_format_name(pd->format));

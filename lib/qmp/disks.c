@@ -493,3 +493,12 @@ out:
     json_object_put(graph);
     return ok;
 }
+
+const char *qmp_disk_role(const QmpDisk *disk)
+{
+    /* the machine's flash devices, /machine/system.flashN */
+    if (disk->qdev && g_str_has_prefix(disk->qdev, "/machine/system.flash")) {
+        return disk->read_only ? "firmware" : "firmware-vars";
+    }
+    return "disk";
+}

@@ -254,6 +254,11 @@ QmpDisk *qmp_disk_find(GPtrArray *disks, const char *name);
 /* The named bitmap of DISK, or NULL. */
 const QmpBitmap *qmp_disk_bitmap(const QmpDisk *disk, const char *name);
 
+/* What DISK is to the VM: "firmware" (a read-only pflash: the UEFI code),
+ * "firmware-vars" (a writable pflash: the UEFI variable store) or
+ * "disk". */
+const char *qmp_disk_role(const QmpDisk *disk);
+
 /* ---- a private qemu-storage-daemon (daemon.c) ---- */
 
 /*
