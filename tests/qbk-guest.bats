@@ -225,3 +225,28 @@ pre_files_exact() {
     # the killed run's private directory went with the repair
     assert_no_private_dirs
 }
+
+@test "a discard storm (fstrim) between backups: the next incremental reads no more than what changed" {
+    # 48 MiB written and deleted before the full: free space, still allocated
+    gsh 'dd if=/dev/urandom of=/mnt/vda/big bs=1M count=48 conv=fsync 2>/dev/null
+         rm /mnt/vda/big && sync'
+    qbk-pull --repo "$T/repo" --json >"$T/full.json"
+    # the storm: every free block of both file systems discarded
+    gsh 'fstrim -v /mnt/vda; fstrim -v /mnt/vdb'
+    gsh 'echo changed >/mnt/vda/small && sync'
+    qbk-pull --repo "$T/repo" --json >"$T/inc.json"
+    [ "$(jq -r '.disks[0].mode' "$T/inc.json")" = incremental ]
+    jq -c '.disks[] | {disk, bytes_read, bytes_zero, bytes_skipped}' "$T/inc.json"
+    # the bitmap marks the trimmed ranges dirty, but they read as zeros:
+    # no data is read or written for them
+    [ "$(jq '.disks[0].bytes_zero' "$T/inc.json")" -ge $((40 << 20)) ]
+    [ "$(jq '.disks[0].bytes_read' "$T/inc.json")" -lt $((4 << 20)) ]
+    inc0=$T/repo/$(jq -r '.disks[0].image' "$T/inc.json")
+    [ "$(stat -c %s "$inc0")" -lt $((8 << 20)) ]
+    # and the point in time is exact: the trimmed space reads as zeros
+    img0=$(restored_fs "$(jq -r .id "$T/inc.json")" disk0)
+    e2fsck -fn "$img0" || [ $? -le 1 ]
+    [ "$(debugfs -R "cat /small" "$img0" 2>/dev/null)" = changed ]
+    pre_files_exact "$img0" "$(restored_fs "$(jq -r .id "$T/inc.json")" disk1)"
+    assert_clean
+}

@@ -22,7 +22,7 @@ make_fs_images() {
 }
 
 # launch_guest [EXTRA QEMU ARGS...]: boot the guest on the images of
-# make_fs_images, with the sockets of run_vm (qmp.sock for qbk, test.sock
+# make_fs_images (discards reach them, as fstrim needs), with the sockets of run_vm (qmp.sock for qbk, test.sock
 # for the test), the agent's channel ga.sock and the test's shell.sock.
 # Waits until the guest says it is up.
 launch_guest() {
@@ -39,11 +39,11 @@ launch_guest() {
         -device virtserialport,chardev=ga0,name=org.qemu.guest_agent.0 \
         -chardev "socket,id=sh0,path=$T/shell.sock,server=on,wait=off" \
         -device virtserialport,chardev=sh0,name=qbk.shell \
-        -blockdev "driver=file,filename=$T/disk0.qcow2,node-name=disk0-file" \
-        -blockdev "driver=qcow2,file=disk0-file,node-name=disk0-fmt" \
+        -blockdev "driver=file,filename=$T/disk0.qcow2,node-name=disk0-file,discard=unmap" \
+        -blockdev "driver=qcow2,file=disk0-file,node-name=disk0-fmt,discard=unmap" \
         -device virtio-blk-pci,drive=disk0-fmt,id=disk0 \
-        -blockdev "driver=file,filename=$T/disk1.qcow2,node-name=disk1-file" \
-        -blockdev "driver=qcow2,file=disk1-file,node-name=disk1-fmt" \
+        -blockdev "driver=file,filename=$T/disk1.qcow2,node-name=disk1-file,discard=unmap" \
+        -blockdev "driver=qcow2,file=disk1-file,node-name=disk1-fmt,discard=unmap" \
         -device virtio-blk-pci,drive=disk1-fmt,id=disk1 \
         -daemonize -pidfile "$T/qemu.pid" "$@"
     guest_wait_up 1
