@@ -250,3 +250,40 @@ pre_files_exact() {
     pre_files_exact "$img0" "$(restored_fs "$(jq -r .id "$T/inc.json")" disk1)"
     assert_clean
 }
+
+@test "a failure or a signal while the guest is frozen: thawed, rolled back, the next backup incremental and exact" {
+    start_writer
+    qbk-pull --repo "$T/repo" --json >"$T/full.json"
+    before=$(qbk-checkpoint list --json | jq -c '[.checkpoints[].name]')
+    # the fleece point fails while frozen
+    QBK_FAIL_AT=frozen run qbk-pull --repo "$T/repo" --quiesce
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"failed on purpose at 'frozen'"* ]]
+    writes_go_on
+    [ "$(qbk-checkpoint list --json | jq -c '[.checkpoints[].name]')" = "$before" ]
+    # SIGTERM while frozen (held 2 s there): the thaw comes first
+    QBK_SLOW_AT=frozen qbk-pull --repo "$T/repo" --quiesce 2>"$T/term.err" &
+    pid=$!
+    # (the agent serves one client at a time: ask QEMU for the mark)
+    for i in $(seq 200); do
+        qmp qom-list '{"path": "/objects"}' | jq -e '.[] | select(.name | startswith("qbk-f"))' >/dev/null && break
+        sleep 0.05
+    done
+    sleep 0.5
+    kill -TERM "$pid"
+    rc=0
+    wait "$pid" || rc=$?
+    cat "$T/term.err"
+    [ "$rc" -eq 1 ]
+    grep -q "interrupted by a signal" "$T/term.err"
+    writes_go_on
+    [ "$(qbk-checkpoint list --json | jq -c '[.checkpoints[].name]')" = "$before" ]
+    # nothing lost: the next backup stands on the full
+    qbk-pull --repo "$T/repo" --quiesce --json >"$T/next.json"
+    [ "$(jq -r '.disks[0].parent' "$T/next.json")" = "$(jq -r .id "$T/full.json")" ]
+    img0=$(restored_fs "$(jq -r .id "$T/next.json")" disk0)
+    ! needs_recovery "$img0"
+    e2fsck -fn "$img0"
+    assert_clean
+}

@@ -185,6 +185,14 @@ bool pull_recover(QmpClient *qmp, Repo *repo, char **nodes,
  * command at each step that matters. A no-op in other builds. */
 void backup_test_crash(const char *where);
 
+/* Whether $QBK_FAIL_AT is WHERE, with ERROR set: the tests fail a step on
+ * purpose. Always false in other builds. */
+bool backup_test_fail(const char *where, GError **error);
+
+/* Wait 2 s if $QBK_SLOW_AT is WHERE (signals do not cut it short): the
+ * tests act in a window that is otherwise milliseconds long. */
+void backup_test_slow(const char *where);
+
 /* ---- retention (retention.c) ---- */
 
 /* What POLICY keeps of MANIFESTS (complete backups), and how the rest go:

@@ -550,7 +550,9 @@ static bool freeze_point(Pull *p, QmpTransaction *tx, QmpTransaction *later,
     if (!quiesce_freeze(p->quiesce, p->qmp, p->id, error)) {
         return false;
     }
-    fixed = fix_point(p, tx, later, error);
+    backup_test_slow("frozen");
+    fixed =
+        !backup_test_fail("frozen", error) && fix_point(p, tx, later, error);
     thawed = quiesce_thaw(p->quiesce, p->qmp, &thaw_err);
     quiesce_report(p->quiesce, p->manifest);
     if (!thawed) {
