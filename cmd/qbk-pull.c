@@ -32,6 +32,7 @@ static gint opt_progress_fd = -1;
 static gboolean opt_json;
 static gboolean opt_export_only;
 static char *opt_guest_agent;
+static char **opt_quiesce_mounts;
 static char *opt_shutdown_action;
 static BackupQuiesce opt_quiesce = BACKUP_QUIESCE_OFF;
 
@@ -116,6 +117,10 @@ static GOptionEntry entries[] = {
       "no backup; try: without an agent the backup is crash-consistent, "
       "and says so",
       "[required|try]" },
+    { "quiesce-mount", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_quiesce_mounts,
+      "with --quiesce: freeze only this mount point of the guest (repeat; "
+      "default: every file system)",
+      "PATH" },
     { "guest-agent", 0, 0, G_OPTION_ARG_FILENAME, &opt_guest_agent,
       "the guest agent's socket (the host side of its virtio-serial port "
       "org.qemu.guest_agent.0; default: as QEMU knows it)",
@@ -330,6 +335,12 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
         opts->shutdown_action = opt_shutdown_action;
     }
     opts->guest_agent = opt_guest_agent;
+    opts->quiesce_mounts = opt_quiesce_mounts;
+    if (opt_quiesce_mounts && opt_quiesce == BACKUP_QUIESCE_OFF) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--quiesce-mount goes with --quiesce");
+        return false;
+    }
     opts->agent_timeout_ms = cmd_common.timeout_s * 1000;
     opts->no_notices = opt_no_notices || cmd_common.sequential;
     opts->no_release = opt_no_release;

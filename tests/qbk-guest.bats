@@ -287,3 +287,27 @@ pre_files_exact() {
     e2fsck -fn "$img0"
     assert_clean
 }
+
+@test "--quiesce-mount: only the mount points named are frozen; the others stay crash-consistent" {
+    start_writer
+    run qbk-pull --repo "$T/repo" --quiesce-mount /mnt/vda
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    qbk-pull --repo "$T/repo" --quiesce --quiesce-mount /mnt/vda --json >"$T/one.json"
+    [ "$(jq -r .quiesce.filesystems "$T/one.json")" -eq 1 ]
+    writes_go_on
+    id=$(jq -r .id "$T/one.json")
+    img0=$(restored_fs "$id" disk0)
+    img1=$(restored_fs "$id" disk1)
+    ! needs_recovery "$img0"
+    needs_recovery "$img1"
+    e2fsck -fn "$img0"
+    # a mount point the guest does not have: refused by the agent, thawed
+    run qbk-pull --repo "$T/repo" --quiesce --quiesce-mount /nowhere
+    echo "$output"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"could not freeze"* ]]
+    writes_go_on
+    assert_clean
+}

@@ -88,15 +88,19 @@ typedef struct {
     BackupFleece fleece;
     bool no_notices; /* don't copy what the guest writes first */
     bool no_release; /* scheme B: keep copied regions in scratch */
+    /* --quiesce: through the guest agent at GUEST_AGENT (NULL: the VM's
+     * agent channel as QEMU knows it), freezing QUIESCE_MOUNTS (the
+     * guest's mount points; NULL: every file system), waiting
+     * AGENT_TIMEOUT_MS for the freeze, the guest's sync (0:
+     * QMP_DEFAULT_TIMEOUT_MS) */
     BackupQuiesce quiesce;
-    const char *guest_agent;     /* its socket; NULL: the VM's agent channel as
-                                QEMU knows it */
-    int agent_timeout_ms;        /* for the freeze (the guest's sync); 0:
-                                QMP_DEFAULT_TIMEOUT_MS */
-    const char *shutdown_action; /* QEMU's, which it cannot report:
-                                    "poweroff" (its default) or "pause"
-                                    (-no-shutdown); what a guest poweroff
-                                    during the backup comes to after it */
+    const char *guest_agent;
+    char **quiesce_mounts;
+    int agent_timeout_ms;
+    /* QEMU's shutdown action, which it cannot report: "poweroff" (its
+     * default) or "pause" (-no-shutdown); what a guest poweroff during the
+     * backup comes to after it */
+    const char *shutdown_action;
     /* The copier's options for every disk (copier_options_init's defaults
      * from backup_options_init): requests (one budget for all the disks),
      * connections, chunk size, rate limit, pacing target, trace, cancel.

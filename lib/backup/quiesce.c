@@ -19,6 +19,7 @@
 
 struct Quiesce {
     BackupQuiesce mode;
+    char **mounts;      /* only these; NULL: all */
     char *address;      /* the agent's */
     char *tag;          /* of the backup that froze (its mark's) */
     QmpClient *agent;   /* connected; NULL: crash-consistent only */
@@ -60,6 +61,7 @@ void quiesce_free(Quiesce *q)
         return;
     }
     qmp_free(q->agent);
+    g_strfreev(q->mounts);
     g_free(q->address);
     g_free(q->tag);
     g_free(q->why_not);
@@ -87,6 +89,7 @@ Quiesce *quiesce_open(QmpClient *qmp, const BackupOptions *opts, GError **error)
     }
     q = g_new0(Quiesce, 1);
     q->mode = opts->quiesce;
+    q->mounts = g_strdupv(opts->quiesce_mounts);
     q->address = agent_address(qmp, opts->guest_agent, &err);
     if (q->address) {
         q->agent = qmp_connect_agent(q->address, QUIESCE_CONNECT_MS, &err);
@@ -128,6 +131,23 @@ static bool thaw(Quiesce *q, GError **error)
     return ret != NULL;
 }
 
+/* guest-fsfreeze-freeze-list's arguments, or NULL for all. */
+static json_object *freeze_args(const Quiesce *q)
+{
+    json_object *args, *list;
+
+    if (!q->mounts) {
+        return NULL;
+    }
+    args = json_object_new_object();
+    list = json_object_new_array();
+    for (guint i = 0; q->mounts[i]; i++) {
+        json_object_array_add(list, json_object_new_string(q->mounts[i]));
+    }
+    json_object_object_add(args, "mountpoints", list);
+    return args;
+}
+
 bool quiesce_freeze(Quiesce *q, QmpClient *qmp, const char *tag, GError **error)
 {
     g_autoptr(GError) err = NULL;
@@ -144,13 +164,22 @@ bool quiesce_freeze(Quiesce *q, QmpClient *qmp, const char *tag, GError **error)
     q->tag = g_strdup(tag);
     q->frozen = true;
     q->frozen_at = g_get_monotonic_time();
-    ret = qmp_execute(q->agent, "guest-fsfreeze-freeze", NULL, &err);
+    ret = qmp_execute(q->agent,
+                      q->mounts ? "guest-fsfreeze-freeze-list"
+                                : "guest-fsfreeze-freeze",
+                      freeze_args(q), &err);
     q->freezing_ms = (g_get_monotonic_time() - q->frozen_at) / 1e3;
     if (ret) {
         q->filesystems = json_object_get_int(ret);
         json_object_put(ret);
         backup_test_crash("frozen");
-        return true;
+        /* the agent skips mount points the guest does not have */
+        if (!q->mounts || q->filesystems >= (int)g_strv_length(q->mounts)) {
+            return true;
+        }
+        g_set_error(&err, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "it froze %d of the %u mount points asked for",
+                    q->filesystems, g_strv_length(q->mounts));
     }
     /* a freeze that failed half-way (or answers late) leaves some file
      * systems frozen: thaw before anything else */
