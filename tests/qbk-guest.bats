@@ -74,7 +74,14 @@ pre_files_exact() {
     jq -e '.quiesce.frozen_ms > 0 and .quiesce.freezing_ms <= .quiesce.frozen_ms' "$T/full.json"
     echo "frozen for $(jq .quiesce.frozen_ms "$T/full.json") ms"
     writes_go_on
-    qbk-pull --repo "$T/repo" --quiesce --json >"$T/inc.json"
+    # the incremental, slowed: during the copy the guest is thawed and the
+    # agent free for others
+    start_pull inc --quiesce --rate-limit 512K --json
+    wait_fleeced "$T/progress-inc" "$PULL_PID"
+    [ "$(agent guest-fsfreeze-status)" = '"thawed"' ]
+    kill -0 "$PULL_PID"
+    wait "$PULL_PID" || { cat "$T"/pull-*.err; false; }
+    cp "$T/pull-inc.json" "$T/inc.json"
     [ "$(jq -r '.disks[0].mode' "$T/inc.json")" = incremental ]
     [ "$(jq -r .consistency "$T/inc.json")" = application ]
     writes_go_on

@@ -215,6 +215,8 @@ bool quiesce_thaw(Quiesce *q, QmpClient *qmp, GError **error)
     if (q->marked && mark_del(qmp, MARK_FROZEN, q->tag, NULL)) {
         q->marked = false;
     }
+    /* the agent serves one client: let others in for the copy */
+    g_clear_pointer(&q->agent, qmp_free);
     return true;
 }
 
