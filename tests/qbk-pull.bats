@@ -15,6 +15,11 @@ setup() {
         head -c $((256 << 10)) /dev/urandom >"$T/vars.fd"
         start_vm -drive "if=pflash,format=raw,unit=0,file=$T/code.fd,readonly=on" \
             -drive "if=pflash,format=raw,unit=1,file=$T/vars.fd"
+    elif [[ "$BATS_TEST_DESCRIPTION" == *"guest agent on TCP"* ]]; then
+        AGENT_PORT=$((20000 + RANDOM % 20000))
+        start_vm -device virtio-serial-pci,id=vser0 \
+            -chardev "socket,id=ga0,host=127.0.0.1,port=$AGENT_PORT,server=on,wait=off" \
+            -device virtserialport,chardev=ga0,name=org.qemu.guest_agent.0
     elif [[ "$BATS_TEST_DESCRIPTION" == *"silent guest agent"* ]]; then
         # the agent's channel, with no agent behind it (no guest OS)
         start_vm -device virtio-serial-pci,id=vser0 \
@@ -526,5 +531,14 @@ start_export() {
     cmp "$T/code-r.fd" "$T/code.fd"
     restore_matches two disk0
     restore_matches two disk1
+    assert_clean
+}
+
+@test "a silent guest agent on TCP: found through QEMU as tcp:HOST:PORT, asked, a bounded one-line error" {
+    run qbk-pull --repo "$T/repo" --quiesce
+    echo "$output"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"no answer from the guest agent at 'tcp:127.0.0.1:$AGENT_PORT'"* ]]
     assert_clean
 }

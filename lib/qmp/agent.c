@@ -53,9 +53,9 @@ static char *agent_chardev_under(QmpClient *qmp, const char *parent)
     return chardev;
 }
 
-/* "unix:PATH" of a unix socket chardev's FILENAME with an absolute
- * PATH, or NULL. */
-static char *unix_address(const char *filename)
+/* The address to reach a socket chardev of FILENAME: "unix:PATH" (an
+ * absolute PATH) or "tcp:HOST:PORT"; NULL for anything else. */
+static char *socket_address(const char *filename)
 {
     const char *p = filename;
     const char *end;
@@ -63,12 +63,12 @@ static char *unix_address(const char *filename)
     if (g_str_has_prefix(p, "disconnected:")) {
         p += strlen("disconnected:");
     }
-    if (!g_str_has_prefix(p, "unix:")) {
-        return NULL;
-    }
     end = strchr(p, ',');
-    if (p[strlen("unix:")] != '/') {
-        return NULL; /* relative to QEMU's working directory, not ours */
+    if (g_str_has_prefix(p, "tcp:")) {
+        return g_strndup(p, end ? (gsize)(end - p) : strlen(p));
+    }
+    if (!g_str_has_prefix(p, "unix:") || p[strlen("unix:")] != '/') {
+        return NULL; /* a relative path is QEMU's, not ours */
     }
     return g_strndup(p, end ? (gsize)(end - p) : strlen(p));
 }
@@ -97,12 +97,12 @@ char *qmp_find_agent(QmpClient *qmp, GError **error)
         const char *filename = qmp_json_string(c, "filename");
 
         if (g_strcmp0(qmp_json_string(c, "label"), chardev) == 0 && filename) {
-            address = unix_address(filename);
+            address = socket_address(filename);
             if (!address) {
                 g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
-                            "the guest agent's channel '%s' is not a unix "
-                            "socket with an absolute path (%s): give its "
-                            "address",
+                            "the guest agent's channel '%s' is neither a "
+                            "unix socket with an absolute path nor a TCP "
+                            "socket (%s): give its address",
                             chardev, filename);
             }
         }

@@ -77,9 +77,10 @@ QmpClient *qmp_connect_agent(const char *address, int timeout_ms,
                              GError **error);
 
 /*
- * The address ("unix:PATH") of the VM's guest agent channel: the
- * virtio-serial port named org.qemu.guest_agent.0 and its socket server
- * chardev. NULL with ERROR if there is none, or it is not a unix socket.
+ * The address ("unix:PATH" or "tcp:HOST:PORT") of the VM's guest agent
+ * channel: the virtio-serial port named org.qemu.guest_agent.0 and its
+ * socket chardev. NULL with ERROR if there is none, or it is another
+ * kind of chardev.
  */
 char *qmp_find_agent(QmpClient *qmp, GError **error);
 
