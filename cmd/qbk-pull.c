@@ -280,6 +280,29 @@ static bool check_bounds(GError **error)
                            error);
 }
 
+/* What concerns the guest: --quiesce and its agent, --shutdown-action. */
+static bool guest_options(BackupOptions *opts, GError **error)
+{
+    if (opt_quiesce_mounts && opt_quiesce == BACKUP_QUIESCE_OFF) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--quiesce-mount goes with --quiesce");
+        return false;
+    }
+    if (opt_shutdown_action && g_strcmp0(opt_shutdown_action, "poweroff") &&
+        g_strcmp0(opt_shutdown_action, "pause")) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--shutdown-action must be poweroff or pause");
+        return false;
+    }
+    opts->quiesce = opt_quiesce;
+    opts->guest_agent = opt_guest_agent;
+    opts->quiesce_mounts = opt_quiesce_mounts;
+    if (opt_shutdown_action) {
+        opts->shutdown_action = opt_shutdown_action;
+    }
+    return true;
+}
+
 /* OPTS from the command line, checked (G_OPTION_ERROR). */
 static bool check_options(int argc, BackupOptions *opts, GError **error)
 {
@@ -324,21 +347,7 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
-    opts->quiesce = opt_quiesce;
-    if (opt_shutdown_action) {
-        if (g_strcmp0(opt_shutdown_action, "poweroff") != 0 &&
-            g_strcmp0(opt_shutdown_action, "pause") != 0) {
-            g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                        "--shutdown-action must be poweroff or pause");
-            return false;
-        }
-        opts->shutdown_action = opt_shutdown_action;
-    }
-    opts->guest_agent = opt_guest_agent;
-    opts->quiesce_mounts = opt_quiesce_mounts;
-    if (opt_quiesce_mounts && opt_quiesce == BACKUP_QUIESCE_OFF) {
-        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                    "--quiesce-mount goes with --quiesce");
+    if (!guest_options(opts, error)) {
         return false;
     }
     opts->agent_timeout_ms = cmd_common.timeout_s * 1000;
