@@ -24,9 +24,14 @@ static GOptionEntry version_entries[] = {
 
 static GOptionEntry qmp_entries[] = {
     { "qmp", 'q', 0, G_OPTION_ARG_FILENAME, &cmd_common.qmp,
-      "QMP socket of the running VM: PATH, unix:PATH or tcp:HOST:PORT "
-      "(default: $QBK_QMP)",
+      "QMP socket of the running VM: PATH, unix:PATH, tcp:HOST:PORT or "
+      "tls:HOST:PORT (default: $QBK_QMP)",
       "SOCKET" },
+    { "tls-creds", 0, 0, G_OPTION_ARG_FILENAME, &cmd_common.tls_creds,
+      "for --qmp tls:HOST:PORT: a directory with ca-cert.pem, "
+      "client-cert.pem and client-key.pem (QEMU's tls-creds-x509 layout; "
+      "default: $QBK_TLS_CREDS)",
+      "DIR" },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &cmd_common.timeout_s,
       "seconds to wait for QEMU before giving up (1-86400, default: 30)",
       "SECONDS" },
@@ -138,6 +143,10 @@ static int check_common(const CmdSpec *spec)
             cmd_common.qmp = g_strdup(g_getenv("QBK_QMP"));
             cmd_common.qmp_env = true;
         }
+        if (!cmd_common.tls_creds && g_getenv("QBK_TLS_CREDS") &&
+            *g_getenv("QBK_TLS_CREDS")) {
+            cmd_common.tls_creds = g_strdup(g_getenv("QBK_TLS_CREDS"));
+        }
     }
     cmd_set_quiet(cmd_common.quiet);
     return -1;
@@ -227,7 +236,7 @@ CmdVm *cmd_vm_open(const char *qmp_address, char **images, int timeout_ms,
         vm->qmp = qmp_spawn_storage_daemon((const char *const *)images, 0,
                                            timeout_ms, error);
     } else {
-        vm->qmp = qmp_connect(qmp_address, timeout_ms, error);
+        vm->qmp = cmd_qmp_connect(qmp_address, timeout_ms, error);
     }
     if (!vm->qmp || !cmd_vm_refresh(vm, error)) {
         return NULL;
@@ -464,4 +473,9 @@ const char *cmd_hint(const GError *error)
         return " (see 'qbk-verify')";
     }
     return "";
+}
+
+QmpClient *cmd_qmp_connect(const char *address, int timeout_ms, GError **error)
+{
+    return qmp_connect_tls(address, cmd_common.tls_creds, timeout_ms, error);
 }

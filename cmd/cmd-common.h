@@ -51,9 +51,10 @@ typedef struct {
 
 /* The shared options as given (cmd_parse checks their bounds). */
 typedef struct {
-    char *qmp;     /* --qmp, else $QBK_QMP, else NULL */
-    bool qmp_env;  /* it came from $QBK_QMP */
-    int timeout_s; /* --timeout: 1 to CMD_MAX_TIMEOUT_S */
+    char *qmp;       /* --qmp, else $QBK_QMP, else NULL */
+    bool qmp_env;    /* it came from $QBK_QMP */
+    char *tls_creds; /* --tls-creds, else $QBK_TLS_CREDS, else NULL */
+    int timeout_s;   /* --timeout: 1 to CMD_MAX_TIMEOUT_S */
     gboolean quiet;
     CopierOptions copier; /* the defaults with the options given */
     gboolean sequential;  /* --sequential (copier.requests is 1) */
@@ -88,6 +89,9 @@ typedef struct {
     char **image_ids; /* offline: the images as given */
     char **nodes;     /* offline: their node names */
 } CmdVm;
+
+/* Connect to QEMU's monitor at ADDRESS (with --tls-creds for "tls:"). */
+QmpClient *cmd_qmp_connect(const char *address, int timeout_ms, GError **error);
 
 /* Open the VM at QMP_ADDRESS, or IMAGES offline (exactly one is set). */
 CmdVm *cmd_vm_open(const char *qmp_address, char **images, int timeout_ms,

@@ -749,7 +749,7 @@ static json_object *do_migrate(CmdVm *vm, GPtrArray *targets, const char *name,
                                GError **error)
 {
     g_autoptr(QmpClient) dst =
-        qmp_connect(opt_to, cmd_common.timeout_s * 1000, error);
+        cmd_qmp_connect(opt_to, cmd_common.timeout_s * 1000, error);
     BitmapMigrateOptions o = {
         .uri = opt_uri,
         .maps = opt_maps,

@@ -469,7 +469,7 @@ int main(int argc, char **argv)
         cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }
-    qmp = qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
+    qmp = cmd_qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
     if (!qmp) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;

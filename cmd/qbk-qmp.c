@@ -70,10 +70,10 @@ int main(int argc, char **argv)
             return QBK_EXIT_USAGE;
         }
     }
-    qmp =
-        opt_agent
-            ? qmp_connect_agent(opt_agent, cmd_common.timeout_s * 1000, &error)
-            : qmp_connect(cmd_common.qmp, cmd_common.timeout_s * 1000, &error);
+    qmp = opt_agent ? qmp_connect_agent(opt_agent, cmd_common.timeout_s * 1000,
+                                        &error)
+                    : cmd_qmp_connect(cmd_common.qmp,
+                                      cmd_common.timeout_s * 1000, &error);
     if (!qmp) {
         cmd_error("%s", error->message);
         return QBK_EXIT_FAILURE;

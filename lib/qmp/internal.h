@@ -4,6 +4,8 @@
 #ifndef QBK_QMP_INTERNAL_H
 #define QBK_QMP_INTERNAL_H
 
+#include <gio/gio.h>
+
 #include "qmp.h"
 #include "util.h"
 
@@ -54,6 +56,8 @@ struct QmpClient {
     guint64 last_id;        /* ids are "qbk-<n>"; older replies are stale */
     bool closed;            /* peer went away: every later call fails at once */
     bool agent;             /* a guest agent, not QEMU (qmp_connect_agent) */
+    GIOStream *tls;         /* "tls:" addresses: the session over fd */
+    GSocket *fd_owner;      /* with tls: owns (and closes) fd */
 
     /* set only for a qemu-storage-daemon that this client started */
     void (*stop)(QmpClient *qmp); /* called by qmp_free (daemon.c) */
@@ -61,5 +65,23 @@ struct QmpClient {
     bool daemon_quit;    /* "quit" sent: only the exit is left to wait for */
     PrivDir *daemon_dir; /* socket and the daemon's stderr */
 };
+
+/* ---- TLS (tls.c) ---- */
+
+/* A TLS session over QMP->fd, connected to HOST_PORT, with the
+ * credentials in DIR (ca-cert.pem, client-cert.pem, client-key.pem),
+ * handshaken within TIMEOUT_MS. */
+bool qmp_tls_start(QmpClient *qmp, const char *host_port, const char *dir,
+                   int timeout_ms, GError **error);
+
+/* Read (write) what can be without waiting past DEADLINE: the bytes, 0 at
+ * end of stream (read), -2 on timeout, -1 with ERROR. */
+gssize qmp_tls_read(QmpClient *qmp, char *buf, gsize len, gint64 deadline,
+                    GError **error);
+gssize qmp_tls_write(QmpClient *qmp, const char *data, gsize len,
+                     gint64 deadline, GError **error);
+
+/* End the session and close the socket. */
+void qmp_tls_close(QmpClient *qmp);
 
 #endif /* QBK_QMP_INTERNAL_H */

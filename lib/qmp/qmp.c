@@ -195,6 +195,23 @@ static int fill(QmpClient *qmp, gint64 deadline, GError **error)
     ssize_t n;
     int rc;
 
+    if (qmp->tls) {
+        n = qmp_tls_read(qmp, buf, sizeof(buf), deadline, error);
+        if (n == -2) {
+            return 0;
+        }
+        if (n < 0) {
+            qmp->closed = true;
+            return -1;
+        }
+        if (n == 0) {
+            mark_closed(qmp, error);
+            return -1;
+        }
+        qmp_framer_push(&qmp->framer, buf, n);
+        return 1;
+    }
+
     do {
         rc = poll(&pfd, 1, ms_left(deadline));
     } while (rc < 0 && errno == EINTR);
@@ -282,6 +299,22 @@ static bool is_event(json_object *msg)
 static bool send_all(QmpClient *qmp, const char *data, size_t len,
                      gint64 deadline, GError **error)
 {
+    while (qmp->tls && len > 0) {
+        gssize n = qmp_tls_write(qmp, data, len, deadline, error);
+
+        if (n == -2) {
+            g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                        "%s at '%s' stopped reading commands", peer(qmp),
+                        qmp->address);
+            return false;
+        }
+        if (n < 0) {
+            qmp->closed = true;
+            return false;
+        }
+        data += n;
+        len -= n;
+    }
     while (len > 0) {
         struct pollfd pfd = { .fd = qmp->fd, .events = POLLOUT };
         ssize_t n = send(qmp->fd, data, len, MSG_NOSIGNAL);
@@ -336,8 +369,8 @@ static bool parse_greeting(QmpClient *qmp, json_object *greeting,
 }
 
 /* A client connected to ADDRESS, non-blocking, before any handshake. */
-static QmpClient *client_open(const char *address, int timeout_ms,
-                              GError **error)
+static QmpClient *client_open(const char *address, const char *tls_dir,
+                              int timeout_ms, GError **error)
 {
     g_autoptr(QmpClient) qmp = g_new0(QmpClient, 1);
 
@@ -349,6 +382,12 @@ static QmpClient *client_open(const char *address, int timeout_ms,
 
     if (g_str_has_prefix(address, "tcp:")) {
         qmp->fd = connect_tcp(address + 4, error);
+    } else if (g_str_has_prefix(address, "tls:")) {
+        qmp->fd = connect_tcp(address + 4, error);
+        if (qmp->fd >= 0 &&
+            !qmp_tls_start(qmp, address + 4, tls_dir, qmp->timeout_ms, error)) {
+            return NULL;
+        }
     } else if (g_str_has_prefix(address, "unix:")) {
         qmp->fd = connect_unix(address + 5, error);
     } else {
@@ -367,6 +406,12 @@ static QmpClient *client_open(const char *address, int timeout_ms,
 
 QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
 {
+    return qmp_connect_tls(address, NULL, timeout_ms, error);
+}
+
+QmpClient *qmp_connect_tls(const char *address, const char *tls_dir,
+                           int timeout_ms, GError **error)
+{
     g_autoptr(QmpClient) qmp = NULL;
     json_object *greeting;
     gint64 deadline;
@@ -374,7 +419,7 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
 
     g_return_val_if_fail(address != NULL, NULL);
 
-    qmp = client_open(address, timeout_ms, error);
+    qmp = client_open(address, tls_dir, timeout_ms, error);
     if (!qmp) {
         return NULL;
     }
@@ -389,6 +434,13 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
     if (!greeting) {
         if (error && *error && (*error)->code == QMP_ERROR_PROTOCOL) {
             g_prefix_error(error, "not a QMP socket: ");
+        } else if (qmp->tls && error && *error) {
+            /* TLS 1.3: the server checks our certificate after the
+             * handshake, and says no by hanging up */
+            g_prefix_error(error,
+                           "QEMU hung up before its greeting: it refused our "
+                           "client certificate (another CA's, expired, or "
+                           "not authorised) or serves another client: ");
         }
         return NULL;
     }
@@ -440,7 +492,7 @@ QmpClient *qmp_connect_agent(const char *address, int timeout_ms,
 
     g_return_val_if_fail(address != NULL, NULL);
 
-    qmp = client_open(address, timeout_ms, error);
+    qmp = client_open(address, NULL, timeout_ms, error);
     if (!qmp) {
         return NULL;
     }
@@ -493,7 +545,9 @@ void qmp_free(QmpClient *qmp)
     if (qmp->stop) {
         qmp->stop(qmp); /* a daemon of ours: stopped before we hang up */
     }
-    if (qmp->fd >= 0) {
+    if (qmp->fd_owner) {
+        qmp_tls_close(qmp); /* closes fd */
+    } else if (qmp->fd >= 0) {
         close(qmp->fd);
     }
     privdir_free(qmp->daemon_dir);

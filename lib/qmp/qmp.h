@@ -65,6 +65,15 @@ typedef struct QmpClient QmpClient;
 QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error);
 
 /*
+ * qmp_connect(), where ADDRESS may also be "tls:HOST:PORT": a monitor on
+ * a TLS socket chardev (tls-creds-x509), reached with the credentials in
+ * TLS_DIR (ca-cert.pem, client-cert.pem, client-key.pem, as QEMU lays
+ * them out); the server's certificate must name HOST.
+ */
+QmpClient *qmp_connect_tls(const char *address, const char *tls_dir,
+                           int timeout_ms, GError **error);
+
+/*
  * Connect to the guest agent (qemu-guest-agent in the guest) through
  * ADDRESS, the host side of its virtio-serial port, as for qmp_connect().
  * Its protocol is QMP's without greeting or events; the handshake

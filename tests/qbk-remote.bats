@@ -1,0 +1,78 @@
+#!/usr/bin/env bats
+# qbk against a QEMU reached over the network: QMP over TLS with client
+# certificates (tls:HOST:PORT, --tls-creds), each refusal a one-line
+# error that leaves the VM untouched. Certificates are made per test.
+
+bats_require_minimum_version 1.5.0
+load helpers
+load tls
+
+setup() {
+    common_setup
+    make_pki
+    PORT=$(free_port)
+    PLAIN_PORT=$(free_port)
+    # shellcheck disable=SC2046
+    start_vm $(tls_monitor_args "$PORT") \
+        -qmp "tcp:127.0.0.1:$PLAIN_PORT,server=on,wait=off"
+    shadow_init disk0 disk1
+    gw disk0 0 1048576 17
+    gw disk1 $((5 << 20)) 2097152 51
+}
+
+teardown() {
+    common_teardown
+}
+
+@test "QMP over TLS: checkpoints and backups through tls:HOST:PORT with a client certificate; restores exact" {
+    export QBK_QMP=tls:localhost:$PORT
+    run -0 qbk-checkpoint --tls-creds "$T/pki/client" disks
+    [[ "$output" == *disk0* ]]
+    export QBK_TLS_CREDS=$T/pki/client
+    run -0 qbk-qmp query-status
+    pull_with_writes full "disk0 disk1"
+    restore_matches full disk0
+    restore_matches full disk1
+    random_writes 4 disk0 disk1
+    pull_with_writes inc "disk0 disk1"
+    [ "$(manifest_field inc disk0 mode)" = incremental ]
+    restore_matches inc disk0
+    restore_matches inc disk1
+    run -0 qbk-checkpoint list
+    [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 2 ]
+    assert_clean
+}
+
+@test "refused over the network, one line each, nothing changed: wrong CA, another CA's client, an expired client, no credentials, plain TCP to TLS and back" {
+    before=$(qmp query-named-block-nodes '{"flat": true}' | jq -c '[.[]."dirty-bitmaps"]')
+    try() {
+        run qbk-checkpoint --timeout 3 "$@" create
+        echo "$*: $output"
+        [ "$status" -eq 1 ]
+        assert_one_line_error
+    }
+    # the server's certificate is not signed by the CA we trust
+    try --qmp "tls:localhost:$PORT" --tls-creds "$T/pki/wrong-ca"
+    [[ "$output" == *"TLS with 'tls:localhost:$PORT' failed: the server's certificate is not signed by the CA in ca-cert.pem"* ]]
+    # QEMU does not trust our certificate (verify-peer)
+    try --qmp "tls:localhost:$PORT" --tls-creds "$T/pki/stranger"
+    [[ "$output" == *"refused our client certificate"* ]]
+    try --qmp "tls:localhost:$PORT" --tls-creds "$T/pki/expired"
+    [[ "$output" == *"refused our client certificate"* ]]
+    # the certificate does not name the host we asked for (localhost only)
+    try --qmp "tls:127.0.0.1:$PORT" --tls-creds "$T/pki/client"
+    [[ "$output" == *"TLS with 'tls:127.0.0.1:$PORT' failed: the server's certificate does not name '127.0.0.1'"* ]]
+    # no credentials, or an empty directory
+    try --qmp "tls:localhost:$PORT"
+    [[ "$output" == *"needs TLS credentials"* ]]
+    mkdir "$T/empty"
+    try --qmp "tls:localhost:$PORT" --tls-creds "$T/empty"
+    [[ "$output" == *"no ca-cert.pem in the TLS credentials directory"* ]]
+    # plain TCP to the TLS monitor, TLS to a plain one
+    try --qmp "tcp:127.0.0.1:$PORT"
+    try --qmp "tls:localhost:$PLAIN_PORT" --tls-creds "$T/pki/client"
+    [ "$(qmp query-named-block-nodes '{"flat": true}' | jq -c '[.[]."dirty-bitmaps"]')" = "$before" ]
+    # and the right credentials still work after all that
+    run -0 qbk-checkpoint --qmp "tls:localhost:$PORT" --tls-creds "$T/pki/client" list
+    assert_clean
+}
