@@ -27,11 +27,6 @@ static GOptionEntry qmp_entries[] = {
       "QMP socket of the running VM: PATH, unix:PATH, tcp:HOST:PORT or "
       "tls:HOST:PORT (default: $QBK_QMP)",
       "SOCKET" },
-    { "tls-creds", 0, 0, G_OPTION_ARG_FILENAME, &cmd_common.tls_creds,
-      "for --qmp tls:HOST:PORT: a directory with ca-cert.pem, "
-      "client-cert.pem and client-key.pem (QEMU's tls-creds-x509 layout; "
-      "default: $QBK_TLS_CREDS)",
-      "DIR" },
     { "timeout", 't', 0, G_OPTION_ARG_INT, &cmd_common.timeout_s,
       "seconds to wait for QEMU before giving up (1-86400, default: 30)",
       "SECONDS" },
@@ -68,6 +63,16 @@ static GOptionEntry copier_entries[] = {
       "cache, writeback started at once, pages dropped once written) or "
       "direct (O_DIRECT)",
       "MODE" },
+    { NULL },
+};
+
+static GOptionEntry tls_entries[] = {
+    { "tls-creds", 0, 0, G_OPTION_ARG_FILENAME, &cmd_common.tls_creds,
+      "for tls:HOST:PORT monitors and nbds:// exports: a directory with "
+      "ca-cert.pem, client-cert.pem and client-key.pem (QEMU's "
+      "tls-creds-x509 layout, libnbd's tls-certificates; default: "
+      "$QBK_TLS_CREDS)",
+      "DIR" },
     { NULL },
 };
 
@@ -132,6 +137,15 @@ static int check_common(const CmdSpec *spec)
     if ((spec->common & CMD_OPT_COPIER) && !check_copier(&error)) {
         return cmd_usage("%s", error->message);
     }
+    if (spec->common & (CMD_OPT_QMP | CMD_OPT_TLS)) {
+        if (!cmd_check_path("--tls-creds", cmd_common.tls_creds, &error)) {
+            return cmd_usage("%s", error->message);
+        }
+        if (!cmd_common.tls_creds && g_getenv("QBK_TLS_CREDS") &&
+            *g_getenv("QBK_TLS_CREDS")) {
+            cmd_common.tls_creds = g_strdup(g_getenv("QBK_TLS_CREDS"));
+        }
+    }
 
     if (spec->common & CMD_OPT_QMP) {
         if (!cmd_check_range("--timeout", cmd_common.timeout_s, 1,
@@ -142,10 +156,6 @@ static int check_common(const CmdSpec *spec)
         if (!cmd_common.qmp && g_getenv("QBK_QMP") && *g_getenv("QBK_QMP")) {
             cmd_common.qmp = g_strdup(g_getenv("QBK_QMP"));
             cmd_common.qmp_env = true;
-        }
-        if (!cmd_common.tls_creds && g_getenv("QBK_TLS_CREDS") &&
-            *g_getenv("QBK_TLS_CREDS")) {
-            cmd_common.tls_creds = g_strdup(g_getenv("QBK_TLS_CREDS"));
         }
     }
     cmd_set_quiet(cmd_common.quiet);
@@ -164,6 +174,9 @@ int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
     g_option_context_add_main_entries(ctx, spec->entries, NULL);
     if (spec->common & CMD_OPT_QMP) {
         g_option_context_add_main_entries(ctx, qmp_entries, NULL);
+    }
+    if (spec->common & (CMD_OPT_QMP | CMD_OPT_TLS)) {
+        g_option_context_add_main_entries(ctx, tls_entries, NULL);
     }
     if (spec->common & CMD_OPT_COPIER) {
         g_option_context_add_main_entries(ctx, copier_entries, NULL);

@@ -37,6 +37,7 @@ typedef enum {
     /* the copier's --requests, --connections, --chunk-size, --sequential,
      * --rate-limit and --write-mode */
     CMD_OPT_COPIER = 1 << 2,
+    CMD_OPT_TLS = 1 << 3, /* --tls-creds DIR (also with CMD_OPT_QMP) */
 } CmdOptions;
 
 /* What a command is, for its --help and its prologue. */

@@ -48,8 +48,10 @@ static const CmdSpec spec = {
     .summary = NULL,
     .description =
         "SOURCE-URI and a TARGET that is one are NBD URIs, as libnbd reads\n"
-        "them: nbd+unix:///EXPORT?socket=PATH (percent-encode odd characters)\n"
-        "or nbd://HOST:PORT/EXPORT. Any other TARGET is a local raw file,\n"
+        "them: nbd+unix:///EXPORT?socket=PATH (percent-encode odd "
+        "characters),\n"
+        "nbd://HOST:PORT/EXPORT, or nbds://HOST:PORT/EXPORT for TLS (with\n"
+        "--tls-creds). Any other TARGET is a local raw file,\n"
         "written sparse with Linux AIO (see --write-mode).\n"
         "\n"
         "Example:\n"
@@ -57,7 +59,7 @@ static const CmdSpec spec = {
         "      'nbd+unix:///disk0?socket=/run/fleece.sock' \\\n"
         "      'nbd+unix:///inc?socket=/run/target.sock'\n",
     .entries = entries,
-    .common = CMD_OPT_COPIER,
+    .common = CMD_OPT_COPIER | CMD_OPT_TLS,
 };
 
 /* The copier's options: the shared ones (cmd_parse checked them) and
@@ -120,6 +122,7 @@ int main(int argc, char **argv)
         return cmd_usage("'%s' is not an NBD URI", argv[1]);
     }
     src.uri = argv[1];
+    src.tls_dir = dst.tls_dir = cmd_common.tls_creds;
     if (copier_is_nbd_uri(argv[2])) {
         dst.uri = argv[2];
     } else {

@@ -76,3 +76,44 @@ teardown() {
     run -0 qbk-checkpoint --qmp "tls:localhost:$PORT" --tls-creds "$T/pki/client" list
     assert_clean
 }
+
+# serve_tls_nbd NAME FILE PORT [verify-peer]: qemu-nbd serving FILE as
+# export NAME on 127.0.0.1:PORT with TLS (client certificates required).
+serve_tls_nbd() {
+    qemu-nbd --fork --pid-file="$T/$1.pid" -f raw -x "$1" -e 8 -t -b 127.0.0.1 -p "$3" \
+        --object "tls-creds-x509,id=nbdtls0,dir=$T/pki/server,endpoint=server,verify-peer=on" \
+        --tls-creds nbdtls0 "$2"
+}
+
+@test "NBD over TLS: qbk-copy reads and writes nbds:// exports with the client's certificates; each refusal one line" {
+    head -c $((8 << 20)) /dev/urandom >"$T/src.raw"
+    truncate -s 8M "$T/dst.raw"
+    sport=$(free_port)
+    dport=$(free_port)
+    serve_tls_nbd src "$T/src.raw" "$sport"
+    serve_tls_nbd dst "$T/dst.raw" "$dport"
+    run -0 qbk-copy --tls-creds "$T/pki/client" --digests "$T/a.dig" \
+        "nbds://localhost:$sport/src" "nbds://localhost:$dport/dst"
+    kill -TERM "$(cat "$T/dst.pid")"
+    wait_gone "$(cat "$T/dst.pid")"
+    cmp "$T/src.raw" "$T/dst.raw"
+    # into a local file, from the TLS export
+    QBK_TLS_CREDS=$T/pki/client run qbk-copy "nbds://localhost:$sport/src" "$T/out.raw"
+    echo "$output"
+    [ "$status" -eq 0 ]
+    cmp "$T/src.raw" "$T/out.raw"
+    for args in "--tls-creds $T/pki/wrong-ca nbds://localhost:$sport/src" \
+        "--tls-creds $T/pki/stranger nbds://localhost:$sport/src" \
+        "--tls-creds $T/pki/expired nbds://localhost:$sport/src" \
+        "nbds://localhost:$sport/src" \
+        "nbd://localhost:$sport/src"; do
+        # shellcheck disable=SC2086
+        run qbk-copy $args "$T/no.raw"
+        echo "$args: $output"
+        [ "$status" -eq 1 ]
+        assert_one_line_error
+        [ ! -e "$T/no.raw" ]
+    done
+    kill -TERM "$(cat "$T/src.pid")"
+    wait_gone "$(cat "$T/src.pid")"
+}

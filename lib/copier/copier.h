@@ -48,7 +48,9 @@ typedef enum {
  * only, to verify). */
 typedef struct {
     const char *uri;
-    const char *file; /* target only: write this raw file instead */
+    const char *file;    /* target only: write this raw file instead */
+    const char *tls_dir; /* for nbds URIs: ca-cert.pem, client-cert.pem,
+                             client-key.pem (libnbd's tls-certificates) */
 } CopierEndpoint;
 
 /* The NBD URI of export NAME on the unix socket SOCKET, escaped (any

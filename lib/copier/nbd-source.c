@@ -93,6 +93,8 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
      * never a local file to read keys from, nor a command to run. */
     if (nbd_set_uri_allow_transports(nbd, LIBNBD_ALLOW_TRANSPORT_UNIX |
                                               LIBNBD_ALLOW_TRANSPORT_TCP) < 0 ||
+        (endpoint->tls_dir &&
+         nbd_set_tls_certificates(nbd, endpoint->tls_dir) < 0) ||
         nbd_connect_uri(nbd, endpoint->uri) < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
                     "cannot open NBD export %s: %s", endpoint->uri,
