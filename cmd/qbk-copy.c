@@ -17,6 +17,7 @@ static char *opt_digests;
 static gboolean opt_zeroed;
 static gboolean opt_json;
 static gboolean opt_progress;
+static gint opt_timeout_s = COPIER_CONNECT_TIMEOUT_MS / 1000;
 
 static GOptionEntry entries[] = {
     { "bitmap", 'b', 0, G_OPTION_ARG_STRING, &opt_bitmap,
@@ -30,6 +31,10 @@ static GOptionEntry entries[] = {
       "print progress on stderr", NULL },
     { "json", 'j', 0, G_OPTION_ARG_NONE, &opt_json,
       "print the statistics as one JSON object", NULL },
+    { "timeout", 't', 0, G_OPTION_ARG_INT, &opt_timeout_s,
+      "seconds an NBD server may take to answer while connecting "
+      "(1-86400, default 30)",
+      "SECONDS" },
     { NULL },
 };
 
@@ -114,7 +119,9 @@ int main(int argc, char **argv)
         return cmd_usage("give SOURCE-URI and TARGET");
     }
     if (!cmd_check_path("--digests", opt_digests, &error) ||
-        !cmd_check_path("TARGET", argv[2], &error)) {
+        !cmd_check_path("TARGET", argv[2], &error) ||
+        !cmd_check_range("--timeout", opt_timeout_s, 1, CMD_MAX_TIMEOUT_S,
+                         &error)) {
         return cmd_usage("%s", error->message);
     }
     make_options(&opts);
@@ -123,6 +130,7 @@ int main(int argc, char **argv)
     }
     src.uri = argv[1];
     src.tls_dir = dst.tls_dir = cmd_common.tls_creds;
+    src.timeout_ms = dst.timeout_ms = opt_timeout_s * 1000;
     if (copier_is_nbd_uri(argv[2])) {
         dst.uri = argv[2];
     } else {

@@ -117,3 +117,22 @@ serve_target() {
     [[ "$output" == *"differ in size"* ]]
     cmp <(head -c 20M /dev/zero) "$D/small.raw"
 }
+
+@test "a server that accepts and never answers: a bounded one-line error (--timeout), not a hang" {
+    port=$((20000 + RANDOM % 30000))
+    # its own process group: the forked children and their sleep go too
+    setsid socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" SYSTEM:'sleep 60' &
+    echo $! >"$T/socat.pid"
+    for i in $(seq 50); do
+        ss -Hltn "sport = :$port" | grep -q . && break
+        sleep 0.1
+    done
+    run -1 qbk-copy --timeout 2 "nbd://127.0.0.1:$port/x" "$D/out.raw"
+    assert_one_line_error
+    [[ "$output" == *"no answer within 2000 ms"* ]]
+    [ ! -e "$D/out.raw" ]
+    run -2 qbk-copy --timeout 0 "nbd://127.0.0.1:$port/x" "$D/out.raw"
+    kill -TERM -- "-$(cat "$T/socat.pid")"
+    rm "$T/socat.pid"
+    [ -z "$(pgrep -f "TCP-LISTEN:$port")" ]
+}

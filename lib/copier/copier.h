@@ -48,10 +48,17 @@ typedef enum {
  * only, to verify). */
 typedef struct {
     const char *uri;
-    const char *file;    /* target only: write this raw file instead */
-    const char *tls_dir; /* for nbds URIs: ca-cert.pem, client-cert.pem,
-                             client-key.pem (libnbd's tls-certificates) */
+    /* target only: write this raw file instead */
+    const char *file;
+    /* for nbds URIs: ca-cert.pem, client-cert.pem, client-key.pem
+     * (libnbd's tls-certificates) */
+    const char *tls_dir;
+    /* to connect, negotiate and shake hands; 0: COPIER_CONNECT_TIMEOUT_MS */
+    int timeout_ms;
 } CopierEndpoint;
+
+/* How long a server may take to accept, negotiate and shake hands. */
+#define COPIER_CONNECT_TIMEOUT_MS 30000
 
 /* The NBD URI of export NAME on the unix socket SOCKET, escaped (any
  * character may appear in either). */

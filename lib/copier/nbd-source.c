@@ -4,6 +4,9 @@
  * libnbd when the socket is ready, then calls the owner back so that it can
  * look at what completed and start the next commands.
  */
+#include <errno.h>
+#include <poll.h>
+
 #include "internal.h"
 
 typedef struct {
@@ -69,6 +72,48 @@ static GSourceFuncs nbd_source_funcs = {
     .dispatch = nbd_source_dispatch,
 };
 
+/*
+ * nbd_connect_uri, but bounded: a server that accepts and then says
+ * nothing (or serves its last allowed client already) must not hang us.
+ * 0, or -1 with libnbd's error, or -2 on timeout.
+ */
+static int connect_within(struct nbd_handle *nbd, const char *uri,
+                          int timeout_ms)
+{
+    gint64 deadline = g_get_monotonic_time() + (gint64)timeout_ms * 1000;
+
+    if (nbd_aio_connect_uri(nbd, uri) < 0) {
+        return -1;
+    }
+    while (nbd_aio_is_connecting(nbd) == 1) {
+        unsigned dir = nbd_aio_get_direction(nbd);
+        struct pollfd pfd = {
+            .fd = nbd_aio_get_fd(nbd),
+            .events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+                      (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0),
+        };
+        gint64 left = deadline - g_get_monotonic_time();
+        int rc;
+
+        if (left <= 0) {
+            return -2;
+        }
+        rc = poll(&pfd, 1, (int)MIN((left + 999) / 1000, G_MAXINT));
+        if (rc < 0 && errno != EINTR) {
+            return -1;
+        }
+        if (rc > 0 && (pfd.revents & (POLLIN | POLLHUP | POLLERR)) &&
+            nbd_aio_notify_read(nbd) < 0) {
+            return -1;
+        }
+        if (rc > 0 && (pfd.revents & POLLOUT) &&
+            nbd_aio_notify_write(nbd) < 0) {
+            return -1;
+        }
+    }
+    return nbd_aio_is_ready(nbd) == 1 ? 0 : -1;
+}
+
 struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
                                       const char *const *meta_contexts,
                                       GMainContext *ctx, GSourceFunc callback,
@@ -76,6 +121,9 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
                                       GError **error)
 {
     struct nbd_handle *nbd = nbd_create();
+    int timeout_ms = endpoint->timeout_ms > 0 ? endpoint->timeout_ms
+                                              : COPIER_CONNECT_TIMEOUT_MS;
+    int rc = 0;
     NbdSource *s;
 
     if (!nbd) {
@@ -95,10 +143,18 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
                                               LIBNBD_ALLOW_TRANSPORT_TCP) < 0 ||
         (endpoint->tls_dir &&
          nbd_set_tls_certificates(nbd, endpoint->tls_dir) < 0) ||
-        nbd_connect_uri(nbd, endpoint->uri) < 0) {
-        g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
-                    "cannot open NBD export %s: %s", endpoint->uri,
-                    nbd_get_error());
+        (rc = connect_within(nbd, endpoint->uri, timeout_ms)) < 0) {
+        if (rc == -2) {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "cannot open NBD export %s: no answer within %d ms "
+                        "(a server that serves its last client already, or "
+                        "that hangs)",
+                        endpoint->uri, timeout_ms);
+        } else {
+            g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,
+                        "cannot open NBD export %s: %s", endpoint->uri,
+                        nbd_get_error());
+        }
         nbd_close(nbd);
         return NULL;
     }

@@ -131,3 +131,10 @@ restored_fs() {
 needs_recovery() {
     dumpe2fs -h "$1" 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery'
 }
+
+# journal_clean IMAGE: the opposite, as a command that can fail a test
+# (bash's errexit ignores a command negated with !).
+journal_clean() {
+    dumpe2fs -h "$1" 2>/dev/null | grep -q '^Filesystem features:' &&
+        ! needs_recovery "$1"
+}
