@@ -23,6 +23,9 @@ static char *opt_scratch;
 static char *opt_scratch_format;
 static char *opt_format;
 static char *opt_nbd_server;
+static char *opt_nbd_listen;
+static char *opt_nbd_tls_creds;
+static gboolean opt_insecure;
 static char *opt_fleece;
 static gboolean opt_no_notices;
 static gboolean opt_no_release;
@@ -74,6 +77,19 @@ static GOptionEntry entries[] = {
       "QEMU already runs an NBD server on this unix socket: add the "
       "exports there (it is never stopped)",
       "SOCKET" },
+    { "nbd-listen", 0, 0, G_OPTION_ARG_STRING, &opt_nbd_listen,
+      "QEMU runs on another host: its NBD server listens on this address "
+      "of the hypervisor's, with TLS (--tls-creds holds our client "
+      "certificate; only its identity may connect)",
+      "HOST:PORT" },
+    { "nbd-tls-creds", 0, 0, G_OPTION_ARG_STRING, &opt_nbd_tls_creds,
+      "with --nbd-listen: QEMU's tls-creds-x509 object for the NBD server "
+      "(default: its only one with endpoint=server, e.g. the monitor's)",
+      "ID" },
+    { "insecure", 0, 0, G_OPTION_ARG_NONE, &opt_insecure,
+      "with --nbd-listen: plain TCP, no TLS (anyone who can reach the "
+      "port can read the disks while the backup runs)",
+      NULL },
     { "scratch-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_scratch,
       "where fleecing scratch images go (default: REPO/.scratch)", "DIR" },
     { "scratch-format", 0, 0, G_OPTION_ARG_STRING, &opt_scratch_format,
@@ -280,6 +296,29 @@ static bool check_bounds(GError **error)
                            error);
 }
 
+/* A QEMU on another host: --nbd-listen and how it is secured. */
+static bool remote_options(BackupOptions *opts, GError **error)
+{
+    const char *bad = NULL;
+
+    if (!opt_nbd_listen && (opt_insecure || opt_nbd_tls_creds)) {
+        bad = "--insecure and --nbd-tls-creds go with --nbd-listen";
+    } else if (opt_nbd_listen && opt_nbd_server) {
+        bad = "--nbd-listen and --nbd-server exclude each other";
+    } else if (opt_nbd_listen && !opt_insecure && !cmd_common.tls_creds) {
+        bad = "--nbd-listen needs --tls-creds DIR (or --insecure)";
+    }
+    if (bad) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE, "%s", bad);
+        return false;
+    }
+    opts->nbd_listen = opt_nbd_listen;
+    opts->nbd_tls_creds = opt_nbd_tls_creds;
+    opts->insecure = opt_insecure;
+    opts->tls_dir = cmd_common.tls_creds;
+    return true;
+}
+
 /* What concerns the guest: --quiesce and its agent, --shutdown-action. */
 static bool guest_options(BackupOptions *opts, GError **error)
 {
@@ -347,6 +386,9 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
+    if (!remote_options(opts, error)) {
+        return false;
+    }
     if (!guest_options(opts, error)) {
         return false;
     }

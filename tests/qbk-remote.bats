@@ -117,3 +117,42 @@ serve_tls_nbd() {
     kill -TERM "$(cat "$T/src.pid")"
     wait_gone "$(cat "$T/src.pid")"
 }
+
+@test "a remote pull: QMP over TLS, exports on TCP with TLS that only our identity may open; full and incremental exact" {
+    export QBK_QMP=tls:localhost:$PORT QBK_TLS_CREDS=$T/pki/client
+    nport=$(free_port)
+    pull_with_writes full "disk0 disk1" --nbd-listen "localhost:$nport"
+    restore_matches full disk0
+    restore_matches full disk1
+    random_writes 4 disk0 disk1
+    # slowed: while it copies, another identity of the same CA is refused
+    start_pull inc --nbd-listen "localhost:$nport" --rate-limit 1M --json
+    wait_fleeced "$T/progress-inc" "$PULL_PID"
+    snapshot inc disk0 disk1
+    run qbk-copy --tls-creds "$T/pki/intruder" "nbds://localhost:$nport/disk0" "$T/stolen.raw"
+    echo "$output"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [ ! -e "$T/stolen.raw" ]
+    run qbk-copy "nbd://localhost:$nport/disk0" "$T/stolen.raw"
+    [ "$status" -eq 1 ]
+    random_writes 4 disk0 disk1
+    wait "$PULL_PID" || { cat "$T"/pull-inc.err; false; }
+    [ "$(manifest_field inc disk0 mode)" = incremental ]
+    restore_matches inc disk0
+    restore_matches inc disk1
+    # the server, its exports and the authz are gone
+    [ "$(qmp query-block-exports | jq length)" -eq 0 ]
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
+    run qbk-copy --tls-creds "$T/pki/client" "nbds://localhost:$nport/disk0" "$T/late.raw"
+    [ "$status" -eq 1 ]
+    # usage errors before anything is touched
+    run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport" --tls-creds ""
+    [ "$status" -eq 2 ]
+    QBK_TLS_CREDS= run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport"
+    [ "$status" -eq 2 ]
+    [[ "$output" == *"--nbd-listen needs --tls-creds"* ]]
+    run qbk-pull --repo "$T/repo" --insecure
+    [ "$status" -eq 2 ]
+    assert_clean
+}

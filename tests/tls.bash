@@ -24,7 +24,8 @@ _ca() {
 
 # make_pki: $T/pki/{ca,other-ca} and the credentials directories
 #   server/   QEMU's (server-cert.pem names localhost only)
-#   client/   the backup host's (CN=qbk-backup-host)
+#   client/   the backup host's (O=qbk tests, CN=qbk-backup-host)
+#   intruder/ a client of the same CA with another identity
 #   wrong-ca/ a client that trusts another CA (the server is unknown to it)
 #   stranger/ a client whose certificate another CA signed
 #   expired/  a client whose certificate expired in 2020
@@ -34,13 +35,14 @@ make_pki() {
     _ca "$T/pki/ca" "qbk test CA"
     _ca "$T/pki/other-ca" "another CA"
     _cert server 'cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
-    _cert client 'cn = qbk-backup-host\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
+    _cert client 'organization = qbk tests\ncn = qbk-backup-host\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
+    _cert intruder 'cn = someone-else\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
     _cert stranger 'cn = qbk-backup-host\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/other-ca"
     _cert expired 'cn = qbk-backup-host\ntls_www_client\nencryption_key\nsigning_key\nactivation_date = "2020-01-01 00:00:00"\nexpiration_date = "2020-02-01 00:00:00"\n' "$T/pki/ca"
     mkdir "$T/pki/server"
     cp "$T/pki/ca/ca-cert.pem" "$T/pki/server/"
     cp "$T/pki/server-cert.pem" "$T/pki/server-key.pem" "$T/pki/server/"
-    for d in client stranger expired; do
+    for d in client intruder stranger expired; do
         mkdir "$T/pki/$d"
         cp "$T/pki/ca/ca-cert.pem" "$T/pki/$d/"
         cp "$T/pki/$d-cert.pem" "$T/pki/$d/client-cert.pem"

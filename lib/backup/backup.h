@@ -83,7 +83,16 @@ typedef struct {
                                    raw for B, qcow2 for A */
     const char *nbd_server;     /* QEMU already runs an NBD server on this unix
                                 socket: export there, never stop it */
-    const char *format;         /* of full backups: "qcow2" (NULL) or "raw"
+    /* A QEMU on another host: its NBD server listens on NBD_LISTEN
+     * ("HOST:PORT", an address of the hypervisor's) with TLS through
+     * QEMU's tls-creds-x509 object NBD_TLS_CREDS (NULL: its only one with
+     * endpoint=server), letting in only the identity of our client
+     * certificate in TLS_DIR; plain TCP only if INSECURE. */
+    const char *nbd_listen;
+    const char *nbd_tls_creds;
+    const char *tls_dir;
+    bool insecure;
+    const char *format; /* of full backups: "qcow2" (NULL) or "raw"
                                 (sparse, written with Linux AIO) */
     BackupFleece fleece;
     bool no_notices; /* don't copy what the guest writes first */

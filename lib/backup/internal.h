@@ -19,9 +19,14 @@ typedef enum {
                            (the mark holds the agent's address) */
     MARK_SHUTDOWN = 's', /* qbk made a guest poweroff pause the VM: put
                             the action back (the mark holds it) */
+    MARK_AUTHZ = 'a',    /* not a secret: the authz-simple object that lets
+                            our certificate into the NBD server */
 } BackupMark;
 
-#define MARK_LETTERS "mpnfs"
+#define MARK_LETTERS "mpnfsa"
+
+/* The id of mark MARK of backup TAG made by this process. */
+char *mark_id(BackupMark mark, GPid pid, const char *tag);
 
 /* Put (remove) mark MARK of backup TAG, made by this process, holding
  * DATA (NULL: nothing to say). */

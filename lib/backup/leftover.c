@@ -14,6 +14,8 @@
  *      address the mark holds, and must thaw them
  *   s  qbk made a guest poweroff pause the VM, and must put back the
  *      shutdown action the mark holds
+ *   a  (an authz-simple object, not a secret) who may connect to the NBD
+ *      server qbk started on an inet address with TLS
  *
  * A mark lives and dies with the QEMU process, as the state it describes
  * does: a VM restarted (or paused again by its administrator) carries no
@@ -31,7 +33,7 @@
 
 #define SINCE_PREFIX "qbk-since-"
 
-static char *mark_id(BackupMark mark, GPid pid, const char *tag)
+char *mark_id(BackupMark mark, GPid pid, const char *tag)
 {
     return g_strdup_printf("qbk-%c%d-%s", (char)mark, (int)pid, tag);
 }

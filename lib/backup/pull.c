@@ -159,7 +159,10 @@ typedef struct {
     char *scratch_dir;          /* where scratch images go */
     PrivDir *scratch; /* ours in SCRATCH_DIR: this backup's scratch images */
     PrivDir *rundir;  /* ours in the temporary directory: the NBD socket */
-    char *nbd_socket;
+    char *nbd_socket; /* the exports' unix socket, or */
+    char *nbd_host;   /* their host and port (--nbd-listen) */
+    char *nbd_port;
+    bool authz; /* our MARK_AUTHZ object is in QEMU */
 
     /* state */
     GPtrArray *disks;    /* QmpDisk*, the VM's, owned */
@@ -202,6 +205,8 @@ static void pull_free(Pull *p)
     g_free(p->id);
     g_free(p->scratch_dir);
     g_free(p->nbd_socket);
+    g_free(p->nbd_host);
+    g_free(p->nbd_port);
     if (p->disks) {
         g_ptr_array_unref(p->disks);
     }
@@ -630,9 +635,82 @@ static bool fleece(Pull *p, GError **error)
     return true;
 }
 
+/* The URI of export NAME, as the copier (or any client) reaches it. */
+static char *export_uri(const Pull *p, const char *name)
+{
+    g_autofree char *n = NULL;
+
+    if (!p->nbd_host) {
+        return copier_nbd_uri(p->nbd_socket, name);
+    }
+    n = g_uri_escape_string(name, NULL, FALSE);
+    return g_strdup_printf("%s://%s:%s/%s", p->opts->insecure ? "nbd" : "nbds",
+                           p->nbd_host, p->nbd_port, n);
+}
+
+/* Only the identity of our client certificate may connect: an authz
+ * object, named as a mark so that a killed run's is removed too. */
+static bool add_authz(Pull *p, char **id, GError **error)
+{
+    g_autofree char *identity = qmp_tls_identity(p->opts->tls_dir, error);
+    json_object *args;
+
+    if (!identity) {
+        return false;
+    }
+    *id = mark_id(MARK_AUTHZ, getpid(), p->id);
+    args = json_object_new_object();
+    qmp_json_set_string(args, "qom-type", "authz-simple");
+    qmp_json_set_string(args, "id", *id);
+    qmp_json_set_string(args, "identity", identity);
+    if (!qmp_run(p->qmp, "object-add", args, error)) {
+        g_prefix_error(error, "cannot let '%s' in: ", identity);
+        return false;
+    }
+    p->authz = true;
+    return true;
+}
+
+/* --nbd-listen: QEMU's NBD server on an address of the hypervisor's, TLS
+ * unless --insecure. */
+static bool remote_server(Pull *p, FleeceServer *srv, char **creds,
+                          char **authz, GError **error)
+{
+    const char *colon = strrchr(p->opts->nbd_listen, ':');
+
+    if (!colon || colon == p->opts->nbd_listen || !colon[1]) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                    "--nbd-listen '%s' is not HOST:PORT", p->opts->nbd_listen);
+        return false;
+    }
+    p->nbd_host = g_strndup(p->opts->nbd_listen, colon - p->opts->nbd_listen);
+    p->nbd_port = g_strdup(colon + 1);
+    srv->host = p->nbd_host;
+    srv->port = p->nbd_port;
+    if (p->opts->insecure) {
+        return true;
+    }
+    *creds = p->opts->nbd_tls_creds ? g_strdup(p->opts->nbd_tls_creds)
+                                    : fleece_find_tls_creds(p->qmp, error);
+    if (!*creds || !add_authz(p, authz, error)) {
+        return false;
+    }
+    srv->tls_creds = *creds;
+    srv->tls_authz = *authz;
+    return true;
+}
+
 static bool export_all(Pull *p, GError **error)
 {
-    if (p->opts->nbd_server) {
+    FleeceServer srv = { 0 };
+    g_autofree char *creds = NULL;
+    g_autofree char *authz = NULL;
+
+    if (p->opts->nbd_listen) {
+        if (!remote_server(p, &srv, &creds, &authz, error)) {
+            return false;
+        }
+    } else if (p->opts->nbd_server) {
         /* Someone else's server: use it, never stop it. */
         p->nbd_socket = g_strdup(p->opts->nbd_server);
     } else {
@@ -641,14 +719,16 @@ static bool export_all(Pull *p, GError **error)
             return false;
         }
         p->nbd_socket = privdir_file(p->rundir, "nbd.sock");
+        srv.socket = p->nbd_socket;
+    }
+    if (!p->opts->nbd_server) {
         /* Only a server we started is ours to stop, now or after a kill:
          * mark it before starting it, and take the mark back if one was
          * running already. */
         if (!mark_add(p->qmp, MARK_SERVER, p->id, NULL, error)) {
             return false;
         }
-        if (!fleece_start_server(p->qmp, p->nbd_socket, &p->server_started,
-                                 error)) {
+        if (!fleece_start_server(p->qmp, &srv, &p->server_started, error)) {
             mark_del(p->qmp, MARK_SERVER, p->id, NULL);
             return false;
         }
@@ -673,6 +753,10 @@ static bool teardown(Pull *p, GError **error)
     if (p->server_started) {
         p->server_started = false;
         mark_del(p->qmp, MARK_SERVER, p->id, NULL);
+    }
+    /* once the server is gone: it holds the authz */
+    if (p->authz && mark_del(p->qmp, MARK_AUTHZ, p->id, NULL)) {
+        p->authz = false;
     }
     return true;
 }
@@ -772,18 +856,18 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
                        CopierBudget *budget, GError **error)
 {
     PullDisk *pd = p->pds->pdata[dc->index];
-    g_autofree char *src_uri = copier_nbd_uri(p->nbd_socket, pd->qd->id);
+    g_autofree char *src_uri = export_uri(p, pd->qd->id);
     g_autofree char *notice_uri =
-        copier_nbd_uri(p->nbd_socket, p->scheme->notice_export(pd->fd));
+        export_uri(p, p->scheme->notice_export(pd->fd));
     g_autofree char *dst_uri = NULL;
     g_autofree char *chain_uri =
-        p->scheme->chain_export
-            ? copier_nbd_uri(p->nbd_socket, p->scheme->chain_export(pd->fd))
-            : NULL;
-    CopierEndpoint src = { .uri = src_uri };
+        p->scheme->chain_export ? export_uri(p, p->scheme->chain_export(pd->fd))
+                                : NULL;
+    const char *tls = p->nbd_host ? p->opts->tls_dir : NULL;
+    CopierEndpoint src = { .uri = src_uri, .tls_dir = tls };
     CopierEndpoint dst = { .file = pd->image };
-    CopierEndpoint notices = { .uri = notice_uri };
-    CopierEndpoint chain = { .uri = chain_uri };
+    CopierEndpoint notices = { .uri = notice_uri, .tls_dir = tls };
+    CopierEndpoint chain = { .uri = chain_uri, .tls_dir = tls };
     CopierOptions co = p->opts->copier;
 
     if (pd->format != REPO_RAW) {
@@ -1285,7 +1369,7 @@ static json_object *exports_json(Pull *p)
     for (guint i = 0; i < p->pds->len; i++) {
         PullDisk *pd = p->pds->pdata[i];
         json_object *e = json_object_new_object();
-        g_autofree char *uri = copier_nbd_uri(p->nbd_socket, pd->qd->id);
+        g_autofree char *uri = export_uri(p, pd->qd->id);
         g_autofree char *ctx =
             pd->since ? g_strconcat("qemu:dirty-bitmap:", pd->since, NULL)
                       : NULL;

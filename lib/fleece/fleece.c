@@ -212,7 +212,7 @@ bool fleece_export_node(QmpClient *qmp, const char *id, const char *node,
     return qmp_run(qmp, "block-export-add", args, error);
 }
 
-bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
+bool fleece_start_server(QmpClient *qmp, const FleeceServer *srv, bool *started,
                          GError **error)
 {
     json_object *args = json_object_new_object();
@@ -220,10 +220,20 @@ bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
     json_object *data = json_object_new_object();
     g_autoptr(GError) local = NULL;
 
-    qmp_json_set_string(data, "path", socket);
-    qmp_json_set_string(addr, "type", "unix");
+    if (srv->socket) {
+        qmp_json_set_string(data, "path", srv->socket);
+        qmp_json_set_string(addr, "type", "unix");
+    } else {
+        qmp_json_set_string(data, "host", srv->host);
+        qmp_json_set_string(data, "port", srv->port);
+        qmp_json_set_string(addr, "type", "inet");
+    }
     json_object_object_add(addr, "data", data);
     json_object_object_add(args, "addr", addr);
+    if (srv->tls_creds) {
+        qmp_json_set_string(args, "tls-creds", srv->tls_creds);
+        qmp_json_set_string(args, "tls-authz", srv->tls_authz);
+    }
     *started = false;
     if (qmp_run(qmp, "nbd-server-start", args, &local)) {
         *started = true;
@@ -239,6 +249,54 @@ bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
     g_propagate_prefixed_error(error, g_steal_pointer(&local),
                                "cannot start the NBD server: ");
     return false;
+}
+
+/* Whether QOM object ID (a tls-creds-x509) serves: endpoint=server. */
+static bool serving_creds(QmpClient *qmp, const char *id)
+{
+    json_object *args = json_object_new_object();
+    g_autofree char *path = g_strdup_printf("/objects/%s", id);
+    json_object *v;
+    bool server;
+
+    qmp_json_set_string(args, "path", path);
+    qmp_json_set_string(args, "property", "endpoint");
+    v = qmp_execute(qmp, "qom-get", args, NULL);
+    server = v && g_strcmp0(json_object_get_string(v), "server") == 0;
+    json_object_put(v);
+    return server;
+}
+
+char *fleece_find_tls_creds(QmpClient *qmp, GError **error)
+{
+    json_object *args = json_object_new_object();
+    json_object *list;
+    g_autoptr(GPtrArray) found = g_ptr_array_new_with_free_func(g_free);
+
+    qmp_json_set_string(args, "path", "/objects");
+    list = qmp_execute(qmp, "qom-list", args, error);
+    if (!list) {
+        return NULL;
+    }
+    for (size_t i = 0; i < qmp_json_length(list); i++) {
+        json_object *o = qmp_json_index(list, i);
+        const char *name = qmp_json_string(o, "name");
+
+        if (g_strcmp0(qmp_json_string(o, "type"), "child<tls-creds-x509>") ==
+                0 &&
+            serving_creds(qmp, name)) {
+            g_ptr_array_add(found, g_strdup(name));
+        }
+    }
+    json_object_put(list);
+    if (found->len != 1) {
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_SERVER_RUNNING,
+                    "QEMU has %u tls-creds-x509 object(s) with "
+                    "endpoint=server: name the one for NBD",
+                    found->len);
+        return NULL;
+    }
+    return g_strdup(found->pdata[0]);
 }
 
 static bool has_id(json_object *ev, void *opaque)

@@ -110,13 +110,27 @@ bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes,
  */
 bool fleece_b_possible(QmpClient *qmp, FleeceDisk *fd, char **why);
 
+/* Where QEMU's NBD server listens, and how it lets clients in. */
+typedef struct {
+    const char *socket;    /* a unix socket (a private path), or */
+    const char *host;      /* an inet address on the hypervisor: HOST and */
+    const char *port;      /* PORT */
+    const char *tls_creds; /* a tls-creds-x509 object (endpoint=server) of
+                              QEMU's; NULL: no TLS */
+    const char *tls_authz; /* an authz object: who may connect */
+} FleeceServer;
+
 /*
- * Start an NBD server on SOCKET (a private path); *STARTED says whether we
- * did. FLEECE_ERROR_SERVER_RUNNING if QEMU runs one already (QMP cannot
- * tell where).
+ * Start an NBD server as SRV says; *STARTED says whether we did.
+ * FLEECE_ERROR_SERVER_RUNNING if QEMU runs one already (QMP cannot tell
+ * where).
  */
-bool fleece_start_server(QmpClient *qmp, const char *socket, bool *started,
+bool fleece_start_server(QmpClient *qmp, const FleeceServer *srv, bool *started,
                          GError **error);
+
+/* QEMU's one tls-creds-x509 object with endpoint=server (its id), for an
+ * NBD server with TLS; an error if there is none, or several. */
+char *fleece_find_tls_creds(QmpClient *qmp, GError **error);
 
 /*
  * Undo everything fleecing added for FDS, whatever state it is in:

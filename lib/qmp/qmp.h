@@ -73,6 +73,10 @@ QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error);
 QmpClient *qmp_connect_tls(const char *address, const char *tls_dir,
                            int timeout_ms, GError **error);
 
+/* The subject of the client certificate in TLS_DIR ("CN=backup1,O=..."):
+ * the identity a TLS server's authz sees for us. */
+char *qmp_tls_identity(const char *tls_dir, GError **error);
+
 /*
  * Connect to the guest agent (qemu-guest-agent in the guest) through
  * ADDRESS, the host side of its virtio-serial port, as for qmp_connect().

@@ -220,3 +220,27 @@ void qmp_tls_close(QmpClient *qmp)
     g_clear_object(&qmp->tls);
     g_clear_object(&qmp->fd_owner);
 }
+
+char *qmp_tls_identity(const char *dir, GError **error)
+{
+    g_autofree char *path = creds_file(dir, "client-cert.pem", error);
+    g_autoptr(GTlsCertificate) cert = NULL;
+    char *dn = NULL;
+
+    if (!path) {
+        return NULL;
+    }
+    cert = g_tls_certificate_new_from_file(path, error);
+    if (!cert) {
+        g_prefix_error(error, "'%s': ", path);
+        return NULL;
+    }
+    g_object_get(cert, "subject-name", &dn, NULL);
+    if (!dn || !*dn) {
+        g_free(dn);
+        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
+                    "'%s' names no subject", path);
+        return NULL;
+    }
+    return dn;
+}
