@@ -125,17 +125,27 @@ serve_tls_nbd() {
     restore_matches full disk0
     restore_matches full disk1
     random_writes 4 disk0 disk1
+    gw disk0 $((30 << 20)) $((4 << 20)) 77
     # slowed: while it copies, another identity of the same CA is refused
     start_pull inc --nbd-listen "localhost:$nport" --rate-limit 1M --json
     wait_fleeced "$T/progress-inc" "$PULL_PID"
     snapshot inc disk0 disk1
+    # the exports are up once the copy reports progress
+    for i in $(seq 100); do
+        grep -q '"event": "progress"' "$T/progress-inc" && break
+        sleep 0.05
+    done
     run qbk-copy --tls-creds "$T/pki/intruder" "nbds://localhost:$nport/disk0" "$T/stolen.raw"
     echo "$output"
     [ "$status" -eq 1 ]
     assert_one_line_error
+    [[ "$output" != *"Connection refused"* ]]
     [ ! -e "$T/stolen.raw" ]
     run qbk-copy "nbd://localhost:$nport/disk0" "$T/stolen.raw"
+    echo "$output"
     [ "$status" -eq 1 ]
+    [[ "$output" == *"requires TLS"* ]]
+    kill -0 "$PULL_PID"
     random_writes 4 disk0 disk1
     wait "$PULL_PID" || { cat "$T"/pull-inc.err; false; }
     [ "$(manifest_field inc disk0 mode)" = incremental ]
