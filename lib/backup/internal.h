@@ -50,14 +50,11 @@ typedef struct Quiesce Quiesce;
 /* With OPTS->quiesce, the guest agent connected (OPTS->guest_agent, else
  * found through QMP), before anything changes; NULL when off. Required
  * and unreachable: NULL with ERROR. Try: a Quiesce that only reports why
- * the backup is crash-consistent (quiesce_skipped). */
+ * the backup is crash-consistent (quiesce_report). */
 Quiesce *quiesce_open(QmpClient *qmp, const BackupOptions *opts,
                       GError **error);
 void quiesce_free(Quiesce *q);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC(Quiesce, quiesce_free)
-
-/* Why a --quiesce=try backup is only crash-consistent, or NULL. */
-const char *quiesce_skipped(const Quiesce *q);
 
 /* Freeze the guest's file systems (Q NULL: nothing to do), marked in the
  * VM as backup TAG's. A failure is an error when required; with try, the

@@ -111,11 +111,6 @@ Quiesce *quiesce_open(QmpClient *qmp, const BackupOptions *opts, GError **error)
     return q;
 }
 
-const char *quiesce_skipped(const Quiesce *q)
-{
-    return q ? q->why_not : NULL;
-}
-
 /* Ask the agent to thaw; once more if it failed (a late freeze may have
  * come in between). */
 static bool thaw(Quiesce *q, GError **error)
