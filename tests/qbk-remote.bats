@@ -14,7 +14,9 @@ setup() {
     PLAIN_PORT=$(free_port)
     # shellcheck disable=SC2046
     start_vm $(tls_monitor_args "$PORT") \
-        -qmp "tcp:127.0.0.1:$PLAIN_PORT,server=on,wait=off"
+        -qmp "tcp:127.0.0.1:$PLAIN_PORT,server=on,wait=off" -name qbk-test-vm
+    # "the hypervisor's" scratch directory, the operator's
+    mkdir -m 700 "$T/hv-scratch"
     shadow_init disk0 disk1
     gw disk0 0 1048576 17
     gw disk1 $((5 << 20)) 2097152 51
@@ -121,13 +123,15 @@ serve_tls_nbd() {
 @test "a remote pull: QMP over TLS, exports on TCP with TLS that only our identity may open; full and incremental exact" {
     export QBK_QMP=tls:localhost:$PORT QBK_TLS_CREDS=$T/pki/client
     nport=$(free_port)
-    pull_with_writes full "disk0 disk1" --nbd-listen "localhost:$nport"
+    pull_with_writes full "disk0 disk1" --nbd-listen "localhost:$nport" \
+        --scratch-dir "$T/hv-scratch"
     restore_matches full disk0
     restore_matches full disk1
     random_writes 4 disk0 disk1
     gw disk0 $((30 << 20)) $((4 << 20)) 77
     # slowed: while it copies, another identity of the same CA is refused
-    start_pull inc --nbd-listen "localhost:$nport" --rate-limit 1M --json
+    start_pull inc --nbd-listen "localhost:$nport" --scratch-dir "$T/hv-scratch" \
+        --rate-limit 1M --json
     wait_fleeced "$T/progress-inc" "$PULL_PID"
     snapshot inc disk0 disk1
     # the exports are up once the copy reports progress
@@ -151,6 +155,9 @@ serve_tls_nbd() {
     [ "$(manifest_field inc disk0 mode)" = incremental ]
     restore_matches inc disk0
     restore_matches inc disk1
+    # QEMU made one scratch file per disk there, reused by every run
+    [ "$(ls "$T/hv-scratch")" = "$(printf 'qbk-qbk-test-vm-disk0.scratch\nqbk-qbk-test-vm-disk1.scratch\nqbk-qbk-test-vm-disk2.scratch')" ]
+    [ -z "$(ls -A "$T/repo/.scratch" 2>/dev/null)" ]
     # the server, its exports and the authz are gone
     [ "$(qmp query-block-exports | jq length)" -eq 0 ]
     [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
@@ -159,10 +166,17 @@ serve_tls_nbd() {
     # usage errors before anything is touched
     run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport" --tls-creds ""
     [ "$status" -eq 2 ]
-    QBK_TLS_CREDS= run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport"
+    QBK_TLS_CREDS= run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport" \
+        --scratch-dir "$T/hv-scratch"
     [ "$status" -eq 2 ]
     [[ "$output" == *"--nbd-listen needs --tls-creds"* ]]
     run qbk-pull --repo "$T/repo" --insecure
     [ "$status" -eq 2 ]
+    run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport"
+    [ "$status" -eq 2 ]
+    [[ "$output" == *"--nbd-listen needs --scratch-dir"* ]]
+    run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport" --scratch-dir "$T/hv-scratch" --fleece A
+    [ "$status" -eq 1 ]
+    [[ "$output" == *"needs fleecing scheme B"* ]]
     assert_clean
 }

@@ -101,6 +101,12 @@ bool backup_options_check(const BackupOptions *opts, GError **error)
     if (opts->scratch_dir && !*opts->scratch_dir) {
         return usage(error, "the scratch directory is empty");
     }
+    if (opts->nbd_listen &&
+        (!opts->scratch_dir || !g_path_is_absolute(opts->scratch_dir))) {
+        return usage(error, "--nbd-listen needs --scratch-dir: an absolute "
+                            "path on QEMU's host, where QEMU makes the "
+                            "scratch files");
+    }
     for (guint i = 0; opts->disks && opts->disks[i]; i++) {
         if (!repo_check_name("disk", opts->disks[i], &local)) {
             return usage(error, "%s", local->message);
@@ -600,7 +606,7 @@ static bool fleece(Pull *p, GError **error)
         g_ptr_array_add(p->fds, pd->fd); /* torn down even if half added */
         sizes[i] = pd->qd->size;
     }
-    if (!fleece_create_scratch(p->fds, sizes, error)) {
+    if (!fleece_create_scratch(p->qmp, p->fds, sizes, error)) {
         return false;
     }
     for (guint i = 0; i < p->pds->len; i++) {
@@ -915,7 +921,8 @@ static void why_broken(Pull *p, GError **error)
         !g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_READ)) {
         return;
     }
-    if (statvfs(p->scratch_dir, &fs) == 0 && fs.f_bavail == 0) {
+    if (!p->opts->nbd_listen && statvfs(p->scratch_dir, &fs) == 0 &&
+        fs.f_bavail == 0) {
         g_prefix_error(error,
                        "the scratch directory '%s' is full, which broke the "
                        "point in time (the guest's writes went on): ",
@@ -1168,6 +1175,64 @@ static bool choose_scheme(Pull *p, int version, GError **error)
     return true;
 }
 
+/* What names this VM among others on its host: its UUID, else its name
+ * (new string), else NULL. */
+static char *vm_key(QmpClient *qmp)
+{
+    json_object *uuid = qmp_execute(qmp, "query-uuid", NULL, NULL);
+    json_object *name = NULL;
+    const char *u = qmp_json_string(uuid, "UUID");
+    char *key = NULL;
+
+    if (u && strspn(u, "0-") != strlen(u)) {
+        key = g_strdup(u);
+    } else if ((name = qmp_execute(qmp, "query-name", NULL, NULL)) &&
+               qmp_json_string(name, "name") &&
+               repo_check_name("VM", qmp_json_string(name, "name"), NULL)) {
+        key = g_strdup(qmp_json_string(name, "name"));
+    }
+    json_object_put(uuid);
+    json_object_put(name);
+    return key;
+}
+
+/*
+ * --nbd-listen: the scratch files are on QEMU's host, in --scratch-dir
+ * there, made by QEMU (blockdev-create). QEMU cannot remove a file, so
+ * each disk has one, named after the VM and the disk, that every backup
+ * truncates and reuses. Scheme B only: its scratch is a raw file.
+ */
+static bool remote_scratch(Pull *p, GError **error)
+{
+    g_autofree char *key = NULL;
+
+    if (p->scheme->qcow2_scratch ||
+        g_strcmp0(p->opts->scratch_format, "qcow2") == 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "a backup over --nbd-listen needs fleecing scheme B "
+                    "and a raw scratch (scheme %s was chosen)",
+                    p->scheme->name);
+        return false;
+    }
+    key = vm_key(p->qmp);
+    if (!key) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                    "the VM has neither a UUID nor a plain name to name its "
+                    "scratch files on its host (give QEMU -uuid or -name)");
+        return false;
+    }
+    for (guint i = 0; i < p->pds->len; i++) {
+        FleeceDisk *fd = ((PullDisk *)p->pds->pdata[i])->fd;
+        g_autofree char *base =
+            g_strdup_printf("qbk-%s-%s.scratch", key, fd->disk);
+
+        g_free(fd->file);
+        fd->file = g_build_filename(p->scratch_dir, base, NULL);
+        fd->qemu_file = true;
+    }
+    return true;
+}
+
 /* The disks to back up: those asked for (all by default), each with an id
  * that can name its directory, no two alike. */
 static bool select_disks(Pull *p, GError **error)
@@ -1259,7 +1324,8 @@ static bool prepare(Pull *p, GError **error)
     g_autoptr(BitmapCheck) check = NULL;
     int major, minor, micro;
 
-    if (!pull_recover(p->qmp, p->repo, p->opts->nodes, p->scratch_dir, error)) {
+    if (!pull_recover(p->qmp, p->repo, p->opts->nodes,
+                      p->opts->nbd_listen ? NULL : p->scratch_dir, error)) {
         return false;
     }
     p->disks = backup_query_disks(p->qmp, p->opts->nodes, error);
@@ -1268,8 +1334,8 @@ static bool prepare(Pull *p, GError **error)
         return false;
     }
     /* also removes what killed runs left in the scratch directory */
-    p->scratch = privdir_new(p->scratch_dir, "scratch", error);
-    if (!p->scratch) {
+    if (!p->opts->nbd_listen &&
+        !(p->scratch = privdir_new(p->scratch_dir, "scratch", error))) {
         return false;
     }
     check = bitmap_check(p->disks);
@@ -1284,7 +1350,8 @@ static bool prepare(Pull *p, GError **error)
         }
         /* scheme A until choose_scheme() says */
         pd->fd = fleece_disk_new(&fleece_scheme_a, pd->qd->id, pd->qd->node, i,
-                                 p->id, privdir_path(p->scratch));
+                                 p->id,
+                                 p->scratch ? privdir_path(p->scratch) : NULL);
         pd->format = pd->mode == BACKUP_MODE_FULL &&
                              g_strcmp0(p->opts->format, "raw") == 0
                          ? REPO_RAW
@@ -1293,7 +1360,8 @@ static bool prepare(Pull *p, GError **error)
         pd->digests = repo_digests_path(p->repo, pd->qd->id, p->id);
     }
     qmp_get_version(p->qmp, &major, &minor, &micro);
-    if (!choose_scheme(p, major * 100 + minor, error)) {
+    if (!choose_scheme(p, major * 100 + minor, error) ||
+        (p->opts->nbd_listen && !remote_scratch(p, error))) {
         return false;
     }
     if (p->opts->quiesce != BACKUP_QUIESCE_OFF &&
@@ -1322,10 +1390,15 @@ static Pull *pull_begin(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
     p->pds = g_ptr_array_new_with_free_func((GDestroyNotify)pull_disk_free);
     p->fds = g_ptr_array_new();
     p->warnings = g_ptr_array_new_with_free_func(g_free);
-    p->scratch_dir = opts->scratch_dir
-                         ? g_canonicalize_filename(opts->scratch_dir, NULL)
-                         : repo_default_scratch_dir(repo);
-    if (g_mkdir_with_parents(p->scratch_dir, 0700) < 0) {
+    if (opts->nbd_listen) {
+        /* a directory on QEMU's host: nothing to make or see here */
+        p->scratch_dir = g_strdup(opts->scratch_dir);
+    } else {
+        p->scratch_dir = opts->scratch_dir
+                             ? g_canonicalize_filename(opts->scratch_dir, NULL)
+                             : repo_default_scratch_dir(repo);
+    }
+    if (!opts->nbd_listen && g_mkdir_with_parents(p->scratch_dir, 0700) < 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "cannot create '%s': %s", p->scratch_dir,
                     g_strerror(errno));

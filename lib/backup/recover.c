@@ -36,7 +36,7 @@ bool pull_mark_failed(const Repo *repo, json_object *manifest, const char *id,
  * after backup TAG, in this run's scratch directory. */
 static void remove_old_scratch_files(const char *dir, const char *tag)
 {
-    g_autoptr(GDir) d = g_dir_open(dir, 0, NULL);
+    g_autoptr(GDir) d = dir ? g_dir_open(dir, 0, NULL) : NULL;
     g_autofree char *suffix = g_strdup_printf("-%s.scratch.qcow2", tag);
     const char *name;
 

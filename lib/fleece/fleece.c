@@ -98,6 +98,14 @@ static bool create_raw(const char *path, guint64 size, GError **error)
     return true;
 }
 
+/* Remove FD's scratch file, if it is ours. */
+static void remove_file(const FleeceDisk *fd)
+{
+    if (fd->file && !fd->qemu_file) {
+        unlink(fd->file);
+    }
+}
+
 /* Remove the raw scratch files of the first N disks of FDS. */
 static void remove_raw(GPtrArray *fds, guint n)
 {
@@ -105,12 +113,69 @@ static void remove_raw(GPtrArray *fds, guint n)
         FleeceDisk *fd = fds->pdata[i];
 
         if (fd->raw_scratch) {
-            unlink(fd->file);
+            remove_file(fd);
         }
     }
 }
 
-bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
+static bool job_concluded(json_object *ev, void *opaque)
+{
+    json_object *data = json_object_object_get(ev, "data");
+
+    return g_strcmp0(qmp_json_string(data, "id"), opaque) == 0 &&
+           g_strcmp0(qmp_json_string(data, "status"), "concluded") == 0;
+}
+
+/* QEMU makes FD's scratch file (a raw file of SIZE bytes at fd->file on
+ * its host; an existing one is truncated to nothing first), as job
+ * fd->job, which teardown knows. */
+static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
+                        GError **error)
+{
+    json_object *args = json_object_new_object();
+    json_object *options = json_object_new_object();
+    json_object *ev, *jobs;
+    g_autofree char *why = NULL;
+
+    qmp_json_set_string(options, "driver", "file");
+    qmp_json_set_string(options, "filename", fd->file);
+    qmp_json_set_uint(options, "size", size);
+    qmp_json_set_string(args, "job-id", fd->job);
+    json_object_object_add(args, "options", options);
+    if (!qmp_run(qmp, "blockdev-create", args, error)) {
+        g_prefix_error(error,
+                       "cannot create the scratch image '%s': ", fd->file);
+        return false;
+    }
+    ev = qmp_wait_event(qmp, "JOB_STATUS_CHANGE", job_concluded, fd->job,
+                        EVENT_TIMEOUT_MS, error);
+    json_object_put(ev);
+    jobs = ev ? qmp_execute(qmp, "query-jobs", NULL, error) : NULL;
+    for (size_t i = 0; i < qmp_json_length(jobs); i++) {
+        json_object *j = qmp_json_index(jobs, i);
+
+        if (g_strcmp0(qmp_json_string(j, "id"), fd->job) == 0 &&
+            qmp_json_string(j, "error")) {
+            why = g_strdup(qmp_json_string(j, "error"));
+        }
+    }
+    json_object_put(jobs);
+    args = json_object_new_object();
+    qmp_json_set_string(args, "id", fd->job);
+    qmp_run(qmp, "job-dismiss", args, NULL);
+    if (why || !ev) {
+        if (why) {
+            g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
+                        "QEMU cannot create the scratch image '%s': %s",
+                        fd->file, why);
+        }
+        return false;
+    }
+    return true;
+}
+
+bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,
+                           GError **error)
 {
     g_autoptr(GArray) imgs = g_array_new(FALSE, TRUE, sizeof(QemuImgCreate));
     g_autoptr(GError) local = NULL;
@@ -118,7 +183,12 @@ bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes, GError **error)
     for (guint i = 0; i < fds->len; i++) {
         FleeceDisk *fd = fds->pdata[i];
 
-        if (!fd->raw_scratch) {
+        if (fd->qemu_file) {
+            if (!qemu_create(qmp, fd, sizes[i], error)) {
+                remove_raw(fds, i);
+                return false;
+            }
+        } else if (!fd->raw_scratch) {
             g_array_append_val(
                 imgs, ((QemuImgCreate){ .image = fd->file, .size = sizes[i] }));
         } else if (!create_raw(fd->file, sizes[i], error)) {
@@ -169,7 +239,7 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, json_object *options,
     if (!qmp_run(qmp, "blockdev-add", args, error)) {
         g_prefix_error(error,
                        "cannot add scratch node for disk '%s': ", fd->disk);
-        unlink(fd->file);
+        remove_file(fd);
         return false;
     }
     return true;
@@ -463,6 +533,14 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
             ev = qmp_wait_event(qmp, NULL, has_id, fd->job, EVENT_TIMEOUT_MS,
                                 &err);
             json_object_put(ev);
+        } else {
+            /* not a block job: a killed run's blockdev-create (a moment
+             * long), concluded by now */
+            args = json_object_new_object();
+            qmp_json_set_string(args, "id", fd->job);
+            if (qmp_run(qmp, "job-dismiss", args, NULL)) {
+                g_clear_error(&err);
+            }
         }
         if (err) {
             keep_first(first, "cancelling job '%s': %s", fd->job, err->message);
@@ -470,9 +548,7 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
         }
     }
     node_del(qmp, present, fd->scratch, first);
-    if (fd->file) {
-        unlink(fd->file);
-    }
+    remove_file(fd);
 }
 
 bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
@@ -484,11 +560,7 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
     if (!present) {
         /* QEMU is gone: its nodes went with it; the files are ours. */
         for (guint i = 0; i < fds->len; i++) {
-            FleeceDisk *fd = fds->pdata[i];
-
-            if (fd->file) {
-                unlink(fd->file);
-            }
+            remove_file(fds->pdata[i]);
         }
         return false;
     }

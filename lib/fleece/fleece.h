@@ -41,6 +41,8 @@ typedef struct {
     char *export_;        /* NBD export id */
     char *file;           /* scratch image file, or NULL (not ours to remove) */
     bool raw_scratch;     /* the scratch is a sparse raw file, not a qcow2 */
+    bool qemu_file;       /* FILE is a path on QEMU's host, made by QEMU
+                             (blockdev-create) and never removed here */
     char *cbw;            /* B: copy-before-write filter node */
     char *access;         /* B: snapshot-access node: the point in time */
     char *notice_export;  /* B: id and name of the scratch node's export */
@@ -98,8 +100,10 @@ void fleece_disk_free(FleeceDisk *fd);
 
 /* The scratch images of FDS (FleeceDisk*), SIZES[i] bytes each, made at
  * once before the schemes' add: a sparse raw file, or a qcow2 (each a
- * qemu-img run, all at once); none is left on failure. */
-bool fleece_create_scratch(GPtrArray *fds, const guint64 *sizes,
+ * qemu-img run, all at once); none is left on failure. A disk whose file
+ * is on QEMU's host (qemu_file) gets it from QEMU: blockdev-create of a
+ * raw file, an earlier one truncated and reused. */
+bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,
                            GError **error);
 
 /*
