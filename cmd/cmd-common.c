@@ -39,6 +39,7 @@ static gint copier_connections = G_MININT;
 static gint64 copier_chunk = G_MININT64;
 static char *copier_rate;
 static char *copier_write_mode;
+static gint copier_stall_s = G_MININT;
 
 static GOptionEntry copier_entries[] = {
     { "requests", 0, 0, G_OPTION_ARG_INT, &copier_requests,
@@ -58,6 +59,10 @@ static GOptionEntry copier_entries[] = {
       NULL },
     { "rate-limit", 0, 0, G_OPTION_ARG_STRING, &copier_rate,
       "read at most this much per second, e.g. 50M", "SIZE" },
+    { "stall-timeout", 0, 0, G_OPTION_ARG_INT, &copier_stall_s,
+      "fail when no request completes for this long, e.g. a network path "
+      "that went away (1-3600, default 60)",
+      "SECONDS" },
     { "write-mode", 0, 0, G_OPTION_ARG_STRING, &copier_write_mode,
       "how a local raw file is written: cached (default: through the page "
       "cache, writeback started at once, pages dropped once written) or "
@@ -111,6 +116,8 @@ static bool check_copier(GError **error)
                           COPIER_MAX_CHUNK, error)) ||
         (copier_rate &&
          !cmd_parse_size("--rate-limit", copier_rate, &o->rate_limit, error)) ||
+        (copier_stall_s != G_MININT &&
+         !cmd_check_range("--stall-timeout", copier_stall_s, 1, 3600, error)) ||
         !cmd_write_mode(copier_write_mode, &o->write_mode, error)) {
         return false;
     }
@@ -122,6 +129,9 @@ static bool check_copier(GError **error)
     }
     if (copier_chunk != G_MININT64) {
         o->chunk_size = copier_chunk;
+    }
+    if (copier_stall_s != G_MININT) {
+        o->stall_seconds = copier_stall_s;
     }
     if (cmd_common.sequential) {
         o->requests = o->connections = 1;

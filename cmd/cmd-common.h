@@ -35,7 +35,7 @@ typedef enum {
     CMD_OPT_QMP = 1 << 0,   /* --qmp SOCKET and --timeout SECONDS */
     CMD_OPT_QUIET = 1 << 1, /* --quiet: nothing on stderr but errors */
     /* the copier's --requests, --connections, --chunk-size, --sequential,
-     * --rate-limit and --write-mode */
+     * --rate-limit, --stall-timeout and --write-mode */
     CMD_OPT_COPIER = 1 << 2,
     CMD_OPT_TLS = 1 << 3, /* --tls-creds DIR (also with CMD_OPT_QMP) */
 } CmdOptions;

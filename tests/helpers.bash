@@ -78,7 +78,9 @@ run_vm() {
     local prefix=$1 dir=$2 node=$3
     shift 3
     rm -f "$T/${prefix}qmp.sock" "$T/${prefix}test.sock"
-    qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
+    # in network namespace $VM_NETNS, if set (the hypervisor of a test)
+    ${VM_NETNS:+ip netns exec "$VM_NETNS"} \
+        qemu-system-x86_64 -M q35 -S -display none -nodefaults -no-user-config \
         -qmp "unix:$T/${prefix}qmp.sock,server=on,wait=off" \
         -qmp "unix:$T/${prefix}test.sock,server=on,wait=off" \
         -blockdev "driver=file,filename=$dir/disk0.qcow2,node-name=disk0-file" \
@@ -266,7 +268,9 @@ wait_fleeced() {
 start_pull() {
     local name=$1
     shift
-    qbk-pull --repo "$T/repo" --progress-fd 3 "$@" 3>"$T/progress-$name" \
+    # in network namespace $PULL_NETNS, if set (ip execs qbk-pull: its pid)
+    ${PULL_NETNS:+ip netns exec "$PULL_NETNS"} \
+        qbk-pull --repo "$T/repo" --progress-fd 3 "$@" 3>"$T/progress-$name" \
         >"$T/pull-$name.json" 2>"$T/pull-$name.err" &
     PULL_PID=$!
 }

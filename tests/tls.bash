@@ -23,7 +23,8 @@ _ca() {
 }
 
 # make_pki: $T/pki/{ca,other-ca} and the credentials directories
-#   server/   QEMU's (server-cert.pem names localhost only)
+#   server/   QEMU's (server-cert.pem names localhost, and $PKI_SERVER_IP
+#             if set)
 #   client/   the backup host's (O=qbk tests, CN=qbk-backup-host)
 #   intruder/ a client of the same CA with another identity
 #   wrong-ca/ a client that trusts another CA (the server is unknown to it)
@@ -34,7 +35,7 @@ make_pki() {
     mkdir -m 700 "$T/pki"
     _ca "$T/pki/ca" "qbk test CA"
     _ca "$T/pki/other-ca" "another CA"
-    _cert server 'cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
+    _cert server "cn = localhost\ndns_name = localhost\n${PKI_SERVER_IP:+ip_address = $PKI_SERVER_IP\n}"'tls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
     _cert client 'organization = qbk tests\ncn = qbk-backup-host\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
     _cert intruder 'cn = someone-else\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/ca"
     _cert stranger 'cn = qbk-backup-host\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n' "$T/pki/other-ca"

@@ -1068,10 +1068,14 @@ static void fail_and_undo(Pull *p, GError *why)
     }
     if (p->fleeced &&
         !undo_checkpoint(p->qmp, p->opts->nodes, p->checkpoint, since, &err)) {
-        g_string_append_printf(reason,
-                               "; could not roll the checkpoint back (%s): "
-                               "the next backup of each disk will be full",
-                               err->message);
+        /* QEMU gone: its bitmaps are untrusted now. QEMU unreachable: the
+         * at-work mark stays there for the next run to act on. */
+        g_string_append_printf(
+            reason, "; could not roll the checkpoint back (%s): %s",
+            err->message,
+            g_error_matches(err, QMP_ERROR, QMP_ERROR_CLOSED)
+                ? "the next backup of each disk will be full"
+                : "the next qbk-pull (or check --repair) will");
         g_clear_error(&err);
     }
     if (!power_release(&p->power, p->qmp, &p->powered_off, &err)) {
