@@ -136,3 +136,34 @@ serve_target() {
     rm "$T/socat.pid"
     [ -z "$(pgrep -f "TCP-LISTEN:$port")" ]
 }
+
+# nbdkit_front NAME FILTER PARAMS...: nbdkit in front of the source
+# export, through FILTER; its URI in $FRONT.
+nbdkit_front() {
+    local name=$1 filter=$2
+    shift 2
+    nbdkit --unix "$T/$name.sock" --pidfile "$T/$name.pid" --exportname src \
+        --filter="$filter" nbd socket="$D/src.sock" export=disk0 "$@"
+    for i in $(seq 50); do
+        [ -s "$T/$name.pid" ] && [ -S "$T/$name.sock" ] && break
+        sleep 0.1
+    done
+    FRONT="nbd+unix:///src?socket=$T/$name.sock"
+}
+
+@test "read errors from the source (nbdkit's error filter): one line, non-zero, no digests claimed; a slow source (delay filter) copies exact" {
+    nbdkit_front bad error error=EIO error-pread-rate=30%
+    run qbk-copy --digests "$T/bad.dig" "$FRONT" "$D/bad.raw"
+    echo "$output"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"read"* ]]
+    kill "$(cat "$T/bad.pid")"
+    # 20 ms per request, as a far-away hypervisor: slower, and exact
+    nbdkit_front slow delay delay-read=20ms
+    run -0 qbk-copy --digests "$T/slow.dig" "$FRONT" "$D/slow.raw"
+    cmp "$D/src.raw" "$D/slow.raw"
+    run -0 qbk-copy --digests "$T/direct.dig" "$SRC" "$D/direct.raw"
+    cmp "$T/slow.dig" "$T/direct.dig"
+    kill "$(cat "$T/slow.pid")"
+}
