@@ -124,6 +124,8 @@ static bool check_copier(GError **error)
     if (copier_requests != G_MININT) {
         o->requests = copier_requests;
     }
+    cmd_common.requests_given =
+        copier_requests != G_MININT || cmd_common.sequential;
     if (copier_connections != G_MININT) {
         o->connections = copier_connections;
     }

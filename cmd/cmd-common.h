@@ -59,6 +59,7 @@ typedef struct {
     gboolean quiet;
     CopierOptions copier; /* the defaults with the options given */
     gboolean sequential;  /* --sequential (copier.requests is 1) */
+    bool requests_given;  /* --requests or --sequential: no default to pick */
 } CmdCommon;
 
 extern CmdCommon cmd_common;

@@ -129,6 +129,9 @@ int main(int argc, char **argv)
         return cmd_usage("'%s' is not an NBD URI", argv[1]);
     }
     src.uri = argv[1];
+    if (!cmd_common.requests_given && copier_uri_is_tcp(src.uri)) {
+        opts.requests = COPIER_REMOTE_REQUESTS;
+    }
     src.tls_dir = dst.tls_dir = cmd_common.tls_creds;
     src.timeout_ms = dst.timeout_ms = opt_timeout_s * 1000;
     if (copier_is_nbd_uri(argv[2])) {

@@ -313,6 +313,9 @@ static bool remote_options(BackupOptions *opts, GError **error)
         return false;
     }
     opts->nbd_listen = opt_nbd_listen;
+    if (opt_nbd_listen && !cmd_common.requests_given) {
+        opts->copier.requests = COPIER_REMOTE_REQUESTS; /* over a network */
+    }
     opts->nbd_tls_creds = opt_nbd_tls_creds;
     opts->insecure = opt_insecure;
     opts->tls_dir = cmd_common.tls_creds;
@@ -386,6 +389,7 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
     opts->nbd_server = opt_nbd_server;
+    opts->copier = cmd_common.copier;
     if (!remote_options(opts, error)) {
         return false;
     }
@@ -395,7 +399,6 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->agent_timeout_ms = cmd_common.timeout_s * 1000;
     opts->no_notices = opt_no_notices || cmd_common.sequential;
     opts->no_release = opt_no_release;
-    opts->copier = cmd_common.copier;
     opts->copier.latency_target_us = (guint)(opt_latency_ms * 1000);
     return backup_options_check(opts, error);
 }

@@ -209,3 +209,11 @@ bool copier_is_nbd_uri(const char *text)
            (strcmp(scheme, "nbd") == 0 || g_str_has_prefix(scheme, "nbd+") ||
             g_str_has_prefix(scheme, "nbds"));
 }
+
+bool copier_uri_is_tcp(const char *uri)
+{
+    const char *scheme = g_uri_peek_scheme(uri); /* lower case */
+
+    return scheme &&
+           (strcmp(scheme, "nbd") == 0 || strcmp(scheme, "nbds") == 0);
+}
