@@ -263,6 +263,23 @@ wait_fleeced() {
     return 1
 }
 
+# wait_copying PROGRESS-FILE PID: until qbk-pull PID reported copy
+# progress (its exports are all up), or has ended (bounded).
+wait_copying() {
+    local i
+    for i in $(seq 600); do
+        if grep -q '"event": "progress"' "$1" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$2" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "qbk-pull did not start copying" >&2
+    return 1
+}
+
 # start_pull NAME ARGS...: qbk-pull in the background ($PULL_PID), fleece
 # point reported to $T/progress-NAME.
 start_pull() {

@@ -287,6 +287,8 @@ assert_clean_exit() {
     random_writes 2 disk0 disk1
     start_pull killed --rate-limit 1M
     wait_fleeced "$T/progress-killed" "$PULL_PID"
+    # killed while it copies: every export is up
+    wait_copying "$T/progress-killed" "$PULL_PID"
     kill -KILL "$PULL_PID"
     wait "$PULL_PID" || true
     id=$(jq -r .id "$T"/repo/backups/*.partial.json)

@@ -87,10 +87,7 @@ bh() {
     start_pull cut --nbd-listen "$HV_IP:$NPORT" --scratch-dir "$T/hv-scratch" \
         --rate-limit 512K --stall-timeout 2 --timeout 2
     wait_fleeced "$T/progress-cut" "$PULL_PID"
-    for i in $(seq 100); do
-        grep -q '"event": "progress"' "$T/progress-cut" && break
-        sleep 0.05
-    done
+    wait_copying "$T/progress-cut" "$PULL_PID"
     # the cable is pulled: no reset, just silence
     ip -n "$BH_NS" link set "$BH_LINK" down
     rc=0

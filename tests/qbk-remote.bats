@@ -137,10 +137,7 @@ serve_tls_nbd() {
     wait_fleeced "$T/progress-inc" "$PULL_PID"
     snapshot inc disk0 disk1
     # the exports are up once the copy reports progress
-    for i in $(seq 100); do
-        grep -q '"event": "progress"' "$T/progress-inc" && break
-        sleep 0.05
-    done
+    wait_copying "$T/progress-inc" "$PULL_PID"
     run qbk-copy --tls-creds "$T/pki/intruder" "nbds://localhost:$nport/disk0" "$T/stolen.raw"
     echo "$output"
     [ "$status" -eq 1 ]
