@@ -120,19 +120,9 @@ static bool pull_alive(GPid pid)
 /* What mark ID holds (a secret's data). */
 static char *mark_data(QmpClient *qmp, const char *id)
 {
-    json_object *args = json_object_new_object();
     g_autofree char *path = g_strdup_printf("/objects/%s", id);
-    json_object *v;
-    char *data = NULL;
 
-    qmp_json_set_string(args, "path", path);
-    qmp_json_set_string(args, "property", "data");
-    v = qmp_execute(qmp, "qom-get", args, NULL);
-    if (v && json_object_is_type(v, json_type_string)) {
-        data = g_strdup(json_object_get_string(v));
-    }
-    json_object_put(v);
-    return data;
+    return qmp_qom_get_string(qmp, path, "data");
 }
 
 /* The marks: qbk-<m|p|n|f><pid>-<tag> among the VM's objects. */

@@ -324,17 +324,10 @@ bool fleece_start_server(QmpClient *qmp, const FleeceServer *srv, bool *started,
 /* Whether QOM object ID (a tls-creds-x509) serves: endpoint=server. */
 static bool serving_creds(QmpClient *qmp, const char *id)
 {
-    json_object *args = json_object_new_object();
     g_autofree char *path = g_strdup_printf("/objects/%s", id);
-    json_object *v;
-    bool server;
+    g_autofree char *endpoint = qmp_qom_get_string(qmp, path, "endpoint");
 
-    qmp_json_set_string(args, "path", path);
-    qmp_json_set_string(args, "property", "endpoint");
-    v = qmp_execute(qmp, "qom-get", args, NULL);
-    server = v && g_strcmp0(json_object_get_string(v), "server") == 0;
-    json_object_put(v);
-    return server;
+    return g_strcmp0(endpoint, "server") == 0;
 }
 
 char *fleece_find_tls_creds(QmpClient *qmp, GError **error)

@@ -8,23 +8,6 @@
 
 #define AGENT_PORT_NAME "org.qemu.guest_agent.0"
 
-static char *qom_get_string(QmpClient *qmp, const char *path,
-                            const char *property)
-{
-    json_object *args = json_object_new_object();
-    json_object *v;
-    char *s = NULL;
-
-    qmp_json_set_string(args, "path", path);
-    qmp_json_set_string(args, "property", property);
-    v = qmp_execute(qmp, "qom-get", args, NULL);
-    if (v && json_object_is_type(v, json_type_string)) {
-        s = g_strdup(json_object_get_string(v));
-    }
-    json_object_put(v);
-    return s;
-}
-
 /* The chardev of the agent's port among the devices under PARENT. */
 static char *agent_chardev_under(QmpClient *qmp, const char *parent)
 {
@@ -44,9 +27,9 @@ static char *agent_chardev_under(QmpClient *qmp, const char *parent)
             continue;
         }
         path = g_strdup_printf("%s/%s", parent, qmp_json_string(e, "name"));
-        name = qom_get_string(qmp, path, "name");
+        name = qmp_qom_get_string(qmp, path, "name");
         if (g_strcmp0(name, AGENT_PORT_NAME) == 0) {
-            chardev = qom_get_string(qmp, path, "chardev");
+            chardev = qmp_qom_get_string(qmp, path, "chardev");
         }
     }
     json_object_put(list);
@@ -63,13 +46,12 @@ static char *socket_address(const char *filename)
     if (g_str_has_prefix(p, "disconnected:")) {
         p += strlen("disconnected:");
     }
+    /* a relative unix path is QEMU's, not ours */
+    if (!g_str_has_prefix(p, "tcp:") &&
+        !(g_str_has_prefix(p, "unix:") && p[strlen("unix:")] == '/')) {
+        return NULL;
+    }
     end = strchr(p, ',');
-    if (g_str_has_prefix(p, "tcp:")) {
-        return g_strndup(p, end ? (gsize)(end - p) : strlen(p));
-    }
-    if (!g_str_has_prefix(p, "unix:") || p[strlen("unix:")] != '/') {
-        return NULL; /* a relative path is QEMU's, not ours */
-    }
     return g_strndup(p, end ? (gsize)(end - p) : strlen(p));
 }
 

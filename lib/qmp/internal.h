@@ -66,6 +66,10 @@ struct QmpClient {
     PrivDir *daemon_dir; /* socket and the daemon's stderr */
 };
 
+/* Milliseconds from now to DEADLINE (monotonic, us), rounded up; 0 if it
+ * has passed: a poll() timeout. */
+int qmp_ms_left(gint64 deadline);
+
 /* ---- TLS (tls.c) ---- */
 
 /* A TLS session over QMP->fd, connected to HOST_PORT, with the

@@ -54,7 +54,7 @@ static QmpCommandErrorCode error_code_of_class(const char *class)
 }
 
 /* Milliseconds left until DEADLINE (monotonic, microseconds), at least 0. */
-static int ms_left(gint64 deadline)
+int qmp_ms_left(gint64 deadline)
 {
     gint64 left = deadline - g_get_monotonic_time();
 
@@ -213,7 +213,7 @@ static int fill(QmpClient *qmp, gint64 deadline, GError **error)
     }
 
     do {
-        rc = poll(&pfd, 1, ms_left(deadline));
+        rc = poll(&pfd, 1, qmp_ms_left(deadline));
     } while (rc < 0 && errno == EINTR);
     if (rc < 0) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_CLOSED, "poll: %s",
@@ -328,7 +328,7 @@ static bool send_all(QmpClient *qmp, const char *data, size_t len,
             continue;
         }
         if (n < 0 && errno == EAGAIN) {
-            if (poll(&pfd, 1, ms_left(deadline)) == 0) {
+            if (poll(&pfd, 1, qmp_ms_left(deadline)) == 0) {
                 g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
                             "%s at '%s' stopped reading commands", peer(qmp),
                             qmp->address);
@@ -692,6 +692,22 @@ bool qmp_run(QmpClient *qmp, const char *command, json_object *arguments,
 
     json_object_put(ret);
     return ret != NULL;
+}
+
+char *qmp_qom_get_string(QmpClient *qmp, const char *path, const char *property)
+{
+    json_object *args = json_object_new_object();
+    json_object *v;
+    char *s = NULL;
+
+    qmp_json_set_string(args, "path", path);
+    qmp_json_set_string(args, "property", property);
+    v = qmp_execute(qmp, "qom-get", args, NULL);
+    if (v && json_object_is_type(v, json_type_string)) {
+        s = g_strdup(json_object_get_string(v));
+    }
+    json_object_put(v);
+    return s;
 }
 
 char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error)

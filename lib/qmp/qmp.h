@@ -127,6 +127,11 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
 bool qmp_run(QmpClient *qmp, const char *command, json_object *arguments,
              GError **error);
 
+/* QOM property PROPERTY of the object at PATH, if it is a string (new
+ * string), else NULL: no such object or property, or QEMU refused. */
+char *qmp_qom_get_string(QmpClient *qmp, const char *path,
+                         const char *property);
+
 /* Run an HMP command through human-monitor-command; returns its output. */
 char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error);
 

@@ -152,13 +152,10 @@ bool qmp_tls_start(QmpClient *qmp, const char *host_port, const char *dir,
 static int wait_fd(int fd, short events, gint64 deadline)
 {
     struct pollfd pfd = { .fd = fd, .events = events };
-    gint64 left;
     int rc;
 
     do {
-        left = deadline - g_get_monotonic_time();
-        rc = poll(&pfd, 1,
-                  left <= 0 ? 0 : (int)MIN((left + 999) / 1000, G_MAXINT));
+        rc = poll(&pfd, 1, qmp_ms_left(deadline));
     } while (rc < 0 && errno == EINTR);
     return rc;
 }
