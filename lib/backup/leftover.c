@@ -359,9 +359,7 @@ bool backup_undo_leftover(QmpClient *qmp, char **nodes, const BackupLeftover *l,
             return false;
         }
     }
-    if (quit) {
-        /* the guest powered off while the backup held it */
-        qmp_run(qmp, "quit", NULL, NULL);
-    }
+    /* the guest powered off while the backup held it */
+    power_carry_out(qmp, quit);
     return true;
 }

@@ -12,6 +12,8 @@
  * -no-shutdown gives). A mark (qbk-s<pid>-<tag>, holding that action) lets
  * the next run put it back after a kill.
  */
+#include <string.h>
+
 #include "internal.h"
 
 /* set-action came with QEMU 6.0 */
@@ -26,6 +28,17 @@ static bool set_shutdown_action(QmpClient *qmp, const char *action,
     return qmp_run(qmp, "set-action", args, error);
 }
 
+/* ACTION back as QEMU's shutdown action. */
+static bool restore_action(QmpClient *qmp, const char *action, GError **error)
+{
+    if (!set_shutdown_action(qmp, action, error)) {
+        g_prefix_error(error,
+                       "cannot put the shutdown action back to '%s': ", action);
+        return false;
+    }
+    return true;
+}
+
 static bool shut_down(QmpClient *qmp)
 {
     g_autofree char *st = qmp_query_status(qmp, NULL, NULL);
@@ -33,28 +46,25 @@ static bool shut_down(QmpClient *qmp)
     return g_strcmp0(st, "shutdown") == 0;
 }
 
-/* A qemu-storage-daemon has no run state. */
-static bool has_guest(QmpClient *qmp)
-{
-    g_autofree char *st = qmp_query_status(qmp, NULL, NULL);
-
-    return st != NULL;
-}
-
 bool power_hold(PowerHold *h, QmpClient *qmp, const BackupOptions *opts,
                 const char *tag, GError **error)
 {
+    g_autofree char *st = NULL;
     int major, minor;
 
     *h = (PowerHold){ .action = opts->shutdown_action };
-    qmp_get_version(qmp, &major, &minor, NULL);
-    /* a storage daemon has no guest; an old QEMU no set-action */
-    if (major * 100 + minor < SET_ACTION_SINCE || !has_guest(qmp) ||
-        shut_down(qmp)) {
-        return true;
-    }
     if (g_strcmp0(h->action, "pause") == 0) {
         return true; /* already what a backup needs */
+    }
+    qmp_get_version(qmp, &major, &minor, NULL);
+    if (major * 100 + minor < SET_ACTION_SINCE) {
+        return true; /* no set-action */
+    }
+    /* a storage daemon has no run state, hence no guest; a guest that is
+     * shut down already cannot power off */
+    st = qmp_query_status(qmp, NULL, NULL);
+    if (!st || strcmp(st, "shutdown") == 0) {
+        return true;
     }
     if (!mark_add(qmp, MARK_SHUTDOWN, tag, h->action, error)) {
         return false;
@@ -78,9 +88,7 @@ bool power_release(PowerHold *h, QmpClient *qmp, bool *off, GError **error)
         return true;
     }
     *off = shut_down(qmp);
-    if (!set_shutdown_action(qmp, h->action, error)) {
-        g_prefix_error(
-            error, "cannot put the shutdown action back to '%s': ", h->action);
+    if (!restore_action(qmp, h->action, error)) {
         return false; /* the mark stays: the next run puts it back */
     }
     h->held = false;
@@ -101,10 +109,5 @@ bool power_release_leftover(QmpClient *qmp, const char *action, bool *quit,
                             GError **error)
 {
     *quit = shut_down(qmp) && g_strcmp0(action, "poweroff") == 0;
-    if (!set_shutdown_action(qmp, action, error)) {
-        g_prefix_error(error,
-                       "cannot put the shutdown action back to '%s': ", action);
-        return false;
-    }
-    return true;
+    return restore_action(qmp, action, error);
 }
