@@ -118,6 +118,15 @@ static void remove_raw(GPtrArray *fds, guint n)
     }
 }
 
+/* Forget concluded job ID (not a block job: a blockdev-create). */
+static bool job_dismiss(QmpClient *qmp, const char *id)
+{
+    json_object *args = json_object_new_object();
+
+    qmp_json_set_string(args, "id", id);
+    return qmp_run(qmp, "job-dismiss", args, NULL);
+}
+
 static bool job_concluded(json_object *ev, void *opaque)
 {
     json_object *data = json_object_object_get(ev, "data");
@@ -160,9 +169,7 @@ static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
         }
     }
     json_object_put(jobs);
-    args = json_object_new_object();
-    qmp_json_set_string(args, "id", fd->job);
-    qmp_run(qmp, "job-dismiss", args, NULL);
+    job_dismiss(qmp, fd->job);
     if (why || !ev) {
         if (why) {
             g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
@@ -529,9 +536,7 @@ static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
         } else {
             /* not a block job: a killed run's blockdev-create (a moment
              * long), concluded by now */
-            args = json_object_new_object();
-            qmp_json_set_string(args, "id", fd->job);
-            if (qmp_run(qmp, "job-dismiss", args, NULL)) {
+            if (job_dismiss(qmp, fd->job)) {
                 g_clear_error(&err);
             }
         }
