@@ -245,39 +245,33 @@ shadow_from_images() {
     done
 }
 
-# wait_fleeced PROGRESS-FILE PID: until qbk-pull PID reported its fleece
-# point on its --progress-fd, or has already ended (bounded). Either way
-# the point in time is fixed before the caller writes again.
-wait_fleeced() {
+# wait_progress EVENT PROGRESS-FILE PID: until qbk-pull PID reported EVENT
+# on its --progress-fd, or has already ended (bounded, 30 s).
+wait_progress() {
     local i
     for i in $(seq 600); do
-        if grep -q '"event": "fleeced"' "$1" 2>/dev/null; then
+        if grep -q "\"event\": \"$1\"" "$2" 2>/dev/null; then
             return 0
         fi
-        if ! kill -0 "$2" 2>/dev/null; then
+        if ! kill -0 "$3" 2>/dev/null; then
             return 0
         fi
         sleep 0.05
     done
-    echo "qbk-pull did not reach its fleece point" >&2
+    echo "qbk-pull did not report '$1'" >&2
     return 1
 }
 
-# wait_copying PROGRESS-FILE PID: until qbk-pull PID reported copy
-# progress (its exports are all up), or has ended (bounded).
+# wait_fleeced PROGRESS-FILE PID: its point in time is fixed before the
+# caller writes again.
+wait_fleeced() {
+    wait_progress fleeced "$@"
+}
+
+# wait_copying PROGRESS-FILE PID: it reported copy progress, so its exports
+# are all up.
 wait_copying() {
-    local i
-    for i in $(seq 600); do
-        if grep -q '"event": "progress"' "$1" 2>/dev/null; then
-            return 0
-        fi
-        if ! kill -0 "$2" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "qbk-pull did not start copying" >&2
-    return 1
+    wait_progress progress "$@"
 }
 
 # start_pull NAME ARGS...: qbk-pull in the background ($PULL_PID), fleece
