@@ -286,6 +286,22 @@ start_pull() {
     PULL_PID=$!
 }
 
+# start_export NAME ARGS...: qbk-pull --export-only, its stdin on fd 7.
+start_export() {
+    mkfifo "$T/ctl-$1"
+    qbk-pull --repo "$T/repo" --export-only --json --quiet "${@:2}" \
+        <"$T/ctl-$1" >"$T/export-$1.json" 2>"$T/export-$1.err" &
+    EXPORT_PID=$!
+    exec 7>"$T/ctl-$1"
+    for i in $(seq 200); do
+        [ -s "$T/export-$1.json" ] && return 0
+        kill -0 "$EXPORT_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$T/export-$1.err" >&2
+    return 1
+}
+
 # pull_with_writes NAME DISKS ARGS...: start qbk-pull slowed down, and once
 # it fleeced, snapshot the shadows and write during the copy.
 pull_with_writes() {

@@ -309,22 +309,6 @@ teardown() {
     [[ "$output" == *"does not match"* ]]
 }
 
-# start_export NAME ARGS...: qbk-pull --export-only, its stdin on fd 7.
-start_export() {
-    mkfifo "$T/ctl-$1"
-    qbk-pull --repo "$T/repo" --export-only --json --quiet "${@:2}" \
-        <"$T/ctl-$1" >"$T/export-$1.json" 2>"$T/export-$1.err" &
-    EXPORT_PID=$!
-    exec 7>"$T/ctl-$1"
-    for i in $(seq 200); do
-        [ -s "$T/export-$1.json" ] && return 0
-        kill -0 "$EXPORT_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    cat "$T/export-$1.err" >&2
-    return 1
-}
-
 @test "--export-only: nbdinfo and nbdcopy read the point in time and its bitmap; commit keeps the checkpoint" {
     qbk-checkpoint create base
     gw disk0 $((8 << 20)) 131072 77

@@ -174,8 +174,43 @@ serve_tls_nbd() {
     run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport"
     [ "$status" -eq 2 ]
     [[ "$output" == *"--nbd-listen needs --scratch-dir"* ]]
-    run qbk-pull --repo "$T/repo" --nbd-listen "localhost:$nport" --scratch-dir "$T/hv-scratch" --fleece A
-    [ "$status" -eq 1 ]
-    [[ "$output" == *"needs fleecing scheme B"* ]]
+    assert_clean
+}
+
+@test "--export-only on a remote QEMU: a TLS NBD client reads the point in time and its bitmap (scheme A, its qcow2 scratch made by QEMU); commit keeps the checkpoint" {
+    export QBK_QMP=tls:localhost:$PORT QBK_TLS_CREDS=$T/pki/client
+    nport=$(free_port)
+    qbk-checkpoint create base
+    gw disk0 $((8 << 20)) 131072 77
+    start_export one --since base --nbd-listen "localhost:$nport" --scratch-dir "$T/hv-scratch"
+    snapshot one disk0
+    random_writes 3 disk0 # after the point in time: not exported
+    uri=$(jq -r '.exports[] | select(.disk=="disk0") | .uri' "$T/export-one.json")
+    ctx=$(jq -r '.exports[] | select(.disk=="disk0") | .bitmap_context' "$T/export-one.json")
+    [ "$uri" = "nbds://localhost:$nport/disk0" ]
+    # QEMU made a qcow2 scratch per disk on its host (scheme A's scratch
+    # reads through to the disk)
+    [ "$(qemu-img info -U --output=json "$T/hv-scratch/qbk-qbk-test-vm-disk0.scratch" | jq -r .format)" = qcow2 ]
+    # libnbd's own tools, with the backup host's certificates
+    run -0 nbdinfo --map="$ctx" "$uri?tls-certificates=$T/pki/client"
+    [ "$(awk '$3 == 1 { n += $2 } END { print n }' <<<"$output")" -eq 131072 ]
+    [ "$(awk '$3 == 1 { print $1 }' <<<"$output")" -eq $((8 << 20)) ]
+    nbdcopy "$uri?tls-certificates=$T/pki/client" "$T/exported.raw"
+    cmp "$T/exported.raw" "$T/expect-one-disk0.raw"
+    # another identity of the same CA, and plain NBD, are refused
+    run ! nbdcopy "$uri?tls-certificates=$T/pki/intruder" "$T/stolen.raw"
+    run ! nbdcopy "nbd://localhost:$nport/disk0" "$T/stolen.raw"
+    [ ! -s "$T/stolen.raw" ]
+    echo commit >&7
+    exec 7>&-
+    wait "$EXPORT_PID"
+    [ "$(qmp query-block-exports | jq length)" -eq 0 ]
+    [ "$(qmp query-jobs | jq length)" -eq 0 ]
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
+    [ "$(qbk-checkpoint list --json | jq '.checkpoints | length')" -eq 2 ]
+    # the next run is scheme B in the same files, now raw again
+    pull_with_writes inc "disk0 disk1" --nbd-listen "localhost:$nport" --scratch-dir "$T/hv-scratch"
+    [ "$(manifest_field inc disk0 mode)" = full ]
+    restore_matches inc disk0
     assert_clean
 }

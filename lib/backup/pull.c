@@ -1204,20 +1204,12 @@ static char *vm_key(QmpClient *qmp)
  * --nbd-listen: the scratch files are on QEMU's host, in --scratch-dir
  * there, made by QEMU (blockdev-create). QEMU cannot remove a file, so
  * each disk has one, named after the VM and the disk, that every backup
- * truncates and reuses. Scheme B only: its scratch is a raw file.
+ * truncates and reuses.
  */
 static bool remote_scratch(Pull *p, GError **error)
 {
     g_autofree char *key = NULL;
 
-    if (p->scheme->qcow2_scratch ||
-        g_strcmp0(p->opts->scratch_format, "qcow2") == 0) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "a backup over --nbd-listen needs fleecing scheme B "
-                    "and a raw scratch (scheme %s was chosen)",
-                    p->scheme->name);
-        return false;
-    }
     key = vm_key(p->qmp);
     if (!key) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,

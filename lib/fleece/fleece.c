@@ -135,20 +135,15 @@ static bool job_concluded(json_object *ev, void *opaque)
            g_strcmp0(qmp_json_string(data, "status"), "concluded") == 0;
 }
 
-/* QEMU makes FD's scratch file (a raw file of SIZE bytes at fd->file on
- * its host; an existing one is truncated to nothing first), as job
- * fd->job, which teardown knows. */
-static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
-                        GError **error)
+/* QEMU runs blockdev-create with OPTIONS (taken) as job fd->job, which
+ * teardown knows, and forgets the job once it concluded. */
+static bool qemu_create_job(QmpClient *qmp, FleeceDisk *fd,
+                            json_object *options, GError **error)
 {
     json_object *args = json_object_new_object();
-    json_object *options = json_object_new_object();
     json_object *ev, *jobs;
     g_autofree char *why = NULL;
 
-    qmp_json_set_string(options, "driver", "file");
-    qmp_json_set_string(options, "filename", fd->file);
-    qmp_json_set_uint(options, "size", size);
     qmp_json_set_string(args, "job-id", fd->job);
     json_object_object_add(args, "options", options);
     if (!qmp_run(qmp, "blockdev-create", args, error)) {
@@ -170,15 +165,63 @@ static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
     }
     json_object_put(jobs);
     job_dismiss(qmp, fd->job);
-    if (why || !ev) {
-        if (why) {
-            g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
-                        "QEMU cannot create the scratch image '%s': %s",
-                        fd->file, why);
-        }
+    if (why) {
+        g_set_error(error, FLEECE_ERROR, FLEECE_ERROR_FAILED,
+                    "QEMU cannot create the scratch image '%s': %s", fd->file,
+                    why);
+    }
+    return ev && !why;
+}
+
+/* Blockdev options {"driver": DRIVER, KEY: VALUE, "size": SIZE}. */
+static json_object *create_options(const char *driver, const char *key,
+                                   const char *value, guint64 size)
+{
+    json_object *o = json_object_new_object();
+
+    qmp_json_set_string(o, "driver", driver);
+    qmp_json_set_string(o, key, value);
+    qmp_json_set_uint(o, "size", size);
+    return o;
+}
+
+/*
+ * QEMU makes FD's scratch image of SIZE bytes at fd->file on its host (an
+ * existing file is truncated to nothing first): a raw file, or a qcow2 in
+ * it, formatted through a file node that lives only for that moment under
+ * the scratch node's name (which teardown removes if a kill leaves it).
+ * The qcow2 names no backing file: scheme A gives it the disk when it
+ * adds the scratch.
+ */
+static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
+                        GError **error)
+{
+    json_object *file;
+    bool ok;
+
+    if (!qemu_create_job(qmp, fd,
+                         create_options("file", "filename", fd->file,
+                                        fd->raw_scratch ? size : 0),
+                         error)) {
         return false;
     }
-    return true;
+    if (fd->raw_scratch) {
+        return true;
+    }
+    file = json_object_new_object();
+    qmp_json_set_string(file, "driver", "file");
+    qmp_json_set_string(file, "filename", fd->file);
+    qmp_json_set_string(file, "node-name", fd->scratch);
+    if (!qmp_run(qmp, "blockdev-add", file, error)) {
+        g_prefix_error(error, "cannot open the scratch image '%s': ", fd->file);
+        return false;
+    }
+    ok = qemu_create_job(qmp, fd,
+                         create_options("qcow2", "file", fd->scratch, size),
+                         error);
+    file = json_object_new_object();
+    qmp_json_set_string(file, "node-name", fd->scratch);
+    return qmp_run(qmp, "blockdev-del", file, ok ? error : NULL) && ok;
 }
 
 bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,

@@ -101,8 +101,8 @@ void fleece_disk_free(FleeceDisk *fd);
 /* The scratch images of FDS (FleeceDisk*), SIZES[i] bytes each, made at
  * once before the schemes' add: a sparse raw file, or a qcow2 (each a
  * qemu-img run, all at once); none is left on failure. A disk whose file
- * is on QEMU's host (qemu_file) gets it from QEMU: blockdev-create of a
- * raw file, an earlier one truncated and reused. */
+ * is on QEMU's host (qemu_file) gets it from QEMU (blockdev-create), an
+ * earlier one truncated and reused. */
 bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,
                            GError **error);
 
