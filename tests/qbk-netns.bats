@@ -109,3 +109,32 @@ bh() {
     restore_matches after disk1
     assert_clean
 }
+
+@test "two backup hosts, one repository: the lock holds across network namespaces (nothing in it is tied to a host's network); the other host takes the next incremental" {
+    # the hypervisor's namespace plays a second backup host: it reaches
+    # QMP on its own address
+    start_pull first --nbd-listen "$HV_IP:$NPORT" --scratch-dir "$T/hv-scratch" \
+        --rate-limit 4M --json
+    first=$PULL_PID
+    wait_fleeced "$T/progress-first" "$first"
+    snapshot first disk0 disk1
+    run ip netns exec "$HV_NS" qbk-pull --repo "$T/repo" --nbd-listen "$HV_IP:$((NPORT + 1))" \
+        --scratch-dir "$T/hv-scratch"
+    echo "$output"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"another qbk-pull or qbk-merge is working on"* ]]
+    run ip netns exec "$HV_NS" qbk-merge --repo "$T/repo" --keep-daily 1
+    [ "$status" -eq 1 ]
+    [[ "$output" == *"another qbk-pull or qbk-merge is working on"* ]]
+    wait "$first" || { cat "$T/pull-first.err"; false; }
+    restore_matches first disk0
+    random_writes 4 disk0 disk1
+    PULL_NETNS=$HV_NS
+    pull_with_writes second "disk0 disk1" --nbd-listen "$HV_IP:$NPORT" --scratch-dir "$T/hv-scratch"
+    [ "$(manifest_field second disk0 mode)" = incremental ]
+    [ "$(manifest_field second disk0 parent)" = "$(jq -r .id "$T/pull-first.json")" ]
+    restore_matches second disk0
+    restore_matches second disk1
+    assert_clean
+}

@@ -216,9 +216,8 @@ static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
         g_prefix_error(error, "cannot open the scratch image '%s': ", fd->file);
         return false;
     }
-    ok = qemu_create_job(qmp, fd,
-                         create_options("qcow2", "file", fd->scratch, size),
-                         error);
+    ok = qemu_create_job(
+        qmp, fd, create_options("qcow2", "file", fd->scratch, size), error);
     file = json_object_new_object();
     qmp_json_set_string(file, "node-name", fd->scratch);
     return qmp_run(qmp, "blockdev-del", file, ok ? error : NULL) && ok;
