@@ -55,6 +55,8 @@ struct QmpClient {
     guint64 events_dropped; /* the oldest, beyond QMP_MAX_EVENTS */
     guint64 last_id;        /* ids are "qbk-<n>"; older replies are stale */
     bool closed;            /* peer went away: every later call fails at once */
+    guint silent;           /* commands in a row that timed out with not a
+                               line from the peer since */
     bool agent;             /* a guest agent, not QEMU (qmp_connect_agent) */
     GIOStream *tls;         /* "tls:" addresses: the session over fd */
     GSocket *fd_owner;      /* with tls: owns (and closes) fd */

@@ -261,6 +261,7 @@ static json_object *read_message(QmpClient *qmp, gint64 deadline,
         if (rc > 0) {
             trace_line("<-", json_object_to_json_string_ext(
                                  msg, JSON_C_TO_STRING_PLAIN));
+            qmp->silent = 0; /* it speaks */
             return msg;
         }
         /* a peer that keeps sending without finishing a line */
@@ -631,6 +632,17 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
         mark_closed(qmp, error);
         return NULL;
     }
+    if (qmp->silent >= QMP_SILENT_GIVE_UP) {
+        /* A path that is cut makes every command wait its whole timeout:
+         * a rollback of many would take minutes to learn nothing more. */
+        g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
+                    "%s stopped answering (%u commands in a row timed out); "
+                    "'%s' not sent",
+                    peer(qmp), qmp->silent, command);
+        json_object_put(arguments);
+        json_object_put(msg);
+        return NULL;
+    }
     qmp_json_set_string(msg, "execute", command);
     if (arguments) {
         json_object_object_add(msg, "arguments", arguments);
@@ -657,6 +669,7 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
             timed_out = true;
         }
         if (timed_out) {
+            qmp->silent++;
             g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
                         "%s did not answer '%s' within %d ms", peer(qmp),
                         command, qmp->timeout_ms);

@@ -55,6 +55,12 @@ const char *qmp_error_class(const GError *error);
 /* Default for every wait, in milliseconds. */
 #define QMP_DEFAULT_TIMEOUT_MS 30000
 
+/* After this many commands in a row time out without a line from the
+ * peer (not even an event or a late answer), later commands fail at once
+ * (QMP_ERROR_TIMEOUT) instead of each waiting its timeout: the peer is
+ * out of reach. A line from it lifts that. */
+#define QMP_SILENT_GIVE_UP 2
+
 typedef struct QmpClient QmpClient;
 
 /*

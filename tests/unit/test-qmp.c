@@ -401,6 +401,9 @@ typedef struct {
     const char *script; /* sent after accept; NULL: stay silent */
     bool reply_late;    /* answer the first command's id only after the
                            client has given up, then answer the second */
+    bool mute;          /* answer qmp_capabilities, then nothing; count
+                           the lines that come */
+    int lines;          /* (mute) lines received after qmp_capabilities */
     int lfd;            /* listening socket, made before the thread runs */
 } Peer;
 
@@ -429,6 +432,16 @@ static gpointer peer_thread(gpointer data)
                            "{\"return\": {\"name\": \"vm\"}, "
                            "\"id\": \"qbk-3\"}\r\n";
         g_assert_cmpint(write(fd, late, strlen(late)), >, 0);
+    }
+    if (peer->mute) {
+        const char *caps = "{\"return\": {}, \"id\": \"qbk-1\"}\r\n";
+        ssize_t n;
+
+        g_assert_cmpint(read(fd, buf, sizeof(buf)), >, 0);
+        g_assert_cmpint(write(fd, caps, strlen(caps)), >, 0);
+        while ((n = read(fd, buf, sizeof(buf))) > 0) {
+            peer->lines += (int)(memchr(buf, '\n', n) != NULL);
+        }
     }
     g_usleep(1500 * 1000);
     close(fd);
@@ -591,6 +604,37 @@ static void test_late_reply_dropped(void)
     json_object_put(ret);
     g_clear_pointer(&qmp, qmp_free);
     peer_finish(&peer, t);
+    rmdir(dir);
+}
+
+/* A peer out of reach: two commands wait their timeouts, the third is not
+ * even sent. */
+static void test_gives_up_on_silence(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+    g_autoptr(GError) error = NULL;
+    Peer peer = {
+        .script = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, "
+                  "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
+        .mute = true,
+    };
+    GThread *t = peer_start(&peer, dir);
+    QmpClient *qmp = qmp_connect(peer.path, 2000, &error);
+
+    g_assert_no_error(error);
+    qmp_set_timeout(qmp, 100);
+    for (int i = 0; i < QMP_SILENT_GIVE_UP; i++) {
+        g_assert_false(qmp_run(qmp, "query-status", NULL, &error));
+        g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
+        g_assert_nonnull(strstr(error->message, "did not answer"));
+        g_clear_error(&error);
+    }
+    g_assert_false(qmp_run(qmp, "blockdev-del", NULL, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
+    g_assert_nonnull(strstr(error->message, "stopped answering"));
+    qmp_free(qmp); /* the peer reads to EOF */
+    peer_finish(&peer, t);
+    g_assert_cmpint(peer.lines, ==, QMP_SILENT_GIVE_UP);
     rmdir(dir);
 }
 
@@ -800,6 +844,7 @@ int main(int argc, char **argv)
     g_test_add_func("/qmp/not-qmp", test_not_qmp);
     g_test_add_func("/qmp/silent-peer", test_silent_peer);
     g_test_add_func("/qmp/late-reply-dropped", test_late_reply_dropped);
+    g_test_add_func("/qmp/gives-up-on-silence", test_gives_up_on_silence);
     g_test_add_func("/qmp/agent", test_agent);
     g_test_add_func("/qmp/connect-errors", test_connect_errors);
     g_test_add_func("/qmp/hostile/event-flood", test_event_flood);
