@@ -128,7 +128,7 @@ serve_tls_nbd() {
     restore_matches full disk0
     restore_matches full disk1
     # over a network the copier keeps more requests in flight
-    [ "$(manifest_field full disk0 copier | jq .requests)" -eq 64 ]
+    [ "$(manifest_field full disk0 copier | jq .requests)" -eq 128 ]
     random_writes 4 disk0 disk1
     gw disk0 $((30 << 20)) $((4 << 20)) 77
     # slowed: while it copies, another identity of the same CA is refused
