@@ -22,6 +22,7 @@ static char **opt_nodes;
 static char *opt_scratch;
 static char *opt_scratch_format;
 static char *opt_format;
+static gboolean opt_compress;
 static char *opt_nbd_server;
 static char *opt_nbd_listen;
 static char *opt_nbd_tls_creds;
@@ -73,6 +74,11 @@ static GOptionEntry entries[] = {
       "of full backups: qcow2 (default) or raw (sparse, written with Linux "
       "AIO, see --write-mode); incrementals are always qcow2",
       "FORMAT" },
+    { "compress", 'z', 0, G_OPTION_ARG_NONE, &opt_compress,
+      "compress the new images' clusters with zstd (qcow2 "
+      "compression_type=zstd; qemu-img and QEMU read them as they are; "
+      "qbk-merge keeps them compressed)",
+      NULL },
     { "nbd-server", 0, 0, G_OPTION_ARG_FILENAME, &opt_nbd_server,
       "QEMU already runs an NBD server on this unix socket: add the "
       "exports there (it is never stopped)",
@@ -388,6 +394,7 @@ static bool check_options(int argc, BackupOptions *opts, GError **error)
     opts->scratch_dir = opt_scratch;
     opts->scratch_format = opt_scratch_format;
     opts->format = opt_format;
+    opts->compress = opt_compress;
     opts->nbd_server = opt_nbd_server;
     opts->copier = cmd_common.copier;
     if (!remote_options(opts, error)) {

@@ -94,6 +94,7 @@ typedef struct {
     bool insecure;
     const char *format; /* of full backups: "qcow2" (NULL) or "raw"
                                 (sparse, written with Linux AIO) */
+    bool compress;      /* qcow2 images of zstd-compressed clusters */
     BackupFleece fleece;
     bool no_notices; /* don't copy what the guest writes first */
     bool no_release; /* scheme B: keep copied regions in scratch */

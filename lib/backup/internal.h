@@ -133,8 +133,10 @@ typedef struct {
  * backing file); none is left on failure. */
 bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error);
 
-/* Serve IMAGES[i] as export NAMES[i]. */
-Target *target_start(char **images, char **names, GError **error);
+/* Serve IMAGES[i] as export NAMES[i]; COMPRESS: every cluster written
+ * is compressed (QMP_DAEMON_COMPRESS). */
+Target *target_start(char **images, char **names, bool compress,
+                     GError **error);
 
 /* Ask the daemon to flush and quit, without waiting (NULL: nothing). */
 void target_quit(Target *t);

@@ -178,6 +178,9 @@ static bool rewrite_manifest(Repo *repo, const MergeJournal *j, GError **error)
     qmp_json_set_string(e->json, "parent", j->parent);
     qmp_json_set_string(e->json, "image", image);
     qmp_json_set_string(e->json, "format", repo_format_name(j->format));
+    if (j->format == REPO_RAW) {
+        json_object_object_del(e->json, "compression"); /* a raw full now */
+    }
     qmp_json_set_string(e->json, "digests", digests);
     if (!j->parent) {
         qmp_json_set_string(e->json, "mode", "full");
@@ -517,12 +520,22 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
         QemuImgCreate img = { tmp, plan->to->size, backing,
                               plan->parent
                                   ? repo_format_name(plan->parent->format)
-                                  : NULL };
+                                  : NULL,
+                              plan->to->compressed };
 
         ok = target_create_images(&img, 1, error);
         /* opened above the new parent's chain, named explicitly */
         target =
             repo_chain_filename(repo, plan->chain, plan->at + 1, disk, tmp);
+        if (plan->to->compressed) {
+            /* as TO was written: every cluster compressed */
+            char *filtered =
+                g_strdup_printf("json:{\"driver\": \"compress\", \"file\": %s}",
+                                target + strlen("json:"));
+
+            g_free(target);
+            target = filtered;
+        }
     }
     backup_test_crash("merge-1");
     if (ok) {

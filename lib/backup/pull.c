@@ -93,6 +93,10 @@ bool backup_options_check(const BackupOptions *opts, GError **error)
         !repo_format_parse(opts->scratch_format, &format)) {
         return usage(error, "the scratch format must be raw or qcow2");
     }
+    if (opts->compress && g_strcmp0(opts->format, "raw") == 0) {
+        return usage(error, "--compress writes qcow2 images: not with "
+                            "--format raw");
+    }
     if (opts->fleece == BACKUP_FLEECE_A &&
         g_strcmp0(opts->scratch_format, "raw") == 0) {
         return usage(error, "a raw scratch needs fleecing scheme B (scheme "
@@ -386,6 +390,9 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
     qmp_json_set_bool(o, "checkpointed", !pd->qd->no_bitmaps);
     qmp_json_set_string(o, "image", image);
     qmp_json_set_string(o, "format", repo_format_name(pd->format));
+    if (p->opts->compress) {
+        qmp_json_set_string(o, "compression", "zstd");
+    }
     qmp_json_set_string(o, "digests", digests);
     return o;
 }
@@ -790,7 +797,8 @@ static bool make_targets(Pull *p, GError **error)
         }
         g_array_append_val(
             create, ((QemuImgCreate){ pd->image, pd->qd->size, backing,
-                                      repo_format_name(pd->parent_format) }));
+                                      repo_format_name(pd->parent_format),
+                                      p->opts->compress }));
         g_ptr_array_add(images, pd->image);
         g_ptr_array_add(names, pd->qd->id);
     }
@@ -804,8 +812,8 @@ static bool make_targets(Pull *p, GError **error)
     }
     g_ptr_array_add(images, NULL);
     g_ptr_array_add(names, NULL);
-    p->target =
-        target_start((char **)images->pdata, (char **)names->pdata, error);
+    p->target = target_start((char **)images->pdata, (char **)names->pdata,
+                             p->opts->compress, error);
     return p->target != NULL;
 }
 

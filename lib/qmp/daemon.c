@@ -57,8 +57,15 @@ static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
         qmp_json_set_string(file, "aio", "native");
     }
     qmp_json_set_string(fmt, "driver", "qcow2");
-    qmp_json_set_string(fmt, "node-name", node);
     json_object_object_add(fmt, "file", file);
+    if (flags & QMP_DAEMON_COMPRESS) {
+        json_object *filter = json_object_new_object();
+
+        qmp_json_set_string(filter, "driver", "compress");
+        json_object_object_add(filter, "file", fmt);
+        fmt = filter;
+    }
+    qmp_json_set_string(fmt, "node-name", node);
     text =
         g_strdup(json_object_to_json_string_ext(fmt, JSON_C_TO_STRING_PLAIN));
     json_object_put(fmt);

@@ -296,6 +296,11 @@ const char *qmp_disk_role(const QmpDisk *disk);
 typedef enum {
     QMP_DAEMON_DIRECT_IO = 1 << 0, /* cache.direct + native AIO: bypass the
                                       page cache (not on tmpfs) */
+    QMP_DAEMON_COMPRESS = 1 << 1,  /* "img<i>" is QEMU's compress filter on
+                                      the qcow2: every cluster written is
+                                      compressed. A cluster can be written
+                                      so only once, and whole (but the
+                                      image's last) */
 } QmpDaemonFlags;
 
 QmpClient *qmp_spawn_storage_daemon(const char *const *images,

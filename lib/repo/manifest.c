@@ -211,7 +211,7 @@ static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
 {
     g_autofree char *image = NULL;
     g_autofree char *digests = NULL;
-    const char *mode, *parent, *format, *since;
+    const char *mode, *parent, *format, *since, *compression;
     json_object *sum;
     int i;
 
@@ -219,6 +219,7 @@ static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
         !jget_string(e, "mode", false, what, &mode, error) ||
         !jget_string(e, "parent", true, what, &parent, error) ||
         !jget_string(e, "format", true, what, &format, error) ||
+        !jget_string(e, "compression", true, what, &compression, error) ||
         !jget_bool(e, "checkpointed", what, &d->checkpointed, error) ||
         !jget_string(e, "since", true, what, &since, error) ||
         !jget_object(e, "checksum", !complete, what, &sum, error)) {
@@ -238,6 +239,13 @@ static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
         repo_corrupt(error, "%s: unknown \"format\" '%s'", what, format);
         return false;
     }
+    if (compression &&
+        (strcmp(compression, "zstd") != 0 || d->format != REPO_QCOW2)) {
+        repo_corrupt(error, "%s: unknown \"compression\" '%s' of a %s image",
+                     what, compression, repo_format_name(d->format));
+        return false;
+    }
+    d->compressed = compression != NULL;
     if (!check_parent(d, parent, id, mode, what, error)) {
         return false;
     }

@@ -163,6 +163,7 @@ typedef struct {
     ManifestMode mode; /* full: no parent; else a parent */
     char *parent;      /* backup id its image stands on, or NULL */
     RepoFormat format; /* of its image (a missing "format" is qcow2) */
+    bool compressed;   /* its qcow2 image's clusters are compressed (zstd) */
     bool checkpointed; /* a checkpoint was made on it */
     char *since;       /* the temporary "since" bitmap in the VM, or NULL */
     char *checksum;    /* lowercase hex, COPIER_CHECKSUM_ALGORITHM; NULL

@@ -28,6 +28,10 @@ static GPtrArray *create_argv(const QemuImgCreate *img, char **dir)
         g_ptr_array_add(argv, g_strdup(img->backing_format ? img->backing_format
                                                            : "qcow2"));
     }
+    if (img->compress) {
+        g_ptr_array_add(argv, g_strdup("-o"));
+        g_ptr_array_add(argv, g_strdup("compression_type=zstd"));
+    }
     g_ptr_array_add(argv, g_strdup(abs));
     g_ptr_array_add(argv, g_strdup_printf("%" G_GUINT64_FORMAT, img->size));
     g_ptr_array_add(argv, NULL);

@@ -128,12 +128,14 @@ int util_listen_unix(const char *path, GError **error);
 /* ---- qemu-img (qemu-img.c) ---- */
 
 /* A qcow2 image to make: IMAGE of SIZE bytes on BACKING (a file name
- * relative to IMAGE's directory, or NULL) of BACKING_FORMAT. */
+ * relative to IMAGE's directory, or NULL) of BACKING_FORMAT; COMPRESS:
+ * its compressed clusters are zstd's (compression_type=zstd). */
 typedef struct {
     const char *image;
     guint64 size;
     const char *backing;
     const char *backing_format; /* NULL: qcow2 */
+    bool compress;
 } QemuImgCreate;
 
 /*

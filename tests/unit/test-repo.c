@@ -81,6 +81,7 @@ static void test_manifest_good(void)
     g_assert_cmpint(d->mode, ==, MANIFEST_INCREMENTAL);
     g_assert_cmpstr(d->parent, ==, "20261129T120000Z");
     g_assert_cmpint(d->format, ==, REPO_QCOW2);
+    g_assert_false(d->compressed);
     g_assert_cmpstr(d->checksum, ==, SUM);
     d = manifest_disk(m, "disk2");
     g_assert_cmpint(d->format, ==, REPO_RAW);
@@ -125,6 +126,13 @@ static void test_manifest_hostile(void)
         { "\"mode\": \"incremental\"", "\"mode\": \"full\"" },
         { "\"format\": \"qcow2\"", "\"format\": \"vmdk\"" },
         { "\"format\": \"qcow2\"", "\"format\": \"raw\"" },
+        /* compression: zstd, of a qcow2, or nothing */
+        { "\"format\": \"qcow2\"",
+          "\"format\": \"qcow2\", \"compression\": \"lzma\"" },
+        { "\"format\": \"qcow2\"",
+          "\"format\": \"qcow2\", \"compression\": true" },
+        { "\"format\": \"raw\"",
+          "\"format\": \"raw\", \"compression\": \"zstd\"" },
         { "\"checkpointed\": true", "\"checkpointed\": \"yes\"" },
         { "\"value\": \"" SUM "\"", "\"value\": \"xyz\"" },
         { "\"id\": \"" ID "\"", "\"id\": \"20991231T000000Z\"" },

@@ -1,0 +1,90 @@
+#!/usr/bin/env bats
+# qbk-pull --compress: qcow2 images of zstd-compressed clusters, written
+# through QEMU's compress filter; restored, verified and merged as any
+# other, and read by qemu-img as they are.
+
+bats_require_minimum_version 1.5.0
+load helpers
+
+setup() {
+    common_setup
+    two_disk_vm
+}
+
+teardown() {
+    common_teardown
+}
+
+# guest_write_file DISK OFFSET FILE: FILE's bytes written through the
+# device at OFFSET, and into the shadow
+guest_write_file() {
+    local out
+    out=$(qmp --hmp "qemu-io -d /machine/peripheral/$1/virtio-backend \"write -s $3 $2 $(stat -c %s "$3")\"")
+    [ -z "$out" ] || { echo "guest_write_file: $out" >&2; return 1; }
+    dd if="$3" of="$T/shadow-$1.raw" bs=64k seek="$2" oflag=seek_bytes conv=notrunc status=none
+}
+
+# repo_field BACKUP DISK FIELD: a field of the repository's manifest now
+repo_field() {
+    jq -r --arg d "$2" --arg f "$3" '.disks[] | select(.disk == $d) | .[$f]' \
+        "$T/repo/backups/$(jq -r .id "$T/pull-$1.json").json"
+}
+
+# compressed_clusters IMAGE: the share of its allocated clusters that are
+# compressed, in percent (qemu-img check)
+compressed_clusters() {
+    qemu-img check "$1" | sed -n 's/.* \([0-9.]*\)% compressed clusters/\1/p'
+}
+
+@test "--compress: full and incrementals of zstd clusters while the guest writes; restores exact, verify passes, qemu-img reads them; merge keeps them compressed" {
+    # 16 MiB of text-like data: it compresses
+    for i in 0 1 2 3; do
+        base64 -w 76 </dev/urandom | head -c $((4 << 20)) >"$T/text"
+        guest_write_file disk0 $(((8 + 4 * i) << 20)) "$T/text"
+    done
+    pull_with_writes full "disk0 disk1" --compress
+    full=$T/repo/$(manifest_field full disk0 image)
+    [ "$(manifest_field full disk0 compression)" = zstd ]
+    [ "$(qemu-img info --output=json "$full" | jq -r '."format-specific".data."compression-type"')" = zstd ]
+    # every data cluster is compressed, and the image is smaller than its data
+    [ "$(compressed_clusters "$full")" = 100.00 ]
+    [ "$(stat -c %s "$full")" -lt $((16 << 20)) ]
+    restore_matches full disk0
+    restore_matches full disk1
+    random_writes 4 disk0 disk1
+    pull_with_writes inc1 "disk0 disk1" --compress
+    [ "$(manifest_field inc1 disk0 mode)" = incremental ]
+    [ "$(compressed_clusters "$T/repo/$(manifest_field inc1 disk0 image)")" = 100.00 ]
+    restore_matches inc1 disk0
+    restore_matches inc1 disk1
+    random_writes 4 disk0 disk1
+    pull_with_writes inc2 "disk0 disk1" --compress
+    run -0 qbk-verify --repo "$T/repo"
+    # qemu-img reads the chain as it is
+    qemu-img convert -O raw "$T/repo/$(manifest_field inc2 disk0 image)" "$T/plain.raw"
+    cmp "$T/plain.raw" "$T/expect-inc2-disk0.raw"
+    # merged: the new image is compressed too, and restores exactly
+    run -0 qbk-merge --repo "$T/repo" --from "$(jq -r .id "$T/pull-inc1.json")" \
+        --to "$(jq -r .id "$T/pull-inc2.json")"
+    merged=$T/repo/$(repo_field inc2 disk0 image)
+    [ "$(compressed_clusters "$merged")" = 100.00 ]
+    restore_matches inc2 disk0
+    restore_matches inc2 disk1
+    run -0 qbk-verify --repo "$T/repo"
+    # a synthetic raw full from compressed links: plain, and still exact
+    run -0 qbk-merge --repo "$T/repo" --full-at "$(jq -r .id "$T/pull-inc2.json")" \
+        --disk disk0 --format raw
+    [ "$(repo_field inc2 disk0 compression)" = null ]
+    [ "$(repo_field inc2 disk0 format)" = raw ]
+    restore_matches inc2 disk0
+    assert_clean
+}
+
+@test "--compress with --format raw is refused before anything is touched" {
+    run qbk-pull --repo "$T/repo" --compress --format raw
+    [ "$status" -eq 2 ]
+    assert_one_line_error
+    [[ "$output" == *"--compress writes qcow2"* ]]
+    [ ! -e "$T/repo" ]
+    [ "$(qmp query-block-exports | jq length)" -eq 0 ]
+}
