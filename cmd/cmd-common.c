@@ -81,6 +81,16 @@ static GOptionEntry tls_entries[] = {
     { NULL },
 };
 
+static GOptionEntry key_entries[] = {
+    { "key-file", 0, 0, G_OPTION_ARG_FILENAME, &cmd_common.key_file,
+      "an encrypted repository's key: a file (owner-only) holding its "
+      "passphrase as UTF-8 text, read by QEMU itself; the repository keeps "
+      "only a fingerprint, and a wrong key is refused before anything is "
+      "read or written (default: $QBK_KEY_FILE)",
+      "FILE" },
+    { NULL },
+};
+
 static GOptionEntry quiet_entries[] = {
     { "quiet", 0, 0, G_OPTION_ARG_NONE, &cmd_common.quiet,
       "print nothing on stderr but errors", NULL },
@@ -159,6 +169,16 @@ static int check_common(const CmdSpec *spec)
         }
     }
 
+    if (spec->common & CMD_OPT_KEY) {
+        if (!cmd_check_path("--key-file", cmd_common.key_file, &error)) {
+            return cmd_usage("%s", error->message);
+        }
+        /* the file's name, never the key itself */
+        if (!cmd_common.key_file && g_getenv("QBK_KEY_FILE") &&
+            *g_getenv("QBK_KEY_FILE")) {
+            cmd_common.key_file = g_strdup(g_getenv("QBK_KEY_FILE"));
+        }
+    }
     if (spec->common & CMD_OPT_QMP) {
         if (!cmd_check_range("--timeout", cmd_common.timeout_s, 1,
                              CMD_MAX_TIMEOUT_S, &error) ||
@@ -192,6 +212,9 @@ int cmd_parse(const CmdSpec *spec, int *argc, char ***argv)
     }
     if (spec->common & CMD_OPT_COPIER) {
         g_option_context_add_main_entries(ctx, copier_entries, NULL);
+    }
+    if (spec->common & CMD_OPT_KEY) {
+        g_option_context_add_main_entries(ctx, key_entries, NULL);
     }
     if (spec->common & CMD_OPT_QUIET) {
         g_option_context_add_main_entries(ctx, quiet_entries, NULL);
@@ -258,7 +281,7 @@ CmdVm *cmd_vm_open(const char *qmp_address, char **images, int timeout_ms,
         for (guint i = 0; i < n; i++) {
             vm->nodes[i] = g_strdup_printf("img%u", i);
         }
-        vm->qmp = qmp_spawn_storage_daemon((const char *const *)images, 0,
+        vm->qmp = qmp_spawn_storage_daemon((const char *const *)images, 0, NULL,
                                            timeout_ms, error);
     } else {
         vm->qmp = cmd_qmp_connect(qmp_address, timeout_ms, error);
@@ -459,7 +482,8 @@ int cmd_backup_exit_code(const GError *error)
 {
     if (error->domain == REPO_ERROR) {
         return error->code == REPO_ERROR_NOT_FOUND ||
-                       error->code == REPO_ERROR_INVALID
+                       error->code == REPO_ERROR_INVALID ||
+                       error->code == REPO_ERROR_KEY
                    ? QBK_EXIT_USAGE
                    : QBK_EXIT_FAILURE;
     }
@@ -503,4 +527,19 @@ const char *cmd_hint(const GError *error)
 QmpClient *cmd_qmp_connect(const char *address, int timeout_ms, GError **error)
 {
     return qmp_connect_tls(address, cmd_common.tls_creds, timeout_ms, error);
+}
+
+bool cmd_repo_key(Repo *repo, bool adopt, GError **error)
+{
+    if (cmd_common.key_file) {
+        return repo_key_check(repo, cmd_common.key_file, adopt, error);
+    }
+    if (repo_encrypted(repo)) {
+        g_set_error(error, REPO_ERROR, REPO_ERROR_KEY,
+                    "repository '%s' is encrypted: give its key with "
+                    "--key-file",
+                    repo_root(repo));
+        return false;
+    }
+    return true;
 }

@@ -9,6 +9,7 @@
 
 #include "copier.h"
 #include "qmp.h"
+#include "repo.h"
 
 /* The longest --timeout, seconds. */
 #define CMD_MAX_TIMEOUT_S 86400
@@ -38,6 +39,7 @@ typedef enum {
      * --rate-limit, --stall-timeout and --write-mode */
     CMD_OPT_COPIER = 1 << 2,
     CMD_OPT_TLS = 1 << 3, /* --tls-creds DIR (also with CMD_OPT_QMP) */
+    CMD_OPT_KEY = 1 << 4, /* --key-file FILE: an encrypted repository's */
 } CmdOptions;
 
 /* What a command is, for its --help and its prologue. */
@@ -60,6 +62,7 @@ typedef struct {
     CopierOptions copier; /* the defaults with the options given */
     gboolean sequential;  /* --sequential (copier.requests is 1) */
     bool requests_given;  /* --requests or --sequential: no default to pick */
+    char *key_file;       /* --key-file, or NULL */
 } CmdCommon;
 
 extern CmdCommon cmd_common;
@@ -115,6 +118,14 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(CmdVm, cmd_vm_free)
  * Borrowed from VM. Unknown names fail.
  */
 GPtrArray *cmd_vm_select_disks(CmdVm *vm, char **names, GError **error);
+
+/*
+ * The repository's key, before anything is read or written: --key-file
+ * checked against REPO's fingerprint (a repository without a key takes it
+ * if ADOPT), or none given for a repository that has none. REPO_ERROR_KEY
+ * (exit 2) otherwise.
+ */
+bool cmd_repo_key(Repo *repo, bool adopt, GError **error);
 
 /* ---- options: every bound checked before anything is touched ---- */
 

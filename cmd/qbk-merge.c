@@ -219,7 +219,7 @@ static const CmdSpec spec = {
         "      --keep-monthly 12 --dry-run\n"
         "  qbk-merge --repo /backups/vm1  # only finish an interrupted merge\n",
     .entries = entries,
-    .common = CMD_OPT_QUIET,
+    .common = CMD_OPT_QUIET | CMD_OPT_KEY,
 };
 
 int main(int argc, char **argv)
@@ -249,7 +249,7 @@ int main(int argc, char **argv)
         return cmd_usage("%s", error->message);
     }
     repo = repo_open(opt_repo, REPO_OPEN_LOCK, &error);
-    if (!repo) {
+    if (!repo || !cmd_repo_key(repo, false, &error)) {
         cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }

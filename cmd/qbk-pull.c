@@ -23,6 +23,7 @@ static char *opt_scratch;
 static char *opt_scratch_format;
 static char *opt_format;
 static gboolean opt_compress;
+static gboolean opt_encrypt;
 static char *opt_nbd_server;
 static char *opt_nbd_listen;
 static char *opt_nbd_tls_creds;
@@ -78,6 +79,11 @@ static GOptionEntry entries[] = {
       "compress the new images' clusters with zstd (qcow2 "
       "compression_type=zstd; qemu-img and QEMU read them as they are; "
       "qbk-merge keeps them compressed)",
+      NULL },
+    { "encrypt", 0, 0, G_OPTION_ARG_NONE, &opt_encrypt,
+      "make a new repository (or one without backups yet) encrypted with "
+      "--key-file's passphrase: every image LUKS-encrypted (qcow2 "
+      "encrypt.format=luks); later runs need only --key-file",
       NULL },
     { "nbd-server", 0, 0, G_OPTION_ARG_FILENAME, &opt_nbd_server,
       "QEMU already runs an NBD server on this unix socket: add the "
@@ -292,6 +298,11 @@ static bool wait_for_commit(json_object *exports, void *opaque)
 /* Every option's bounds (G_OPTION_ERROR), before anything is touched. */
 static bool check_bounds(GError **error)
 {
+    if (opt_encrypt && !cmd_common.key_file) {
+        g_set_error(error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                    "--encrypt needs --key-file");
+        return false;
+    }
     return cmd_check_path("--repo", opt_repo, error) &&
            cmd_check_path("--scratch-dir", opt_scratch, error) &&
            cmd_check_path("--trace", opt_trace, error) &&
@@ -477,7 +488,7 @@ static const CmdSpec spec = {
         "      --since 20261122T213500Z --json\n"
         "  qbk-restore --repo /backups/vm1 --disk disk0 -o disk0.raw\n",
     .entries = entries,
-    .common = CMD_OPT_QMP | CMD_OPT_QUIET | CMD_OPT_COPIER,
+    .common = CMD_OPT_QMP | CMD_OPT_QUIET | CMD_OPT_COPIER | CMD_OPT_KEY,
 };
 
 int main(int argc, char **argv)
@@ -517,7 +528,8 @@ int main(int argc, char **argv)
 
     /* one writer at a time, before the VM is touched */
     repo = repo_open(opt_repo, REPO_OPEN_CREATE | REPO_OPEN_LOCK, &error);
-    if (!repo) {
+    if (!repo ||
+        !cmd_repo_key(repo, opt_encrypt && repo_is_empty(repo), &error)) {
         cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }

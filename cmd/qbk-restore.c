@@ -162,6 +162,7 @@ static const CmdSpec spec = {
         "  qbk-restore --repo /backups/vm1 --disk disk0 \\\n"
         "      --into vm1-disk0.qcow2 --from TUE --backup MON --verify\n",
     .entries = entries,
+    .common = CMD_OPT_KEY,
 };
 
 int main(int argc, char **argv)
@@ -194,7 +195,7 @@ int main(int argc, char **argv)
     }
     cmd_make_absolute(&opt_into);
     opened = repo = repo_open(opt_repo, 0, &error);
-    if (!repo) {
+    if (!repo || (!opt_list && !cmd_repo_key(repo, false, &error))) {
         cmd_error("%s%s", error->message, cmd_hint(error));
         return cmd_backup_exit_code(error);
     }

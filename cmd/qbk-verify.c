@@ -79,6 +79,7 @@ static const CmdSpec spec = {
                    "  qbk-verify --repo /backups/vm1 --backup latest \\\n"
                    "      --disk disk0 --json\n",
     .entries = entries,
+    .common = CMD_OPT_KEY,
 };
 
 /* The backups to verify: --backup, or all; those whose manifests do not
@@ -144,7 +145,7 @@ int main(int argc, char **argv)
         }
     }
     repo = repo_open(opt_repo, 0, &error);
-    if (!repo) {
+    if (!repo || !cmd_repo_key(repo, false, &error)) {
         cmd_error("%s", error->message);
         return cmd_backup_exit_code(error);
     }

@@ -134,9 +134,10 @@ typedef struct {
 bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error);
 
 /* Serve IMAGES[i] as export NAMES[i]; COMPRESS: every cluster written
- * is compressed (QMP_DAEMON_COMPRESS). */
+ * is compressed (QMP_DAEMON_COMPRESS); KEY_FILE: they are encrypted with
+ * the repository's key. */
 Target *target_start(char **images, char **names, bool compress,
-                     GError **error);
+                     const char *key_file, GError **error);
 
 /* Ask the daemon to flush and quit, without waiting (NULL: nothing). */
 void target_quit(Target *t);
@@ -147,6 +148,11 @@ void target_free(Target *t);
 
 /* ---- qemu-nbd on a private socket (nbd-serve.c) ---- */
 
+/* With REPO's key checked: "--object" and its secret (REPO_KEY_SECRET)
+ * appended to ARGV (of g_strdup'ed strings), for a qemu-img command that
+ * opens the repository's images. */
+void backup_add_key_object(GPtrArray *argv, const Repo *repo);
+
 typedef struct {
     PrivDir *dir; /* holds the socket, the log and the pid file */
     char *socket;
@@ -156,9 +162,10 @@ typedef struct {
 
 /* Serve IMAGE (FORMAT; NULL for a "json:" IMAGE that names its driver) as
  * export "": read-only with its allocation depth (a backup chain), or
- * WRITABLE (cache=none). */
+ * WRITABLE (cache=none); KEY_FILE: the secret REPO_KEY_SECRET (an
+ * encrypted repository's chain). */
 NbdServer *nbd_serve(const char *image, const char *format, bool writable,
-                     GError **error);
+                     const char *key_file, GError **error);
 /* Stop it (it ends by itself when its client is gone) and remove its
  * files; false if it did not exit cleanly (a written image may be bad). */
 bool nbd_server_stop(NbdServer *s, GError **error);

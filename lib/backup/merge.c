@@ -140,14 +140,27 @@ static bool rebase_children(Repo *repo, const MergeJournal *j, GError **error)
         close(fd);
         qcow2_header_clear(&h);
         {
-            const char *argv[] = {
-                "qemu-img", "rebase", "-u",
-                "-f",       "qcow2",  "-b",
-                name,       "-F",     repo_format_name(j->format),
-                child,      NULL
-            };
+            g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
 
-            if (!util_run(argv, NULL, NULL, &local)) {
+            g_ptr_array_add(argv, g_strdup("qemu-img"));
+            g_ptr_array_add(argv, g_strdup("rebase"));
+            g_ptr_array_add(argv, g_strdup("-u"));
+            backup_add_key_object(argv, repo);
+            g_ptr_array_add(argv, g_strdup("-b"));
+            g_ptr_array_add(argv, g_strdup(name));
+            g_ptr_array_add(argv, g_strdup("-F"));
+            g_ptr_array_add(argv, g_strdup(repo_format_name(j->format)));
+            if (repo_key_file(repo)) {
+                /* an encrypted image opens with its key only */
+                g_ptr_array_add(argv, repo_qcow2_filename(repo, child));
+            } else {
+                g_ptr_array_add(argv, g_strdup("-f"));
+                g_ptr_array_add(argv, g_strdup("qcow2"));
+                g_ptr_array_add(argv, g_strdup(child));
+            }
+            g_ptr_array_add(argv, NULL);
+            if (!util_run((const char *const *)argv->pdata, NULL, NULL,
+                          &local)) {
                 g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                             "cannot point '%s' at '%s': %s", child, name,
                             local->message);
@@ -446,6 +459,11 @@ static bool plan_merge(Repo *repo, const char *disk, const char *from,
                     "the format must be qcow2 or raw");
         return false;
     }
+    if (repo_encrypted(repo) && plan->format != REPO_QCOW2) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                    "an encrypted repository holds qcow2 images only");
+        return false;
+    }
     if (!plan->full && plan->format != REPO_QCOW2) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "an increment can only be qcow2");
@@ -517,11 +535,15 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
         if (plan->parent) {
             backing = repo_image_name(plan->parent_id, plan->parent->format);
         }
-        QemuImgCreate img = { tmp, plan->to->size, backing,
+        QemuImgCreate img = { tmp,
+                              plan->to->size,
+                              backing,
                               plan->parent
                                   ? repo_format_name(plan->parent->format)
                                   : NULL,
-                              plan->to->compressed };
+                              plan->to->compressed,
+                              repo_key_file(repo),
+                              REPO_KEY_SECRET };
 
         ok = target_create_images(&img, 1, error);
         /* opened above the new parent's chain, named explicitly */
@@ -539,11 +561,11 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
     }
     backup_test_crash("merge-1");
     if (ok) {
-        nbd = nbd_serve(source, NULL, false, error);
+        nbd = nbd_serve(source, NULL, false, repo_key_file(repo), error);
         ok = nbd != NULL;
     }
     if (ok && target) {
-        t = nbd_serve(target, NULL, true, error);
+        t = nbd_serve(target, NULL, true, repo_key_file(repo), error);
         ok = t != NULL;
     }
     if (ok) {

@@ -31,8 +31,17 @@ static char *log_text(NbdServer *s)
     return text;
 }
 
+void backup_add_key_object(GPtrArray *argv, const Repo *repo)
+{
+    if (repo_key_file(repo)) {
+        g_ptr_array_add(argv, g_strdup("--object"));
+        g_ptr_array_add(
+            argv, util_secret_object(REPO_KEY_SECRET, repo_key_file(repo)));
+    }
+}
+
 NbdServer *nbd_serve(const char *image, const char *format, bool writable,
-                     GError **error)
+                     const char *key_file, GError **error)
 {
     g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
     g_autofree char *log = NULL;
@@ -62,6 +71,10 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
     }
     if (format) {
         g_ptr_array_add(argv, g_strdup_printf("--format=%s", format));
+    }
+    if (key_file) {
+        g_ptr_array_add(argv, g_strdup("--object"));
+        g_ptr_array_add(argv, util_secret_object(REPO_KEY_SECRET, key_file));
     }
     /* written once the image is open: then it serves */
     g_ptr_array_add(argv, g_strdup_printf("--pid-file=%s", pidfile));

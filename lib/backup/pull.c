@@ -220,7 +220,9 @@ static void pull_free(Pull *p)
     if (p->disks) {
         g_ptr_array_unref(p->disks);
     }
-    g_ptr_array_unref(p->warnings);
+    if (p->warnings) {
+        g_ptr_array_unref(p->warnings);
+    }
     if (p->pds) {
         g_ptr_array_unref(p->pds);
     }
@@ -798,7 +800,8 @@ static bool make_targets(Pull *p, GError **error)
         g_array_append_val(
             create, ((QemuImgCreate){ pd->image, pd->qd->size, backing,
                                       repo_format_name(pd->parent_format),
-                                      p->opts->compress }));
+                                      p->opts->compress, repo_key_file(p->repo),
+                                      REPO_KEY_SECRET }));
         g_ptr_array_add(images, pd->image);
         g_ptr_array_add(names, pd->qd->id);
     }
@@ -813,7 +816,7 @@ static bool make_targets(Pull *p, GError **error)
     g_ptr_array_add(images, NULL);
     g_ptr_array_add(names, NULL);
     p->target = target_start((char **)images->pdata, (char **)names->pdata,
-                             p->opts->compress, error);
+                             p->opts->compress, repo_key_file(p->repo), error);
     return p->target != NULL;
 }
 
@@ -1384,6 +1387,18 @@ static Pull *pull_begin(QmpClient *qmp, Repo *repo, const BackupOptions *opts,
     g_autoptr(GError) err = NULL;
 
     if (!backup_options_check(opts, error)) {
+        return NULL;
+    }
+    /* an encrypted repository gets encrypted qcow2 images only */
+    if (repo_encrypted(repo) && !repo_key_file(repo)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                    "the repository is encrypted and its key was not given");
+        return NULL;
+    }
+    if (repo_key_file(repo) && g_strcmp0(opts->format, "raw") == 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_USAGE,
+                    "an encrypted repository holds qcow2 images only: not "
+                    "--format raw");
         return NULL;
     }
     p->qmp = qmp;

@@ -63,10 +63,17 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
     }
     close(fd);
     {
-        const char *argv[] = { "qemu-img", "convert", "-O", format,
-                               source,     tmp,       NULL };
+        g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
 
-        if (!util_run(argv, NULL, NULL, &local)) {
+        g_ptr_array_add(argv, g_strdup("qemu-img"));
+        g_ptr_array_add(argv, g_strdup("convert"));
+        backup_add_key_object(argv, repo);
+        g_ptr_array_add(argv, g_strdup("-O"));
+        g_ptr_array_add(argv, g_strdup(format));
+        g_ptr_array_add(argv, g_strdup(source));
+        g_ptr_array_add(argv, g_strdup(tmp));
+        g_ptr_array_add(argv, NULL);
+        if (!util_run((const char *const *)argv->pdata, NULL, NULL, &local)) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
                         "cannot read the chain of backup '%s': %s",
                         ((Manifest *)chain->pdata[0])->id, local->message);
@@ -108,7 +115,8 @@ static bool changed_ranges(Repo *repo, GPtrArray *chain, const char *disk,
                            guint depth, GArray *ranges, GError **error)
 {
     g_autofree char *source = NULL;
-    const char *args[] = { "map", NULL, NULL };
+    g_autofree char *key = NULL;
+    const char *args[] = { "map", NULL, NULL, NULL, NULL };
     json_object *map;
 
     if (depth == 0) {
@@ -116,6 +124,12 @@ static bool changed_ranges(Repo *repo, GPtrArray *chain, const char *disk,
     }
     source = repo_chain_filename(repo, chain, 0, disk, NULL);
     args[1] = source;
+    if (repo_key_file(repo)) {
+        key = util_secret_object(REPO_KEY_SECRET, repo_key_file(repo));
+        args[1] = "--object";
+        args[2] = key;
+        args[3] = source;
+    }
     map = qemu_img_json(args, error);
     if (!map || !json_object_is_type(map, json_type_array)) {
         g_prefix_error(error, "cannot map backup '%s': ",
@@ -221,8 +235,8 @@ static bool copy_ranges(Repo *repo, GPtrArray *ys, const char *disk,
                         CopierStats *stats, GError **error)
 {
     g_autofree char *source = repo_chain_filename(repo, ys, 0, disk, NULL);
-    NbdServer *src = nbd_serve(source, NULL, false, error);
-    NbdServer *dst = src ? nbd_serve(image, fmt, true, error) : NULL;
+    NbdServer *src = nbd_serve(source, NULL, false, repo_key_file(repo), error);
+    NbdServer *dst = src ? nbd_serve(image, fmt, true, NULL, error) : NULL;
     CopierOptions co;
     bool ok = false;
 

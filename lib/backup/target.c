@@ -21,7 +21,8 @@ bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error)
     return true;
 }
 
-Target *target_start(char **images, char **names, bool compress, GError **error)
+Target *target_start(char **images, char **names, bool compress,
+                     const char *key_file, GError **error)
 {
     Target *t = g_new0(Target, 1);
     QmpDaemonFlags flags = compress ? QMP_DAEMON_COMPRESS : 0;
@@ -36,10 +37,11 @@ Target *target_start(char **images, char **names, bool compress, GError **error)
     /* Buffered writes and one fsync at the end are slow (DESIGN.md):
      * bypass the page cache, unless the file system refuses (tmpfs). */
     t->qsd = qmp_spawn_storage_daemon((const char *const *)images,
-                                      flags | QMP_DAEMON_DIRECT_IO, 0, NULL);
+                                      flags | QMP_DAEMON_DIRECT_IO, key_file, 0,
+                                      NULL);
     if (!t->qsd) {
-        t->qsd = qmp_spawn_storage_daemon((const char *const *)images, flags, 0,
-                                          error);
+        t->qsd = qmp_spawn_storage_daemon((const char *const *)images, flags,
+                                          key_file, 0, error);
     }
     if (!t->qsd) {
         g_prefix_error(error, "cannot open the new images: ");

@@ -56,16 +56,18 @@ static char *first_difference(int fd, const char *path, guint64 size)
 
 /*
  * Read IMAGE (FORMAT, NULL for a "json:" chain; a qcow2 image follows its
- * backing chain) through qemu-nbd and hash every block. Returns the image
+ * backing chain; KEY_FILE: an encrypted repository's) through qemu-nbd and
+ * hash every block. Returns the image
  * checksum; the block digests stay in *DIGESTS_FD (an unlinked temporary
  * file, the caller closes it), the copier's figures in STATS.
  */
 static char *read_checksum(const char *image, const char *format,
-                           int *digests_fd, CopierStats *stats, GError **error)
+                           const char *key_file, int *digests_fd,
+                           CopierStats *stats, GError **error)
 {
     g_autofree char *path =
         g_build_filename(g_get_tmp_dir(), "qbk-digests-XXXXXX", NULL);
-    NbdServer *nbd = nbd_serve(image, format, false, error);
+    NbdServer *nbd = nbd_serve(image, format, false, key_file, error);
     CopierOptions co;
     char *sum = NULL;
     int fd;
@@ -116,7 +118,7 @@ json_object *backup_verify(Repo *repo, const char *id, const char *disk,
     top = ((Manifest *)chain->pdata[0])->id;
     e = manifest_disk(chain->pdata[0], disk);
     source = repo_chain_filename(repo, chain, 0, disk, NULL);
-    sum = read_checksum(source, NULL, &dfd, &stats, error);
+    sum = read_checksum(source, NULL, repo_key_file(repo), &dfd, &stats, error);
     ok = sum != NULL;
     if (ok && stats.size != e->size) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
@@ -173,7 +175,7 @@ bool backup_check_image(Repo *repo, const char *id, const char *disk,
         }
         return false;
     }
-    sum = read_checksum(image, format, &dfd, &stats, error);
+    sum = read_checksum(image, format, NULL, &dfd, &stats, error);
     ok = sum != NULL;
     if (ok && g_strcmp0(sum, e->checksum) != 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,

@@ -40,7 +40,8 @@ static char *daemon_stderr(PrivDir *dir)
     return g_strdup(msg);
 }
 
-static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
+static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags,
+                           bool encrypted)
 {
     json_object *file = json_object_new_object();
     json_object *fmt = json_object_new_object();
@@ -58,6 +59,14 @@ static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
     }
     qmp_json_set_string(fmt, "driver", "qcow2");
     json_object_object_add(fmt, "file", file);
+    if (encrypted) {
+        json_object *encrypt = json_object_new_object();
+
+        qmp_json_set_string(encrypt, "format", "luks");
+        qmp_json_set_string(encrypt, "key-secret", QMP_DAEMON_KEY_SECRET);
+        json_object_object_add(fmt, "encrypt", encrypt);
+        json_object_object_add(fmt, "backing", NULL);
+    }
     if (flags & QMP_DAEMON_COMPRESS) {
         json_object *filter = json_object_new_object();
 
@@ -76,14 +85,20 @@ static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags)
  * socket we made: no path in an option string, and no polling for it to
  * appear), PIDFILE written once every option is carried out. */
 static GPtrArray *daemon_argv(const char *const *images, QmpDaemonFlags flags,
-                              const char *pidfile)
+                              const char *key_file, const char *pidfile)
 {
     GPtrArray *argv = g_ptr_array_new_with_free_func(g_free);
 
     g_ptr_array_add(argv, g_strdup(QSD_BINARY));
+    if (key_file) {
+        g_ptr_array_add(argv, g_strdup("--object"));
+        g_ptr_array_add(argv,
+                        util_secret_object(QMP_DAEMON_KEY_SECRET, key_file));
+    }
     for (guint i = 0; images[i]; i++) {
         g_ptr_array_add(argv, g_strdup("--blockdev"));
-        g_ptr_array_add(argv, blockdev_json(images[i], i, flags));
+        g_ptr_array_add(argv,
+                        blockdev_json(images[i], i, flags, key_file != NULL));
     }
     g_ptr_array_add(argv, g_strdup("--chardev"));
     g_ptr_array_add(argv,
@@ -102,8 +117,8 @@ static void stop_quietly(QmpClient *qmp)
 }
 
 QmpClient *qmp_spawn_storage_daemon(const char *const *images,
-                                    QmpDaemonFlags flags, int timeout_ms,
-                                    GError **error)
+                                    QmpDaemonFlags flags, const char *key_file,
+                                    int timeout_ms, GError **error)
 {
     g_autoptr(GPtrArray) argv = NULL;
     g_autoptr(PrivDir) dir = NULL;
@@ -127,7 +142,7 @@ QmpClient *qmp_spawn_storage_daemon(const char *const *images,
     log = privdir_file(dir, "stderr.log");
     pidfile = privdir_file(dir, "qsd.pid");
 
-    argv = daemon_argv(images, flags, pidfile);
+    argv = daemon_argv(images, flags, key_file, pidfile);
 
     errfd = open(log, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (errfd < 0 || !util_spawn_on_socket((const char *const *)argv->pdata,

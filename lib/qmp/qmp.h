@@ -291,7 +291,10 @@ const char *qmp_disk_role(const QmpDisk *disk);
  * locked, so an image in use by a running VM is refused) with a QMP monitor
  * on a private socket, and connect to it. The node of IMAGES[i] is named
  * "img<i>". qmp_free() stops the daemon, which writes persistent bitmaps back
- * to the images.
+ * to the images. KEY_FILE (or NULL): the images are LUKS-encrypted qcow2s
+ * with the passphrase in that file (secret QMP_DAEMON_KEY_SECRET), opened
+ * without their backing files (the copier writes whole clusters: nothing
+ * is read from below).
  */
 typedef enum {
     QMP_DAEMON_DIRECT_IO = 1 << 0, /* cache.direct + native AIO: bypass the
@@ -303,9 +306,11 @@ typedef enum {
                                       image's last) */
 } QmpDaemonFlags;
 
+#define QMP_DAEMON_KEY_SECRET "qbk-key"
+
 QmpClient *qmp_spawn_storage_daemon(const char *const *images,
-                                    QmpDaemonFlags flags, int timeout_ms,
-                                    GError **error);
+                                    QmpDaemonFlags flags, const char *key_file,
+                                    int timeout_ms, GError **error);
 
 /*
  * Ask the daemon that qmp_spawn_storage_daemon() started to quit, without

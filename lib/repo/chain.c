@@ -259,6 +259,20 @@ static json_object *image_options(const char *driver, const char *filename)
     return node;
 }
 
+/* With the repository's key, a qcow2 NODE is opened with it. */
+static void add_key(const Repo *r, json_object *node)
+{
+    if (repo_key_file(r)) {
+        json_object *encrypt = json_object_new_object();
+
+        json_object_object_add(encrypt, "format",
+                               json_object_new_string("luks"));
+        json_object_object_add(encrypt, "key-secret",
+                               json_object_new_string(REPO_KEY_SECRET));
+        json_object_object_add(node, "encrypt", encrypt);
+    }
+}
+
 /* Block options that open links I.. of CHAIN: each link's file and driver
  * and, for qcow2, its backing given explicitly (null under the full). */
 static json_object *link_options(const Repo *r, GPtrArray *chain, guint i,
@@ -270,11 +284,27 @@ static json_object *link_options(const Repo *r, GPtrArray *chain, guint i,
     json_object *node = image_options(repo_format_name(e->format), image);
 
     if (e->format == REPO_QCOW2) {
+        add_key(r, node);
         json_object_object_add(
             node, "backing",
             i + 1 < chain->len ? link_options(r, chain, i + 1, disk) : NULL);
     }
     return node;
+}
+
+char *repo_qcow2_filename(const Repo *r, const char *image)
+{
+    json_object *o = image_options("qcow2", image);
+    char *name;
+
+    add_key(r, o);
+    name = g_strconcat(
+        "json:",
+        json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
+                                              JSON_C_TO_STRING_NOSLASHESCAPE),
+        NULL);
+    json_object_put(o);
+    return name;
 }
 
 char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
@@ -287,6 +317,7 @@ char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
 
     if (top) {
         o = image_options("qcow2", top);
+        add_key(r, o);
         json_object_object_add(o, "backing", below);
     }
     g_assert(o);

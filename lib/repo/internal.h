@@ -6,6 +6,13 @@
 
 #include "repo.h"
 
+struct Repo {
+    char *root;     /* absolute */
+    int lock_fd;    /* holds the writer's lock, or -1 */
+    char *key_file; /* the key, checked against the repository's (key.c);
+                       NULL until then */
+};
+
 /* The largest manifest or journal read. */
 #define MAX_JSON_SIZE (16 << 20)
 

@@ -19,11 +19,6 @@
 #define SCRATCH     ".scratch"
 #define JOURNAL     "merge-journal.json"
 
-struct Repo {
-    char *root;  /* absolute */
-    int lock_fd; /* holds the writer's lock, or -1 */
-};
-
 static const char *const format_names[] = {
     [REPO_QCOW2] = "qcow2",
     [REPO_RAW] = "raw",
@@ -210,6 +205,7 @@ void repo_free(Repo *r)
         close(r->lock_fd);
     }
     g_free(r->root);
+    g_free(r->key_file);
     g_free(r);
 }
 
@@ -468,4 +464,13 @@ char *repo_read_text(const char *path, size_t *len, GError **error)
     text[got] = '\0';
     *len = got;
     return text;
+}
+
+bool repo_is_empty(const Repo *r)
+{
+    g_autofree char *backups = g_build_filename(r->root, "backups", NULL);
+    g_autoptr(GDir) dir = g_dir_open(backups, 0, NULL);
+
+    /* GDir skips "." and ".." */
+    return dir && g_dir_read_name(dir) == NULL;
 }

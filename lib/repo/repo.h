@@ -37,6 +37,7 @@ typedef enum {
     REPO_ERROR_CORRUPT,   /* a file of the repository is damaged or hostile */
     REPO_ERROR_LOCKED,    /* another writer works on it */
     REPO_ERROR_IO,        /* the file system refused */
+    REPO_ERROR_KEY,       /* no key, or not the repository's */
 } RepoErrorCode;
 
 /* ---- names (names.c) ---- */
@@ -79,6 +80,9 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC(Repo, repo_free)
 
 /* The root, absolute. */
 const char *repo_root(const Repo *r);
+
+/* Whether R holds no backup at all, complete or not (nothing in backups/). */
+bool repo_is_empty(const Repo *r);
 
 typedef enum {
     REPO_QCOW2,
@@ -138,6 +142,39 @@ bool repo_write_json(const char *path, json_object *obj, GError **error);
 
 /* fsync PATH (a file or a directory). */
 bool repo_fsync_path(const char *path, GError **error);
+
+/* ---- encryption at rest (key.c) ----
+ * An encrypted repository's qcow2 images are LUKS-encrypted (qcow2
+ * encrypt.format=luks) with the passphrase in a key file: UTF-8 text, its
+ * bytes as they are (newline included), owner-only. QEMU reads it itself
+ * (a secret object with file=, never a command line or the environment).
+ * The repository keeps a fingerprint of it (PBKDF2-HMAC-SHA256 with a
+ * random salt, in REPO/key.json), never the key, so that a wrong key is
+ * refused before anything is read or written. */
+
+/* The id of the secret object every QEMU tool gets for the key. */
+#define REPO_KEY_SECRET "qbk-key"
+
+/* Whether the repository has a key (its backups are encrypted). */
+bool repo_encrypted(const Repo *r);
+
+/*
+ * Check KEY_FILE against the repository's fingerprint and keep it for
+ * repo_key_file(). A repository without a key takes this one if ADOPT
+ * (the caller knows it holds no backup yet), else it is refused.
+ * REPO_ERROR_KEY: a key file that is unreadable, not owner-only, empty,
+ * not UTF-8, or not the repository's; REPO_ERROR_CORRUPT: a damaged
+ * key.json.
+ */
+bool repo_key_check(Repo *r, const char *key_file, bool adopt, GError **error);
+
+/* The checked key file (absolute), or NULL. */
+const char *repo_key_file(const Repo *r);
+
+/* PBKDF2-HMAC-SHA256 of PASS with SALT, ITERATIONS rounds, 32 bytes into
+ * OUT (RFC 8018; exposed for its test vectors). */
+void repo_pbkdf2_sha256(const guint8 *pass, gsize pass_len, const guint8 *salt,
+                        gsize salt_len, guint iterations, guint8 out[32]);
 
 /* ---- manifests (manifest.c) ---- */
 
@@ -242,7 +279,13 @@ bool repo_check_chain(const Repo *r, GPtrArray *chain, const char *disk,
  * explicitly, so that no backing file name written inside an image is
  * ever followed. With TOP (a qcow2 image being written, e.g. by a merge),
  * TOP is opened above those links (above nothing if FROM is past the end).
+ * With the repository's key checked, every qcow2 is opened with the secret
+ * REPO_KEY_SECRET (see util_secret_object).
  */
+/* How QEMU should open the qcow2 IMAGE alone ("json:{...}", with the
+ * repository's key if checked); its backing is the caller's concern. */
+char *repo_qcow2_filename(const Repo *r, const char *image);
+
 char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
                           const char *disk, const char *top);
 

@@ -127,15 +127,26 @@ int util_listen_unix(const char *path, GError **error);
 
 /* ---- qemu-img (qemu-img.c) ---- */
 
+/* How long LUKS's key derivation takes on this machine for each image of
+ * an encrypted repository, at its creation and at every open (ms). */
+#define UTIL_LUKS_ITER_MS 100
+
+/* QEMU's --object for a secret ID that QEMU reads from FILE itself (new
+ * string; JSON, so that no character of the path needs escaping). */
+char *util_secret_object(const char *id, const char *file);
+
 /* A qcow2 image to make: IMAGE of SIZE bytes on BACKING (a file name
  * relative to IMAGE's directory, or NULL) of BACKING_FORMAT; COMPRESS:
- * its compressed clusters are zstd's (compression_type=zstd). */
+ * its compressed clusters are zstd's (compression_type=zstd); KEY_FILE:
+ * LUKS-encrypted with the passphrase in that file (secret KEY_SECRET). */
 typedef struct {
     const char *image;
     guint64 size;
     const char *backing;
     const char *backing_format; /* NULL: qcow2 */
     bool compress;
+    const char *key_file;
+    const char *key_secret;
 } QemuImgCreate;
 
 /*

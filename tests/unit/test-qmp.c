@@ -365,7 +365,7 @@ static void test_storage_daemon(Fixture *f, gconstpointer data)
     /* Only the image is needed: stop the VM first so it is not locked. */
     vm_kill(&f->vm);
     images[0] = f->vm.image;
-    qmp = qmp_spawn_storage_daemon(images, 0, 10000, &error);
+    qmp = qmp_spawn_storage_daemon(images, 0, NULL, 10000, &error);
     g_assert_no_error(error);
     disks = qmp_query_node_disks(qmp, nodes, ids, &error);
     g_assert_no_error(error);
@@ -381,7 +381,7 @@ static void test_storage_daemon(Fixture *f, gconstpointer data)
     qmp_free(qmp);
 
     /* The bitmap was written back, and the daemon's dir is gone. */
-    qmp = qmp_spawn_storage_daemon(images, 0, 10000, &error);
+    qmp = qmp_spawn_storage_daemon(images, 0, NULL, 10000, &error);
     g_assert_no_error(error);
     g_clear_pointer(&disks, g_ptr_array_unref);
     disks = qmp_query_node_disks(qmp, nodes, ids, &error);
@@ -389,7 +389,7 @@ static void test_storage_daemon(Fixture *f, gconstpointer data)
     qmp_free(qmp); /* stops it too */
 
     images[0] = "/nonexistent/x.qcow2";
-    g_assert_null(qmp_spawn_storage_daemon(images, 0, 10000, &error));
+    g_assert_null(qmp_spawn_storage_daemon(images, 0, NULL, 10000, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_SPAWN);
     g_assert_nonnull(strstr(error->message, "/nonexistent/x.qcow2"));
 }

@@ -346,7 +346,8 @@ static void fixture_setup(Fixture *f, gconstpointer unused)
 
 static void fixture_teardown(Fixture *f, gconstpointer unused)
 {
-    g_autofree char *cmd = g_strdup_printf("rm -rf '%s'", f->dir);
+    g_autofree char *cmd =
+        g_strdup_printf("rm -rf '%s' '%s.key'", f->dir, f->dir);
 
     repo_free(f->repo);
     g_assert_cmpint(system(cmd), ==, 0);
@@ -365,6 +366,93 @@ static void test_owner_only(Fixture *f, gconstpointer unused)
     g_assert_cmpint(st.st_mode & 0777, ==, 0700);
     g_assert_cmpint(stat(marker, &st), ==, 0);
     g_assert_cmpint(st.st_mode & 0777, ==, 0600);
+}
+
+/* RFC 8018's PBKDF2 with HMAC-SHA-256, against its published vectors. */
+static void test_pbkdf2(void)
+{
+    static const struct {
+        guint rounds;
+        const char *hex;
+    } vectors[] = {
+        { 1,
+          "120fb6cffcf8b32c43e7225256c4f837a86548c92ccc35480805987cb70be17b" },
+        { 2,
+          "ae4d0c95af6b46d32d0adff928f06dd02a303f8ef3c251dfd6e2d85a95474c43" },
+        { 4096,
+          "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a" },
+    };
+
+    for (guint i = 0; i < G_N_ELEMENTS(vectors); i++) {
+        guint8 out[32];
+        GString *hex = g_string_new(NULL);
+
+        repo_pbkdf2_sha256((const guint8 *)"password", 8,
+                           (const guint8 *)"salt", 4, vectors[i].rounds, out);
+        for (guint j = 0; j < sizeof(out); j++) {
+            g_string_append_printf(hex, "%02x", out[j]);
+        }
+        g_assert_cmpstr(hex->str, ==, vectors[i].hex);
+        g_string_free(hex, TRUE);
+    }
+}
+
+/* A key adopted once; the same key again; another refused; a damaged
+ * fingerprint refused as corrupt; files that cannot be keys refused. */
+static void test_key(Fixture *f, gconstpointer unused)
+{
+    g_autoptr(GError) error = NULL;
+    g_autofree char *key = g_strconcat(f->dir, ".key", NULL);
+    g_autofree char *json = g_build_filename(f->dir, "key.json", NULL);
+    g_autofree char *text = NULL;
+
+    g_assert_true(g_file_set_contents(key, "correct horse", -1, NULL));
+    g_assert_cmpint(chmod(key, 0600), ==, 0);
+    g_assert_false(repo_encrypted(f->repo));
+    g_assert_false(repo_key_check(f->repo, key, false, &error));
+    g_assert_error(error, REPO_ERROR, REPO_ERROR_KEY);
+    g_clear_error(&error);
+    g_assert_true(repo_key_check(f->repo, key, true, &error));
+    g_assert_no_error(error);
+    g_assert_true(repo_encrypted(f->repo));
+    g_assert_nonnull(repo_key_file(f->repo));
+    /* the key itself is nowhere in the record */
+    g_assert_true(g_file_get_contents(json, &text, NULL, NULL));
+    g_assert_null(strstr(text, "correct horse"));
+    g_assert_true(repo_key_check(f->repo, key, false, &error));
+    /* another passphrase, one byte more */
+    g_assert_true(g_file_set_contents(key, "correct horse\n", -1, NULL));
+    g_assert_cmpint(chmod(key, 0600), ==, 0);
+    g_assert_false(repo_key_check(f->repo, key, false, &error));
+    g_assert_error(error, REPO_ERROR, REPO_ERROR_KEY);
+    g_clear_error(&error);
+    /* open to others, empty, not text */
+    g_assert_true(g_file_set_contents(key, "correct horse", -1, NULL));
+    g_assert_cmpint(chmod(key, 0640), ==, 0);
+    g_assert_false(repo_key_check(f->repo, key, false, &error));
+    g_assert_error(error, REPO_ERROR, REPO_ERROR_KEY);
+    g_clear_error(&error);
+    g_assert_true(g_file_set_contents(key, "", 0, NULL));
+    g_assert_cmpint(chmod(key, 0600), ==, 0);
+    g_assert_false(repo_key_check(f->repo, key, false, &error));
+    g_assert_error(error, REPO_ERROR, REPO_ERROR_KEY);
+    g_clear_error(&error);
+    g_assert_true(g_file_set_contents(key, "\xff\xfe", 2, NULL));
+    g_assert_cmpint(chmod(key, 0600), ==, 0);
+    g_assert_false(repo_key_check(f->repo, key, false, &error));
+    g_assert_error(error, REPO_ERROR, REPO_ERROR_KEY);
+    g_clear_error(&error);
+    /* a damaged fingerprint: corrupt, not a wrong key */
+    g_assert_true(g_file_set_contents(key, "correct horse", -1, NULL));
+    g_assert_cmpint(chmod(key, 0600), ==, 0);
+    g_assert_true(g_file_set_contents(
+        json,
+        "{\"encryption\": \"luks\", \"kdf\": \"pbkdf2-hmac-sha256\", "
+        "\"iterations\": 1, \"salt\": \"00\", \"fingerprint\": \"00\"}",
+        -1, NULL));
+    g_assert_false(repo_key_check(f->repo, key, false, &error));
+    g_assert_error(error, REPO_ERROR, REPO_ERROR_CORRUPT);
+    unlink(key);
 }
 
 static void test_chain_loops(Fixture *f, gconstpointer unused)
@@ -466,6 +554,9 @@ int main(int argc, char **argv)
     g_test_add_func("/repo/manifest/hostile", test_manifest_hostile);
     g_test_add_func("/repo/journal", test_journal);
     g_test_add_func("/repo/qcow2-header", test_qcow2_header);
+    g_test_add_func("/repo/pbkdf2", test_pbkdf2);
+    g_test_add("/repo/key", Fixture, NULL, fixture_setup, test_key,
+               fixture_teardown);
     g_test_add("/repo/owner-only", Fixture, NULL, fixture_setup,
                test_owner_only, fixture_teardown);
     g_test_add("/repo/chain-loops", Fixture, NULL, fixture_setup,
