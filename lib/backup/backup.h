@@ -265,6 +265,61 @@ json_object *backup_restore_into(Repo *repo, const char *from, const char *id,
                                  const char *disk, const char *image,
                                  GError **error);
 
+/*
+ * Live restore, step one: OUTPUT (which must not exist) becomes a qcow2
+ * image of DISK whose backing is backup ID's chain, named in its header as
+ * an explicit json: chain of read-only links (with the secret
+ * REPO_KEY_SECRET if the repository is encrypted: the VM's QEMU needs
+ * that secret object). A VM can start from it at once. Returns {disk,
+ * backup, image, size, chain, key_secret?}.
+ */
+json_object *backup_live_create(Repo *repo, const char *id, const char *disk,
+                                const char *output, GError **error);
+
+/* Called about once a second while a stream runs: DONE of TOTAL bytes. */
+typedef void (*BackupLiveProgressFn)(guint64 done, guint64 total,
+                                     void *opaque);
+
+/*
+ * Live restore, step two: on the QEMU at QMP, copy into NODE (the image
+ * of backup_live_create, opened by a VM) everything it does not hold yet
+ * from its backing chain (block-stream, at most SPEED bytes/s, 0: no
+ * limit), while the guest runs; then NODE's image stands alone (no
+ * backing in its header). *CANCEL set: the stream is cancelled. A stream
+ * cancelled, failed, or cut short by QEMU's death leaves the image valid
+ * on its backing; streaming again copies what is still missing. Returns
+ * {node, bytes, seconds}.
+ */
+json_object *backup_live_stream(QmpClient *qmp, const char *node,
+                                guint64 speed, volatile int *cancel,
+                                BackupLiveProgressFn progress, void *opaque,
+                                GError **error);
+
+/* Where backup_serve listens: a unix SOCKET (a path, which must not
+ * exist), or HOST and PORT, with TLS through the server certificates in
+ * TLS_DIR (QEMU's tls-creds-x509 layout; clients must show a certificate
+ * of its CA), or without (NULL). */
+typedef struct {
+    const char *socket;
+    const char *host;
+    const char *port;
+    const char *tls_dir;
+} BackupServe;
+
+/* Called once the export serves, with {disk, backup, uri}. */
+typedef void (*BackupServeReadyFn)(json_object *info, void *opaque);
+
+/*
+ * Serve DISK of backup ID read-only over NBD (qemu-nbd: any number of
+ * clients in turn, 16 at once, with its allocation depth) at WHERE, until
+ * *STOP is set. Returns the same {disk, backup, uri} (new reference); an
+ * error if qemu-nbd cannot start or stops by itself.
+ */
+json_object *backup_serve(Repo *repo, const char *id, const char *disk,
+                          const BackupServe *where, volatile int *stop,
+                          BackupServeReadyFn ready, void *opaque,
+                          GError **error);
+
 /* Whether IMAGE (FORMAT) reads exactly as DISK of backup ID: its block
  * checksum against the manifest's (BACKUP_ERROR_MISMATCH if not). */
 bool backup_check_image(Repo *repo, const char *id, const char *disk,
