@@ -212,6 +212,15 @@ gw() {
             conv=notrunc status=none
 }
 
+# guest_write_file DISK OFFSET FILE: FILE's bytes written through the
+# device at OFFSET, and into the shadow
+guest_write_file() {
+    local out
+    out=$(qmp --hmp "qemu-io -d /machine/peripheral/$1/virtio-backend \"write -s $3 $2 $(stat -c %s "$3")\"")
+    [ -z "$out" ] || { echo "guest_write_file: $out" >&2; return 1; }
+    dd if="$3" of="$T/shadow-$1.raw" bs=64k seek="$2" oflag=seek_bytes conv=notrunc status=none
+}
+
 # random_writes N DISK...: N writes of 4-256 KiB at random 4 KiB offsets.
 random_writes() {
     local n=$1 i d off len pat size

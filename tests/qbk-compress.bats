@@ -15,15 +15,6 @@ teardown() {
     common_teardown
 }
 
-# guest_write_file DISK OFFSET FILE: FILE's bytes written through the
-# device at OFFSET, and into the shadow
-guest_write_file() {
-    local out
-    out=$(qmp --hmp "qemu-io -d /machine/peripheral/$1/virtio-backend \"write -s $3 $2 $(stat -c %s "$3")\"")
-    [ -z "$out" ] || { echo "guest_write_file: $out" >&2; return 1; }
-    dd if="$3" of="$T/shadow-$1.raw" bs=64k seek="$2" oflag=seek_bytes conv=notrunc status=none
-}
-
 # repo_field BACKUP DISK FIELD: a field of the repository's manifest now
 repo_field() {
     jq -r --arg d "$2" --arg f "$3" '.disks[] | select(.disk == $d) | .[$f]' \

@@ -23,13 +23,24 @@ teardown() {
     common_teardown
 }
 
-# guest_write_file DISK OFFSET FILE: FILE's bytes written through the
-# device at OFFSET, and into the shadow
-guest_write_file() {
-    local out
-    out=$(qmp --hmp "qemu-io -d /machine/peripheral/$1/virtio-backend \"write -s $3 $2 $(stat -c %s "$3")\"")
-    [ -z "$out" ] || { echo "guest_write_file: $out" >&2; return 1; }
-    dd if="$3" of="$T/shadow-$1.raw" bs=64k seek="$2" oflag=seek_bytes conv=notrunc status=none
+# overwrite_during NAME ARGS...: a backup (scratch kept: --no-release) in
+# whose scratch the guest's overwrite of the pattern puts the pattern's
+# old bytes; runs CHECK (a command) while it copies, then lets it finish
+overwrite_during() {
+    local name=$1 check=$2
+    shift 2
+    start_pull "$name" --rate-limit 1M --no-release --json "$@"
+    wait_fleeced "$T/progress-$name" "$PULL_PID"
+    snapshot "$name" disk0 disk1
+    gw disk0 $((6 << 20)) $((1 << 20)) 99
+    [ -n "$(ls -A "$T/repo/.scratch")" ]
+    $check
+    wait "$PULL_PID" || { cat "$T/pull-$name.err"; false; }
+}
+
+# in_scratch: the pattern is in the scratch, in the clear
+in_scratch() {
+    [ -n "$(grep -rlF "$CANARY" "$T/repo/.scratch")" ]
 }
 
 # no_plaintext: neither the guest's pattern nor the key in any file of
@@ -62,6 +73,10 @@ no_plaintext() {
         --image-opts "driver=qcow2,encrypt.key-secret=k,file.filename=$full" "$T/plain.raw"
     cmp "$T/plain.raw" "$T/expect-full-disk0.raw"
     rm "$T/plain.raw"
+    # during a backup the guest's overwritten data waits in the scratch:
+    # encrypted there too (with a passphrase of this run only)
+    overwrite_during during no_plaintext
+    restore_matches during disk0
     # later runs need only the key (here from $QBK_KEY_FILE)
     random_writes 4 disk0 disk1
     pull_with_writes inc1 "disk0 disk1"
@@ -146,6 +161,19 @@ repo_state() {
     pull_with_writes inc "disk0 disk1" --key-file "$T/key"
     QBK_KEY_FILE=$T/key restore_matches inc disk0
     no_plaintext
+    # a run killed mid-copy leaves its scratch's passphrase in QEMU (a
+    # mark); the repair removes it with the rest
+    start_pull killed --key-file "$T/key" --rate-limit 1M
+    wait_progress progress "$T/progress-killed" "$PULL_PID"
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-k"))] | length')" -eq 1 ]
+    kill -KILL "$PULL_PID"
+    wait "$PULL_PID" || true
+    run -0 qbk-checkpoint check --repair
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
+    random_writes 2 disk0 disk1
+    pull_with_writes after "disk0 disk1" --key-file "$T/key"
+    QBK_KEY_FILE=$T/key restore_matches after disk0
+    no_plaintext
     assert_clean
 }
 
@@ -154,7 +182,10 @@ repo_state() {
     [ "$status" -eq 2 ]
     assert_one_line_error
     [ ! -e "$T/repo" ]
-    pull_with_writes plain "disk0 disk1"
+    # the control for the scratch check above: a plain repository's
+    # scratch holds the pattern in the clear
+    overwrite_during plain in_scratch
+    restore_matches plain disk0
     run qbk-pull --repo "$T/repo" --encrypt --key-file "$T/key"
     [ "$status" -eq 2 ]
     assert_one_line_error

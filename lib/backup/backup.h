@@ -277,8 +277,7 @@ json_object *backup_live_create(Repo *repo, const char *id, const char *disk,
                                 const char *output, GError **error);
 
 /* Called about once a second while a stream runs: DONE of TOTAL bytes. */
-typedef void (*BackupLiveProgressFn)(guint64 done, guint64 total,
-                                     void *opaque);
+typedef void (*BackupLiveProgressFn)(guint64 done, guint64 total, void *opaque);
 
 /*
  * Live restore, step two: on the QEMU at QMP, copy into NODE (the image
@@ -290,8 +289,8 @@ typedef void (*BackupLiveProgressFn)(guint64 done, guint64 total,
  * on its backing; streaming again copies what is still missing. Returns
  * {node, bytes, seconds}.
  */
-json_object *backup_live_stream(QmpClient *qmp, const char *node,
-                                guint64 speed, volatile int *cancel,
+json_object *backup_live_stream(QmpClient *qmp, const char *node, guint64 speed,
+                                volatile int *cancel,
                                 BackupLiveProgressFn progress, void *opaque,
                                 GError **error);
 

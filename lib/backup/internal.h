@@ -12,18 +12,20 @@
 /* ---- marks of a backup in the VM (leftover.c) ---- */
 
 typedef enum {
-    MARK_AT_WORK = 'm',  /* the backup's checkpoint is not committed yet */
-    MARK_PAUSED = 'p',   /* qbk paused the VM for it: resume it */
-    MARK_SERVER = 'n',   /* qbk started QEMU's NBD server for it: stop it */
-    MARK_FROZEN = 'f',   /* qbk froze the guest's file systems: thaw them
+    MARK_AT_WORK = 'm',     /* the backup's checkpoint is not committed yet */
+    MARK_PAUSED = 'p',      /* qbk paused the VM for it: resume it */
+    MARK_SERVER = 'n',      /* qbk started QEMU's NBD server for it: stop it */
+    MARK_FROZEN = 'f',      /* qbk froze the guest's file systems: thaw them
                            (the mark holds the agent's address) */
-    MARK_SHUTDOWN = 's', /* qbk made a guest poweroff pause the VM: put
+    MARK_SHUTDOWN = 's',    /* qbk made a guest poweroff pause the VM: put
                             the action back (the mark holds it) */
-    MARK_AUTHZ = 'a',    /* not a secret: the authz-simple object that lets
+    MARK_AUTHZ = 'a',       /* not a secret: the authz-simple object that lets
                             our certificate into the NBD server */
+    MARK_SCRATCH_KEY = 'k', /* the random passphrase of the scratch images
+                               of an encrypted repository's backup */
 } BackupMark;
 
-#define MARK_LETTERS "mpnfsa"
+#define MARK_LETTERS "mpnfsak"
 
 /* The id of mark MARK of backup TAG made by this process. */
 char *mark_id(BackupMark mark, GPid pid, const char *tag);

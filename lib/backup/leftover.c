@@ -16,6 +16,8 @@
  *      shutdown action the mark holds
  *   a  (an authz-simple object, not a secret) who may connect to the NBD
  *      server qbk started on an inet address with TLS
+ *   k  the random passphrase of an encrypted repository's backup's
+ *      scratch images (LUKS), which QEMU reads
  *
  * A mark lives and dies with the QEMU process, as the state it describes
  * does: a VM restarted (or paused again by its administrator) carries no

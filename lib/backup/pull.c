@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -172,7 +173,8 @@ typedef struct {
     char *nbd_socket; /* the exports' unix socket, or */
     char *nbd_host;   /* their host and port (--nbd-listen) */
     char *nbd_port;
-    bool authz; /* our MARK_AUTHZ object is in QEMU */
+    bool authz;         /* our MARK_AUTHZ object is in QEMU */
+    bool scratch_keyed; /* our MARK_SCRATCH_KEY is in QEMU */
 
     /* state */
     GPtrArray *disks;    /* QmpDisk*, the VM's, owned */
@@ -592,6 +594,41 @@ static bool freeze_point(Pull *p, QmpTransaction *tx, QmpTransaction *later,
  * backup jobs. Scheme B: the same bitmap actions, but the older ones stop
  * in a second transaction once the filters are in (insert_filters).
  */
+/*
+ * An encrypted repository's backup keeps the guest's overwritten data
+ * encrypted in its scratch images too (LUKS, made by QEMU), with a random
+ * passphrase that lives in QEMU and in this run only: a scratch a crash
+ * leaves behind cannot be read.
+ */
+static bool scratch_key(Pull *p, GError **error)
+{
+    guint8 raw[32];
+    g_autofree char *hex = NULL;
+    GString *s = g_string_sized_new(2 * sizeof(raw));
+
+    if (getrandom(raw, sizeof(raw), 0) != sizeof(raw)) {
+        g_string_free(s, TRUE);
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "no random bytes for the scratch's key: %s",
+                    g_strerror(errno));
+        return false;
+    }
+    for (guint i = 0; i < sizeof(raw); i++) {
+        g_string_append_printf(s, "%02x", raw[i]);
+    }
+    hex = g_string_free(s, FALSE);
+    if (!mark_add(p->qmp, MARK_SCRATCH_KEY, p->id, hex, error)) {
+        return false;
+    }
+    p->scratch_keyed = true;
+    for (guint i = 0; i < p->fds->len; i++) {
+        FleeceDisk *fd = p->fds->pdata[i];
+
+        fd->key_secret = mark_id(MARK_SCRATCH_KEY, getpid(), p->id);
+    }
+    return true;
+}
+
 static bool fleece(Pull *p, GError **error)
 {
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
@@ -615,7 +652,8 @@ static bool fleece(Pull *p, GError **error)
         g_ptr_array_add(p->fds, pd->fd); /* torn down even if half added */
         sizes[i] = pd->qd->size;
     }
-    if (!fleece_create_scratch(p->qmp, p->fds, sizes, error)) {
+    if ((repo_key_file(p->repo) && !scratch_key(p, error)) ||
+        !fleece_create_scratch(p->qmp, p->fds, sizes, error)) {
         return false;
     }
     for (guint i = 0; i < p->pds->len; i++) {
@@ -772,6 +810,9 @@ static bool teardown(Pull *p, GError **error)
     /* once the server is gone: it holds the authz */
     if (p->authz && mark_del(p->qmp, MARK_AUTHZ, p->id, NULL)) {
         p->authz = false;
+    }
+    if (p->scratch_keyed && mark_del(p->qmp, MARK_SCRATCH_KEY, p->id, NULL)) {
+        p->scratch_keyed = false;
     }
     return true;
 }

@@ -57,6 +57,7 @@ void fleece_disk_free(FleeceDisk *fd)
     g_free(fd->job);
     g_free(fd->export_);
     g_free(fd->file);
+    g_free(fd->key_secret);
     g_free(fd->cbw);
     g_free(fd->access);
     g_free(fd->notice_export);
@@ -185,27 +186,65 @@ static json_object *create_options(const char *driver, const char *key,
     return o;
 }
 
+/* The LUKS options of FD's encrypted scratch: its secret, and a key
+ * derivation of 10 ms (the passphrase is random and lives one run). */
+static void add_luks(json_object *o, const FleeceDisk *fd)
+{
+    qmp_json_set_string(o, "key-secret", fd->key_secret);
+    qmp_json_set_uint(o, "iter-time", 10);
+}
+
+/* The format step of qemu_create: DRIVER in the file node. QEMU's LUKS
+ * tunes its key derivation on the thread's CPU clock and gives up when
+ * that has not moved ("Unable to get accurate CPU usage"): tried again. */
+static bool qemu_format(QmpClient *qmp, FleeceDisk *fd, const char *driver,
+                        guint64 size, GError **error)
+{
+    for (int i = 0;; i++) {
+        g_autoptr(GError) local = NULL;
+        json_object *o = create_options(driver, "file", fd->scratch, size);
+
+        if (fd->key_secret && fd->raw_scratch) {
+            add_luks(o, fd);
+        } else if (fd->key_secret) {
+            json_object *encrypt = json_object_new_object();
+
+            qmp_json_set_string(encrypt, "format", "luks");
+            add_luks(encrypt, fd);
+            json_object_object_add(o, "encrypt", encrypt);
+        }
+        if (qemu_create_job(qmp, fd, o, &local)) {
+            return true;
+        }
+        if (i == 10 || !strstr(local->message, "accurate CPU usage")) {
+            g_propagate_error(error, g_steal_pointer(&local));
+            return false;
+        }
+    }
+}
+
 /*
  * QEMU makes FD's scratch image of SIZE bytes at fd->file on its host (an
- * existing file is truncated to nothing first): a raw file, or a qcow2 in
- * it, formatted through a file node that lives only for that moment under
- * the scratch node's name (which teardown removes if a kill leaves it).
- * The qcow2 names no backing file: scheme A gives it the disk when it
- * adds the scratch.
+ * existing file is truncated to nothing first): a raw file, or a qcow2 or
+ * LUKS image in it, formatted through a file node that lives only for
+ * that moment under the scratch node's name (which teardown removes if a
+ * kill leaves it). The qcow2 names no backing file: scheme A gives it the
+ * disk when it adds the scratch.
  */
 static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
                         GError **error)
 {
+    bool plain_raw = fd->raw_scratch && !fd->key_secret;
     json_object *file;
     bool ok;
 
-    if (!qemu_create_job(qmp, fd,
-                         create_options("file", "filename", fd->file,
-                                        fd->raw_scratch ? size : 0),
-                         error)) {
+    if (!qemu_create_job(
+            qmp, fd,
+            create_options("file", "filename", fd->file, plain_raw ? size : 0),
+            error)) {
         return false;
     }
-    if (fd->raw_scratch) {
+    if (plain_raw) {
         return true;
     }
     file = json_object_new_object();
@@ -216,8 +255,7 @@ static bool qemu_create(QmpClient *qmp, FleeceDisk *fd, guint64 size,
         g_prefix_error(error, "cannot open the scratch image '%s': ", fd->file);
         return false;
     }
-    ok = qemu_create_job(
-        qmp, fd, create_options("qcow2", "file", fd->scratch, size), error);
+    ok = qemu_format(qmp, fd, fd->raw_scratch ? "luks" : "qcow2", size, error);
     file = json_object_new_object();
     qmp_json_set_string(file, "node-name", fd->scratch);
     return qmp_run(qmp, "blockdev-del", file, ok ? error : NULL) && ok;
@@ -232,7 +270,7 @@ bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,
     for (guint i = 0; i < fds->len; i++) {
         FleeceDisk *fd = fds->pdata[i];
 
-        if (fd->qemu_file) {
+        if (fd->qemu_file || fd->key_secret) {
             if (!qemu_create(qmp, fd, sizes[i], error)) {
                 remove_raw(fds, i);
                 return false;
@@ -268,13 +306,22 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, json_object *options,
                         GError **error)
 {
     json_object *args = json_object_new_object();
-    json_object *file = args; /* a raw scratch is its file node */
+    json_object *file = args; /* a plain raw scratch is its file node */
 
-    if (!fd->raw_scratch) {
+    if (!fd->raw_scratch || fd->key_secret) {
         file = json_object_new_object();
-        qmp_json_set_string(args, "driver", "qcow2");
+        qmp_json_set_string(args, "driver", fd->raw_scratch ? "luks" : "qcow2");
         json_object_object_add(args, "file", file);
         json_object_object_add(args, "cache", no_flush());
+    }
+    if (fd->key_secret && fd->raw_scratch) {
+        qmp_json_set_string(args, "key-secret", fd->key_secret);
+    } else if (fd->key_secret) {
+        json_object *encrypt = json_object_new_object();
+
+        qmp_json_set_string(encrypt, "format", "luks");
+        qmp_json_set_string(encrypt, "key-secret", fd->key_secret);
+        json_object_object_add(args, "encrypt", encrypt);
     }
     qmp_json_set_string(file, "driver", "file");
     qmp_json_set_string(file, "filename", fd->file);

@@ -43,6 +43,9 @@ typedef struct {
     bool raw_scratch;     /* the scratch is a sparse raw file, not a qcow2 */
     bool qemu_file;       /* FILE is a path on QEMU's host, made by QEMU
                              (blockdev-create) and never removed here */
+    char *key_secret;     /* or NULL: the scratch is LUKS-encrypted with the
+                             passphrase in this secret object of QEMU's, and
+                             made by QEMU (blockdev-create) */
     char *cbw;            /* B: copy-before-write filter node */
     char *access;         /* B: snapshot-access node: the point in time */
     char *notice_export;  /* B: id and name of the scratch node's export */
@@ -102,7 +105,8 @@ void fleece_disk_free(FleeceDisk *fd);
  * once before the schemes' add: a sparse raw file, or a qcow2 (each a
  * qemu-img run, all at once); none is left on failure. A disk whose file
  * is on QEMU's host (qemu_file) gets it from QEMU (blockdev-create), an
- * earlier one truncated and reused. */
+ * earlier one truncated and reused; so does an encrypted one (key_secret),
+ * LUKS for a raw scratch, qcow2's LUKS encryption for a qcow2. */
 bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,
                            GError **error);
 

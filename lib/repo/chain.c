@@ -292,19 +292,25 @@ static json_object *link_options(const Repo *r, GPtrArray *chain, guint i,
     return node;
 }
 
-char *repo_qcow2_filename(const Repo *r, const char *image)
+/* "json:" and O's text (O taken). */
+static char *json_filename(json_object *o)
 {
-    json_object *o = image_options("qcow2", image);
-    char *name;
-
-    add_key(r, o);
-    name = g_strconcat(
+    char *name = g_strconcat(
         "json:",
         json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
                                               JSON_C_TO_STRING_NOSLASHESCAPE),
         NULL);
+
     json_object_put(o);
     return name;
+}
+
+char *repo_qcow2_filename(const Repo *r, const char *image)
+{
+    json_object *o = image_options("qcow2", image);
+
+    add_key(r, o);
+    return json_filename(o);
 }
 
 char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
@@ -313,7 +319,6 @@ char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
     json_object *below =
         from < chain->len ? link_options(r, chain, from, disk) : NULL;
     json_object *o = below;
-    char *name;
 
     if (top) {
         o = image_options("qcow2", top);
@@ -321,11 +326,5 @@ char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
         json_object_object_add(o, "backing", below);
     }
     g_assert(o);
-    name = g_strconcat(
-        "json:",
-        json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
-                                              JSON_C_TO_STRING_NOSLASHESCAPE),
-        NULL);
-    json_object_put(o);
-    return name;
+    return json_filename(o);
 }
