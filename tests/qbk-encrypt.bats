@@ -84,9 +84,11 @@ no_plaintext() {
     [ "$(qemu-img info --output=json "$T/repo/$(manifest_field inc1 disk0 image)" | jq .encrypted)" = true ]
     restore_matches inc1 disk0
     restore_matches inc1 disk1
-    # compression and encryption together
+    # compression and encryption together, and scheme A (its scratch an
+    # encrypted qcow2 on the disk)
     random_writes 4 disk0 disk1
-    pull_with_writes inc2 "disk0 disk1" --compress
+    pull_with_writes inc2 "disk0 disk1" --compress --fleece A
+    [ "$(jq -r .fleece "$T/pull-inc2.json")" = A ]
     inc2=$T/repo/$(manifest_field inc2 disk0 image)
     [ "$(qemu-img info --output=json "$inc2" | jq .encrypted)" = true ]
     qemu-img check --object "secret,id=k,file=$T/key" \
