@@ -136,8 +136,12 @@ typedef struct {
 bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error);
 
 /* Serve IMAGES[i] as export NAMES[i]; COMPRESS: every cluster written
- * is compressed (QMP_DAEMON_COMPRESS); KEY_FILE: they are encrypted with
- * the repository's key. */
+ * is compressed (QMP_DAEMON_COMPRESS), and export target_plain_name(NAMES[i])
+ * writes the same image plain (for data that does not compress);
+ * KEY_FILE: they are encrypted with the repository's key. */
+/* The name of the plain export of export NAME (new string). */
+char *target_plain_name(const char *name);
+
 Target *target_start(char **images, char **names, bool compress,
                      const char *key_file, GError **error);
 

@@ -918,6 +918,7 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
     g_autofree char *notice_uri =
         export_uri(p, p->scheme->notice_export(pd->fd));
     g_autofree char *dst_uri = NULL;
+    g_autofree char *plain_uri = NULL;
     g_autofree char *chain_uri =
         p->scheme->chain_export ? export_uri(p, p->scheme->chain_export(pd->fd))
                                 : NULL;
@@ -931,6 +932,12 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
     if (pd->format != REPO_RAW) {
         dst_uri = copier_nbd_uri(p->target->socket, pd->qd->id);
         dst = (CopierEndpoint){ .uri = dst_uri };
+        if (p->opts->compress) {
+            g_autofree char *name = target_plain_name(pd->qd->id);
+
+            plain_uri = copier_nbd_uri(p->target->socket, name);
+            dst.uri_plain = plain_uri;
+        }
     }
     co.bitmap = pd->since;
     co.target_zeroed = pd->mode == BACKUP_MODE_FULL;

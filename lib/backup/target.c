@@ -21,6 +21,26 @@ bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error)
     return true;
 }
 
+char *target_plain_name(const char *name)
+{
+    return g_strconcat("plain/", name, NULL);
+}
+
+/* Export NODE of the daemon as NAME, writable (the Nth image's). */
+static bool export_add(Target *t, guint n, const char *node, const char *name,
+                       GError **error)
+{
+    json_object *args = json_object_new_object();
+    g_autofree char *id = g_strdup_printf("t%u-%s", n, node);
+
+    qmp_json_set_string(args, "type", "nbd");
+    qmp_json_set_string(args, "id", id);
+    qmp_json_set_string(args, "node-name", node);
+    qmp_json_set_string(args, "name", name);
+    qmp_json_set_bool(args, "writable", 1);
+    return qmp_run(t->qsd, "block-export-add", args, error);
+}
+
 Target *target_start(char **images, char **names, bool compress,
                      const char *key_file, GError **error)
 {
@@ -61,15 +81,11 @@ Target *target_start(char **images, char **names, bool compress,
     }
     for (guint i = 0; images[i]; i++) {
         g_autofree char *node = g_strdup_printf("img%u", i);
-        g_autofree char *id = g_strdup_printf("t%u", i);
+        g_autofree char *plain = g_strdup_printf("img%u-fmt", i);
+        g_autofree char *plain_name = target_plain_name(names[i]);
 
-        args = json_object_new_object();
-        qmp_json_set_string(args, "type", "nbd");
-        qmp_json_set_string(args, "id", id);
-        qmp_json_set_string(args, "node-name", node);
-        qmp_json_set_string(args, "name", names[i]);
-        qmp_json_set_bool(args, "writable", 1);
-        if (!qmp_run(t->qsd, "block-export-add", args, error)) {
+        if (!export_add(t, i, node, names[i], error) ||
+            (compress && !export_add(t, i, plain, plain_name, error))) {
             target_free(t);
             return NULL;
         }

@@ -50,6 +50,10 @@ typedef struct {
     const char *uri;
     /* target only: write this raw file instead */
     const char *file;
+    /* target only, or NULL: the same image as URI, written without
+     * compression, where URI compresses every write (QEMU's compress
+     * filter): data that would not shrink goes here, at full speed */
+    const char *uri_plain;
     /* for nbds URIs: ca-cert.pem, client-cert.pem, client-key.pem
      * (libnbd's tls-certificates) */
     const char *tls_dir;

@@ -69,7 +69,9 @@ static char *blockdev_json(const char *image, guint index, QmpDaemonFlags flags,
     }
     if (flags & QMP_DAEMON_COMPRESS) {
         json_object *filter = json_object_new_object();
+        g_autofree char *inner = g_strdup_printf("%s-fmt", node);
 
+        qmp_json_set_string(fmt, "node-name", inner);
         qmp_json_set_string(filter, "driver", "compress");
         json_object_object_add(filter, "file", fmt);
         fmt = filter;

@@ -300,10 +300,11 @@ typedef enum {
     QMP_DAEMON_DIRECT_IO = 1 << 0, /* cache.direct + native AIO: bypass the
                                       page cache (not on tmpfs) */
     QMP_DAEMON_COMPRESS = 1 << 1,  /* "img<i>" is QEMU's compress filter on
-                                      the qcow2: every cluster written is
-                                      compressed. A cluster can be written
-                                      so only once, and whole (but the
-                                      image's last) */
+                                      the qcow2 ("img<i>-fmt"): every
+                                      cluster written there is compressed.
+                                      A cluster can be written so only
+                                      once, and whole (but the image's
+                                      last) */
 } QmpDaemonFlags;
 
 #define QMP_DAEMON_KEY_SECRET "qbk-key"
