@@ -177,6 +177,7 @@ static int check_common(const CmdSpec *spec)
         if (!cmd_common.key_file && g_getenv("QBK_KEY_FILE") &&
             *g_getenv("QBK_KEY_FILE")) {
             cmd_common.key_file = g_strdup(g_getenv("QBK_KEY_FILE"));
+            cmd_common.key_env = true;
         }
     }
     if (spec->common & CMD_OPT_QMP) {
@@ -531,6 +532,9 @@ QmpClient *cmd_qmp_connect(const char *address, int timeout_ms, GError **error)
 
 bool cmd_repo_key(Repo *repo, bool adopt, GError **error)
 {
+    if (cmd_common.key_env && !adopt && !repo_encrypted(repo)) {
+        return true; /* one $QBK_KEY_FILE for a host's encrypted ones */
+    }
     if (cmd_common.key_file) {
         return repo_key_check(repo, cmd_common.key_file, adopt, error);
     }

@@ -62,7 +62,8 @@ typedef struct {
     CopierOptions copier; /* the defaults with the options given */
     gboolean sequential;  /* --sequential (copier.requests is 1) */
     bool requests_given;  /* --requests or --sequential: no default to pick */
-    char *key_file;       /* --key-file, or NULL */
+    char *key_file;       /* --key-file, else $QBK_KEY_FILE, else NULL */
+    bool key_env;         /* it came from $QBK_KEY_FILE */
 } CmdCommon;
 
 extern CmdCommon cmd_common;
@@ -122,8 +123,8 @@ GPtrArray *cmd_vm_select_disks(CmdVm *vm, char **names, GError **error);
 /*
  * The repository's key, before anything is read or written: --key-file
  * checked against REPO's fingerprint (a repository without a key takes it
- * if ADOPT), or none given for a repository that has none. REPO_ERROR_KEY
- * (exit 2) otherwise.
+ * if ADOPT), or none given for a repository that has none ($QBK_KEY_FILE
+ * is not used there). REPO_ERROR_KEY (exit 2) otherwise.
  */
 bool cmd_repo_key(Repo *repo, bool adopt, GError **error);
 

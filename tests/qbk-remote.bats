@@ -214,3 +214,39 @@ serve_tls_nbd() {
     restore_matches inc disk0
     assert_clean
 }
+
+@test "two VMs backed up at once from one backup host: one VM dying mid-copy fails its own backup with one line; the other's completes exact" {
+    export QBK_QMP=tls:localhost:$PORT QBK_TLS_CREDS=$T/pki/client
+    nport=$(free_port)
+    # a second VM, on its own images, with 16 MiB of data
+    mkdir "$T/vm2"
+    qemu-img create -q -f qcow2 "$T/vm2/disk0.qcow2" "$DISK_SIZE"
+    qemu-img create -q -f qcow2 "$T/vm2/disk1.qcow2" "$DISK_SIZE"
+    qemu-img create -q -f raw "$T/vm2/disk2.raw" 16M
+    qemu-io -f qcow2 -c "write -P 9 0 16M" "$T/vm2/disk0.qcow2" >/dev/null
+    run_vm vm2- "$T/vm2" disk0-fmt -pidfile "$T/vm2.pid" -name vm2
+    qbk-pull --qmp "$T/vm2-qmp.sock" --repo "$T/repo2" --rate-limit 1M \
+        >/dev/null 2>"$T/vm2.err" &
+    vm2_pull=$!
+    # the first VM's backup, over TLS, while the second's copies
+    start_pull vm1 --nbd-listen "localhost:$nport" --scratch-dir "$T/hv-scratch" \
+        --rate-limit 4M --json
+    wait_fleeced "$T/progress-vm1" "$PULL_PID"
+    snapshot vm1 disk0 disk1
+    random_writes 3 disk0 disk1
+    kill -0 "$vm2_pull"
+    # the second VM dies
+    kill -KILL "$(cat "$T/vm2.pid")"
+    rc=0
+    wait "$vm2_pull" || rc=$?
+    cat "$T/vm2.err"
+    [ "$rc" -eq 1 ]
+    [ "$(grep -c . "$T/vm2.err")" -eq 1 ]
+    wait "$PULL_PID" || { cat "$T/pull-vm1.err"; false; }
+    restore_matches vm1 disk0
+    restore_matches vm1 disk1
+    grep -q "QEMU went away" "$T/vm2.err"
+    # the second repository holds no backup
+    [ "$(qbk-restore --repo "$T/repo2" --list --json | jq length)" -eq 0 ]
+    assert_clean
+}

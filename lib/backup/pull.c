@@ -974,14 +974,18 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
  */
 static void why_broken(Pull *p, GError **error)
 {
+    g_autofree char *state = NULL;
     struct statvfs fs;
 
     if (!p->scheme->releases ||
         !g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_READ)) {
         return;
     }
-    if (!p->opts->nbd_listen && statvfs(p->scratch_dir, &fs) == 0 &&
-        fs.f_bavail == 0) {
+    state = qmp_query_status(p->qmp, NULL, NULL);
+    if (!state) { /* not a broken snapshot: QEMU is gone */
+        g_prefix_error(error, "QEMU went away: ");
+    } else if (!p->opts->nbd_listen && statvfs(p->scratch_dir, &fs) == 0 &&
+               fs.f_bavail == 0) {
         g_prefix_error(error,
                        "the scratch directory '%s' is full, which broke the "
                        "point in time (the guest's writes went on): ",
