@@ -193,5 +193,9 @@ repo_state() {
     assert_one_line_error
     [[ "$output" == *"is not encrypted"* ]]
     [ ! -e "$T/repo/key.json" ]
+    # a key named by $QBK_KEY_FILE serves the encrypted repositories only
+    QBK_KEY_FILE=$T/key run -0 qbk-verify --repo "$T/repo"
+    run qbk-verify --repo "$T/repo" --key-file "$T/key"
+    [ "$status" -eq 2 ]
     assert_clean
 }
