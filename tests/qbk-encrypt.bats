@@ -163,6 +163,14 @@ repo_state() {
     pull_with_writes inc "disk0 disk1" --key-file "$T/key"
     QBK_KEY_FILE=$T/key restore_matches inc disk0
     no_plaintext
+    # restore --into reads the encrypted chain too, and refuses without it
+    QBK_KEY_FILE=$T/key qbk-restore --repo "$T/repo" --disk disk0 --backup "$id" -o "$T/into.raw"
+    run qbk-restore --repo "$T/repo" --disk disk0 --into "$T/into.raw" --from "$id" \
+        --backup "$(jq -r .id "$T/pull-inc.json")"
+    [ "$status" -eq 2 ]
+    run -0 qbk-restore --repo "$T/repo" --disk disk0 --into "$T/into.raw" --from "$id" \
+        --backup "$(jq -r .id "$T/pull-inc.json")" --key-file "$T/key" --verify
+    cmp "$T/into.raw" "$T/expect-inc-disk0.raw"
     # a run killed mid-copy leaves its scratch's passphrase in QEMU (a
     # mark); the repair removes it with the rest
     start_pull killed --key-file "$T/key" --rate-limit 1M
