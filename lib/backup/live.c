@@ -183,28 +183,12 @@ static bool spawn_logged(GPtrArray *argv, int log_fd, GPid *pid, GError **error)
         pid, -1, log_fd, log_fd, error);
 }
 
-json_object *backup_serve(Repo *repo, const char *id, const char *disk,
-                          const BackupServe *where, volatile int *stop,
-                          BackupServeReadyFn ready, void *opaque,
-                          GError **error)
+/* qemu-nbd's command line to serve DISK's CHAIN at WHERE. */
+static GPtrArray *serve_argv(Repo *repo, GPtrArray *chain, const char *disk,
+                             const BackupServe *where, const char *pidfile)
 {
-    g_autoptr(GPtrArray) chain = repo_chain(repo, id, disk, error);
-    g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(PrivDir) dir = NULL;
-    g_autofree char *log = NULL;
-    g_autofree char *pidfile = NULL;
-    g_autofree char *uri = NULL;
-    json_object *info;
-    GPid pid = 0;
-    int fd, status;
-    bool ok;
+    GPtrArray *argv = g_ptr_array_new_with_free_func(g_free);
 
-    if (!chain || !repo_check_chain(repo, chain, disk, error) ||
-        !(dir = privdir_new(NULL, "export", error))) {
-        return NULL;
-    }
-    log = privdir_file(dir, "qemu-nbd.log");
-    pidfile = privdir_file(dir, "qemu-nbd.pid");
     g_ptr_array_add(argv, g_strdup("qemu-nbd"));
     g_ptr_array_add(argv, g_strdup("--read-only"));
     g_ptr_array_add(argv, g_strdup("--persistent"));
@@ -238,6 +222,48 @@ json_object *backup_serve(Repo *repo, const char *id, const char *disk,
     }
     g_ptr_array_add(argv, repo_chain_filename(repo, chain, 0, disk, NULL));
     g_ptr_array_add(argv, NULL);
+    return argv;
+}
+
+/* {disk, backup, uri} of DISK's CHAIN served at WHERE. */
+static json_object *serve_info(GPtrArray *chain, const char *disk,
+                               const BackupServe *where)
+{
+    json_object *info = json_object_new_object();
+    g_autofree char *uri =
+        where->socket
+            ? copier_nbd_uri(where->socket, disk)
+            : g_strdup_printf("%s://%s:%s/%s", where->tls_dir ? "nbds" : "nbd",
+                              where->host, where->port, disk);
+
+    qmp_json_set_string(info, "disk", disk);
+    qmp_json_set_string(info, "backup", ((Manifest *)chain->pdata[0])->id);
+    qmp_json_set_string(info, "uri", uri);
+    return info;
+}
+
+json_object *backup_serve(Repo *repo, const char *id, const char *disk,
+                          const BackupServe *where, volatile int *stop,
+                          BackupServeReadyFn ready, void *opaque,
+                          GError **error)
+{
+    g_autoptr(GPtrArray) chain = repo_chain(repo, id, disk, error);
+    g_autoptr(GPtrArray) argv = NULL;
+    g_autoptr(PrivDir) dir = NULL;
+    g_autofree char *log = NULL;
+    g_autofree char *pidfile = NULL;
+    json_object *info;
+    GPid pid = 0;
+    int fd, status;
+    bool ok;
+
+    if (!chain || !repo_check_chain(repo, chain, disk, error) ||
+        !(dir = privdir_new(NULL, "export", error))) {
+        return NULL;
+    }
+    log = privdir_file(dir, "qemu-nbd.log");
+    pidfile = privdir_file(dir, "qemu-nbd.pid");
+    argv = serve_argv(repo, chain, disk, where, pidfile);
 
     fd = open(log, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) {
@@ -270,14 +296,7 @@ json_object *backup_serve(Repo *repo, const char *id, const char *disk,
                     ((Manifest *)chain->pdata[0])->id, why);
         return NULL;
     }
-    uri = where->socket ? copier_nbd_uri(where->socket, disk)
-                        : g_strdup_printf("%s://%s:%s/%s",
-                                          where->tls_dir ? "nbds" : "nbd",
-                                          where->host, where->port, disk);
-    info = json_object_new_object();
-    qmp_json_set_string(info, "disk", disk);
-    qmp_json_set_string(info, "backup", ((Manifest *)chain->pdata[0])->id);
-    qmp_json_set_string(info, "uri", uri);
+    info = serve_info(chain, disk, where);
     if (ready) {
         ready(info, opaque);
     }
