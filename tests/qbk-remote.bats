@@ -250,3 +250,24 @@ serve_tls_nbd() {
     [ "$(qbk-restore --repo "$T/repo2" --list --json | jq length)" -eq 0 ]
     assert_clean
 }
+
+@test "a remote pull into an encrypted repository: QEMU makes LUKS scratch files on its host; full and incremental exact" {
+    export QBK_QMP=tls:localhost:$PORT QBK_TLS_CREDS=$T/pki/client
+    nport=$(free_port)
+    head -c 32 /dev/urandom | base64 -w0 >"$T/key"
+    chmod 600 "$T/key"
+    pull_with_writes full "disk0 disk1" --nbd-listen "localhost:$nport" \
+        --scratch-dir "$T/hv-scratch" --encrypt --key-file "$T/key"
+    # the scratch QEMU made on its host is a LUKS image
+    [ "$(head -c 4 "$T/hv-scratch/qbk-qbk-test-vm-disk0.scratch")" = LUKS ]
+    random_writes 4 disk0 disk1
+    pull_with_writes inc "disk0 disk1" --nbd-listen "localhost:$nport" \
+        --scratch-dir "$T/hv-scratch" --key-file "$T/key"
+    [ "$(manifest_field inc disk0 mode)" = incremental ]
+    export QBK_KEY_FILE=$T/key
+    restore_matches full disk0
+    restore_matches inc disk0
+    restore_matches inc disk1
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
+    assert_clean
+}
