@@ -154,10 +154,10 @@ void target_free(Target *t);
 
 /* ---- qemu-nbd on a private socket (nbd-serve.c) ---- */
 
-/* With REPO's key checked: "--object" and its secret (REPO_KEY_SECRET)
- * appended to ARGV (of g_strdup'ed strings), for a qemu-img command that
- * opens the repository's images. */
-void backup_add_key_object(GPtrArray *argv, const Repo *repo);
+/* With a repository's KEY_FILE (repo_key_file; NULL: nothing): "--object"
+ * and its secret (REPO_KEY_SECRET) appended to ARGV (of g_strdup'ed
+ * strings), for a QEMU tool that opens the repository's images. */
+void backup_add_key_object(GPtrArray *argv, const char *key_file);
 
 typedef struct {
     PrivDir *dir; /* holds the socket, the log and the pid file */

@@ -196,11 +196,7 @@ static GPtrArray *serve_argv(Repo *repo, GPtrArray *chain, const char *disk,
     g_ptr_array_add(argv, g_strdup("--allocation-depth"));
     g_ptr_array_add(argv, g_strdup_printf("--export-name=%s", disk));
     g_ptr_array_add(argv, g_strdup_printf("--pid-file=%s", pidfile));
-    if (repo_key_file(repo)) {
-        g_ptr_array_add(argv, g_strdup("--object"));
-        g_ptr_array_add(
-            argv, util_secret_object(REPO_KEY_SECRET, repo_key_file(repo)));
-    }
+    backup_add_key_object(argv, repo_key_file(repo));
     if (where->tls_dir) {
         json_object *o = json_object_new_object();
 

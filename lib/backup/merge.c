@@ -145,7 +145,7 @@ static bool rebase_children(Repo *repo, const MergeJournal *j, GError **error)
             g_ptr_array_add(argv, g_strdup("qemu-img"));
             g_ptr_array_add(argv, g_strdup("rebase"));
             g_ptr_array_add(argv, g_strdup("-u"));
-            backup_add_key_object(argv, repo);
+            backup_add_key_object(argv, repo_key_file(repo));
             g_ptr_array_add(argv, g_strdup("-b"));
             g_ptr_array_add(argv, g_strdup(name));
             g_ptr_array_add(argv, g_strdup("-F"));

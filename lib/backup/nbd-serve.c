@@ -31,12 +31,11 @@ static char *log_text(NbdServer *s)
     return text;
 }
 
-void backup_add_key_object(GPtrArray *argv, const Repo *repo)
+void backup_add_key_object(GPtrArray *argv, const char *key_file)
 {
-    if (repo_key_file(repo)) {
+    if (key_file) {
         g_ptr_array_add(argv, g_strdup("--object"));
-        g_ptr_array_add(
-            argv, util_secret_object(REPO_KEY_SECRET, repo_key_file(repo)));
+        g_ptr_array_add(argv, util_secret_object(REPO_KEY_SECRET, key_file));
     }
 }
 
@@ -72,10 +71,7 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
     if (format) {
         g_ptr_array_add(argv, g_strdup_printf("--format=%s", format));
     }
-    if (key_file) {
-        g_ptr_array_add(argv, g_strdup("--object"));
-        g_ptr_array_add(argv, util_secret_object(REPO_KEY_SECRET, key_file));
-    }
+    backup_add_key_object(argv, key_file);
     /* written once the image is open: then it serves */
     g_ptr_array_add(argv, g_strdup_printf("--pid-file=%s", pidfile));
     g_ptr_array_add(argv, g_strdup(image));

@@ -67,7 +67,7 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
 
         g_ptr_array_add(argv, g_strdup("qemu-img"));
         g_ptr_array_add(argv, g_strdup("convert"));
-        backup_add_key_object(argv, repo);
+        backup_add_key_object(argv, repo_key_file(repo));
         g_ptr_array_add(argv, g_strdup("-O"));
         g_ptr_array_add(argv, g_strdup(format));
         g_ptr_array_add(argv, g_strdup(source));
@@ -114,23 +114,18 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
 static bool changed_ranges(Repo *repo, GPtrArray *chain, const char *disk,
                            guint depth, GArray *ranges, GError **error)
 {
-    g_autofree char *source = NULL;
-    g_autofree char *key = NULL;
-    const char *args[] = { "map", NULL, NULL, NULL, NULL };
+    g_autoptr(GPtrArray) args = NULL;
     json_object *map;
 
     if (depth == 0) {
         return true;
     }
-    source = repo_chain_filename(repo, chain, 0, disk, NULL);
-    args[1] = source;
-    if (repo_key_file(repo)) {
-        key = util_secret_object(REPO_KEY_SECRET, repo_key_file(repo));
-        args[1] = "--object";
-        args[2] = key;
-        args[3] = source;
-    }
-    map = qemu_img_json(args, error);
+    args = g_ptr_array_new_with_free_func(g_free);
+    g_ptr_array_add(args, g_strdup("map"));
+    backup_add_key_object(args, repo_key_file(repo));
+    g_ptr_array_add(args, repo_chain_filename(repo, chain, 0, disk, NULL));
+    g_ptr_array_add(args, NULL);
+    map = qemu_img_json((const char *const *)args->pdata, error);
     if (!map || !json_object_is_type(map, json_type_array)) {
         g_prefix_error(error, "cannot map backup '%s': ",
                        ((Manifest *)chain->pdata[0])->id);
