@@ -194,9 +194,8 @@ static void add_luks(json_object *o, const FleeceDisk *fd)
     qmp_json_set_uint(o, "iter-time", 10);
 }
 
-/* The format step of qemu_create: DRIVER in the file node. QEMU's LUKS
- * tunes its key derivation on the thread's CPU clock and gives up when
- * that has not moved ("Unable to get accurate CPU usage"): tried again. */
+/* The format step of qemu_create: DRIVER in the file node; a LUKS format
+ * that failed its timing is tried again (util_luks_timing_failed). */
 static bool qemu_format(QmpClient *qmp, FleeceDisk *fd, const char *driver,
                         guint64 size, GError **error)
 {
@@ -216,7 +215,7 @@ static bool qemu_format(QmpClient *qmp, FleeceDisk *fd, const char *driver,
         if (qemu_create_job(qmp, fd, o, &local)) {
             return true;
         }
-        if (i == 10 || !strstr(local->message, "accurate CPU usage")) {
+        if (i == UTIL_LUKS_RETRIES || !util_luks_timing_failed(local)) {
             g_propagate_error(error, g_steal_pointer(&local));
             return false;
         }

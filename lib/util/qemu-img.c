@@ -75,16 +75,13 @@ static GPtrArray *create_argv(const QemuImgCreate *img, char **dir)
     return argv;
 }
 
-/*
- * Run the N qemu-img creations at once. LUKS tunes its key derivation by
- * timing a first round on the thread's CPU clock, and QEMU gives up
- * ("Unable to get accurate CPU usage") when that clock has not moved, as
- * happens on a kernel with coarse CPU accounting and a fast SHA-256 (a
- * quarter of the runs on the test machine): such a run is repeated (each
- * creation overwrites its file).
- */
-#define LUKS_TIMING_RETRIES 10
+bool util_luks_timing_failed(const GError *error)
+{
+    return error && strstr(error->message, "Unable to get accurate CPU usage");
+}
 
+/* Run the N qemu-img creations at once; a LUKS creation that failed its
+ * timing is repeated (util_luks_timing_failed; each overwrites its file). */
 static bool run_creates(GPtrArray *argvs, GPtrArray *dirs, guint n,
                         GError **error)
 {
@@ -95,8 +92,7 @@ static bool run_creates(GPtrArray *argvs, GPtrArray *dirs, guint n,
                          (const char *const *)dirs->pdata, n, &local)) {
             return true;
         }
-        if (i == LUKS_TIMING_RETRIES ||
-            !strstr(local->message, "Unable to get accurate CPU usage")) {
+        if (i == UTIL_LUKS_RETRIES || !util_luks_timing_failed(local)) {
             g_propagate_error(error, g_steal_pointer(&local));
             return false;
         }

@@ -131,6 +131,14 @@ int util_listen_unix(const char *path, GError **error);
  * an encrypted repository, at its creation and at every open (ms). */
 #define UTIL_LUKS_ITER_MS 100
 
+/* QEMU 7.2's LUKS times its key derivation on the thread's CPU clock and
+ * gives up ("Unable to get accurate CPU usage") when that clock has not
+ * moved, as happens on a kernel with coarse CPU accounting and a fast
+ * SHA-256 (a quarter of the runs on the test machine). Whether ERROR is
+ * that; such a creation is tried again, up to UTIL_LUKS_RETRIES times. */
+#define UTIL_LUKS_RETRIES 10
+bool util_luks_timing_failed(const GError *error);
+
 /* QEMU's --object for a secret ID that QEMU reads from FILE itself (new
  * string; JSON, so that no character of the path needs escaping). */
 char *util_secret_object(const char *id, const char *file);
