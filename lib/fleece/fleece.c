@@ -186,12 +186,27 @@ static json_object *create_options(const char *driver, const char *key,
     return o;
 }
 
-/* The LUKS options of FD's encrypted scratch: its secret, and a key
- * derivation of 10 ms (the passphrase is random and lives one run). */
-static void add_luks(json_object *o, const FleeceDisk *fd)
+/* An encrypted scratch's LUKS options into NODE (its format node's
+ * options): the secret, on a LUKS node itself or in a qcow2's "encrypt";
+ * CREATE: and a key derivation of 10 ms (the passphrase is random and
+ * lives one run). */
+static void add_scratch_key(json_object *node, const FleeceDisk *fd,
+                            bool create)
 {
+    json_object *o = node;
+
+    if (!fd->key_secret) {
+        return;
+    }
+    if (!fd->raw_scratch) {
+        o = json_object_new_object();
+        qmp_json_set_string(o, "format", "luks");
+        json_object_object_add(node, "encrypt", o);
+    }
     qmp_json_set_string(o, "key-secret", fd->key_secret);
-    qmp_json_set_uint(o, "iter-time", 10);
+    if (create) {
+        qmp_json_set_uint(o, "iter-time", 10);
+    }
 }
 
 /* The format step of qemu_create: DRIVER in the file node; a LUKS format
@@ -203,15 +218,7 @@ static bool qemu_format(QmpClient *qmp, FleeceDisk *fd, const char *driver,
         g_autoptr(GError) local = NULL;
         json_object *o = create_options(driver, "file", fd->scratch, size);
 
-        if (fd->key_secret && fd->raw_scratch) {
-            add_luks(o, fd);
-        } else if (fd->key_secret) {
-            json_object *encrypt = json_object_new_object();
-
-            qmp_json_set_string(encrypt, "format", "luks");
-            add_luks(encrypt, fd);
-            json_object_object_add(o, "encrypt", encrypt);
-        }
+        add_scratch_key(o, fd, true);
         if (qemu_create_job(qmp, fd, o, &local)) {
             return true;
         }
@@ -313,15 +320,7 @@ bool fleece_add_scratch(QmpClient *qmp, FleeceDisk *fd, json_object *options,
         json_object_object_add(args, "file", file);
         json_object_object_add(args, "cache", no_flush());
     }
-    if (fd->key_secret && fd->raw_scratch) {
-        qmp_json_set_string(args, "key-secret", fd->key_secret);
-    } else if (fd->key_secret) {
-        json_object *encrypt = json_object_new_object();
-
-        qmp_json_set_string(encrypt, "format", "luks");
-        qmp_json_set_string(encrypt, "key-secret", fd->key_secret);
-        json_object_object_add(args, "encrypt", encrypt);
-    }
+    add_scratch_key(args, fd, false);
     qmp_json_set_string(file, "driver", "file");
     qmp_json_set_string(file, "filename", fd->file);
     json_object_object_add(file, "cache", no_flush());
