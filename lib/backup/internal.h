@@ -159,6 +159,10 @@ void target_free(Target *t);
  * strings), for a QEMU tool that opens the repository's images. */
 void backup_add_key_object(GPtrArray *argv, const char *key_file);
 
+/* What a child left in its log PATH, on one line ("no message" if
+ * nothing): for a one-line error. */
+char *backup_log_line(const char *path);
+
 typedef struct {
     PrivDir *dir; /* holds the socket, the log and the pid file */
     char *socket;

@@ -161,19 +161,6 @@ json_object *backup_live_stream(QmpClient *qmp, const char *node, guint64 speed,
     return result;
 }
 
-/* The text qemu-nbd left in LOG, on one line. */
-static char *log_line(const char *log)
-{
-    char *text = NULL;
-
-    if (!g_file_get_contents(log, &text, NULL, NULL) || !*g_strstrip(text)) {
-        g_free(text);
-        return g_strdup("no message");
-    }
-    g_strdelimit(text, "\n", ' ');
-    return text;
-}
-
 /* Start ARGV with stdout and stderr to LOG_FD, as our child. */
 static bool spawn_logged(GPtrArray *argv, int log_fd, GPid *pid, GError **error)
 {
@@ -279,7 +266,7 @@ json_object *backup_serve(Repo *repo, const char *id, const char *disk,
         return NULL;
     }
     if (!util_child_wait_file(pid, pidfile, 10000, &status)) {
-        g_autofree char *why = log_line(log);
+        g_autofree char *why = backup_log_line(log);
 
         if (status == -1) {
             util_child_stop(pid, 0, 5000);
@@ -301,7 +288,7 @@ json_object *backup_serve(Repo *repo, const char *id, const char *disk,
            (status = util_child_wait(pid, 200)) < 0) {
     }
     if (status >= 0) {
-        g_autofree char *why = log_line(log);
+        g_autofree char *why = backup_log_line(log);
 
         json_object_put(info);
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,

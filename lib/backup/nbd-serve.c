@@ -19,16 +19,23 @@
 #define START_TIMEOUT_MS 10000
 #define STOP_TIMEOUT_MS  30000
 
-static char *log_text(NbdServer *s)
+char *backup_log_line(const char *path)
 {
-    g_autofree char *path = privdir_file(s->dir, "qemu-nbd.log");
     char *text = NULL;
 
     if (!g_file_get_contents(path, &text, NULL, NULL) || !*g_strstrip(text)) {
         g_free(text);
         return g_strdup("no message");
     }
+    g_strdelimit(text, "\n", ' ');
     return text;
+}
+
+static char *log_text(NbdServer *s)
+{
+    g_autofree char *path = privdir_file(s->dir, "qemu-nbd.log");
+
+    return backup_log_line(path);
 }
 
 void backup_add_key_object(GPtrArray *argv, const char *key_file)
