@@ -16,11 +16,11 @@ typedef enum {
     MARK_PAUSED = 'p',      /* qbk paused the VM for it: resume it */
     MARK_SERVER = 'n',      /* qbk started QEMU's NBD server for it: stop it */
     MARK_FROZEN = 'f',      /* qbk froze the guest's file systems: thaw them
-                           (the mark holds the agent's address) */
+                               (the mark holds the agent's address) */
     MARK_SHUTDOWN = 's',    /* qbk made a guest poweroff pause the VM: put
-                            the action back (the mark holds it) */
-    MARK_AUTHZ = 'a',       /* not a secret: the authz-simple object that lets
-                            our certificate into the NBD server */
+                               the action back (the mark holds it) */
+    MARK_AUTHZ = 'a',       /* not a secret: the authz-simple object that
+                               lets our certificate into the NBD server */
     MARK_SCRATCH_KEY = 'k', /* the random passphrase of the scratch images
                                of an encrypted repository's backup */
 } BackupMark;
@@ -135,13 +135,13 @@ typedef struct {
  * backing file); none is left on failure. */
 bool target_create_images(const QemuImgCreate *imgs, guint n, GError **error);
 
+/* The name of the plain export of export NAME (new string). */
+char *target_plain_name(const char *name);
+
 /* Serve IMAGES[i] as export NAMES[i]; COMPRESS: every cluster written
  * is compressed (QMP_DAEMON_COMPRESS), and export target_plain_name(NAMES[i])
  * writes the same image plain (for data that does not compress);
  * KEY_FILE: they are encrypted with the repository's key. */
-/* The name of the plain export of export NAME (new string). */
-char *target_plain_name(const char *name);
-
 Target *target_start(char **images, char **names, bool compress,
                      const char *key_file, GError **error);
 

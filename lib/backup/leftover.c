@@ -127,7 +127,7 @@ static char *mark_data(QmpClient *qmp, const char *id)
     return qmp_qom_get_string(qmp, path, "data");
 }
 
-/* The marks: qbk-<m|p|n|f><pid>-<tag> among the VM's objects. */
+/* The marks: qbk-<MARK_LETTERS><pid>-<tag> among the VM's objects. */
 static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
 {
     json_object *args = json_object_new_object();

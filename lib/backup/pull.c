@@ -589,12 +589,6 @@ static bool freeze_point(Pull *p, QmpTransaction *tx, QmpTransaction *later,
 }
 
 /*
- * Fix the point in time. Scheme A: one transaction adds the checkpoint
- * and "since" bitmaps, stops the older ones and starts the sync=none
- * backup jobs. Scheme B: the same bitmap actions, but the older ones stop
- * in a second transaction once the filters are in (insert_filters).
- */
-/*
  * An encrypted repository's backup keeps the guest's overwritten data
  * encrypted in its scratch images too (LUKS, made by QEMU), with a random
  * passphrase that lives in QEMU and in this run only: a scratch a crash
@@ -629,6 +623,12 @@ static bool scratch_key(Pull *p, GError **error)
     return true;
 }
 
+/*
+ * Fix the point in time. Scheme A: one transaction adds the checkpoint
+ * and "since" bitmaps, stops the older ones and starts the sync=none
+ * backup jobs. Scheme B: the same bitmap actions, but the older ones stop
+ * in a second transaction once the filters are in (insert_filters).
+ */
 static bool fleece(Pull *p, GError **error)
 {
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();

@@ -282,12 +282,12 @@ bool repo_check_chain(const Repo *r, GPtrArray *chain, const char *disk,
  * With the repository's key checked, every qcow2 is opened with the secret
  * REPO_KEY_SECRET (see util_secret_object).
  */
+char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
+                          const char *disk, const char *top);
+
 /* How QEMU should open the qcow2 IMAGE alone ("json:{...}", with the
  * repository's key if checked); its backing is the caller's concern. */
 char *repo_qcow2_filename(const Repo *r, const char *image);
-
-char *repo_chain_filename(const Repo *r, GPtrArray *chain, guint from,
-                          const char *disk, const char *top);
 
 /* ---- the merge journal (journal.c) ---- */
 
