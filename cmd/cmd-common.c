@@ -152,6 +152,19 @@ static bool check_copier(GError **error)
 }
 
 /* The shared options' bounds and defaults, after parsing. */
+/* An option not given takes environment variable VAR, if set and not
+ * empty; true if it did. */
+static bool env_default(char **option, const char *var)
+{
+    const char *value = g_getenv(var);
+
+    if (*option || !value || !*value) {
+        return false;
+    }
+    *option = g_strdup(value);
+    return true;
+}
+
 static int check_common(const CmdSpec *spec)
 {
     g_autoptr(GError) error = NULL;
@@ -163,10 +176,7 @@ static int check_common(const CmdSpec *spec)
         if (!cmd_check_path("--tls-creds", cmd_common.tls_creds, &error)) {
             return cmd_usage("%s", error->message);
         }
-        if (!cmd_common.tls_creds && g_getenv("QBK_TLS_CREDS") &&
-            *g_getenv("QBK_TLS_CREDS")) {
-            cmd_common.tls_creds = g_strdup(g_getenv("QBK_TLS_CREDS"));
-        }
+        env_default(&cmd_common.tls_creds, "QBK_TLS_CREDS");
     }
 
     if (spec->common & CMD_OPT_KEY) {
@@ -174,11 +184,7 @@ static int check_common(const CmdSpec *spec)
             return cmd_usage("%s", error->message);
         }
         /* the file's name, never the key itself */
-        if (!cmd_common.key_file && g_getenv("QBK_KEY_FILE") &&
-            *g_getenv("QBK_KEY_FILE")) {
-            cmd_common.key_file = g_strdup(g_getenv("QBK_KEY_FILE"));
-            cmd_common.key_env = true;
-        }
+        cmd_common.key_env = env_default(&cmd_common.key_file, "QBK_KEY_FILE");
     }
     if (spec->common & CMD_OPT_QMP) {
         if (!cmd_check_range("--timeout", cmd_common.timeout_s, 1,
@@ -186,10 +192,7 @@ static int check_common(const CmdSpec *spec)
             !cmd_check_path("--qmp", cmd_common.qmp, &error)) {
             return cmd_usage("%s", error->message);
         }
-        if (!cmd_common.qmp && g_getenv("QBK_QMP") && *g_getenv("QBK_QMP")) {
-            cmd_common.qmp = g_strdup(g_getenv("QBK_QMP"));
-            cmd_common.qmp_env = true;
-        }
+        cmd_common.qmp_env = env_default(&cmd_common.qmp, "QBK_QMP");
     }
     cmd_set_quiet(cmd_common.quiet);
     return -1;
