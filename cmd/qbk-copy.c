@@ -25,7 +25,8 @@ static GOptionEntry entries[] = {
     { "target-zeroed", 'z', 0, G_OPTION_ARG_NONE, &opt_zeroed,
       "the target reads as zeros already: skip zero regions", NULL },
     { "digests", 'd', 0, G_OPTION_ARG_FILENAME, &opt_digests,
-      "write one XXH3-128 per 64 KiB block to FILE and print the checksum",
+      "write one XXH3-128 per 64 KiB block to FILE (sparse: each XORed "
+      "with a zero block's, so zero blocks are holes) and print the checksum",
       "FILE" },
     { "progress", 'p', 0, G_OPTION_ARG_NONE, &opt_progress,
       "print progress on stderr", NULL },
@@ -96,6 +97,11 @@ static void print_result(const CopierStats *stats, const char *checksum)
     qmp_json_set_uint(o, "bytes_zero", stats->bytes_zero);
     qmp_json_set_uint(o, "bytes_skipped", stats->bytes_skipped);
     qmp_json_set_double(o, "seconds", stats->seconds);
+    qmp_json_set_uint(o, "extents", stats->extents);
+    qmp_json_set_uint(o, "block_status_calls", stats->block_status_calls);
+    qmp_json_set_double(o, "block_status_seconds",
+                        stats->block_status_seconds);
+    qmp_json_set_double(o, "plan_seconds", stats->plan_seconds);
     qmp_json_set_string(o, "checksum", checksum);
     cmd_print_json(o);
 }
@@ -153,7 +159,7 @@ int main(int argc, char **argv)
         fputc('\n', stderr);
     }
     if (ok && dfd >= 0) {
-        checksum = copier_digests_checksum(dfd, stats.size, &error);
+        checksum = copier_digests_checksum(dfd, stats.size, false, &error);
         ok = checksum != NULL;
     }
     if (dfd >= 0) {

@@ -195,6 +195,7 @@ static bool rewrite_manifest(Repo *repo, const MergeJournal *j, GError **error)
         json_object_object_del(e->json, "compression"); /* a raw full now */
     }
     qmp_json_set_string(e->json, "digests", digests);
+    qmp_json_set_string(e->json, "digests_layout", "sparse"); /* the copier's */
     if (!j->parent) {
         qmp_json_set_string(e->json, "mode", "full");
         qmp_json_set_bool(e->json, "synthetic", 1);
@@ -586,9 +587,11 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
         co.target_zeroed = plan->full;
         co.digest_fd = dfd;
         co.digest_parent_fd = pfd;
+        co.digest_parent_dense = plan->parent && !plan->parent->digests_sparse;
         ok = copier_copy(&src, &dst, &co, stats, error);
         /* TO's point in time, so TO's checksum */
-        ok = ok && (*sum = copier_digests_checksum(dfd, stats->size, error));
+        ok = ok &&
+             (*sum = copier_digests_checksum(dfd, stats->size, false, error));
         if (ok && strcmp(*sum, plan->to->checksum) != 0) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
                         "disk '%s': the merged image would not equal backup "

@@ -138,19 +138,20 @@ bool backup_options_check(const BackupOptions *opts, GError **error)
 
 /* One disk of the backup. */
 typedef struct {
-    QmpDisk *qd;              /* borrowed from Pull.disks */
-    BackupMode mode;          /* as decided: full, incremental, differential */
-    char *reason;             /* why this mode (e.g. why full) */
-    char *base;               /* checkpoint bitmap to copy changes since */
-    char *parent;             /* parent backup id (the image's backing) */
-    RepoFormat parent_format; /* of the parent's image */
-    char *parent_checksum;    /* the parent's, to check its digests */
-    char *since;              /* temporary union bitmap exported, or NULL */
-    FleeceDisk *fd;           /* names in QEMU */
-    RepoFormat format;        /* of the new image (raw: a raw full) */
-    char *image;              /* path of the new image */
-    char *digests;            /* path of its block digests */
-    int parent_digests_fd;    /* the parent's, checked; or -1 */
+    QmpDisk *qd;               /* borrowed from Pull.disks */
+    BackupMode mode;           /* as decided: full, incremental, differential */
+    char *reason;              /* why this mode (e.g. why full) */
+    char *base;                /* checkpoint bitmap to copy changes since */
+    char *parent;              /* parent backup id (the image's backing) */
+    RepoFormat parent_format;  /* of the parent's image */
+    char *parent_checksum;     /* the parent's, to check its digests */
+    char *since;               /* temporary union bitmap exported, or NULL */
+    FleeceDisk *fd;            /* names in QEMU */
+    RepoFormat format;         /* of the new image (raw: a raw full) */
+    char *image;               /* path of the new image */
+    char *digests;             /* path of its block digests */
+    int parent_digests_fd;     /* the parent's, checked; or -1 */
+    bool parent_digests_dense; /* ... in the dense layout */
     CopierStats stats;
     char *checksum;
 } PullDisk;
@@ -276,7 +277,8 @@ static bool need_full(Pull *p, PullDisk *pd, GError **error, const char *fmt,
  * WHY if not.
  */
 static int open_parent_digests(Pull *p, const char *parent, const char *disk,
-                               guint64 size, const char *checksum, char **why)
+                               guint64 size, const ManifestDisk *entry,
+                               char **why)
 {
     g_autofree char *path = repo_digests_path(p->repo, disk, parent);
     g_autofree char *sum = NULL;
@@ -286,8 +288,9 @@ static int open_parent_digests(Pull *p, const char *parent, const char *disk,
 
     if (fd >= 0 && fstat(fd, &st) == 0 &&
         (guint64)st.st_size == copier_block_count(size) * COPIER_DIGEST_LEN &&
-        (sum = copier_digests_checksum(fd, size, &local)) &&
-        strcmp(sum, checksum) == 0) {
+        (sum = copier_digests_checksum(fd, size, !entry->digests_sparse,
+                                       &local)) &&
+        strcmp(sum, entry->checksum) == 0) {
         return fd;
     }
     *why = g_strdup_printf("the block digests of backup '%s' are %s", parent,
@@ -359,9 +362,8 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
     /* the parent's files must hold, or no restore could use the new one */
     entry = manifest_disk(plan.parent, qd->id);
     if (!parent_chain_sound(p, plan.parent->id, qd->id, &why) ||
-        (pd->parent_digests_fd =
-             open_parent_digests(p, plan.parent->id, qd->id, qd->size,
-                                 entry->checksum, &why)) < 0) {
+        (pd->parent_digests_fd = open_parent_digests(
+             p, plan.parent->id, qd->id, qd->size, entry, &why)) < 0) {
         g_free(plan.why);
         return need_full(p, pd, error, "%s", why);
     }
@@ -370,6 +372,7 @@ static bool decide(Pull *p, PullDisk *pd, GPtrArray *backups,
     pd->base = g_strdup(plan.parent->checkpoint_bitmap);
     pd->parent = g_strdup(plan.parent->id);
     pd->parent_format = entry->format;
+    pd->parent_digests_dense = !entry->digests_sparse;
     pd->parent_checksum = g_strdup(entry->checksum);
     return true;
 }
@@ -398,6 +401,7 @@ static json_object *disk_json(Pull *p, PullDisk *pd)
         qmp_json_set_string(o, "compression", "zstd");
     }
     qmp_json_set_string(o, "digests", digests);
+    qmp_json_set_string(o, "digests_layout", "sparse");
     return o;
 }
 
@@ -431,6 +435,10 @@ static json_object *copier_json(Pull *p, const PullDisk *pd)
     qmp_json_set_uint(o, "bytes_bumped", s->bytes_bumped);
     qmp_json_set_uint(o, "bytes_released", s->bytes_released);
     qmp_json_set_uint(o, "release_errors", s->release_errors);
+    qmp_json_set_uint(o, "extents", s->extents);
+    qmp_json_set_uint(o, "block_status_calls", s->block_status_calls);
+    qmp_json_set_double(o, "block_status_seconds", s->block_status_seconds);
+    qmp_json_set_double(o, "plan_seconds", s->plan_seconds);
     if (p->opts->copier.latency_target_us) {
         json_object *w = json_object_new_object();
 
@@ -958,6 +966,7 @@ static bool copy_setup(Pull *p, DiskCopy *dc, GMainContext *ctx,
     }
     co.digest_fd = dc->digests_fd;
     co.digest_parent_fd = pd->parent_digests_fd;
+    co.digest_parent_dense = pd->parent_digests_dense;
     dc->copier = copier_new(&src, &dst, &co, ctx, budget, error);
     if (!dc->copier) {
         g_prefix_error(error, "disk '%s': ", pd->qd->id);
@@ -1007,7 +1016,7 @@ static bool copy_result(Pull *p, DiskCopy *dc, GError **error)
 
     if (ok) {
         pd->checksum =
-            copier_digests_checksum(dc->digests_fd, pd->qd->size, error);
+            copier_digests_checksum(dc->digests_fd, pd->qd->size, false, error);
         ok = pd->checksum && fsync(dc->digests_fd) == 0;
     }
     if (!ok && g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_CANCELLED)) {

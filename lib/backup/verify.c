@@ -16,32 +16,37 @@
 
 #include "internal.h"
 
-/* Where the fresh digests (FD) first differ from the stored ones (PATH). */
-static char *first_difference(int fd, const char *path, guint64 size)
+/* Where the fresh digests (FD) first differ from the stored ones (PATH,
+ * DENSE: in the dense layout). */
+static char *first_difference(int fd, const char *path, bool dense,
+                              guint64 size)
 {
-    guint64 n = copier_block_count(size) * COPIER_DIGEST_LEN;
+    guint64 nblocks = copier_block_count(size);
+    guint64 step = COPIER_BLOCK_SIZE / COPIER_DIGEST_LEN;
     g_autofree guint8 *a = g_malloc(COPIER_BLOCK_SIZE);
     g_autofree guint8 *b = g_malloc(COPIER_BLOCK_SIZE);
     int sfd = repo_open_file(path, NULL);
     struct stat st;
     char *where = NULL;
 
-    if (sfd < 0 || fstat(sfd, &st) < 0 || (guint64)st.st_size != n) {
+    if (sfd < 0 || fstat(sfd, &st) < 0 ||
+        (guint64)st.st_size != nblocks * COPIER_DIGEST_LEN) {
         where = g_strdup("the stored block digests are missing or damaged");
     }
-    for (guint64 off = 0; !where && off < n; off += COPIER_BLOCK_SIZE) {
-        size_t len = MIN(COPIER_BLOCK_SIZE, n - off);
+    for (guint64 first = 0; !where && first < nblocks; first += step) {
+        guint64 n = MIN(step, nblocks - first);
 
-        if (pread(fd, a, len, off) != (ssize_t)len ||
-            pread(sfd, b, len, off) != (ssize_t)len) {
+        if (!copier_digests_read(fd, size, false, first, n, a) ||
+            !copier_digests_read(sfd, size, dense, first, n, b)) {
             where = g_strdup("cannot read the block digests");
             break;
         }
-        for (size_t i = 0; i < len; i += COPIER_DIGEST_LEN) {
-            if (memcmp(a + i, b + i, COPIER_DIGEST_LEN) != 0) {
+        for (guint64 i = 0; i < n; i++) {
+            if (memcmp(a + i * COPIER_DIGEST_LEN, b + i * COPIER_DIGEST_LEN,
+                       COPIER_DIGEST_LEN) != 0) {
                 where = g_strdup_printf(
                     "first different block at offset %" G_GUINT64_FORMAT,
-                    (off + i) / COPIER_DIGEST_LEN * COPIER_BLOCK_SIZE);
+                    (first + i) * COPIER_BLOCK_SIZE);
                 break;
             }
         }
@@ -88,7 +93,7 @@ static char *read_checksum(const char *image, const char *format,
     co.digest_fd = fd;
     if (copier_copy(&(CopierEndpoint){ .uri = nbd->uri },
                     &(CopierEndpoint){ 0 }, &co, stats, error)) {
-        sum = copier_digests_checksum(fd, stats->size, error);
+        sum = copier_digests_checksum(fd, stats->size, false, error);
     }
     nbd_server_stop(nbd, NULL);
     if (!sum) {
@@ -129,7 +134,8 @@ json_object *backup_verify(Repo *repo, const char *id, const char *disk,
     }
     if (ok && strcmp(sum, e->checksum) != 0) {
         g_autofree char *stored = repo_digests_path(repo, disk, top);
-        g_autofree char *where = first_difference(dfd, stored, stats.size);
+        g_autofree char *where =
+            first_difference(dfd, stored, !e->digests_sparse, stats.size);
 
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
                     "disk '%s' of backup '%s' does not match its checksum "

@@ -7,9 +7,11 @@
  * copies, so the checksum of the whole point-in-time disk costs no extra
  * read; a restored raw image can be checked against it without QEMU.
  */
+#define _GNU_SOURCE /* SEEK_DATA, SEEK_HOLE */
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -81,76 +83,203 @@ static bool pwrite_all(int fd, const void *buf, size_t len, off_t off)
     return true;
 }
 
-bool copier_digests_init(int fd, guint64 size, int parent_fd, GError **error)
+/* The digests of a zero block: ZERO of a whole one, TAIL of the disk's
+ * last block (shorter when SIZE is not a multiple of the block). */
+void digests_zero(guint64 size, guint8 zero[DIGEST_LEN],
+                  guint8 tail[DIGEST_LEN])
 {
-    guint64 nblocks = copier_block_count(size);
     g_autofree guint8 *zeros = g_malloc0(COPIER_BLOCK_SIZE);
-    g_autofree guint8 *buf = g_malloc(IO_BLOCKS * DIGEST_LEN);
-    guint8 zero_digest[DIGEST_LEN], tail_digest[DIGEST_LEN];
+    guint64 nblocks = copier_block_count(size);
 
-    copier_block_digest(zeros, COPIER_BLOCK_SIZE, zero_digest);
-    copier_block_digest(zeros, size - (nblocks - 1) * COPIER_BLOCK_SIZE,
-                        tail_digest);
-    for (guint64 b = 0; b < nblocks; b += IO_BLOCKS) {
-        guint64 n = MIN(IO_BLOCKS, nblocks - b);
+    copier_block_digest(zeros, COPIER_BLOCK_SIZE, zero);
+    copier_block_digest(zeros, size - (nblocks - 1) * COPIER_BLOCK_SIZE, tail);
+}
 
-        if (parent_fd >= 0) {
-            if (!pread_all(parent_fd, buf, n * DIGEST_LEN, b * DIGEST_LEN)) {
-                g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
-                            "the parent backup's digests are short or "
-                            "unreadable");
-                return false;
-            }
-        } else {
-            for (guint64 i = 0; i < n; i++) {
-                memcpy(buf + i * DIGEST_LEN,
-                       b + i == nblocks - 1 ? tail_digest : zero_digest,
-                       DIGEST_LEN);
-            }
-        }
-        if (!pwrite_all(fd, buf, n * DIGEST_LEN, b * DIGEST_LEN)) {
-            g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
-                        "cannot write block digests: %s", g_strerror(errno));
-            return false;
+/* XOR N digests from block FIRST on with a zero block's: sparse <-> as is. */
+static void flip(guint8 *d, guint64 first, guint64 n, guint64 nblocks,
+                 const guint8 zero[DIGEST_LEN], const guint8 tail[DIGEST_LEN])
+{
+    for (guint64 i = 0; i < n; i++) {
+        const guint8 *z = first + i == nblocks - 1 ? tail : zero;
+
+        for (int k = 0; k < DIGEST_LEN; k++) {
+            d[i * DIGEST_LEN + k] ^= z[k];
         }
     }
-    if (ftruncate(fd, nblocks * DIGEST_LEN) < 0) {
+}
+
+/* The next run of data in FD at or after byte OFF, below END: from *DATA
+ * to the offset returned; *DATA is END when there is none. A file system
+ * that cannot tell its holes has one run: all of it. */
+static off_t next_data(int fd, off_t off, off_t end, off_t *data)
+{
+    off_t d = lseek(fd, off, SEEK_DATA);
+    off_t h;
+
+    if (d < 0 || d >= end) {
+        *data = d < 0 && errno != ENXIO ? off : end;
+        return end;
+    }
+    h = lseek(fd, d, SEEK_HOLE);
+    *data = d;
+    return h < 0 || h > end ? end : h;
+}
+
+bool copier_digests_init(int fd, guint64 size, int parent_fd, bool parent_dense,
+                         GError **error)
+{
+    guint64 nblocks = copier_block_count(size);
+    off_t end = nblocks * DIGEST_LEN;
+    g_autofree guint8 *buf = g_malloc(IO_BLOCKS * DIGEST_LEN);
+    guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
+    off_t data = 0, data_end = 0;
+
+    digests_zero(size, zero, tail);
+    if (ftruncate(fd, 0) < 0 || ftruncate(fd, end) < 0) {
         g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "cannot size the digest file: %s", g_strerror(errno));
         return false;
     }
+    /* a parent's digests are copied where they are not zero blocks' (its
+     * holes and runs are whole file-system blocks: whole digests) */
+    for (off_t off = 0; parent_fd >= 0 && off < end;) {
+        guint64 n = MIN(IO_BLOCKS, (end - off) / DIGEST_LEN);
+        bool all_zero = true;
+
+        if (!parent_dense) {
+            if (off >= data_end) {
+                data_end = next_data(parent_fd, off, end, &data);
+            }
+            if (data >= end) {
+                break; /* holes to the end */
+            }
+            off = MAX(off, data);
+            n = MIN(IO_BLOCKS, MAX((data_end - off) / DIGEST_LEN, 1));
+        }
+        if (!pread_all(parent_fd, buf, n * DIGEST_LEN, off)) {
+            g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
+                        "the parent backup's digests are short or "
+                        "unreadable");
+            return false;
+        }
+        if (parent_dense) {
+            flip(buf, off / DIGEST_LEN, n, nblocks, zero, tail);
+        }
+        for (guint64 i = 0; i < n * DIGEST_LEN && all_zero; i++) {
+            all_zero = buf[i] == 0;
+        }
+        if (!all_zero && !pwrite_all(fd, buf, n * DIGEST_LEN, off)) {
+            g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
+                        "cannot write block digests: %s", g_strerror(errno));
+            return false;
+        }
+        off += n * DIGEST_LEN;
+    }
     return true;
 }
 
-char *copier_digests_checksum(int fd, guint64 size, GError **error)
+bool copier_digests_read(int fd, guint64 size, bool dense, guint64 first,
+                         guint64 n, guint8 *out)
 {
     guint64 nblocks = copier_block_count(size);
+    guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
+
+    if (first + n > nblocks ||
+        !pread_all(fd, out, n * DIGEST_LEN, first * DIGEST_LEN)) {
+        return false;
+    }
+    if (!dense) {
+        digests_zero(size, zero, tail);
+        flip(out, first, n, nblocks, zero, tail);
+    }
+    return true;
+}
+
+/* Hash the digests of N zero blocks from block FIRST on into SUM; ZBUF
+ * holds IO_BLOCKS copies of a whole zero block's digest. */
+static void hash_zero_blocks(XXH3_state_t *sum, const guint8 *zbuf,
+                             guint64 first, guint64 n, guint64 nblocks,
+                             const guint8 tail[DIGEST_LEN])
+{
+    bool has_tail = first + n == nblocks;
+
+    n -= has_tail;
+    while (n > 0) {
+        guint64 k = MIN(n, IO_BLOCKS);
+
+        XXH3_128bits_update(sum, zbuf, k * DIGEST_LEN);
+        n -= k;
+    }
+    if (has_tail) {
+        XXH3_128bits_update(sum, tail, DIGEST_LEN);
+    }
+}
+
+char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error)
+{
+    guint64 nblocks = copier_block_count(size);
+    off_t end = nblocks * DIGEST_LEN;
     XXH3_state_t *sum = XXH3_createState();
     g_autofree guint8 *buf = g_malloc(IO_BLOCKS * DIGEST_LEN);
+    g_autofree guint8 *zbuf = g_malloc(IO_BLOCKS * DIGEST_LEN);
+    guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
+    off_t data = 0, data_end = 0;
+    struct stat st;
     char *hex;
 
+    digests_zero(size, zero, tail);
+    for (guint i = 0; i < IO_BLOCKS; i++) {
+        memcpy(zbuf + i * DIGEST_LEN, zero, DIGEST_LEN);
+    }
     XXH3_128bits_reset(sum);
-    for (guint64 b = 0; b < nblocks; b += IO_BLOCKS) {
+    if (fstat(fd, &st) < 0 || st.st_size < end) {
+        goto short_file;
+    }
+    for (off_t off = 0; off < end;) {
+        guint64 b = off / DIGEST_LEN;
         guint64 n = MIN(IO_BLOCKS, nblocks - b);
 
-        if (!pread_all(fd, buf, n * DIGEST_LEN, b * DIGEST_LEN)) {
-            g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
-                        "the digest file is short or unreadable");
-            XXH3_freeState(sum);
-            return NULL;
+        if (!dense && off >= data_end) {
+            data_end = next_data(fd, off, end, &data);
+        }
+        if (!dense && off < data) { /* a hole: zero blocks up to the data */
+            n = MIN(MAX((data - off) / DIGEST_LEN, 1), nblocks - b);
+            hash_zero_blocks(sum, zbuf, b, n, nblocks, tail);
+            off += n * DIGEST_LEN;
+            continue;
+        }
+        if (!dense) {
+            n = MIN(n, MAX((data_end - off) / DIGEST_LEN, 1));
+        }
+        if (!pread_all(fd, buf, n * DIGEST_LEN, off)) {
+            goto short_file;
+        }
+        if (!dense) {
+            flip(buf, b, n, nblocks, zero, tail);
         }
         XXH3_128bits_update(sum, buf, n * DIGEST_LEN);
+        off += n * DIGEST_LEN;
     }
     hex = state_hex(sum);
     XXH3_freeState(sum);
     return hex;
+
+short_file:
+    g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
+                "the digest file is short or unreadable");
+    XXH3_freeState(sum);
+    return NULL;
 }
 
 char *copier_file_checksum(const char *path, guint64 size, GError **error)
 {
+    guint64 nblocks = copier_block_count(size);
     g_autofree guint8 *buf = g_malloc(COPIER_BLOCK_SIZE);
-    guint8 digest[DIGEST_LEN];
+    g_autofree guint8 *zbuf = g_malloc(IO_BLOCKS * DIGEST_LEN);
+    guint8 digest[DIGEST_LEN], zero[DIGEST_LEN], tail[DIGEST_LEN];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
+    off_t data = 0, data_end = 0;
+    struct stat st;
     XXH3_state_t *sum;
     char *hex;
 
@@ -159,22 +288,45 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
                     "cannot open '%s': %s", path, g_strerror(errno));
         return NULL;
     }
+    digests_zero(size, zero, tail);
+    for (guint i = 0; i < IO_BLOCKS; i++) {
+        memcpy(zbuf + i * DIGEST_LEN, zero, DIGEST_LEN);
+    }
+    if (fstat(fd, &st) < 0 || (guint64)st.st_size < size) {
+        g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
+                    "'%s' is shorter than %" G_GUINT64_FORMAT " bytes", path,
+                    size);
+        close(fd);
+        return NULL;
+    }
     posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     sum = XXH3_createState();
     XXH3_128bits_reset(sum);
-    for (guint64 off = 0; off < size; off += COPIER_BLOCK_SIZE) {
+    for (guint64 b = 0; b < nblocks;) {
+        guint64 off = b * COPIER_BLOCK_SIZE;
         size_t len = MIN(COPIER_BLOCK_SIZE, size - off);
 
+        if ((off_t)off >= data_end) {
+            data_end = next_data(fd, off, size, &data);
+        }
+        if ((guint64)data >= off + len) { /* whole blocks of a hole */
+            guint64 n =
+                MIN(MAX((data - off) / COPIER_BLOCK_SIZE, 1), nblocks - b);
+
+            hash_zero_blocks(sum, zbuf, b, n, nblocks, tail);
+            b += n;
+            continue;
+        }
         if (!pread_all(fd, buf, len, off)) {
             g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
-                        "'%s' is shorter than %" G_GUINT64_FORMAT " bytes",
-                        path, size);
+                        "cannot read '%s' at %" G_GUINT64_FORMAT, path, off);
             close(fd);
             XXH3_freeState(sum);
             return NULL;
         }
         copier_block_digest(buf, len, digest);
         XXH3_128bits_update(sum, digest, DIGEST_LEN);
+        b++;
     }
     close(fd);
     hex = state_hex(sum);
@@ -192,20 +344,25 @@ bool digests_write(Copier *c, const Chunk *chunk, const guint8 *buf)
     if (c->opts.digest_fd < 0) {
         return true;
     }
-    digests = g_malloc(nblocks * COPIER_DIGEST_LEN);
-    for (guint64 i = 0; i < nblocks; i++) {
+    /* sparse layout: a zero block's digest is stored as zero bytes, and
+     * zeros as a hole where the file system can (a full backup's zero
+     * regions would otherwise fill a page per 256 blocks) */
+    if (!buf &&
+        fallocate(c->opts.digest_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  first * COPIER_DIGEST_LEN,
+                  nblocks * COPIER_DIGEST_LEN) == 0) {
+        return true;
+    }
+    digests = g_malloc0(nblocks * COPIER_DIGEST_LEN);
+    for (guint64 i = 0; buf && i < nblocks; i++) {
         guint64 off = i * COPIER_BLOCK_SIZE;
         size_t len = MIN(COPIER_BLOCK_SIZE, chunk->length - off);
 
-        if (buf) {
-            copier_block_digest(buf + off, len,
-                                digests + i * COPIER_DIGEST_LEN);
-        } else {
-            memcpy(digests + i * COPIER_DIGEST_LEN,
-                   len == COPIER_BLOCK_SIZE ? c->zero_digest
-                                            : c->zero_tail_digest,
-                   COPIER_DIGEST_LEN);
-        }
+        copier_block_digest(buf + off, len, digests + i * COPIER_DIGEST_LEN);
+    }
+    if (buf) {
+        flip(digests, first, nblocks, copier_block_count(c->size),
+             c->zero_digest, c->zero_tail_digest);
     }
     n = pwrite(c->opts.digest_fd, digests, nblocks * COPIER_DIGEST_LEN,
                first * COPIER_DIGEST_LEN);

@@ -473,7 +473,6 @@ Copier *copier_new(const CopierEndpoint *source, const CopierEndpoint *target,
                    CopierBudget *budget, GError **error)
 {
     g_autoptr(Copier) c = g_new0(Copier, 1);
-    g_autofree guint8 *zeros = g_malloc0(COPIER_BLOCK_SIZE);
 
     if (!copier_options_check(opts, error)) {
         return NULL;
@@ -495,12 +494,11 @@ Copier *copier_new(const CopierEndpoint *source, const CopierEndpoint *target,
     }
     if (c->opts.digest_fd >= 0 &&
         !copier_digests_init(c->opts.digest_fd, c->size,
-                             c->opts.digest_parent_fd, error)) {
+                             c->opts.digest_parent_fd,
+                             c->opts.digest_parent_dense, error)) {
         return NULL;
     }
-    copier_block_digest(zeros, COPIER_BLOCK_SIZE, c->zero_digest);
-    copier_block_digest(zeros, c->size % COPIER_BLOCK_SIZE,
-                        c->zero_tail_digest);
+    digests_zero(c->size, c->zero_digest, c->zero_tail_digest);
     c->nreqs = c->opts.requests;
     /* Pacing starts half open and finds its level within a second. */
     c->window = c->opts.latency_target_us ? MAX(1, c->nreqs / 2) : c->nreqs;

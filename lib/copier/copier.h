@@ -95,6 +95,13 @@ typedef struct {
     guint window_min, window_max; /* requests allowed in flight (pacing) */
     double window_mean;           /* time-weighted */
     guint pacing_cuts;            /* times the window was cut */
+    /* planning: what block status said, and what it cost */
+    guint64 extents;             /* regions planned (data, zero, skipped) */
+    guint64 block_status_calls;  /* questions asked of the source */
+    double block_status_seconds; /* waiting for their answers (overlaps
+                                  * the copy) */
+    double plan_seconds;         /* turning answers into work (the loop's
+                                  * own time) */
 } CopierStats;
 
 typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
@@ -138,11 +145,12 @@ typedef struct {
     const CopierEndpoint *chain;
     CopierWriteMode write_mode; /* how a file target is written */
     int digest_fd;           /* -1, or a file receiving one digest per block at
-                             offset block * COPIER_DIGEST_LEN; filled from
-                             digest_parent_fd, so blocks not copied keep the
-                             parent's digests */
+                             offset block * COPIER_DIGEST_LEN (sparse
+                             layout); filled from digest_parent_fd, so
+                             blocks not copied keep the parent's digests */
     int digest_parent_fd;    /* the parent backup's digests; -1: the disk's
                              blocks not copied read as zeros */
+    bool digest_parent_dense; /* ... in the dense layout */
     guint64 rate_limit;      /* bytes read per second; 0: unlimited */
     guint stall_seconds;     /* fail after this long without progress (60) */
     volatile gint *cancel;   /* set to non-zero (e.g. by a signal handler) to
@@ -257,20 +265,40 @@ void copier_block_digest(const void *data, size_t len,
 guint64 copier_block_count(guint64 size);
 
 /*
- * Make FD a digest file for a disk of SIZE bytes: a copy of PARENT_FD's
- * digests (-1: every block's digest is that of a zero block).
+ * Digest files hold a digest per block, at offset block *
+ * COPIER_DIGEST_LEN. In the sparse layout (what the copier writes) each is
+ * stored XORed with the digest of a zero block of its length, so a zero
+ * block is stored as zero bytes: a hole in the file. A disk's digest file
+ * then costs what its data does, not its size (8 TiB: 2 GiB dense). The
+ * dense layout, each digest as it is, is that of the first repositories:
+ * read, never written.
  */
-bool copier_digests_init(int fd, guint64 size, int parent_fd, GError **error);
+
+/*
+ * Make FD an empty digest file for a disk of SIZE bytes: a copy of
+ * PARENT_FD's digests (PARENT_DENSE: in the dense layout), or with -1,
+ * every block's digest that of a zero block. Holes are not read or copied.
+ */
+bool copier_digests_init(int fd, guint64 size, int parent_fd,
+                         bool parent_dense, GError **error);
 
 /*
  * The image checksum: XXH3-128 over the digest file's block digests, in
- * block order, as lowercase hex (COPIER_CHECKSUM_ALGORITHM).
+ * block order, as lowercase hex (COPIER_CHECKSUM_ALGORITHM). A sparse
+ * file's holes are not read.
  */
-char *copier_digests_checksum(int fd, guint64 size, GError **error);
+char *copier_digests_checksum(int fd, guint64 size, bool dense,
+                              GError **error);
+
+/* N digests of a disk of SIZE bytes from block FIRST on, as they are
+ * (DENSE: the file's layout) into OUT; false if the file is short. */
+bool copier_digests_read(int fd, guint64 size, bool dense, guint64 first,
+                         guint64 n, guint8 *out);
 
 /*
  * The same checksum computed from a raw image file (or any file reading as
- * the disk's bytes), for verification without QEMU.
+ * the disk's bytes), for verification without QEMU. The file's holes are
+ * not read.
  */
 char *copier_file_checksum(const char *path, guint64 size, GError **error);
 

@@ -232,7 +232,7 @@ struct Copier {
     guint nreaders;
     GSource *src_source, *tick;
     guint8 zero_digest[COPIER_DIGEST_LEN];      /* of a whole zero block */
-    guint8 zero_tail_digest[COPIER_DIGEST_LEN]; /* of the shorter last one */
+    guint8 zero_tail_digest[COPIER_DIGEST_LEN]; /* of the last one */
     CopierDone done;                            /* told when it ended */
     void *done_opaque;
 
@@ -240,6 +240,7 @@ struct Copier {
     guint64 plan_pos; /* block status asked up to here */
     bool bs_in_flight;
     bool bs_done; /* its completion arrived: plan from it */
+    gint64 bs_asked_us; /* when it was asked (stats) */
     int bs_error;
     GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */
     GArray *bs_dirty;
@@ -322,5 +323,9 @@ void pacing_end(Copier *c);
 
 /* The block digests of CHUNK: of BUF, or of zeros if NULL (blockhash.c). */
 bool digests_write(Copier *c, const Chunk *chunk, const guint8 *buf);
+/* The digests of a zero block of a disk of SIZE bytes: ZERO of a whole
+ * one, TAIL of its last block (shorter if SIZE is not a multiple). */
+void digests_zero(guint64 size, guint8 zero[COPIER_DIGEST_LEN],
+                  guint8 tail[COPIER_DIGEST_LEN]);
 
 #endif /* QBK_COPIER_INTERNAL_H */

@@ -99,6 +99,8 @@ static bool ask_block_status(Copier *c, struct nbd_handle *nbd, guint64 len,
 {
     c->bs_done = false;
     c->bs_error = 0;
+    c->bs_asked_us = g_get_monotonic_time();
+    c->stats.block_status_calls++;
     if (nbd_aio_block_status(
             nbd, len, c->plan_pos,
             (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
@@ -227,8 +229,10 @@ void select_finish(Copier *c)
     GQueue planned = G_QUEUE_INIT;
     Chunk *ch;
     guint64 end;
+    gint64 t0 = g_get_monotonic_time();
 
     c->bs_in_flight = false;
+    c->stats.block_status_seconds += (t0 - c->bs_asked_us) / 1e6;
     if (c->opts.ranges) {
         ranges_as_extents(c);
     }
@@ -269,5 +273,7 @@ void select_finish(Copier *c)
         release_skipped(c, regions);
     }
     c->plan_pos = end;
+    c->stats.extents += regions->len;
     c->last_activity_us = g_get_monotonic_time();
+    c->stats.plan_seconds += (c->last_activity_us - t0) / 1e6;
 }

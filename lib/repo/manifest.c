@@ -211,7 +211,7 @@ static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
 {
     g_autofree char *image = NULL;
     g_autofree char *digests = NULL;
-    const char *mode, *parent, *format, *since, *compression;
+    const char *mode, *parent, *format, *since, *compression, *layout;
     json_object *sum;
     int i;
 
@@ -220,6 +220,7 @@ static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
         !jget_string(e, "parent", true, what, &parent, error) ||
         !jget_string(e, "format", true, what, &format, error) ||
         !jget_string(e, "compression", true, what, &compression, error) ||
+        !jget_string(e, "digests_layout", true, what, &layout, error) ||
         !jget_bool(e, "checkpointed", what, &d->checkpointed, error) ||
         !jget_string(e, "since", true, what, &since, error) ||
         !jget_object(e, "checksum", !complete, what, &sum, error)) {
@@ -246,6 +247,12 @@ static bool parse_disk_fields(ManifestDisk *d, json_object *e, const char *id,
         return false;
     }
     d->compressed = compression != NULL;
+    if (layout && strcmp(layout, "sparse") != 0) {
+        repo_corrupt(error, "%s: unknown \"digests_layout\" '%s'", what,
+                     layout);
+        return false;
+    }
+    d->digests_sparse = layout != NULL;
     if (!check_parent(d, parent, id, mode, what, error)) {
         return false;
     }

@@ -201,6 +201,8 @@ typedef struct {
     char *parent;      /* backup id its image stands on, or NULL */
     RepoFormat format; /* of its image (a missing "format" is qcow2) */
     bool compressed;   /* its qcow2 image's clusters are compressed (zstd) */
+    bool digests_sparse; /* its digest file's layout ("digests_layout"):
+                            sparse, or dense (the first repositories) */
     bool checkpointed; /* a checkpoint was made on it */
     char *since;       /* the temporary "since" bitmap in the VM, or NULL */
     char *checksum;    /* lowercase hex, COPIER_CHECKSUM_ALGORITHM; NULL

@@ -1,0 +1,188 @@
+/*
+ * Digest files: the sparse layout (zero blocks are holes) must give the
+ * checksums the dense one gives, whatever mix of holes and data, and cost
+ * only what the data does; a raw image's holes are not read but count as
+ * zero blocks. The reference is computed here block by block, densely.
+ */
+#include <fcntl.h>
+#include <glib.h>
+#include <glib/gstdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "copier.h"
+
+#define BLOCK ((guint64)COPIER_BLOCK_SIZE)
+#define LEN   COPIER_DIGEST_LEN
+
+/* 4 GiB and a short tail: 65537 blocks, a 1 MiB dense digest file */
+static const guint64 size = (G_GUINT64_CONSTANT(4) << 30) + 1000;
+/* blocks holding data; the last one is the tail */
+static const guint64 data_blocks[] = { 2, 7, 40000, 65536 };
+
+typedef struct {
+    char *dir;
+    char *raw;  /* the disk, sparse */
+    int dense;  /* its digests, dense, computed here */
+    char *want; /* their checksum, computed here */
+} Fixture;
+
+static int tmp_file(Fixture *f, const char *name)
+{
+    g_autofree char *path = g_build_filename(f->dir, name, NULL);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+
+    g_assert_cmpint(fd, >=, 0);
+    return fd;
+}
+
+static void fixture_set_up(Fixture *f, gconstpointer unused)
+{
+    guint64 nblocks = copier_block_count(size);
+    g_autofree guint8 *buf = g_malloc(BLOCK);
+    guint8 d[LEN];
+    int fd;
+
+    f->dir = g_dir_make_tmp("qbk-digests-XXXXXX", NULL);
+    g_assert_nonnull(f->dir);
+    f->raw = g_build_filename(f->dir, "disk.raw", NULL);
+    fd = open(f->raw, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    g_assert_cmpint(ftruncate(fd, size), ==, 0);
+    for (guint i = 0; i < G_N_ELEMENTS(data_blocks); i++) {
+        guint64 off = data_blocks[i] * BLOCK;
+
+        memset(buf, 'a' + i, BLOCK);
+        g_assert_cmpint(pwrite(fd, buf, MIN(BLOCK, size - off), off), >, 0);
+    }
+    close(fd);
+
+    /* the reference: every block's digest, zeros included (the holes'
+     * are those of zero blocks: not read here, to keep the test fast) */
+    f->dense = tmp_file(f, "dense");
+    for (guint64 b = 0, k = 0; b < nblocks; b++) {
+        size_t len = MIN(BLOCK, size - b * BLOCK);
+        bool data = k < G_N_ELEMENTS(data_blocks) && data_blocks[k] == b;
+
+        memset(buf, data ? 'a' + k : 0, len);
+        k += data;
+        copier_block_digest(buf, len, d);
+        g_assert_cmpint(pwrite(f->dense, d, LEN, b * LEN), ==, LEN);
+    }
+    f->want = copier_digests_checksum(f->dense, size, true, NULL);
+    g_assert_nonnull(f->want);
+}
+
+static void fixture_tear_down(Fixture *f, gconstpointer unused)
+{
+    g_autofree char *cmd = g_strdup_printf("rm -rf '%s'", f->dir);
+
+    close(f->dense);
+    g_assert_cmpint(system(cmd), ==, 0);
+    g_free(f->dir);
+    g_free(f->raw);
+    g_free(f->want);
+}
+
+/* Bytes FD really holds on disk. */
+static guint64 allocated(int fd)
+{
+    struct stat st;
+
+    g_assert_cmpint(fstat(fd, &st), ==, 0);
+    return (guint64)st.st_blocks * 512;
+}
+
+static void test_file_checksum(Fixture *f, gconstpointer unused)
+{
+    g_autofree char *sum = copier_file_checksum(f->raw, size, NULL);
+    g_autoptr(GError) error = NULL;
+    g_autofree char *none = NULL;
+
+    g_assert_cmpstr(sum, ==, f->want);
+    /* a file shorter than the disk is an error, not zeros */
+    none = copier_file_checksum(f->raw, size + BLOCK, &error);
+    g_assert_null(none);
+    g_assert_nonnull(strstr(error->message, "shorter"));
+}
+
+static void test_sparse_from_dense(Fixture *f, gconstpointer unused)
+{
+    int sp = tmp_file(f, "sparse"), sp2 = tmp_file(f, "sparse2");
+    guint8 a[LEN], b[LEN];
+    g_autofree char *s1 = NULL, *s2 = NULL;
+
+    g_assert_true(copier_digests_init(sp, size, f->dense, true, NULL));
+    s1 = copier_digests_checksum(sp, size, false, NULL);
+    g_assert_cmpstr(s1, ==, f->want);
+    /* only the pages that hold data blocks' digests */
+    g_assert_cmpuint(allocated(sp), <=, G_N_ELEMENTS(data_blocks) * 4096);
+    /* and a copy of the sparse file is sparse too */
+    g_assert_true(copier_digests_init(sp2, size, sp, false, NULL));
+    s2 = copier_digests_checksum(sp2, size, false, NULL);
+    g_assert_cmpstr(s2, ==, f->want);
+    g_assert_cmpuint(allocated(sp2), <=, G_N_ELEMENTS(data_blocks) * 4096);
+    /* read back as they are: a data block, a zero block, the tail */
+    for (guint64 blk = 0; blk < 8; blk++) {
+        g_assert_true(copier_digests_read(sp2, size, false, blk, 1, a));
+        g_assert_true(copier_digests_read(f->dense, size, true, blk, 1, b));
+        g_assert_cmpmem(a, LEN, b, LEN);
+    }
+    g_assert_true(copier_digests_read(sp2, size, false, 65536, 1, a));
+    g_assert_true(copier_digests_read(f->dense, size, true, 65536, 1, b));
+    g_assert_cmpmem(a, LEN, b, LEN);
+    g_assert_false(copier_digests_read(sp2, size, false, 65536, 2, a));
+    close(sp);
+    close(sp2);
+}
+
+static void test_fresh_is_zeros(Fixture *f, gconstpointer unused)
+{
+    int sp = tmp_file(f, "fresh");
+    g_autofree char *zeros = g_build_filename(f->dir, "zeros.raw", NULL);
+    g_autofree char *want = NULL, *got = NULL;
+    int fd = open(zeros, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+
+    g_assert_cmpint(ftruncate(fd, size), ==, 0);
+    close(fd);
+    want = copier_file_checksum(zeros, size, NULL);
+    g_assert_true(copier_digests_init(sp, size, -1, false, NULL));
+    got = copier_digests_checksum(sp, size, false, NULL);
+    g_assert_cmpstr(got, ==, want);
+    g_assert_cmpstr(got, !=, f->want);
+    g_assert_cmpuint(allocated(sp), ==, 0);
+    close(sp);
+}
+
+static void test_damaged(Fixture *f, gconstpointer unused)
+{
+    int sp = tmp_file(f, "damaged");
+    guint8 one = 1;
+    g_autofree char *sum = NULL;
+    g_autoptr(GError) error = NULL;
+
+    g_assert_true(copier_digests_init(sp, size, f->dense, true, NULL));
+    /* one bit in a hole's place: the checksum changes */
+    g_assert_cmpint(pwrite(sp, &one, 1, 30000 * LEN), ==, 1);
+    sum = copier_digests_checksum(sp, size, false, NULL);
+    g_assert_cmpstr(sum, !=, f->want);
+    g_free(g_steal_pointer(&sum));
+    /* a short file is refused, never read as zeros */
+    g_assert_cmpint(ftruncate(sp, 100 * LEN), ==, 0);
+    sum = copier_digests_checksum(sp, size, false, &error);
+    g_assert_null(sum);
+    g_assert_nonnull(error);
+    close(sp);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+#define ADD(path, fn)                                                          \
+    g_test_add(path, Fixture, NULL, fixture_set_up, fn, fixture_tear_down)
+    ADD("/digests/file-checksum-skips-holes", test_file_checksum);
+    ADD("/digests/sparse-from-dense", test_sparse_from_dense);
+    ADD("/digests/fresh-is-zeros", test_fresh_is_zeros);
+    ADD("/digests/damaged", test_damaged);
+    return g_test_run();
+}
