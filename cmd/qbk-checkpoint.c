@@ -249,7 +249,10 @@ static json_object *do_since(CmdVm *vm, GPtrArray *targets, const char *name,
     int removed;
 
     if (opt_drop) {
-        removed = bitmap_drop_since(vm->qmp, targets, into, error);
+        g_autoptr(GPtrArray) names = g_ptr_array_new();
+
+        g_ptr_array_add(names, into);
+        removed = bitmap_drop_since(vm->qmp, targets, names, error);
         if (removed < 0) {
             return NULL;
         }

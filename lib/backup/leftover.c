@@ -298,10 +298,9 @@ bool undo_checkpoint(QmpClient *qmp, char **nodes, const char *name,
     if (!disks) {
         return false;
     }
-    for (guint i = 0; since && i < since->len; i++) {
-        if (bitmap_drop_since(qmp, disks, since->pdata[i], error) < 0) {
-            return false;
-        }
+    if (since && since->len &&
+        bitmap_drop_since(qmp, disks, since, error) < 0) {
+        return false;
     }
     cps = bitmap_list_checkpoints(disks);
     if (name && bitmap_find_checkpoint(cps, name)) {

@@ -131,10 +131,11 @@ bool bitmap_add_since_actions(QmpTransaction *tx, QmpTransaction *later,
                               const char *name, const char *target_bitmap,
                               GError **error);
 
-/* Remove TARGET_BITMAP (a "since" bitmap) from every target disk that has it;
- * returns how many were removed, or -1. */
-int bitmap_drop_since(QmpClient *qmp, GPtrArray *targets,
-                      const char *target_bitmap, GError **error);
+/* Remove the bitmaps NAMES ("since" bitmaps) from every target disk that
+ * has them, in one transaction whatever the number of disks; returns how
+ * many were removed, or -1. */
+int bitmap_drop_since(QmpClient *qmp, GPtrArray *targets, GPtrArray *names,
+                      GError **error);
 
 /* ---- live migration (migrate.c) ---- */
 

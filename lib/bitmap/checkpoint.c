@@ -299,21 +299,23 @@ bool bitmap_since(QmpClient *qmp, GPtrArray *disks, GPtrArray *targets,
     return true;
 }
 
-int bitmap_drop_since(QmpClient *qmp, GPtrArray *targets,
-                      const char *target_bitmap, GError **error)
+int bitmap_drop_since(QmpClient *qmp, GPtrArray *targets, GPtrArray *names,
+                      GError **error)
 {
     g_autoptr(QmpTransaction) tx = qmp_transaction_new();
 
     for (guint i = 0; i < targets->len; i++) {
         QmpDisk *disk = targets->pdata[i];
 
-        if (qmp_disk_bitmap(disk, target_bitmap)) {
-            qmp_transaction_add(tx, "block-dirty-bitmap-remove",
-                                bitmap_ref(disk, target_bitmap));
+        for (guint k = 0; k < names->len; k++) {
+            if (qmp_disk_bitmap(disk, names->pdata[k])) {
+                qmp_transaction_add(tx, "block-dirty-bitmap-remove",
+                                    bitmap_ref(disk, names->pdata[k]));
+            }
         }
     }
     if (!qmp_transaction_run(qmp, tx, error)) {
-        g_prefix_error(error, "cannot remove '%s': ", target_bitmap);
+        g_prefix_error(error, "cannot remove the \"since\" bitmaps: ");
         return -1;
     }
     return (int)qmp_transaction_length(tx);
