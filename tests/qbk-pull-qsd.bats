@@ -30,6 +30,22 @@ start_qsd() {
         --pidfile "$T/qsd.pid" --daemonize "$@"
 }
 
+# start_plain_qsd: the disk's node exported as it is, and no --object: so
+# QEMU has no /objects container until something is added there.
+start_plain_qsd() {
+    qemu-img create -q -f qcow2 "$T/disk0.qcow2" "$DISK_SIZE"
+    qemu-storage-daemon \
+        --chardev "socket,path=$T/qmp.sock,server=on,wait=off,id=m0" \
+        --monitor chardev=m0 \
+        --chardev "socket,path=$T/test.sock,server=on,wait=off,id=m1" \
+        --monitor chardev=m1 \
+        --blockdev "driver=file,filename=$T/disk0.qcow2,node-name=d0-file" \
+        --blockdev driver=qcow2,file=d0-file,node-name=d0-fmt \
+        --nbd-server "addr.type=unix,addr.path=$T/nbd.sock" \
+        --export type=nbd,id=guest,node-name=d0-fmt,name=guest,writable=on \
+        --pidfile "$T/qsd.pid" --daemonize
+}
+
 # The throttle node reads from the disk's node again; nothing of ours left.
 qsd_clean() {
     [ "$(qmp query-block-exports | jq -c '[.[].id]')" = '["guest"]' ]
@@ -47,7 +63,11 @@ setup() {
     if [[ "$BATS_TEST_DESCRIPTION" == *"over 4 GiB"* ]]; then
         DISK_SIZE=5G
     fi
-    start_qsd
+    if [[ "$BATS_TEST_DESCRIPTION" == *"without objects"* ]]; then
+        start_plain_qsd
+    else
+        start_qsd
+    fi
     shadow_init disk0
     gw disk0 0 $((8 << 20)) 17
     gw disk0 $((40 << 20)) 3145728 34
@@ -68,6 +88,18 @@ teardown() {
     [ "$(manifest_field inc disk0 mode)" = incremental ]
     restore_matches inc disk0
     qsd_clean
+}
+
+@test "a qemu-storage-daemon without objects (no /objects yet): full and incremental exact, nothing left" {
+    run -1 qmp qom-list '{"path": "/objects"}'
+    pull_with_writes full disk0 --node d0-fmt=disk0 --nbd-server "$T/nbd.sock"
+    restore_matches full disk0
+    random_writes 4 disk0
+    pull_with_writes inc disk0 --node d0-fmt=disk0 --nbd-server "$T/nbd.sock"
+    [ "$(manifest_field inc disk0 mode)" = incremental ]
+    restore_matches inc disk0
+    [ "$(qmp query-block-exports | jq -c '[.[].id]')" = '["guest"]' ]
+    [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[] | select(.name | startswith("qbk-"))] | length')" -eq 0 ]
 }
 
 @test "qemu-storage-daemon: SIGKILL under B, the next run reopens the throttle node back" {

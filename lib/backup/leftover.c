@@ -130,11 +130,8 @@ static char *mark_data(QmpClient *qmp, const char *id)
 /* The marks: qbk-<MARK_LETTERS><pid>-<tag> among the VM's objects. */
 static bool find_marks(QmpClient *qmp, GHashTable *by_tag, GError **error)
 {
-    json_object *args = json_object_new_object();
-    json_object *list;
+    json_object *list = qmp_list_objects(qmp, error);
 
-    qmp_json_set_string(args, "path", "/objects");
-    list = qmp_execute(qmp, "qom-list", args, error);
     if (!list) {
         return false;
     }

@@ -426,12 +426,9 @@ static bool serving_creds(QmpClient *qmp, const char *id)
 
 char *fleece_find_tls_creds(QmpClient *qmp, GError **error)
 {
-    json_object *args = json_object_new_object();
-    json_object *list;
+    json_object *list = qmp_list_objects(qmp, error);
     g_autoptr(GPtrArray) found = g_ptr_array_new_with_free_func(g_free);
 
-    qmp_json_set_string(args, "path", "/objects");
-    list = qmp_execute(qmp, "qom-list", args, error);
     if (!list) {
         return NULL;
     }

@@ -723,6 +723,24 @@ char *qmp_qom_get_string(QmpClient *qmp, const char *path, const char *property)
     return s;
 }
 
+json_object *qmp_list_objects(QmpClient *qmp, GError **error)
+{
+    g_autoptr(GError) local = NULL;
+    json_object *args = json_object_new_object();
+    json_object *list;
+
+    qmp_json_set_string(args, "path", "/objects");
+    list = qmp_execute(qmp, "qom-list", args, &local);
+    if (!list && g_error_matches(local, QMP_COMMAND_ERROR,
+                                 QMP_COMMAND_ERROR_DEVICE_NOT_FOUND)) {
+        return json_object_new_array();
+    }
+    if (!list) {
+        g_propagate_error(error, g_steal_pointer(&local));
+    }
+    return list;
+}
+
 char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error)
 {
     json_object *args = json_object_new_object();

@@ -138,6 +138,11 @@ bool qmp_run(QmpClient *qmp, const char *command, json_object *arguments,
 char *qmp_qom_get_string(QmpClient *qmp, const char *path,
                          const char *property);
 
+/* The user-created objects (qom-list of /objects): a new array, empty when
+ * QEMU has none and so no /objects container (a qemu-storage-daemon
+ * started without --object); NULL and ERROR if QEMU refused. */
+json_object *qmp_list_objects(QmpClient *qmp, GError **error);
+
 /* Run an HMP command through human-monitor-command; returns its output. */
 char *qmp_hmp(QmpClient *qmp, const char *command_line, GError **error);
 
