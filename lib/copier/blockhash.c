@@ -17,8 +17,9 @@
 
 #include "internal.h"
 
-#define DIGEST_LEN COPIER_DIGEST_LEN
-#define IO_BLOCKS  256 /* digests per read/write of the digest file */
+#define DIGEST_LEN  COPIER_DIGEST_LEN
+#define IO_BLOCKS   256  /* digests per read/write of the digest file */
+#define ZERO_BLOCKS 4096 /* zero blocks' digests hashed per call (64 KiB) */
 
 guint64 copier_block_count(guint64 size)
 {
@@ -196,7 +197,7 @@ bool copier_digests_read(int fd, guint64 size, bool dense, guint64 first,
 }
 
 /* Hash the digests of N zero blocks from block FIRST on into SUM; ZBUF
- * holds IO_BLOCKS copies of a whole zero block's digest. */
+ * holds ZERO_BLOCKS copies of a whole zero block's digest. */
 static void hash_zero_blocks(XXH3_state_t *sum, const guint8 *zbuf,
                              guint64 first, guint64 n, guint64 nblocks,
                              const guint8 tail[DIGEST_LEN])
@@ -205,7 +206,7 @@ static void hash_zero_blocks(XXH3_state_t *sum, const guint8 *zbuf,
 
     n -= has_tail;
     while (n > 0) {
-        guint64 k = MIN(n, IO_BLOCKS);
+        guint64 k = MIN(n, ZERO_BLOCKS);
 
         XXH3_128bits_update(sum, zbuf, k * DIGEST_LEN);
         n -= k;
@@ -221,14 +222,14 @@ char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error)
     off_t end = nblocks * DIGEST_LEN;
     XXH3_state_t *sum = XXH3_createState();
     g_autofree guint8 *buf = g_malloc(IO_BLOCKS * DIGEST_LEN);
-    g_autofree guint8 *zbuf = g_malloc(IO_BLOCKS * DIGEST_LEN);
+    g_autofree guint8 *zbuf = g_malloc(ZERO_BLOCKS * DIGEST_LEN);
     guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
     off_t data = 0, data_end = 0;
     struct stat st;
     char *hex;
 
     digests_zero(size, zero, tail);
-    for (guint i = 0; i < IO_BLOCKS; i++) {
+    for (guint i = 0; i < ZERO_BLOCKS; i++) {
         memcpy(zbuf + i * DIGEST_LEN, zero, DIGEST_LEN);
     }
     XXH3_128bits_reset(sum);
@@ -275,7 +276,7 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
 {
     guint64 nblocks = copier_block_count(size);
     g_autofree guint8 *buf = g_malloc(COPIER_BLOCK_SIZE);
-    g_autofree guint8 *zbuf = g_malloc(IO_BLOCKS * DIGEST_LEN);
+    g_autofree guint8 *zbuf = g_malloc(ZERO_BLOCKS * DIGEST_LEN);
     guint8 digest[DIGEST_LEN], zero[DIGEST_LEN], tail[DIGEST_LEN];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     off_t data = 0, data_end = 0;
@@ -289,7 +290,7 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
         return NULL;
     }
     digests_zero(size, zero, tail);
-    for (guint i = 0; i < IO_BLOCKS; i++) {
+    for (guint i = 0; i < ZERO_BLOCKS; i++) {
         memcpy(zbuf + i * DIGEST_LEN, zero, DIGEST_LEN);
     }
     if (fstat(fd, &st) < 0 || (guint64)st.st_size < size) {

@@ -144,18 +144,18 @@ typedef struct {
      * means zeros. The images below the top must not change. NULL: off. */
     const CopierEndpoint *chain;
     CopierWriteMode write_mode; /* how a file target is written */
-    int digest_fd;           /* -1, or a file receiving one digest per block at
+    int digest_fd;            /* -1, or a file receiving one digest per block at
                              offset block * COPIER_DIGEST_LEN (sparse
                              layout); filled from digest_parent_fd, so
                              blocks not copied keep the parent's digests */
-    int digest_parent_fd;    /* the parent backup's digests; -1: the disk's
+    int digest_parent_fd;     /* the parent backup's digests; -1: the disk's
                              blocks not copied read as zeros */
     bool digest_parent_dense; /* ... in the dense layout */
-    guint64 rate_limit;      /* bytes read per second; 0: unlimited */
-    guint stall_seconds;     /* fail after this long without progress (60) */
-    volatile gint *cancel;   /* set to non-zero (e.g. by a signal handler) to
+    guint64 rate_limit;       /* bytes read per second; 0: unlimited */
+    guint stall_seconds;      /* fail after this long without progress (60) */
+    volatile gint *cancel;    /* set to non-zero (e.g. by a signal handler) to
                               stop the copy; may be NULL */
-    CopierProgress progress; /* called at most every 250 ms, and at the end */
+    CopierProgress progress;  /* called at most every 250 ms, and at the end */
     void *progress_opaque;
 
     /*
@@ -279,16 +279,15 @@ guint64 copier_block_count(guint64 size);
  * PARENT_FD's digests (PARENT_DENSE: in the dense layout), or with -1,
  * every block's digest that of a zero block. Holes are not read or copied.
  */
-bool copier_digests_init(int fd, guint64 size, int parent_fd,
-                         bool parent_dense, GError **error);
+bool copier_digests_init(int fd, guint64 size, int parent_fd, bool parent_dense,
+                         GError **error);
 
 /*
  * The image checksum: XXH3-128 over the digest file's block digests, in
  * block order, as lowercase hex (COPIER_CHECKSUM_ALGORITHM). A sparse
  * file's holes are not read.
  */
-char *copier_digests_checksum(int fd, guint64 size, bool dense,
-                              GError **error);
+char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error);
 
 /* N digests of a disk of SIZE bytes from block FIRST on, as they are
  * (DENSE: the file's layout) into OUT; false if the file is short. */

@@ -9,6 +9,11 @@
 
 #include "copier.h"
 
+/* Zeros move no data: they go in pieces of up to this (one NBD
+ * write-zeroes, one hole punched), so a sparse disk's holes cost a request
+ * per GiB, not per chunk. */
+#define COPIER_ZERO_CHUNK_MAX (G_GUINT64_CONSTANT(1) << 30)
+
 /* ---- planning (plan.c): block status -> chunks ---- */
 
 /* What a region of the source needs. */
@@ -239,7 +244,7 @@ struct Copier {
     /* planning (select.c): block status runs ahead of the requests */
     guint64 plan_pos; /* block status asked up to here */
     bool bs_in_flight;
-    bool bs_done; /* its completion arrived: plan from it */
+    bool bs_done;       /* its completion arrived: plan from it */
     gint64 bs_asked_us; /* when it was asked (stats) */
     int bs_error;
     GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */

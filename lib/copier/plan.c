@@ -92,7 +92,7 @@ static void add_chunks(GQueue *chunks, guint64 offset, guint64 end,
                        guint64 chunk_size, bool zero)
 {
     /* Zeros cost no data transfer: allow larger pieces. */
-    guint64 max = zero ? chunk_size * 64 : chunk_size;
+    guint64 max = zero ? COPIER_ZERO_CHUNK_MAX : chunk_size;
 
     while (offset < end) {
         Chunk *c = g_new(Chunk, 1);

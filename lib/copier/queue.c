@@ -148,9 +148,10 @@ bool chunk_queue_pop(ChunkQueue *q, Chunk *out)
         }
     }
     w = g_sequence_get(it);
-    /* Zeros move no data: let them go in larger pieces. */
+    /* Zeros move no data: larger pieces (COPIER_ZERO_CHUNK_MAX). */
     out->offset = w->offset;
-    out->length = MIN(w->length, w->zero ? q->chunk_size * 64 : q->chunk_size);
+    out->length =
+        MIN(w->length, w->zero ? COPIER_ZERO_CHUNK_MAX : q->chunk_size);
     out->zero = w->zero;
     q->bytes -= out->length;
     if (out->length == w->length) {

@@ -28,20 +28,21 @@ static void test_order_and_merge(void)
     chunk_queue_push(q, 0, 2 * MiB, false);
     chunk_queue_push(q, 2 * MiB, MiB, false);     /* merges */
     chunk_queue_push(q, 2 * MiB, 2 * MiB, false); /* overlaps: 1 MiB new */
-    chunk_queue_push(q, 8 * MiB, 128 * MiB, true);
+    chunk_queue_push(q, 8 * MiB, 1152 * MiB, true);
     g_assert_cmpuint(chunk_queue_entries(q), ==, 2);
-    g_assert_cmpuint(chunk_queue_bytes(q), ==, 132 * MiB);
+    g_assert_cmpuint(chunk_queue_bytes(q), ==, 1156 * MiB);
     for (guint64 off = 0; off < 4 * MiB; off += MiB) {
         c = pop(q);
         g_assert_cmpuint(c.offset, ==, off);
         g_assert_cmpuint(c.length, ==, MiB);
         g_assert_false(c.zero);
     }
-    c = pop(q); /* zeros go in pieces of 64 chunks */
+    c = pop(q); /* zeros go in pieces of up to 1 GiB */
     g_assert_true(c.zero);
     g_assert_cmpuint(c.offset, ==, 8 * MiB);
-    g_assert_cmpuint(c.length, ==, 64 * MiB);
-    pop(q);
+    g_assert_cmpuint(c.length, ==, 1024 * MiB);
+    c = pop(q);
+    g_assert_cmpuint(c.length, ==, 128 * MiB);
     g_assert_true(chunk_queue_is_empty(q));
     g_assert_false(chunk_queue_pop(q, &c));
 }
