@@ -62,6 +62,16 @@ common_teardown() {
     return "$leftover"
 }
 
+# The default per-test set-up and tear-down (a file that needs more
+# defines its own, calling these).
+setup() {
+    common_setup
+}
+
+teardown() {
+    common_teardown
+}
+
 # make_images: two qcow2 disks, one raw disk, in $T.
 make_images() {
     qemu-img create -q -f qcow2 "$T/disk0.qcow2" "$DISK_SIZE"

@@ -9,14 +9,6 @@ bats_require_minimum_version 1.5.0
 
 load helpers
 
-setup() {
-    common_setup
-}
-
-teardown() {
-    common_teardown
-}
-
 # many_disk_vm N: a paused VM with N qcow2 disks of $DISK_SIZE, devices
 # disk0 ... disk<N-1> on format nodes disk<i>-fmt, and their shadows.
 many_disk_vm() {

@@ -606,19 +606,14 @@ static bool scratch_key(Pull *p, GError **error)
 {
     guint8 raw[32];
     g_autofree char *hex = NULL;
-    GString *s = g_string_sized_new(2 * sizeof(raw));
 
     if (getrandom(raw, sizeof(raw), 0) != sizeof(raw)) {
-        g_string_free(s, TRUE);
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "no random bytes for the scratch's key: %s",
                     g_strerror(errno));
         return false;
     }
-    for (guint i = 0; i < sizeof(raw); i++) {
-        g_string_append_printf(s, "%02x", raw[i]);
-    }
-    hex = g_string_free(s, FALSE);
+    hex = util_hex(raw, sizeof(raw));
     if (!mark_add(p->qmp, MARK_SCRATCH_KEY, p->id, hex, error)) {
         return false;
     }

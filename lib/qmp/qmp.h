@@ -21,6 +21,8 @@
 #include <glib.h>
 #include <json-c/json.h>
 
+#include "util.h"
+
 /* Transport and protocol failures. */
 #define QMP_ERROR qmp_error_quark()
 GQuark qmp_error_quark(void);
@@ -312,7 +314,7 @@ typedef enum {
                                       last) */
 } QmpDaemonFlags;
 
-#define QMP_DAEMON_KEY_SECRET "qbk-key"
+#define QMP_DAEMON_KEY_SECRET UTIL_KEY_SECRET
 
 QmpClient *qmp_spawn_storage_daemon(const char *const *images,
                                     QmpDaemonFlags flags, const char *key_file,

@@ -114,16 +114,6 @@ static guint8 *read_key(const char *path, gsize *len, GError **error)
     return g_steal_pointer(&buf);
 }
 
-static char *hex(const guint8 *b, gsize n)
-{
-    GString *s = g_string_sized_new(2 * n);
-
-    for (gsize i = 0; i < n; i++) {
-        g_string_append_printf(s, "%02x", b[i]);
-    }
-    return g_string_free(s, FALSE);
-}
-
 /* HEX (2 * N lowercase digits) into OUT, or false. */
 static bool unhex(const char *text, guint8 *out, gsize n)
 {
@@ -180,8 +170,8 @@ static bool save_fingerprint(const char *path, const guint8 *key, gsize len,
         return false;
     }
     repo_pbkdf2_sha256(key, len, salt, SALT_BYTES, KDF_ITERATIONS, digest);
-    salt_hex = hex(salt, SALT_BYTES);
-    digest_hex = hex(digest, DIGEST_BYTES);
+    salt_hex = util_hex(salt, SALT_BYTES);
+    digest_hex = util_hex(digest, DIGEST_BYTES);
     json_object_object_add(o, "encryption", json_object_new_string("luks"));
     json_object_object_add(o, "kdf", json_object_new_string(KDF_NAME));
     json_object_object_add(o, "iterations",

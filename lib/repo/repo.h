@@ -28,6 +28,8 @@
 #include <glib.h>
 #include <json-c/json.h>
 
+#include "util.h"
+
 #define REPO_ERROR repo_error_quark()
 GQuark repo_error_quark(void);
 
@@ -153,7 +155,7 @@ bool repo_fsync_path(const char *path, GError **error);
  * refused before anything is read or written. */
 
 /* The id of the secret object every QEMU tool gets for the key. */
-#define REPO_KEY_SECRET "qbk-key"
+#define REPO_KEY_SECRET UTIL_KEY_SECRET
 
 /* Whether the repository has a key (its backups are encrypted). */
 bool repo_encrypted(const Repo *r);
@@ -195,19 +197,19 @@ const char *manifest_mode_name(ManifestMode mode);
 
 /* One disk of a backup, as validated. */
 typedef struct {
-    char *disk;        /* a plain name: its directory under disks/ */
-    guint64 size;      /* bytes, > 0 */
-    ManifestMode mode; /* full: no parent; else a parent */
-    char *parent;      /* backup id its image stands on, or NULL */
-    RepoFormat format; /* of its image (a missing "format" is qcow2) */
-    bool compressed;   /* its qcow2 image's clusters are compressed (zstd) */
+    char *disk;          /* a plain name: its directory under disks/ */
+    guint64 size;        /* bytes, > 0 */
+    ManifestMode mode;   /* full: no parent; else a parent */
+    char *parent;        /* backup id its image stands on, or NULL */
+    RepoFormat format;   /* of its image (a missing "format" is qcow2) */
+    bool compressed;     /* its qcow2 image's clusters are compressed (zstd) */
     bool digests_sparse; /* its digest file's layout ("digests_layout"):
                             sparse, or dense (the first repositories) */
-    bool checkpointed; /* a checkpoint was made on it */
-    char *since;       /* the temporary "since" bitmap in the VM, or NULL */
-    char *checksum;    /* lowercase hex, COPIER_CHECKSUM_ALGORITHM; NULL
+    bool checkpointed;   /* a checkpoint was made on it */
+    char *since;         /* the temporary "since" bitmap in the VM, or NULL */
+    char *checksum;      /* lowercase hex, COPIER_CHECKSUM_ALGORITHM; NULL
                           only in a backup that is not complete */
-    json_object *json; /* the entry as read (borrowed from Manifest.json) */
+    json_object *json;   /* the entry as read (borrowed from Manifest.json) */
 } ManifestDisk;
 
 /* A backup's manifest, as validated. Reference counted. */

@@ -143,6 +143,13 @@ bool util_luks_timing_failed(const GError *error);
  * string; JSON, so that no character of the path needs escaping). */
 char *util_secret_object(const char *id, const char *file);
 
+/* The id of the secret that holds an encrypted repository's key, in every
+ * QEMU process that opens its images (qemu-img, qemu-nbd, daemons). */
+#define UTIL_KEY_SECRET "qbk-key"
+
+/* N bytes as 2 * N lowercase hex digits (new string). */
+char *util_hex(const guint8 *bytes, gsize n);
+
 /* A qcow2 image to make: IMAGE of SIZE bytes on BACKING (a file name
  * relative to IMAGE's directory, or NULL) of BACKING_FORMAT; COMPRESS:
  * its compressed clusters are zstd's (compression_type=zstd); KEY_FILE:
