@@ -99,8 +99,7 @@ static void print_result(const CopierStats *stats, const char *checksum)
     qmp_json_set_double(o, "seconds", stats->seconds);
     qmp_json_set_uint(o, "extents", stats->extents);
     qmp_json_set_uint(o, "block_status_calls", stats->block_status_calls);
-    qmp_json_set_double(o, "block_status_seconds",
-                        stats->block_status_seconds);
+    qmp_json_set_double(o, "block_status_seconds", stats->block_status_seconds);
     qmp_json_set_double(o, "plan_seconds", stats->plan_seconds);
     qmp_json_set_string(o, "checksum", checksum);
     cmd_print_json(o);
@@ -159,7 +158,8 @@ int main(int argc, char **argv)
         fputc('\n', stderr);
     }
     if (ok && dfd >= 0) {
-        checksum = copier_digests_checksum(dfd, stats.size, false, &error);
+        checksum = copier_digests_checksum(dfd, stats.size, false,
+                                           COPIER_SUM_DATA, &error);
         ok = checksum != NULL;
     }
     if (dfd >= 0) {

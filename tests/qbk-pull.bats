@@ -110,7 +110,7 @@ teardown() {
     [ "$(jq -r '.disks[] | select(.disk=="disk0") | .bytes_copied' <<<"$m")" -eq $((4 << 20)) ]
     [ "$(jq -r '.disks[] | select(.disk=="disk2") | .reason' <<<"$m")" = \
       "no checkpoints on this disk (raw image: only qcow2 can hold persistent bitmaps)" ]
-    [ "$(jq -r '.disks[] | select(.disk=="disk0") | .checksum.algorithm' <<<"$m")" = xxh3-128-blocks-64k ]
+    [ "$(jq -r '.disks[] | select(.disk=="disk0") | .checksum.algorithm' <<<"$m")" = xxh3-128-data-blocks-64k ]
     cmp <(jq -S . <<<"$m") <(jq -S . "$T/repo/backups/$(jq -r .id <<<"$m").json")
     # The raw disk is backed up in full every time.
     run --separate-stderr qbk-pull --repo "$T/repo" --json

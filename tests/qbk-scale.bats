@@ -131,19 +131,30 @@ same_data() {
     assert_clean
 }
 
-@test "a repository from before sparse digests: its dense digests are read, incrementals on them and merges into them are exact" {
+@test "a repository from before sparse digests and data-block checksums: read, verified, restored; incrementals on it and merges of it are exact" {
     DISK_SIZE=64M
     many_disk_vm 1
     gw disk0 0 $((4 << 20)) 21
     pull_with_writes full disk0
     full=$(jq -r .id "$T/pull-full.json")
     # make the full as the first repositories wrote it: a dense digest
-    # file, no "digests_layout" in the manifest
+    # file, no "digests_layout" in the manifest, a checksum over every block
     dig=$T/repo/disks/disk0/$full.digests
-    "$QBK_BIN/../tests/tools/qbk-test-dense-digests" $((64 << 20)) "$dig" "$T/dense"
+    old=$("$QBK_BIN/../tests/tools/qbk-test-dense-digests" $((64 << 20)) "$dig" "$T/dense")
     cat "$T/dense" >"$dig"
     [ "$(du -k "$dig" | cut -f1)" -ge 16 ]
-    jq 'del(.disks[0].digests_layout)' "$T/repo/backups/$full.json" >"$T/m.json"
+    [ "$old" != "$(jq -r '.disks[0].checksum.value' "$T/repo/backups/$full.json")" ]
+    jq --arg v "$old" 'del(.disks[0].digests_layout) |
+        .disks[0].checksum = {algorithm: "xxh3-128-blocks-64k", value: $v}' \
+        "$T/repo/backups/$full.json" >"$T/m.json"
+    cat "$T/m.json" >"$T/repo/backups/$full.json"
+    # a wrong old checksum is caught by verify and by restore
+    jq '.disks[0].checksum.value = "00000000000000000000000000000000"' "$T/m.json" >"$T/repo/backups/$full.json"
+    run qbk-verify --repo "$T/repo" --backup "$full"
+    [ "$status" -eq 1 ]
+    run qbk-restore --repo "$T/repo" --disk disk0 --backup "$full" -o "$T/r.raw"
+    [ "$status" -eq 1 ]
+    [ ! -e "$T/r.raw" ]
     cat "$T/m.json" >"$T/repo/backups/$full.json"
     qbk-verify --repo "$T/repo" --quiet
     # a damaged dense file is caught as a sparse one is: no incremental on it
@@ -158,6 +169,7 @@ same_data() {
     inc=$(jq -r .id "$T/pull-inc.json")
     [ "$(jq -r '.disks[0].mode' "$T/pull-inc.json")" = incremental ]
     [ "$(jq -r '.disks[0].digests_layout' "$T/repo/backups/$inc.json")" = sparse ]
+    [ "$(jq -r '.disks[0].checksum.algorithm' "$T/repo/backups/$inc.json")" = xxh3-128-data-blocks-64k ]
     restore_matches full disk0
     restore_matches inc disk0
     qbk-verify --repo "$T/repo" --quiet

@@ -229,4 +229,10 @@ json_object *retention_plan(GPtrArray *manifests,
 bool backup_drop_disk(Repo *repo, const char *id, const char *disk,
                       GError **error);
 
+/* The checksum algorithm backup entry E records. */
+static inline CopierSum backup_entry_sum(const ManifestDisk *e)
+{
+    return e->sum_data ? COPIER_SUM_DATA : COPIER_SUM_BLOCKS;
+}
+
 #endif /* QBK_BACKUP_INTERNAL_H */

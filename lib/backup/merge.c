@@ -591,7 +591,8 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
         ok = copier_copy(&src, &dst, &co, stats, error);
         /* TO's point in time, so TO's checksum */
         ok = ok &&
-             (*sum = copier_digests_checksum(dfd, stats->size, false, error));
+             (*sum = copier_digests_checksum(
+                  dfd, stats->size, false, backup_entry_sum(plan->to), error));
         if (ok && strcmp(*sum, plan->to->checksum) != 0) {
             g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
                         "disk '%s': the merged image would not equal backup "

@@ -33,8 +33,11 @@
 G_DEFINE_QUARK(qbk-backup-error-quark, backup_error)
 /* clang-format on */
 
-G_STATIC_ASSERT(sizeof(COPIER_CHECKSUM_ALGORITHM) ==
-                sizeof("xxh3-128-blocks-64k")); /* lib/repo checks this name */
+/* lib/repo checks these names */
+G_STATIC_ASSERT(sizeof(COPIER_SUM_BLOCKS_NAME) ==
+                sizeof("xxh3-128-blocks-64k"));
+G_STATIC_ASSERT(sizeof(COPIER_SUM_DATA_NAME) ==
+                sizeof("xxh3-128-data-blocks-64k"));
 
 static const char *const mode_names[] = {
     [BACKUP_MODE_AUTO] = "auto",
@@ -289,7 +292,7 @@ static int open_parent_digests(Pull *p, const char *parent, const char *disk,
     if (fd >= 0 && fstat(fd, &st) == 0 &&
         (guint64)st.st_size == copier_block_count(size) * COPIER_DIGEST_LEN &&
         (sum = copier_digests_checksum(fd, size, !entry->digests_sparse,
-                                       &local)) &&
+                                       backup_entry_sum(entry), &local)) &&
         strcmp(sum, entry->checksum) == 0) {
         return fd;
     }
@@ -474,7 +477,7 @@ static void add_results(Pull *p)
         qmp_json_set_double(d, "seconds", s->seconds);
         qmp_json_set_double(d, "throughput_mib_s",
                             s->seconds > 0 ? mib / s->seconds : 0);
-        qmp_json_set_string(sum, "algorithm", COPIER_CHECKSUM_ALGORITHM);
+        qmp_json_set_string(sum, "algorithm", COPIER_SUM_DATA_NAME);
         qmp_json_set_string(sum, "value", pd->checksum);
         json_object_object_add(d, "checksum", sum);
         json_object_object_add(d, "copier", copier_json(p, pd));
@@ -1010,8 +1013,8 @@ static bool copy_result(Pull *p, DiskCopy *dc, GError **error)
     bool ok = copier_result(dc->copier, &pd->stats, error);
 
     if (ok) {
-        pd->checksum =
-            copier_digests_checksum(dc->digests_fd, pd->qd->size, false, error);
+        pd->checksum = copier_digests_checksum(dc->digests_fd, pd->qd->size,
+                                               false, COPIER_SUM_DATA, error);
         ok = pd->checksum && fsync(dc->digests_fd) == 0;
     }
     if (!ok && g_error_matches(*error, COPIER_ERROR, COPIER_ERROR_CANCELLED)) {

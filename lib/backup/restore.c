@@ -83,7 +83,7 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
     }
     entry = json_object_get(e->json);
     if (g_strcmp0(format, "raw") == 0) {
-        sum = copier_file_checksum(tmp, e->size, error);
+        sum = copier_file_checksum(tmp, e->size, backup_entry_sum(e), error);
         if (!sum || g_strcmp0(sum, e->checksum) != 0) {
             if (sum) {
                 g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,

@@ -62,12 +62,12 @@ static char *first_difference(int fd, const char *path, bool dense,
 /*
  * Read IMAGE (FORMAT, NULL for a "json:" chain; a qcow2 image follows its
  * backing chain; KEY_FILE: an encrypted repository's) through qemu-nbd and
- * hash every block. Returns the image
- * checksum; the block digests stay in *DIGESTS_FD (an unlinked temporary
- * file, the caller closes it), the copier's figures in STATS.
+ * hash every block. Returns the image checksum ALG; the block digests stay
+ * in *DIGESTS_FD (an unlinked temporary file, the caller closes it), the
+ * copier's figures in STATS.
  */
 static char *read_checksum(const char *image, const char *format,
-                           const char *key_file, int *digests_fd,
+                           const char *key_file, CopierSum alg, int *digests_fd,
                            CopierStats *stats, GError **error)
 {
     g_autofree char *path =
@@ -93,7 +93,7 @@ static char *read_checksum(const char *image, const char *format,
     co.digest_fd = fd;
     if (copier_copy(&(CopierEndpoint){ .uri = nbd->uri },
                     &(CopierEndpoint){ 0 }, &co, stats, error)) {
-        sum = copier_digests_checksum(fd, stats->size, false, error);
+        sum = copier_digests_checksum(fd, stats->size, false, alg, error);
     }
     nbd_server_stop(nbd, NULL);
     if (!sum) {
@@ -123,7 +123,8 @@ json_object *backup_verify(Repo *repo, const char *id, const char *disk,
     top = ((Manifest *)chain->pdata[0])->id;
     e = manifest_disk(chain->pdata[0], disk);
     source = repo_chain_filename(repo, chain, 0, disk, NULL);
-    sum = read_checksum(source, NULL, repo_key_file(repo), &dfd, &stats, error);
+    sum = read_checksum(source, NULL, repo_key_file(repo), backup_entry_sum(e),
+                        &dfd, &stats, error);
     ok = sum != NULL;
     if (ok && stats.size != e->size) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
@@ -181,7 +182,8 @@ bool backup_check_image(Repo *repo, const char *id, const char *disk,
         }
         return false;
     }
-    sum = read_checksum(image, format, NULL, &dfd, &stats, error);
+    sum = read_checksum(image, format, NULL, backup_entry_sum(e), &dfd, &stats,
+                        error);
     ok = sum != NULL;
     if (ok && g_strcmp0(sum, e->checksum) != 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,

@@ -196,43 +196,117 @@ bool copier_digests_read(int fd, guint64 size, bool dense, guint64 first,
     return true;
 }
 
-/* Hash the digests of N zero blocks from block FIRST on into SUM; ZBUF
- * holds ZERO_BLOCKS copies of a whole zero block's digest. */
-static void hash_zero_blocks(XXH3_state_t *sum, const guint8 *zbuf,
-                             guint64 first, guint64 n, guint64 nblocks,
-                             const guint8 tail[DIGEST_LEN])
+const char *copier_sum_name(CopierSum alg)
 {
-    bool has_tail = first + n == nblocks;
+    return alg == COPIER_SUM_DATA ? COPIER_SUM_DATA_NAME
+                                  : COPIER_SUM_BLOCKS_NAME;
+}
 
+/*
+ * A checksum being computed, from the disk's digests in block order.
+ * COPIER_SUM_BLOCKS hashes every block's digest; COPIER_SUM_DATA hashes,
+ * for each block that is not a zero block, its index (8 bytes, little
+ * endian) and its digest, and last the block count and the disk's size (8
+ * bytes each): a zero block costs nothing, so a sparse disk's checksum
+ * follows its data.
+ */
+typedef struct {
+    CopierSum alg;
+    XXH3_state_t *state;
+    guint64 nblocks, size;
+    guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
+    guint8 *zbuf; /* ZERO_BLOCKS copies of ZERO (COPIER_SUM_BLOCKS) */
+} Summer;
+
+static void summer_init(Summer *s, CopierSum alg, guint64 size)
+{
+    s->alg = alg;
+    s->size = size;
+    s->nblocks = copier_block_count(size);
+    digests_zero(size, s->zero, s->tail);
+    s->zbuf = g_malloc(ZERO_BLOCKS * DIGEST_LEN);
+    for (guint i = 0; i < ZERO_BLOCKS; i++) {
+        memcpy(s->zbuf + i * DIGEST_LEN, s->zero, DIGEST_LEN);
+    }
+    s->state = XXH3_createState();
+    XXH3_128bits_reset(s->state);
+}
+
+static void summer_free(Summer *s)
+{
+    XXH3_freeState(s->state);
+    g_free(s->zbuf);
+}
+
+static void update_u64(XXH3_state_t *state, guint64 v)
+{
+    guint64 le = GUINT64_TO_LE(v);
+
+    XXH3_128bits_update(state, &le, sizeof(le));
+}
+
+/* The digests D of N blocks from block FIRST on, as they are. */
+static void summer_digests(Summer *s, guint64 first, guint64 n, const guint8 *d)
+{
+    if (s->alg == COPIER_SUM_BLOCKS) {
+        XXH3_128bits_update(s->state, d, n * DIGEST_LEN);
+        return;
+    }
+    for (guint64 i = 0; i < n; i++) {
+        const guint8 *z = first + i == s->nblocks - 1 ? s->tail : s->zero;
+
+        if (memcmp(d + i * DIGEST_LEN, z, DIGEST_LEN) != 0) {
+            update_u64(s->state, first + i);
+            XXH3_128bits_update(s->state, d + i * DIGEST_LEN, DIGEST_LEN);
+        }
+    }
+}
+
+/* N zero blocks from block FIRST on. */
+static void summer_zeros(Summer *s, guint64 first, guint64 n)
+{
+    bool has_tail = first + n == s->nblocks;
+
+    if (s->alg == COPIER_SUM_DATA) {
+        return;
+    }
     n -= has_tail;
     while (n > 0) {
         guint64 k = MIN(n, ZERO_BLOCKS);
 
-        XXH3_128bits_update(sum, zbuf, k * DIGEST_LEN);
+        XXH3_128bits_update(s->state, s->zbuf, k * DIGEST_LEN);
         n -= k;
     }
     if (has_tail) {
-        XXH3_128bits_update(sum, tail, DIGEST_LEN);
+        XXH3_128bits_update(s->state, s->tail, DIGEST_LEN);
     }
 }
 
-char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error)
+/* The checksum as lowercase hex; S is freed. */
+static char *summer_end(Summer *s)
+{
+    char *hex;
+
+    if (s->alg == COPIER_SUM_DATA) {
+        update_u64(s->state, s->nblocks);
+        update_u64(s->state, s->size);
+    }
+    hex = state_hex(s->state);
+    summer_free(s);
+    return hex;
+}
+
+char *copier_digests_checksum(int fd, guint64 size, bool dense, CopierSum alg,
+                              GError **error)
 {
     guint64 nblocks = copier_block_count(size);
     off_t end = nblocks * DIGEST_LEN;
-    XXH3_state_t *sum = XXH3_createState();
     g_autofree guint8 *buf = g_malloc(IO_BLOCKS * DIGEST_LEN);
-    g_autofree guint8 *zbuf = g_malloc(ZERO_BLOCKS * DIGEST_LEN);
-    guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
     off_t data = 0, data_end = 0;
     struct stat st;
-    char *hex;
+    Summer sum;
 
-    digests_zero(size, zero, tail);
-    for (guint i = 0; i < ZERO_BLOCKS; i++) {
-        memcpy(zbuf + i * DIGEST_LEN, zero, DIGEST_LEN);
-    }
-    XXH3_128bits_reset(sum);
+    summer_init(&sum, alg, size);
     if (fstat(fd, &st) < 0 || st.st_size < end) {
         goto short_file;
     }
@@ -245,7 +319,7 @@ char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error)
         }
         if (!dense && off < data) { /* a hole: zero blocks up to the data */
             n = MIN(MAX((data - off) / DIGEST_LEN, 1), nblocks - b);
-            hash_zero_blocks(sum, zbuf, b, n, nblocks, tail);
+            summer_zeros(&sum, b, n);
             off += n * DIGEST_LEN;
             continue;
         }
@@ -256,42 +330,35 @@ char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error)
             goto short_file;
         }
         if (!dense) {
-            flip(buf, b, n, nblocks, zero, tail);
+            flip(buf, b, n, nblocks, sum.zero, sum.tail);
         }
-        XXH3_128bits_update(sum, buf, n * DIGEST_LEN);
+        summer_digests(&sum, b, n, buf);
         off += n * DIGEST_LEN;
     }
-    hex = state_hex(sum);
-    XXH3_freeState(sum);
-    return hex;
+    return summer_end(&sum);
 
 short_file:
     g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
                 "the digest file is short or unreadable");
-    XXH3_freeState(sum);
+    summer_free(&sum);
     return NULL;
 }
 
-char *copier_file_checksum(const char *path, guint64 size, GError **error)
+char *copier_file_checksum(const char *path, guint64 size, CopierSum alg,
+                           GError **error)
 {
     guint64 nblocks = copier_block_count(size);
     g_autofree guint8 *buf = g_malloc(COPIER_BLOCK_SIZE);
-    g_autofree guint8 *zbuf = g_malloc(ZERO_BLOCKS * DIGEST_LEN);
-    guint8 digest[DIGEST_LEN], zero[DIGEST_LEN], tail[DIGEST_LEN];
+    guint8 digest[DIGEST_LEN];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     off_t data = 0, data_end = 0;
     struct stat st;
-    XXH3_state_t *sum;
-    char *hex;
+    Summer sum;
 
     if (fd < 0) {
         g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "cannot open '%s': %s", path, g_strerror(errno));
         return NULL;
-    }
-    digests_zero(size, zero, tail);
-    for (guint i = 0; i < ZERO_BLOCKS; i++) {
-        memcpy(zbuf + i * DIGEST_LEN, zero, DIGEST_LEN);
     }
     if (fstat(fd, &st) < 0 || (guint64)st.st_size < size) {
         g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
@@ -301,8 +368,7 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
         return NULL;
     }
     posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-    sum = XXH3_createState();
-    XXH3_128bits_reset(sum);
+    summer_init(&sum, alg, size);
     for (guint64 b = 0; b < nblocks;) {
         guint64 off = b * COPIER_BLOCK_SIZE;
         size_t len = MIN(COPIER_BLOCK_SIZE, size - off);
@@ -314,7 +380,7 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
             guint64 n =
                 MIN(MAX((data - off) / COPIER_BLOCK_SIZE, 1), nblocks - b);
 
-            hash_zero_blocks(sum, zbuf, b, n, nblocks, tail);
+            summer_zeros(&sum, b, n);
             b += n;
             continue;
         }
@@ -322,17 +388,15 @@ char *copier_file_checksum(const char *path, guint64 size, GError **error)
             g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
                         "cannot read '%s' at %" G_GUINT64_FORMAT, path, off);
             close(fd);
-            XXH3_freeState(sum);
+            summer_free(&sum);
             return NULL;
         }
         copier_block_digest(buf, len, digest);
-        XXH3_128bits_update(sum, digest, DIGEST_LEN);
+        summer_digests(&sum, b, 1, digest);
         b++;
     }
     close(fd);
-    hex = state_hex(sum);
-    XXH3_freeState(sum);
-    return hex;
+    return summer_end(&sum);
 }
 
 bool digests_write(Copier *c, const Chunk *chunk, const guint8 *buf)

@@ -283,11 +283,27 @@ bool copier_digests_init(int fd, guint64 size, int parent_fd, bool parent_dense,
                          GError **error);
 
 /*
- * The image checksum: XXH3-128 over the digest file's block digests, in
- * block order, as lowercase hex (COPIER_CHECKSUM_ALGORITHM). A sparse
- * file's holes are not read.
+ * An image checksum: XXH3-128 over the disk's block digests, in block
+ * order, as lowercase hex. COPIER_SUM_DATA, what new backups record, hashes
+ * only the blocks that are not zero blocks (each with its index, then the
+ * block count and the size), so its cost follows the data: 2 GiB of zero
+ * blocks' digests were hashed twice for an incremental of an 8 TiB disk.
+ * COPIER_SUM_BLOCKS hashes every block's digest: the first repositories'.
  */
-char *copier_digests_checksum(int fd, guint64 size, bool dense, GError **error);
+typedef enum {
+    COPIER_SUM_BLOCKS, /* COPIER_SUM_BLOCKS_NAME */
+    COPIER_SUM_DATA,   /* COPIER_SUM_DATA_NAME */
+} CopierSum;
+
+#define COPIER_SUM_BLOCKS_NAME "xxh3-128-blocks-64k"
+#define COPIER_SUM_DATA_NAME   "xxh3-128-data-blocks-64k"
+
+const char *copier_sum_name(CopierSum alg);
+
+/* The checksum ALG of the digest file FD (DENSE: in the dense layout); a
+ * sparse file's holes are not read. */
+char *copier_digests_checksum(int fd, guint64 size, bool dense, CopierSum alg,
+                              GError **error);
 
 /* N digests of a disk of SIZE bytes from block FIRST on, as they are
  * (DENSE: the file's layout) into OUT; false if the file is short. */
@@ -299,8 +315,7 @@ bool copier_digests_read(int fd, guint64 size, bool dense, guint64 first,
  * the disk's bytes), for verification without QEMU. The file's holes are
  * not read.
  */
-char *copier_file_checksum(const char *path, guint64 size, GError **error);
-
-#define COPIER_CHECKSUM_ALGORITHM "xxh3-128-blocks-64k"
+char *copier_file_checksum(const char *path, guint64 size, CopierSum alg,
+                           GError **error);
 
 #endif /* QBK_COPIER_H */

@@ -11,9 +11,10 @@
 #include "internal.h"
 
 #define MANIFEST_FORMAT "qbk-manifest-1"
-/* lib/copier's COPIER_CHECKSUM_ALGORITHM (lib/backup asserts they agree) */
-#define CHECKSUM_ALGORITHM "xxh3-128-blocks-64k"
-#define CHECKSUM_HEX_LEN   32
+/* lib/copier's COPIER_SUM_*_NAME (lib/backup asserts they agree) */
+#define SUM_BLOCKS       "xxh3-128-blocks-64k"
+#define SUM_DATA         "xxh3-128-data-blocks-64k"
+#define CHECKSUM_HEX_LEN 32
 
 static const char *const status_names[] = {
     [MANIFEST_IN_PROGRESS] = "in-progress",
@@ -197,10 +198,13 @@ static bool parse_checksum(ManifestDisk *d, json_object *sum, const char *what,
         !jget_string(sum, "value", false, what, &value, error)) {
         return false;
     }
-    if (strcmp(alg, CHECKSUM_ALGORITHM) != 0 || !is_checksum(value)) {
-        repo_corrupt(error, "%s: not a %s checksum", what, CHECKSUM_ALGORITHM);
+    if ((strcmp(alg, SUM_BLOCKS) != 0 && strcmp(alg, SUM_DATA) != 0) ||
+        !is_checksum(value)) {
+        repo_corrupt(error, "%s: not a %s or %s checksum", what, SUM_DATA,
+                     SUM_BLOCKS);
         return false;
     }
+    d->sum_data = strcmp(alg, SUM_DATA) == 0;
     d->checksum = g_strdup(value);
     return true;
 }

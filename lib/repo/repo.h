@@ -207,7 +207,9 @@ typedef struct {
                             sparse, or dense (the first repositories) */
     bool checkpointed;   /* a checkpoint was made on it */
     char *since;         /* the temporary "since" bitmap in the VM, or NULL */
-    char *checksum;      /* lowercase hex, COPIER_CHECKSUM_ALGORITHM; NULL
+    bool sum_data;       /* its checksum is over the data blocks only
+                            (COPIER_SUM_DATA), else over every block */
+    char *checksum;      /* lowercase hex; NULL
                           only in a backup that is not complete */
     json_object *json;   /* the entry as read (borrowed from Manifest.json) */
 } ManifestDisk;

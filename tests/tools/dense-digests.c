@@ -1,8 +1,9 @@
 /*
  * qbk-test-dense-digests SIZE SPARSE DENSE: rewrite a digest file of a disk
  * of SIZE bytes in the dense layout of the first repositories (every
- * block's digest as it is), so that tests can make a repository from
- * before the sparse layout.
+ * block's digest as it is) and print its checksum as they computed it
+ * (every block's digest), so that tests can make a repository from before
+ * the sparse layout and the data-blocks checksum.
  */
 #include <fcntl.h>
 #include <glib.h>
@@ -15,6 +16,7 @@ int main(int argc, char **argv)
 {
     guint64 size, nblocks;
     guint8 d[COPIER_DIGEST_LEN];
+    char *sum;
     int in, out;
 
     if (argc != 4 || !(size = g_ascii_strtoull(argv[1], NULL, 10))) {
@@ -35,5 +37,13 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    return close(out) == 0 ? 0 : 1;
+    if (close(out) != 0 || (out = open(argv[3], O_RDONLY | O_CLOEXEC)) < 0 ||
+        !(sum = copier_digests_checksum(out, size, true, COPIER_SUM_BLOCKS,
+                                        NULL))) {
+        fprintf(stderr, "%s: cannot read back %s\n", argv[0], argv[3]);
+        return 1;
+    }
+    printf("%s\n", sum);
+    g_free(sum);
+    return 0;
 }
