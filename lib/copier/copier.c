@@ -329,7 +329,7 @@ static void maybe_flush(Copier *c)
 {
     g_autoptr(GError) err = NULL;
 
-    if (c->flushing || c->plan_pos < c->size || c->bs_in_flight ||
+    if (c->flushing || c->plan_pos < c->size || select_busy(c) ||
         !chunk_queue_is_empty(c->queue) || c->active || !release_idle(c)) {
         return;
     }
@@ -375,8 +375,8 @@ gboolean copier_pump(gpointer data)
             write_completed(c, r);
         }
     }
-    if (!c->error && c->bs_in_flight && c->bs_done) {
-        select_finish(c);
+    if (!c->error) {
+        select_plan(c);
     }
     if (!c->error) {
         notices_step(c);
@@ -397,8 +397,8 @@ gboolean copier_pump(gpointer data)
     /* Plan the whole disk ahead (memory follows its extents), so that
      * requests never wait for block status and notices can reach any
      * region still to copy. */
-    if (!c->error && !c->bs_in_flight && c->plan_pos < c->size) {
-        select_start(c);
+    if (!c->error) {
+        select_ask(c);
     }
     if (!c->error) {
         maybe_flush(c);
@@ -585,9 +585,6 @@ void copier_free(Copier *c)
     }
     nbd_source_close(c->notice, c->notice_source);
     nbd_source_close(c->chain, c->chain_source);
-    if (c->bs_depth) {
-        g_array_unref(c->bs_depth);
-    }
     sink_free(c->sink); /* the kernel is done with the buffers after it */
     for (guint i = 0; c->reqs && i < c->nreqs; i++) {
         if (c->reqs[i].state != REQ_IDLE) {
@@ -601,10 +598,7 @@ void copier_free(Copier *c)
     if (c->notice_extents) {
         g_array_unref(c->notice_extents);
     }
-    if (c->bs_alloc) {
-        g_array_unref(c->bs_alloc);
-        g_array_unref(c->bs_dirty);
-    }
+    select_free(c);
     copier_budget_free(c->own_budget);
     if (c->ctx) {
         g_main_context_unref(c->ctx);

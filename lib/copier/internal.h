@@ -16,6 +16,23 @@
 
 /* ---- planning (plan.c): block status -> chunks ---- */
 
+/* Block status questions in flight at once (select.c): a sparse 8 TiB
+ * disk is 2048 of them, and one at a time each waited a round trip. */
+#define SELECT_ASKS 4
+
+/* One window's block status question and its answers (select.c). */
+typedef struct {
+    Copier *copier;
+    guint64 pos, len; /* the window */
+    GArray *alloc;    /* uint32 (length, flags) pairs: base:allocation */
+    GArray *dirty;    /* ... the selection's context */
+    GArray *depth;    /* ... the chain's allocation depth, or NULL */
+    bool done;        /* its completion arrived */
+    bool chain_asked; /* the second question (depth) is the one out */
+    int error;
+    gint64 asked_us; /* stats */
+} SelectAsk;
+
 /* What a region of the source needs. */
 typedef enum {
     REGION_SKIP, /* not dirty: the target (or its backing) already has it */
@@ -241,18 +258,14 @@ struct Copier {
     CopierDone done;                            /* told when it ended */
     void *done_opaque;
 
-    /* planning (select.c): block status runs ahead of the requests */
-    guint64 plan_pos; /* block status asked up to here */
-    bool bs_in_flight;
-    bool bs_done;       /* its completion arrived: plan from it */
-    gint64 bs_asked_us; /* when it was asked (stats) */
-    int bs_error;
-    GArray *bs_alloc; /* uint32 (length, flags) pairs of the window */
-    GArray *bs_dirty;
+    /* planning (select.c): block status runs ahead of the requests, a few
+     * windows at once, planned in order */
+    guint64 plan_pos;            /* planned up to here */
+    guint64 ask_pos;             /* block status asked up to here */
+    SelectAsk asks[SELECT_ASKS]; /* a ring: ask_head, then ask_count more */
+    guint ask_head, ask_count;
     struct nbd_handle *chain; /* opts.chain's allocation depth */
     GSource *chain_source;
-    GArray *bs_depth;  /* its answer for the window */
-    bool chain_asked;  /* the window's second question is out */
     ChunkQueue *queue; /* planned and not started */
 
     /* release (release.c) */
@@ -309,8 +322,13 @@ gboolean copier_pump(gpointer data);
  * most 2, NULL-terminated into CONTEXTS[3]); then block status, a window
  * at a time, into the work queue. */
 bool select_init(Copier *c, const char **contexts, GError **error);
-void select_start(Copier *c);
-void select_finish(Copier *c);
+/* Ask about the next windows, as many as may be in flight. */
+void select_ask(Copier *c);
+/* Plan from the answers that arrived, in window order. */
+void select_plan(Copier *c);
+/* Whether a question is still out (or an answer not planned yet). */
+bool select_busy(const Copier *c);
+void select_free(Copier *c);
 bool select_chain_connect(Copier *c, GSourceFunc pump, GError **error);
 
 /* Release of copied regions (release.c). */

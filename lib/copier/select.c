@@ -2,11 +2,15 @@
  * What to copy: every region the source's "base:allocation" says holds
  * data, narrowed by one selection: a dirty bitmap's map, the top links of
  * a chain (its allocation depth), or the caller's ranges. Block status is
- * asked a window at a time, ahead of the requests, and what it says goes
+ * asked ahead of the requests, and what it says goes
  * into the work queue (plan.c, queue.c); what needs no copy may be
  * released at once. A source whose map stops at its top image (a
  * snapshot-access view) gets a second question per window, about its
  * chain (opts.chain), where the first answer says "hole" but not "zero".
+ *
+ * Up to SELECT_ASKS windows are asked at once and planned in order; an
+ * answer that covers less than its window is asked again about the rest,
+ * in its place, before any later window is planned.
  */
 #include <string.h>
 
@@ -41,9 +45,30 @@ bool select_init(Copier *c, const char **contexts, GError **error)
         /* no context: ranges_as_extents() fills the dirty extents */
         c->bitmap_context = g_strdup("qbk:ranges");
     }
-    c->bs_alloc = g_array_new(FALSE, FALSE, sizeof(uint32_t));
-    c->bs_dirty = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    for (guint i = 0; i < SELECT_ASKS; i++) {
+        SelectAsk *a = &c->asks[i];
+
+        a->copier = c;
+        a->alloc = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+        a->dirty = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    }
     return true;
+}
+
+void select_free(Copier *c)
+{
+    for (guint i = 0; i < SELECT_ASKS; i++) {
+        SelectAsk *a = &c->asks[i];
+
+        g_clear_pointer(&a->alloc, g_array_unref);
+        g_clear_pointer(&a->dirty, g_array_unref);
+        g_clear_pointer(&a->depth, g_array_unref);
+    }
+}
+
+bool select_busy(const Copier *c)
+{
+    return c->ask_count > 0;
 }
 
 bool select_chain_connect(Copier *c, GSourceFunc pump, GError **error)
@@ -62,7 +87,9 @@ bool select_chain_connect(Copier *c, GSourceFunc pump, GError **error)
                     "source's size");
         return false;
     }
-    c->bs_depth = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    for (guint i = 0; i < SELECT_ASKS; i++) {
+        c->asks[i].depth = g_array_new(FALSE, FALSE, sizeof(uint32_t));
+    }
     return true;
 }
 
@@ -71,15 +98,14 @@ bool select_chain_connect(Copier *c, GSourceFunc pump, GError **error)
 static int extent_cb(void *opaque, const char *context, uint64_t offset,
                      uint32_t *entries, size_t n, int *error)
 {
-    Copier *c = opaque;
+    SelectAsk *a = opaque;
+    const char *bitmap = a->copier->bitmap_context;
     GArray *into =
-        c->chain_asked
-            ? (strcmp(context, "qemu:allocation-depth") == 0 ? c->bs_depth
-                                                             : NULL)
-        : strcmp(context, "base:allocation") == 0 ? c->bs_alloc
-        : c->bitmap_context && strcmp(context, c->bitmap_context) == 0
-            ? c->bs_dirty
-            : NULL;
+        a->chain_asked
+            ? (strcmp(context, "qemu:allocation-depth") == 0 ? a->depth : NULL)
+        : strcmp(context, "base:allocation") == 0 ? a->alloc
+        : bitmap && strcmp(context, bitmap) == 0  ? a->dirty
+                                                  : NULL;
 
     if (into && into->len == 0) { /* keep the first answer per context */
         /* N counts uint32 entries: (length, flags) pairs times two */
@@ -90,54 +116,73 @@ static int extent_cb(void *opaque, const char *context, uint64_t offset,
 
 static int bs_done_cb(void *opaque, int *error)
 {
-    Copier *c = opaque;
+    SelectAsk *a = opaque;
 
-    c->bs_error = *error;
-    c->bs_done = true;
+    a->error = *error;
+    a->done = true;
     return 1;
 }
 
-/* Ask NBD for the block status of LEN bytes from the window's start, the
- * answer going where extent_cb puts it; WHAT names it in an error. */
-static bool ask_block_status(Copier *c, struct nbd_handle *nbd, guint64 len,
+/* Ask NBD for the block status of LEN bytes from A's start, the answer
+ * going where extent_cb puts it; WHAT names it in an error. */
+static bool ask_block_status(SelectAsk *a, struct nbd_handle *nbd, guint64 len,
                              const char *what)
 {
-    c->bs_done = false;
-    c->bs_error = 0;
-    c->bs_asked_us = g_get_monotonic_time();
+    Copier *c = a->copier;
+
+    a->done = false;
+    a->error = 0;
+    a->asked_us = g_get_monotonic_time();
     c->stats.block_status_calls++;
     if (nbd_aio_block_status(
-            nbd, len, c->plan_pos,
-            (nbd_extent_callback){ .callback = extent_cb, .user_data = c },
-            (nbd_completion_callback){ .callback = bs_done_cb, .user_data = c },
+            nbd, len, a->pos,
+            (nbd_extent_callback){ .callback = extent_cb, .user_data = a },
+            (nbd_completion_callback){ .callback = bs_done_cb, .user_data = a },
             0) < 0) {
         copier_fail(c, COPIER_ERROR_READ,
-                    "%sblock status at %" G_GUINT64_FORMAT ": %s", what,
-                    c->plan_pos, nbd_get_error());
+                    "%sblock status at %" G_GUINT64_FORMAT ": %s", what, a->pos,
+                    nbd_get_error());
         return false;
     }
     return true;
 }
 
-void select_start(Copier *c)
+/* Ask A about the window [POS, POS + LEN). */
+static bool ask_window(SelectAsk *a, guint64 pos, guint64 len)
 {
-    g_array_set_size(c->bs_alloc, 0);
-    g_array_set_size(c->bs_dirty, 0);
-    c->bs_in_flight = ask_block_status(
-        c, c->src, MIN(WINDOW_BYTES, c->size - c->plan_pos), "");
+    a->pos = pos;
+    a->len = len;
+    a->chain_asked = false;
+    g_array_set_size(a->alloc, 0);
+    g_array_set_size(a->dirty, 0);
+    return ask_block_status(a, a->copier->src, len, "");
+}
+
+void select_ask(Copier *c)
+{
+    while (!c->error && c->ask_count < SELECT_ASKS && c->ask_pos < c->size) {
+        SelectAsk *a = &c->asks[(c->ask_head + c->ask_count) % SELECT_ASKS];
+        guint64 len = MIN(WINDOW_BYTES, c->size - c->ask_pos);
+
+        if (!ask_window(a, c->ask_pos, len)) {
+            return;
+        }
+        c->ask_pos += len;
+        c->ask_count++;
+    }
 }
 
 /* The caller's ranges as a dirty context's extents over the window that
  * block status was asked for: (length, 1) inside a range, (length, 0)
  * outside. */
-static void ranges_as_extents(Copier *c)
+static void ranges_as_extents(Copier *c, SelectAsk *a)
 {
-    guint64 pos = c->plan_pos;
-    guint64 end = c->plan_pos + MIN(WINDOW_BYTES, c->size - c->plan_pos);
+    guint64 pos = a->pos;
+    guint64 end = a->pos + a->len;
     const CopierRange *r = (const CopierRange *)c->opts.ranges->data;
     guint n = c->opts.ranges->len;
 
-    g_array_set_size(c->bs_dirty, 0);
+    g_array_set_size(a->dirty, 0);
     for (guint i = 0; i < n && pos < end; i++) {
         guint64 rs = MAX(r[i].offset, pos);
         guint64 re = MIN(r[i].offset + r[i].length, end);
@@ -150,14 +195,13 @@ static void ranges_as_extents(Copier *c)
         e[1] = 0;
         e[2] = (uint32_t)(re - rs);
         e[3] = 1;
-        g_array_append_vals(c->bs_dirty, rs > pos ? e : e + 2,
-                            rs > pos ? 4 : 2);
+        g_array_append_vals(a->dirty, rs > pos ? e : e + 2, rs > pos ? 4 : 2);
         pos = re;
     }
     if (pos < end) {
         uint32_t e[2] = { (uint32_t)(end - pos), 0 };
 
-        g_array_append_vals(c->bs_dirty, e, 2);
+        g_array_append_vals(a->dirty, e, 2);
     }
 }
 
@@ -194,41 +238,42 @@ static bool has_unknown_hole(const GArray *alloc)
     return false;
 }
 
-/* Ask the chain export about what the first answer covered; false if
+/* Ask the chain export about what A's first answer covered; false if
  * there is nothing to ask (or it failed: the copier failed then). */
-static bool ask_chain(Copier *c)
+static bool ask_chain(Copier *c, SelectAsk *a)
 {
     guint64 len = 0;
 
-    if (!c->chain || !has_unknown_hole(c->bs_alloc)) {
+    if (!c->chain || !has_unknown_hole(a->alloc)) {
         return false;
     }
-    for (guint i = 0; i < c->bs_alloc->len; i += 2) {
-        len += g_array_index(c->bs_alloc, uint32_t, i);
+    for (guint i = 0; i < a->alloc->len; i += 2) {
+        len += g_array_index(a->alloc, uint32_t, i);
     }
-    g_array_set_size(c->bs_depth, 0);
-    c->chain_asked = true;
-    ask_block_status(c, c->chain, len, "chain "); /* fails the copier if not */
+    g_array_set_size(a->depth, 0);
+    a->chain_asked = true;
+    ask_block_status(a, c->chain, len, "chain "); /* fails the copier if not */
     return true;
 }
 
-/* The second answer in: where the chain has nothing, the holes are zeros. */
-static void apply_chain(Copier *c)
+/* A's second answer in: where the chain has nothing, holes are zeros. */
+static void apply_chain(SelectAsk *a)
 {
     GArray *merged;
 
-    c->chain_asked = false;
-    if (c->bs_depth->len == 0) {
+    a->chain_asked = false;
+    if (a->depth->len == 0) {
         return; /* no answer: the holes stay unknown, and are read */
     }
-    merged =
-        plan_chain_zeros((uint32_t *)c->bs_alloc->data, c->bs_alloc->len / 2,
-                         (uint32_t *)c->bs_depth->data, c->bs_depth->len / 2);
-    g_array_unref(c->bs_alloc);
-    c->bs_alloc = merged;
+    merged = plan_chain_zeros((uint32_t *)a->alloc->data, a->alloc->len / 2,
+                              (uint32_t *)a->depth->data, a->depth->len / 2);
+    g_array_unref(a->alloc);
+    a->alloc = merged;
 }
 
-void select_finish(Copier *c)
+/* Plan from the answers of A, the oldest window: false if they are not
+ * all in yet (a second question went out) or the copier failed. */
+static bool plan_window(Copier *c, SelectAsk *a)
 {
     g_autoptr(GArray) regions = NULL;
     GQueue planned = G_QUEUE_INIT;
@@ -236,38 +281,37 @@ void select_finish(Copier *c)
     guint64 end;
     gint64 t0 = g_get_monotonic_time();
 
-    c->bs_in_flight = false;
-    c->stats.block_status_seconds += (t0 - c->bs_asked_us) / 1e6;
+    g_assert(a->pos == c->plan_pos);
+    c->stats.block_status_seconds += (t0 - a->asked_us) / 1e6;
     if (c->opts.ranges) {
-        ranges_as_extents(c);
+        ranges_as_extents(c, a);
     }
-    if (c->bs_error || c->bs_alloc->len == 0 ||
-        (c->bitmap_context && c->bs_dirty->len == 0)) {
+    if (a->error || a->alloc->len == 0 ||
+        (c->bitmap_context && a->dirty->len == 0)) {
         copier_fail(c, COPIER_ERROR_READ,
-                    "block status at %" G_GUINT64_FORMAT " failed: %s",
-                    c->plan_pos,
-                    c->bs_error ? g_strerror(c->bs_error) : "no extents");
-        return;
+                    "block status at %" G_GUINT64_FORMAT " failed: %s", a->pos,
+                    a->error ? g_strerror(a->error) : "no extents");
+        return false;
     }
-    if (c->chain_asked) {
-        apply_chain(c);
-    } else if (ask_chain(c)) {
-        c->bs_in_flight = true;
-        return; /* planned when the second answer is in */
+    if (a->chain_asked) {
+        apply_chain(a);
+    } else if (ask_chain(c, a)) {
+        return false; /* planned when the second answer is in */
     }
     if (c->opts.depth_limit) {
         /* allocation depth -> dirty flag: written in the top layers */
-        uint32_t *e = (uint32_t *)c->bs_dirty->data;
+        uint32_t *e = (uint32_t *)a->dirty->data;
 
-        for (guint i = 1; i < c->bs_dirty->len; i += 2) {
+        for (guint i = 1; i < a->dirty->len; i += 2) {
             e[i] = e[i] >= 1 && e[i] <= c->opts.depth_limit;
         }
     }
-    regions =
-        plan_regions(c->plan_pos, c->size, (uint32_t *)c->bs_alloc->data,
-                     c->bs_alloc->len / 2,
-                     c->bitmap_context ? (uint32_t *)c->bs_dirty->data : NULL,
-                     c->bs_dirty->len / 2, &end);
+    /* never past the window: the next one is asked already (a server may
+     * describe more than it was asked) */
+    regions = plan_regions(
+        a->pos, a->pos + a->len, (uint32_t *)a->alloc->data, a->alloc->len / 2,
+        c->bitmap_context ? (uint32_t *)a->dirty->data : NULL,
+        a->dirty->len / 2, &end);
     c->stats.bytes_skipped +=
         plan_chunks(regions, c->size, c->opts.chunk_size, &planned);
     while ((ch = g_queue_pop_head(&planned))) {
@@ -281,4 +325,25 @@ void select_finish(Copier *c)
     c->stats.extents += regions->len;
     c->last_activity_us = g_get_monotonic_time();
     c->stats.plan_seconds += (c->last_activity_us - t0) / 1e6;
+    return true;
+}
+
+void select_plan(Copier *c)
+{
+    while (!c->error && c->ask_count > 0) {
+        SelectAsk *a = &c->asks[c->ask_head];
+        guint64 window_end = a->pos + a->len;
+
+        if (!a->done || !plan_window(c, a)) {
+            return;
+        }
+        if (c->plan_pos < window_end) {
+            /* a short answer: ask again about the rest of the window, in
+             * the same place of the ring (windows are planned in order) */
+            ask_window(a, c->plan_pos, window_end - c->plan_pos);
+            return;
+        }
+        c->ask_head = (c->ask_head + 1) % SELECT_ASKS;
+        c->ask_count--;
+    }
 }
