@@ -435,13 +435,19 @@ static gpointer peer_thread(gpointer data)
     }
     if (peer->mute) {
         const char *caps = "{\"return\": {}, \"id\": \"qbk-1\"}\r\n";
+        int newlines = 0;
         ssize_t n;
 
-        g_assert_cmpint(read(fd, buf, sizeof(buf)), >, 0);
-        g_assert_cmpint(write(fd, caps, strlen(caps)), >, 0);
+        /* count every line, however the reads cut them; the first is
+         * qmp_capabilities, answered once it is whole */
         while ((n = read(fd, buf, sizeof(buf))) > 0) {
-            peer->lines += (int)(memchr(buf, '\n', n) != NULL);
+            for (ssize_t i = 0; i < n; i++) {
+                if (buf[i] == '\n' && ++newlines == 1) {
+                    g_assert_cmpint(write(fd, caps, strlen(caps)), >, 0);
+                }
+            }
         }
+        peer->lines = MAX(newlines - 1, 0);
     }
     g_usleep(1500 * 1000);
     close(fd);
