@@ -40,6 +40,7 @@ static gint64 copier_chunk = G_MININT64;
 static char *copier_rate;
 static char *copier_write_mode;
 static gint copier_stall_s = G_MININT;
+static gint copier_plan_ahead = G_MININT;
 
 static GOptionEntry copier_entries[] = {
     { "requests", 0, 0, G_OPTION_ARG_INT, &copier_requests,
@@ -68,6 +69,9 @@ static GOptionEntry copier_entries[] = {
       "cache, writeback started at once, pages dropped once written) or "
       "direct (O_DIRECT)",
       "MODE" },
+    /* for tests: the bound on planning ahead, met by a small disk */
+    { "x-plan-ahead", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT,
+      &copier_plan_ahead, "regions planned ahead, at most", "N" },
     { NULL },
 };
 
@@ -128,6 +132,9 @@ static bool check_copier(GError **error)
          !cmd_parse_size("--rate-limit", copier_rate, &o->rate_limit, error)) ||
         (copier_stall_s != G_MININT &&
          !cmd_check_range("--stall-timeout", copier_stall_s, 1, 3600, error)) ||
+        (copier_plan_ahead != G_MININT &&
+         !cmd_check_range("--x-plan-ahead", copier_plan_ahead, 1, G_MAXINT,
+                          error)) ||
         !cmd_write_mode(copier_write_mode, &o->write_mode, error)) {
         return false;
     }
@@ -144,6 +151,9 @@ static bool check_copier(GError **error)
     }
     if (copier_stall_s != G_MININT) {
         o->stall_seconds = copier_stall_s;
+    }
+    if (copier_plan_ahead != G_MININT) {
+        o->plan_ahead = copier_plan_ahead;
     }
     if (cmd_common.sequential) {
         o->requests = o->connections = 1;

@@ -99,6 +99,8 @@ static void print_result(const CopierStats *stats, const char *checksum)
     qmp_json_set_double(o, "seconds", stats->seconds);
     qmp_json_set_uint(o, "extents", stats->extents);
     qmp_json_set_uint(o, "block_status_calls", stats->block_status_calls);
+    qmp_json_set_uint(o, "allocation_asked", stats->allocation_asked);
+    qmp_json_set_uint(o, "planned_max", stats->planned_max);
     qmp_json_set_double(o, "block_status_seconds", stats->block_status_seconds);
     qmp_json_set_double(o, "plan_seconds", stats->plan_seconds);
     qmp_json_set_string(o, "checksum", checksum);

@@ -193,3 +193,56 @@ nbdkit_front() {
     qemu-img compare -q -f raw -F raw "$T/short.raw" "$T/peer.raw"
     kill "$(cat "$T/sr.pid")" "$(cat "$T/short.pid")"
 }
+
+@test "a bitmap copy asks allocation only where the bitmap is dirty (1 TiB, three dirty places): exact, as with one connection asking both" {
+    # data from before the bitmap (not to be copied), then dirty data,
+    # dirty zeros written out, and dirty data at the very end
+    qemu-img create -q -f qcow2 "$T/big.qcow2" 1T
+    qemu-io -f qcow2 -c "write -P 7 200G 1M" "$T/big.qcow2" >/dev/null
+    qemu-img bitmap --add "$T/big.qcow2" b
+    dirty=("write -P 1 10G 1M" "write -z 700G 2M" "write -P 2 1023G 1M")
+    qemu-img create -q -f qcow2 "$T/expected.qcow2" 1T
+    for w in "${dirty[@]}"; do
+        qemu-io -f qcow2 -c "$w" "$T/big.qcow2" >/dev/null
+        qemu-io -f qcow2 -c "$w" "$T/expected.qcow2" >/dev/null
+    done
+    qemu-nbd --fork --persistent --read-only -f qcow2 -B b --shared=8 \
+        --socket="$T/big.sock" --pid-file="$T/big.pid" "$T/big.qcow2"
+    big="nbd+unix:///?socket=$T/big.sock"
+    run -0 qbk-copy --json --bitmap b "$big" "$T/two.raw"
+    two=$output
+    # 256 windows asked about the bitmap; allocation only from each dirty
+    # window's first dirty block to its last: 4 MiB, not 1 TiB
+    [ "$(jq .block_status_calls <<<"$two")" -ge 259 ]
+    [ "$(jq .allocation_asked <<<"$two")" -eq $((4 << 20)) ]
+    [ "$(jq .bytes_read <<<"$two")" -eq $((2 << 20)) ]
+    qemu-img compare -q -f raw -F qcow2 "$T/two.raw" "$T/expected.qcow2"
+    run -0 qbk-copy --json --bitmap b --connections 1 "$big" "$T/one.raw"
+    [ "$(jq .allocation_asked <<<"$output")" -eq $((1 << 40)) ]
+    for k in bytes_read bytes_zero bytes_skipped; do
+        [ "$(jq .$k <<<"$output")" -eq "$(jq .$k <<<"$two")" ]
+    done
+    qemu-img compare -q -f raw -F qcow2 "$T/one.raw" "$T/expected.qcow2"
+    kill "$(cat "$T/big.pid")"
+}
+
+@test "planning ahead is bounded (--x-plan-ahead): what is held follows the bound, not the disk's extents; exact" {
+    # 10 windows of block status (40 GiB), each with 64 runs of 4 KiB
+    truncate -s 40G "$T/frag.raw"
+    awk 'BEGIN { for (w = 0; w < 10; w++) for (i = 0; i < 64; i++)
+                     printf "write -P %d %dM 4k\n", i + 1, w * 4096 + i * 32 + 5 }' |
+        qemu-io -f raw "$T/frag.raw" >/dev/null
+    qemu-nbd --fork --persistent --read-only -f raw --shared=8 \
+        --socket="$T/frag.sock" --pid-file="$T/frag.pid" "$T/frag.raw"
+    frag="nbd+unix:///?socket=$T/frag.sock"
+    run -0 qbk-copy --json --x-plan-ahead 10 "$frag" "$T/frag.out"
+    # at most the bound, plus the four windows asked before it was met
+    # (129 regions each: 64 runs, the holes around them)
+    [ "$(jq .extents <<<"$output")" -ge 1280 ]
+    [ "$(jq .planned_max <<<"$output")" -le $((10 + 4 * 129)) ]
+    [ "$(jq .bytes_read <<<"$output")" -eq $((640 << 16)) ]
+    qemu-img compare -q -f raw -F raw "$T/frag.out" "$T/frag.raw"
+    run -2 qbk-copy --x-plan-ahead 0 "$frag" "$T/zero.out"
+    [[ "$output" == *"--x-plan-ahead"* ]]
+    kill "$(cat "$T/frag.pid")"
+}

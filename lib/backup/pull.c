@@ -440,6 +440,8 @@ static json_object *copier_json(Pull *p, const PullDisk *pd)
     qmp_json_set_uint(o, "release_errors", s->release_errors);
     qmp_json_set_uint(o, "extents", s->extents);
     qmp_json_set_uint(o, "block_status_calls", s->block_status_calls);
+    qmp_json_set_uint(o, "allocation_asked", s->allocation_asked);
+    qmp_json_set_uint(o, "planned_max", s->planned_max);
     qmp_json_set_double(o, "block_status_seconds", s->block_status_seconds);
     qmp_json_set_double(o, "plan_seconds", s->plan_seconds);
     if (p->opts->copier.latency_target_us) {

@@ -85,15 +85,28 @@ static bool pwrite_all(int fd, const void *buf, size_t len, off_t off)
 }
 
 /* The digests of a zero block: ZERO of a whole one, TAIL of the disk's
- * last block (shorter when SIZE is not a multiple of the block). */
+ * last block (shorter when SIZE is not a multiple of the block). The last
+ * size's are kept: verify asks for every 4096 blocks it compares. */
 void digests_zero(guint64 size, guint8 zero[DIGEST_LEN],
                   guint8 tail[DIGEST_LEN])
 {
-    g_autofree guint8 *zeros = g_malloc0(COPIER_BLOCK_SIZE);
+    G_LOCK_DEFINE_STATIC(last);
+    static guint64 last_size;
+    static guint8 last_zero[DIGEST_LEN], last_tail[DIGEST_LEN];
     guint64 nblocks = copier_block_count(size);
 
-    copier_block_digest(zeros, COPIER_BLOCK_SIZE, zero);
-    copier_block_digest(zeros, size - (nblocks - 1) * COPIER_BLOCK_SIZE, tail);
+    G_LOCK(last);
+    if (last_size != size || size == 0) {
+        g_autofree guint8 *zeros = g_malloc0(COPIER_BLOCK_SIZE);
+
+        copier_block_digest(zeros, COPIER_BLOCK_SIZE, last_zero);
+        copier_block_digest(zeros, size - (nblocks - 1) * COPIER_BLOCK_SIZE,
+                            last_tail);
+        last_size = size;
+    }
+    memcpy(zero, last_zero, DIGEST_LEN);
+    memcpy(tail, last_tail, DIGEST_LEN);
+    G_UNLOCK(last);
 }
 
 /* XOR N digests from block FIRST on with a zero block's: sparse <-> as is. */
@@ -134,8 +147,15 @@ bool copier_digests_init(int fd, guint64 size, int parent_fd, bool parent_dense,
     g_autofree guint8 *buf = g_malloc(IO_BLOCKS * DIGEST_LEN);
     guint8 zero[DIGEST_LEN], tail[DIGEST_LEN];
     off_t data = 0, data_end = 0;
+    struct stat st;
 
     digests_zero(size, zero, tail);
+    /* a short parent would read as holes (zero blocks) where it stops */
+    if (parent_fd >= 0 && (fstat(parent_fd, &st) < 0 || st.st_size != end)) {
+        g_set_error(error, G_FILE_ERROR, G_FILE_ERROR_IO,
+                    "the parent backup's digests are not of the disk's size");
+        return false;
+    }
     if (ftruncate(fd, 0) < 0 || ftruncate(fd, end) < 0) {
         g_set_error(error, G_FILE_ERROR, g_file_error_from_errno(errno),
                     "cannot size the digest file: %s", g_strerror(errno));

@@ -46,6 +46,7 @@ void copier_options_init(CopierOptions *opts)
         .notice_radius = 4 * 1024 * 1024,
         .trace_fd = -1,
         .write_mode = COPIER_WRITE_CACHED,
+        .plan_ahead = COPIER_PLAN_AHEAD,
     };
 }
 
@@ -85,6 +86,8 @@ bool copier_options_check(const CopierOptions *opts, GError **error)
         bad = "the chunk size must be a multiple of 64 KiB up to 32 MiB";
     } else if (opts->latency_target_us > COPIER_MAX_LATENCY_US) {
         bad = "the latency target must be at most 60000 ms";
+    } else if (opts->plan_ahead < 1) {
+        bad = "at least one region must be planned ahead";
     }
     if (bad) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_OPTIONS, "%s", bad);
@@ -416,16 +419,17 @@ gboolean copier_pump(gpointer data)
 
 /* ---- set-up and tear-down ---- */
 
-/* The source: a connection asking for the selection's maps, and more
- * connections for reads (the point-in-time view does not change, so they
- * are consistent whatever the server says about multi-conn). */
+/* The source: a connection asking for allocation (and the selection's
+ * map, unless the second connection asks for that alone: select.c), and
+ * more connections for reads (the point-in-time view does not change, so
+ * they are consistent whatever the server says about multi-conn). */
 static bool connect_source(Copier *c, const CopierEndpoint *source,
                            GError **error)
 {
-    const char *contexts[3];
+    const char *contexts[3], *map_contexts[2];
     int64_t size;
 
-    if (!select_init(c, contexts, error)) {
+    if (!select_init(c, contexts, map_contexts, error)) {
         return false;
     }
     c->src = nbd_source_connect(source, contexts, c->ctx, copier_pump, c,
@@ -437,13 +441,15 @@ static bool connect_source(Copier *c, const CopierEndpoint *source,
     c->reader_sources[0] = c->src_source;
     c->nreaders = 1;
     for (guint i = 1; i < c->opts.connections; i++) {
-        c->readers[i] = nbd_source_connect(source, NULL, c->ctx, copier_pump, c,
-                                           &c->reader_sources[i], error);
+        c->readers[i] = nbd_source_connect(
+            source, i == 1 && map_contexts[0] ? map_contexts : NULL, c->ctx,
+            copier_pump, c, &c->reader_sources[i], error);
         if (!c->readers[i]) {
             return false;
         }
         c->nreaders++;
     }
+    c->map = map_contexts[0] ? c->readers[1] : NULL;
     size = nbd_get_size(c->src);
     if (size < 0) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_CONNECT,

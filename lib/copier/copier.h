@@ -98,10 +98,13 @@ typedef struct {
     /* planning: what block status said, and what it cost */
     guint64 extents;             /* regions planned (data, zero, skipped) */
     guint64 block_status_calls;  /* questions asked of the source */
+    guint64 allocation_asked;    /* bytes whose allocation was asked (a
+                                  * selection's clean windows are not) */
     double block_status_seconds; /* waiting for their answers (overlaps
                                   * the copy) */
     double plan_seconds;         /* turning answers into work (the loop's
                                   * own time) */
+    guint64 planned_max;         /* most regions planned ahead at once */
 } CopierStats;
 
 typedef void (*CopierProgress)(const CopierStats *stats, void *opaque);
@@ -184,6 +187,12 @@ typedef struct {
      * copy, release, notice; "NS window N MEAN_US" for pacing), NS on
      * CLOCK_MONOTONIC, for tests and benchmarks. */
     int trace_fd;
+    /* Regions planned ahead and not yet started (work queued, releases
+     * waiting), at most: block status waits while there are more, so
+     * that memory follows this, not a disk's extents (about 50 bytes
+     * each). The windows already asked may add up to 65536 each. Notices
+     * reach only what is planned. Default COPIER_PLAN_AHEAD. */
+    guint plan_ahead;
 } CopierOptions;
 
 #define COPIER_MAX_CONNECTIONS 8
@@ -192,6 +201,8 @@ typedef struct {
 #define COPIER_MAX_CHUNK    (32 * 1024 * 1024) /* QEMU's NBD request limit */
 /* Longest pacing target, microseconds. */
 #define COPIER_MAX_LATENCY_US (60 * 1000 * 1000)
+/* Regions planned ahead, by default: about 13 MiB of them. */
+#define COPIER_PLAN_AHEAD (256 * 1024)
 
 /* Fill OPTS with the defaults. */
 void copier_options_init(CopierOptions *opts);

@@ -20,15 +20,25 @@
  * disk is 2048 of them, and one at a time each waited a round trip. */
 #define SELECT_ASKS 4
 
-/* One window's block status question and its answers (select.c). */
+/* Which question about a window is out (select.c). */
+typedef enum {
+    ASK_BOTH,  /* allocation and the selection's map, in one question */
+    ASK_DIRTY, /* the selection's map alone (on the map connection) */
+    ASK_ALLOC, /* allocation, only where the map said dirty */
+    ASK_CHAIN, /* the chain's allocation depth, where allocation said hole */
+} AskStep;
+
+/* One window's block status questions and their answers (select.c). */
 typedef struct {
     Copier *copier;
-    guint64 pos, len; /* the window */
-    GArray *alloc;    /* uint32 (length, flags) pairs: base:allocation */
-    GArray *dirty;    /* ... the selection's context */
-    GArray *depth;    /* ... the chain's allocation depth, or NULL */
-    bool done;        /* its completion arrived */
-    bool chain_asked; /* the second question (depth) is the one out */
+    guint64 pos, len;  /* the window */
+    guint64 alloc_pos; /* where ALLOC and DEPTH begin: POS, or the first
+                        * dirty block of the window */
+    GArray *alloc;     /* uint32 (length, flags) pairs: base:allocation */
+    GArray *dirty;     /* ... the selection's context, from POS */
+    GArray *depth;     /* ... the chain's allocation depth, or NULL */
+    AskStep step;      /* the question out, or last answered */
+    bool done;         /* its completion arrived */
     int error;
     gint64 asked_us; /* stats */
 } SelectAsk;
@@ -247,6 +257,9 @@ struct Copier {
     CopierBudget *budget;     /* shared with the other copiers, or own */
     CopierBudget *own_budget; /* when none was given */
     struct nbd_handle *src;
+    /* the selection's map alone (readers[1]), or NULL: asked on src with
+     * allocation (select.c) */
+    struct nbd_handle *map;
     Sink *sink;
     /* more connections to the source for reads; readers[0] is src */
     struct nbd_handle *readers[COPIER_MAX_CONNECTIONS];
@@ -319,9 +332,12 @@ void copier_trace(Copier *c, const char *fmt, ...);
 gboolean copier_pump(gpointer data);
 
 /* What to copy (select.c): the map contexts to ask the source for (at
- * most 2, NULL-terminated into CONTEXTS[3]); then block status, a window
- * at a time, into the work queue. */
-bool select_init(Copier *c, const char **contexts, GError **error);
+ * most 2, NULL-terminated into CONTEXTS[3]), and those of a second
+ * connection that answers about the selection's map alone (MAP_CONTEXTS[2],
+ * empty if none is wanted); then block status, a window at a time, into
+ * the work queue. */
+bool select_init(Copier *c, const char **contexts, const char **map_contexts,
+                 GError **error);
 /* Ask about the next windows, as many as may be in flight. */
 void select_ask(Copier *c);
 /* Plan from the answers that arrived, in window order. */

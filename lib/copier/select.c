@@ -8,6 +8,15 @@
  * snapshot-access view) gets a second question per window, about its
  * chain (opts.chain), where the first answer says "hole" but not "zero".
  *
+ * A selection that leaves most of a disk out (a dirty bitmap, ranges) is
+ * asked about first, alone; allocation is then asked only from the
+ * window's first dirty block to its last. Allocation costs the server its
+ * image's metadata over the whole window (qcow2 L2 tables), and the
+ * incremental of a sparse 8 TiB disk spent 1.1 s of its 1.4 s reading
+ * them for clean windows. NBD answers every context a connection asked
+ * for, so the map has a connection of its own (readers[1]); with one
+ * connection, both are asked together.
+ *
  * Up to SELECT_ASKS windows are asked at once and planned in order; an
  * answer that covers less than its window is asked again about the rest,
  * in its place, before any later window is planned.
@@ -23,12 +32,17 @@
 #define WINDOW_BYTES                                                           \
     (G_GUINT64_CONSTANT(0xffffffff) / COPIER_BLOCK_SIZE * COPIER_BLOCK_SIZE)
 
-bool select_init(Copier *c, const char **contexts, GError **error)
+#define ALIGN_UP(x)                                                            \
+    (((x) + COPIER_BLOCK_SIZE - 1) / COPIER_BLOCK_SIZE * COPIER_BLOCK_SIZE)
+
+bool select_init(Copier *c, const char **contexts, const char **map_contexts,
+                 GError **error)
 {
     const CopierOptions *o = &c->opts;
 
     contexts[0] = "base:allocation";
     contexts[1] = contexts[2] = NULL;
+    map_contexts[0] = map_contexts[1] = NULL;
     if (!!o->bitmap + !!o->depth_limit + !!o->ranges > 1) {
         g_set_error(error, COPIER_ERROR, COPIER_ERROR_OPTIONS,
                     "copy by a bitmap, by allocation depth or by ranges: "
@@ -37,7 +51,11 @@ bool select_init(Copier *c, const char **contexts, GError **error)
     }
     if (o->bitmap) {
         c->bitmap_context = g_strconcat("qemu:dirty-bitmap:", o->bitmap, NULL);
-        contexts[1] = c->bitmap_context;
+        if (o->connections >= 2) {
+            map_contexts[0] = c->bitmap_context;
+        } else {
+            contexts[1] = c->bitmap_context;
+        }
     } else if (o->depth_limit) {
         c->bitmap_context = g_strdup("qemu:allocation-depth");
         contexts[1] = c->bitmap_context;
@@ -99,14 +117,25 @@ static int extent_cb(void *opaque, const char *context, uint64_t offset,
                      uint32_t *entries, size_t n, int *error)
 {
     SelectAsk *a = opaque;
-    const char *bitmap = a->copier->bitmap_context;
-    GArray *into =
-        a->chain_asked
-            ? (strcmp(context, "qemu:allocation-depth") == 0 ? a->depth : NULL)
-        : strcmp(context, "base:allocation") == 0 ? a->alloc
-        : bitmap && strcmp(context, bitmap) == 0  ? a->dirty
-                                                  : NULL;
+    const char *map = a->copier->bitmap_context;
+    bool is_alloc = strcmp(context, "base:allocation") == 0;
+    bool is_map = map && strcmp(context, map) == 0;
+    GArray *into = NULL;
 
+    switch (a->step) {
+    case ASK_BOTH:
+        into = is_alloc ? a->alloc : is_map ? a->dirty : NULL;
+        break;
+    case ASK_DIRTY:
+        into = is_map ? a->dirty : NULL;
+        break;
+    case ASK_ALLOC:
+        into = is_alloc ? a->alloc : NULL;
+        break;
+    case ASK_CHAIN:
+        into = strcmp(context, "qemu:allocation-depth") == 0 ? a->depth : NULL;
+        break;
+    }
     if (into && into->len == 0) { /* keep the first answer per context */
         /* N counts uint32 entries: (length, flags) pairs times two */
         g_array_append_vals(into, entries, n);
@@ -120,47 +149,74 @@ static int bs_done_cb(void *opaque, int *error)
 
     a->error = *error;
     a->done = true;
+    a->copier->stats.block_status_seconds +=
+        (g_get_monotonic_time() - a->asked_us) / 1e6;
     return 1;
 }
 
-/* Ask NBD for the block status of LEN bytes from A's start, the answer
- * going where extent_cb puts it; WHAT names it in an error. */
-static bool ask_block_status(SelectAsk *a, struct nbd_handle *nbd, guint64 len,
-                             const char *what)
+/* Ask NBD for the block status of [POS, POS + LEN), as A's STEP, the
+ * answer going where extent_cb puts it; WHAT names it in an error. */
+static bool ask_block_status(SelectAsk *a, AskStep step, struct nbd_handle *nbd,
+                             guint64 pos, guint64 len, const char *what)
 {
     Copier *c = a->copier;
 
+    a->step = step;
     a->done = false;
     a->error = 0;
     a->asked_us = g_get_monotonic_time();
     c->stats.block_status_calls++;
+    if (step == ASK_BOTH || step == ASK_ALLOC) {
+        c->stats.allocation_asked += len;
+    }
     if (nbd_aio_block_status(
-            nbd, len, a->pos,
+            nbd, len, pos,
             (nbd_extent_callback){ .callback = extent_cb, .user_data = a },
             (nbd_completion_callback){ .callback = bs_done_cb, .user_data = a },
             0) < 0) {
         copier_fail(c, COPIER_ERROR_READ,
-                    "%sblock status at %" G_GUINT64_FORMAT ": %s", what, a->pos,
+                    "%sblock status at %" G_GUINT64_FORMAT ": %s", what, pos,
                     nbd_get_error());
         return false;
     }
     return true;
 }
 
-/* Ask A about the window [POS, POS + LEN). */
+static void ranges_as_extents(Copier *c, SelectAsk *a);
+
+/* Ask A about the window [POS, POS + LEN): about the selection first, if
+ * it has a question of its own (or none: the caller's ranges are known). */
 static bool ask_window(SelectAsk *a, guint64 pos, guint64 len)
 {
-    a->pos = pos;
+    Copier *c = a->copier;
+
+    a->pos = a->alloc_pos = pos;
     a->len = len;
-    a->chain_asked = false;
     g_array_set_size(a->alloc, 0);
     g_array_set_size(a->dirty, 0);
-    return ask_block_status(a, a->copier->src, len, "");
+    if (c->opts.ranges) {
+        ranges_as_extents(c, a);
+        a->step = ASK_DIRTY;
+        a->error = 0;
+        a->done = true;
+        return true;
+    }
+    if (c->map) {
+        return ask_block_status(a, ASK_DIRTY, c->map, pos, len, "");
+    }
+    return ask_block_status(a, ASK_BOTH, c->src, pos, len, "");
+}
+
+/* Regions planned and not started: work queued, releases waiting. */
+static guint64 planned_ahead(Copier *c)
+{
+    return chunk_queue_entries(c->queue) + g_queue_get_length(&c->releases);
 }
 
 void select_ask(Copier *c)
 {
-    while (!c->error && c->ask_count < SELECT_ASKS && c->ask_pos < c->size) {
+    while (!c->error && c->ask_count < SELECT_ASKS && c->ask_pos < c->size &&
+           planned_ahead(c) < c->opts.plan_ahead) {
         SelectAsk *a = &c->asks[(c->ask_head + c->ask_count) % SELECT_ASKS];
         guint64 len = MIN(WINDOW_BYTES, c->size - c->ask_pos);
 
@@ -227,7 +283,82 @@ static void release_skipped(Copier *c, GArray *regions)
     }
 }
 
-/* Whether the first answer has a hole that is not zero. */
+/* The sum of the lengths of EXTENTS, uint32 (length, flags) pairs. */
+static guint64 extents_length(const GArray *extents)
+{
+    guint64 len = 0;
+
+    for (guint i = 0; i < extents->len; i += 2) {
+        len += g_array_index(extents, uint32_t, i);
+    }
+    return len;
+}
+
+/* A's map is in (ASK_DIRTY): ask allocation from its first dirty block to
+ * its last, and true; or false if nothing in it is dirty, ALLOC then
+ * covering what the map did (it plans as skipped whatever it says). */
+static bool ask_alloc(Copier *c, SelectAsk *a)
+{
+    const uint32_t *e = (const uint32_t *)a->dirty->data;
+    guint64 at = 0, first = G_MAXUINT64, last = 0;
+
+    for (guint i = 0; i < a->dirty->len; i += 2) {
+        if (e[i + 1] & 1) {
+            first = MIN(first, at);
+            last = at + e[i];
+        }
+        at += e[i];
+    }
+    at = MIN(at, a->len);
+    if (first >= at) {
+        uint32_t all[2] = { (uint32_t)at, 0 };
+
+        g_array_append_vals(a->alloc, all, 2);
+        return false;
+    }
+    /* whole blocks: the planner reads a dirty block whole */
+    first -= first % COPIER_BLOCK_SIZE;
+    last = MIN(ALIGN_UP(last), a->len);
+    a->alloc_pos = a->pos + first;
+    /* (fails the copier if it cannot be asked) */
+    ask_block_status(a, ASK_ALLOC, c->src, a->alloc_pos, last - first, "");
+    return true;
+}
+
+/* ALLOC starts at ALLOC_POS, after the window's first clean blocks: make
+ * it start at POS (not dirty, so "data" is as good as anything), and, if
+ * it covers the last dirty block, reach as far as the map does. */
+static void alloc_over_window(SelectAsk *a)
+{
+    guint64 alloc_end = a->alloc_pos + extents_length(a->alloc);
+    guint64 map_end = a->pos + MIN(extents_length(a->dirty), a->len);
+    const uint32_t *e = (const uint32_t *)a->dirty->data;
+    guint64 at = a->pos, last = a->pos;
+
+    if (a->dirty->len == 0) {
+        return; /* no selection: ALLOC is all there is */
+    }
+    for (guint i = 0; i < a->dirty->len; i += 2) {
+        at += e[i];
+        if (e[i + 1] & 1) {
+            last = at;
+        }
+    }
+    last = MIN(ALIGN_UP(last), map_end);
+    if (a->alloc_pos > a->pos) {
+        uint32_t head[2] = { (uint32_t)(a->alloc_pos - a->pos), 0 };
+
+        g_array_prepend_vals(a->alloc, head, 2);
+    }
+    if (alloc_end >= last && alloc_end < map_end) {
+        uint32_t tail[2] = { (uint32_t)(map_end - alloc_end), 0 };
+
+        g_array_append_vals(a->alloc, tail, 2);
+    }
+    a->alloc_pos = a->pos;
+}
+
+/* Whether the allocation answer has a hole that is not zero. */
 static bool has_unknown_hole(const GArray *alloc)
 {
     for (guint i = 1; i < alloc->len; i += 2) {
@@ -238,30 +369,25 @@ static bool has_unknown_hole(const GArray *alloc)
     return false;
 }
 
-/* Ask the chain export about what A's first answer covered; false if
+/* Ask the chain export about what A's allocation answer covered; false if
  * there is nothing to ask (or it failed: the copier failed then). */
 static bool ask_chain(Copier *c, SelectAsk *a)
 {
-    guint64 len = 0;
-
     if (!c->chain || !has_unknown_hole(a->alloc)) {
         return false;
     }
-    for (guint i = 0; i < a->alloc->len; i += 2) {
-        len += g_array_index(a->alloc, uint32_t, i);
-    }
     g_array_set_size(a->depth, 0);
-    a->chain_asked = true;
-    ask_block_status(a, c->chain, len, "chain "); /* fails the copier if not */
+    /* (fails the copier if it cannot be asked) */
+    ask_block_status(a, ASK_CHAIN, c->chain, a->alloc_pos,
+                     extents_length(a->alloc), "chain ");
     return true;
 }
 
-/* A's second answer in: where the chain has nothing, holes are zeros. */
+/* A's chain answer in: where the chain has nothing, holes are zeros. */
 static void apply_chain(SelectAsk *a)
 {
     GArray *merged;
 
-    a->chain_asked = false;
     if (a->depth->len == 0) {
         return; /* no answer: the holes stay unknown, and are read */
     }
@@ -269,6 +395,38 @@ static void apply_chain(SelectAsk *a)
                               (uint32_t *)a->depth->data, a->depth->len / 2);
     g_array_unref(a->alloc);
     a->alloc = merged;
+}
+
+/* The answers to A's questions so far, in order: false if another
+ * question went out (or the copier failed), true if all are in. */
+static bool answers_in(Copier *c, SelectAsk *a)
+{
+    if (a->error || (a->step == ASK_DIRTY && a->dirty->len == 0) ||
+        (a->step == ASK_BOTH && c->bitmap_context && a->dirty->len == 0) ||
+        (a->step != ASK_DIRTY && a->step != ASK_CHAIN && a->alloc->len == 0)) {
+        copier_fail(c, COPIER_ERROR_READ,
+                    "block status at %" G_GUINT64_FORMAT " failed: %s", a->pos,
+                    a->error ? g_strerror(a->error) : "no extents");
+        return false;
+    }
+    switch (a->step) {
+    case ASK_DIRTY:
+        if (ask_alloc(c, a)) {
+            return false;
+        }
+        break;
+    case ASK_BOTH:
+    case ASK_ALLOC:
+        if (ask_chain(c, a)) {
+            return false;
+        }
+        break;
+    case ASK_CHAIN:
+        apply_chain(a);
+        break;
+    }
+    alloc_over_window(a);
+    return !c->error;
 }
 
 /* Plan from the answers of A, the oldest window: false if they are not
@@ -282,21 +440,8 @@ static bool plan_window(Copier *c, SelectAsk *a)
     gint64 t0 = g_get_monotonic_time();
 
     g_assert(a->pos == c->plan_pos);
-    c->stats.block_status_seconds += (t0 - a->asked_us) / 1e6;
-    if (c->opts.ranges) {
-        ranges_as_extents(c, a);
-    }
-    if (a->error || a->alloc->len == 0 ||
-        (c->bitmap_context && a->dirty->len == 0)) {
-        copier_fail(c, COPIER_ERROR_READ,
-                    "block status at %" G_GUINT64_FORMAT " failed: %s", a->pos,
-                    a->error ? g_strerror(a->error) : "no extents");
+    if (!answers_in(c, a)) {
         return false;
-    }
-    if (a->chain_asked) {
-        apply_chain(a);
-    } else if (ask_chain(c, a)) {
-        return false; /* planned when the second answer is in */
     }
     if (c->opts.depth_limit) {
         /* allocation depth -> dirty flag: written in the top layers */
@@ -323,6 +468,7 @@ static bool plan_window(Copier *c, SelectAsk *a)
     }
     c->plan_pos = end;
     c->stats.extents += regions->len;
+    c->stats.planned_max = MAX(c->stats.planned_max, planned_ahead(c));
     c->last_activity_us = g_get_monotonic_time();
     c->stats.plan_seconds += (c->last_activity_us - t0) / 1e6;
     return true;
