@@ -226,7 +226,7 @@ static void test_fresh_is_zeros(Fixture *f, gconstpointer unused)
 
 static void test_damaged(Fixture *f, gconstpointer unused)
 {
-    int sp = tmp_file(f, "damaged");
+    int sp = tmp_file(f, "damaged"), child;
     guint8 one = 1;
     g_autofree char *sum = NULL;
     g_autoptr(GError) error = NULL;
@@ -242,6 +242,12 @@ static void test_damaged(Fixture *f, gconstpointer unused)
     sum = copier_digests_checksum(sp, size, false, COPIER_SUM_DATA, &error);
     g_assert_null(sum);
     g_assert_nonnull(error);
+    g_clear_error(&error);
+    /* ... and as a parent: an incremental never builds on it */
+    child = tmp_file(f, "child");
+    g_assert_false(copier_digests_init(child, size, sp, false, &error));
+    g_assert_nonnull(strstr(error->message, "size"));
+    close(child);
     close(sp);
 }
 
