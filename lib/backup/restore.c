@@ -1,7 +1,8 @@
 /*
  * Restore: rebuild a disk as it was at one backup, from its qcow2 chain,
- * with stock qemu-img (sparse output), and check the result against the
- * manifest's block checksum. The chain is checked link by link first and
+ * sparse (raw: with the copier, reading the chain through qemu-nbd; qcow2:
+ * with qemu-img convert), and check the result against the manifest's
+ * block checksum. The chain is checked link by link first and
  * opened with every link named (repo_chain_filename), so a backing file
  * name written inside an image is never followed; and the output appears
  * under its name only once it is complete and, for raw, verified.
@@ -25,6 +26,32 @@ static GPtrArray *checked_chain(Repo *repo, const char *id, const char *disk,
         return NULL;
     }
     return chain;
+}
+
+/* SOURCE (a "json:" chain) into the new file TMP, sparse, through the
+ * copier: qemu-nbd reads the chain and its map, which the copier follows.
+ * A sparse 8 TiB disk holding 1 GiB took 1.7 s so, against 4.2 s with
+ * qemu-img convert (bench/scale), whose passes over the map of a large
+ * disk cost more than its data. */
+static bool copy_raw(Repo *repo, const char *source, const char *tmp,
+                     GError **error)
+{
+    NbdServer *nbd = nbd_serve(source, NULL, false, repo_key_file(repo), error);
+    CopierOptions co;
+    CopierStats stats;
+    bool ok;
+
+    if (!nbd) {
+        return false;
+    }
+    copier_options_init(&co);
+    co.target_zeroed = true; /* a new file: its holes read as zeros */
+    ok = copier_copy(&(CopierEndpoint){ .uri = nbd->uri },
+                     &(CopierEndpoint){ .file = tmp }, &co, &stats, error);
+    if (!nbd_server_stop(nbd, ok ? error : NULL)) {
+        ok = false;
+    }
+    return ok;
 }
 
 json_object *backup_restore(Repo *repo, const char *id, const char *disk,
@@ -62,7 +89,15 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
         return NULL;
     }
     close(fd);
-    {
+    if (g_strcmp0(format, "raw") == 0) {
+        if (!copy_raw(repo, source, tmp, &local)) {
+            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                        "cannot read the chain of backup '%s': %s",
+                        ((Manifest *)chain->pdata[0])->id, local->message);
+            unlink(tmp);
+            return NULL;
+        }
+    } else {
         g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
 
         g_ptr_array_add(argv, g_strdup("qemu-img"));

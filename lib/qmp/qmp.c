@@ -405,6 +405,14 @@ static QmpClient *client_open(const char *address, const char *tls_dir,
     return g_steal_pointer(&qmp);
 }
 
+/* Whether MSG is an answer or an event, not a greeting. */
+static bool is_leftover(json_object *msg)
+{
+    return json_object_object_get_ex(msg, "return", NULL) ||
+           json_object_object_get_ex(msg, "error", NULL) ||
+           json_object_object_get_ex(msg, "event", NULL);
+}
+
 QmpClient *qmp_connect(const char *address, int timeout_ms, GError **error)
 {
     return qmp_connect_tls(address, NULL, timeout_ms, error);
@@ -425,7 +433,13 @@ QmpClient *qmp_connect_tls(const char *address, const char *tls_dir,
         return NULL;
     }
     deadline = deadline_in(qmp->timeout_ms);
-    greeting = read_message(qmp, deadline, &timed_out, error);
+    /* The greeting comes first, but a one-client monitor may still hold
+     * what it wrote for the client before us (an answer, an event): seen
+     * once in the tests, as "not a QMP socket". */
+    while ((greeting = read_message(qmp, deadline, &timed_out, error)) &&
+           is_leftover(greeting)) {
+        json_object_put(greeting);
+    }
     if (timed_out) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT,
                     "no QMP greeting from '%s' within %d ms (not a QMP "

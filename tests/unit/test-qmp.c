@@ -613,6 +613,30 @@ static void test_late_reply_dropped(void)
     rmdir(dir);
 }
 
+/* What a one-client monitor still held for the client before: skipped
+ * until the greeting. */
+static void test_leftovers_before_greeting(void)
+{
+    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+    g_autoptr(GError) error = NULL;
+    Peer peer = {
+        .script = "{\"return\": {}, \"id\": \"qbk-7\"}\r\n"
+                  "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, "
+                  "\"event\": \"RESUME\"}\r\n"
+                  "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, "
+                  "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
+        .mute = true,
+    };
+    GThread *t = peer_start(&peer, dir);
+    QmpClient *qmp = qmp_connect(peer.path, 2000, &error);
+
+    g_assert_no_error(error);
+    g_assert_nonnull(qmp);
+    qmp_free(qmp);
+    peer_finish(&peer, t);
+    rmdir(dir);
+}
+
 /* A peer out of reach: two commands wait their timeouts, the third is not
  * even sent. */
 static void test_gives_up_on_silence(void)
@@ -831,6 +855,8 @@ static void test_connect_errors(void)
 int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
+    g_test_add_func("/qmp/leftovers-before-greeting",
+                    test_leftovers_before_greeting);
     g_test_add("/qmp/greeting-and-return", Fixture, NULL, fixture_setup,
                test_greeting_and_return, fixture_teardown);
     g_test_add("/qmp/error-class", Fixture, NULL, fixture_setup,
