@@ -325,18 +325,19 @@ static bool ask_alloc(Copier *c, SelectAsk *a)
     return true;
 }
 
-/* ALLOC starts at ALLOC_POS, after the window's first clean blocks: make
- * it start at POS (not dirty, so "data" is as good as anything), and, if
- * it covers the last dirty block, reach as far as the map does. */
-static void alloc_over_window(SelectAsk *a)
+/* When the map was asked first: ALLOC starts at ALLOC_POS, after the
+ * window's first clean blocks; make it start at POS (not dirty, so "data"
+ * is as good as anything), and, if it covers the last dirty block, reach
+ * as far as the map does. */
+static void alloc_over_window(Copier *c, SelectAsk *a)
 {
     guint64 alloc_end = a->alloc_pos + extents_length(a->alloc);
     guint64 map_end = a->pos + MIN(extents_length(a->dirty), a->len);
     const uint32_t *e = (const uint32_t *)a->dirty->data;
     guint64 at = a->pos, last = a->pos;
 
-    if (a->dirty->len == 0) {
-        return; /* no selection: ALLOC is all there is */
+    if (!c->map && !c->opts.ranges) {
+        return; /* asked together: ALLOC is all there is */
     }
     for (guint i = 0; i < a->dirty->len; i += 2) {
         at += e[i];
@@ -425,7 +426,7 @@ static bool answers_in(Copier *c, SelectAsk *a)
         apply_chain(a);
         break;
     }
-    alloc_over_window(a);
+    alloc_over_window(c, a);
     return !c->error;
 }
 
