@@ -189,9 +189,10 @@ typedef struct {
     int trace_fd;
     /* Regions planned ahead and not yet started (work queued, releases
      * waiting), at most: block status waits while there are more, so
-     * that memory follows this, not a disk's extents (about 50 bytes
-     * each). The windows already asked may add up to 65536 each. Notices
-     * reach only what is planned. Default COPIER_PLAN_AHEAD. */
+     * that memory follows this, not a disk's extents (50-110 bytes
+     * each). The windows already asked add theirs (a 4 GiB window of
+     * scattered 4 KiB pieces: ~100k). Notices reach only what is
+     * planned. Default COPIER_PLAN_AHEAD. */
     guint plan_ahead;
 } CopierOptions;
 
@@ -201,7 +202,7 @@ typedef struct {
 #define COPIER_MAX_CHUNK    (32 * 1024 * 1024) /* QEMU's NBD request limit */
 /* Longest pacing target, microseconds. */
 #define COPIER_MAX_LATENCY_US (60 * 1000 * 1000)
-/* Regions planned ahead, by default: about 13 MiB of them. */
+/* Regions planned ahead, by default: up to ~25 MiB of them. */
 #define COPIER_PLAN_AHEAD (256 * 1024)
 
 /* Fill OPTS with the defaults. */
