@@ -201,6 +201,21 @@ teardown() {
     [ "$(jq -r .status "$T"/small/repo/backups/*.partial.json)" = failed ]
 }
 
+@test "a full output disk for qbk-restore (tiny tmpfs): one line that names the output, exit 1, nothing left there" {
+    guest_write disk0 0 $((4 << 20)) 0x33
+    run -0 qbk-pull --repo "$T/repo" --mode full --quiet
+    mkdir "$T/small"
+    mount -t tmpfs -o size=1m tmpfs "$T/small" 2>/dev/null || skip "cannot mount tmpfs here"
+    run qbk-restore --repo "$T/repo" --disk disk0 -o "$T/small/disk0.raw"
+    left=$(ls -A "$T/small")
+    umount "$T/small"
+    [ "$status" -eq 1 ]
+    assert_one_line_error
+    [[ "$output" == *"cannot write '$T/small/disk0.raw'"* ]]
+    [[ "$output" == *"space"* ]]
+    [ -z "$left" ]
+}
+
 @test "QEMU killed mid-backup: error; after restart, auto takes full backups" {
     pull_with_writes full "disk0 disk1"
     start_pull crash --rate-limit 1M --quiet

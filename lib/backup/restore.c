@@ -117,9 +117,15 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
     if (g_strcmp0(format, "raw") == 0) {
         sum = copy_raw(repo, source, tmp, e->size, backup_entry_sum(e), &local);
         if (!sum) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                        "cannot read the chain of backup '%s': %s",
-                        ((Manifest *)chain->pdata[0])->id, local->message);
+            if (g_error_matches(local, COPIER_ERROR, COPIER_ERROR_WRITE)) {
+                /* the output's side, e.g. a full disk */
+                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                            "cannot write '%s': %s", out, local->message);
+            } else {
+                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                            "cannot read the chain of backup '%s': %s",
+                            ((Manifest *)chain->pdata[0])->id, local->message);
+            }
             unlink(tmp);
             return NULL;
         }
