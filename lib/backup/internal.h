@@ -180,6 +180,16 @@ NbdServer *nbd_serve(const char *image, const char *format, bool writable,
  * files; false if it did not exit cleanly (a written image may be bad). */
 bool nbd_server_stop(NbdServer *s, GError **error);
 
+/* Read IMAGE (FORMAT, NULL for a "json:" chain; KEY_FILE: an encrypted
+ * repository's) through qemu-nbd with lib/copier, into the new raw file
+ * TARGET (sparse, synced; NULL: into nothing), hashing every block read.
+ * Returns the image checksum ALG (of the size read, in STATS with the
+ * copier's other figures), or NULL; the block digests stay in *DIGESTS_FD
+ * if it is given (an unlinked temporary file, the caller closes it). */
+char *backup_read_image(const char *image, const char *format,
+                        const char *key_file, const char *target, CopierSum alg,
+                        int *digests_fd, CopierStats *stats, GError **error);
+
 /* ---- undoing killed backups (recover.c) ---- */
 
 /* The time now, UTC, ISO 8601 (for manifests). */

@@ -141,3 +141,45 @@ bool nbd_server_stop(NbdServer *s, GError **error)
     g_free(s);
     return ok;
 }
+
+char *backup_read_image(const char *image, const char *format,
+                        const char *key_file, const char *target, CopierSum alg,
+                        int *digests_fd, CopierStats *stats, GError **error)
+{
+    g_autofree char *path =
+        g_build_filename(g_get_tmp_dir(), "qbk-digests-XXXXXX", NULL);
+    NbdServer *nbd = nbd_serve(image, format, false, key_file, error);
+    CopierOptions co;
+    char *sum = NULL;
+    bool ok;
+
+    if (digests_fd) {
+        *digests_fd = -1;
+    }
+    if (!nbd) {
+        return NULL;
+    }
+    copier_options_init(&co);
+    co.target_zeroed = target != NULL; /* a new file: holes read as zeros */
+    co.digest_fd = g_mkstemp_full(path, O_RDWR | O_CLOEXEC, 0600);
+    if (co.digest_fd < 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", path,
+                    g_strerror(errno));
+        nbd_server_stop(nbd, NULL);
+        return NULL;
+    }
+    unlink(path);
+    ok = copier_copy(&(CopierEndpoint){ .uri = nbd->uri },
+                     &(CopierEndpoint){ .file = target }, &co, stats, error);
+    ok = nbd_server_stop(nbd, ok ? error : NULL) && ok;
+    if (ok) {
+        sum = copier_digests_checksum(co.digest_fd, stats->size, false, alg,
+                                      error);
+    }
+    if (sum && digests_fd) {
+        *digests_fd = co.digest_fd;
+    } else {
+        close(co.digest_fd);
+    }
+    return sum;
+}

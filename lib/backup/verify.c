@@ -59,51 +59,6 @@ static char *first_difference(int fd, const char *path, bool dense,
                             "checksum is wrong");
 }
 
-/*
- * Read IMAGE (FORMAT, NULL for a "json:" chain; a qcow2 image follows its
- * backing chain; KEY_FILE: an encrypted repository's) through qemu-nbd and
- * hash every block. Returns the image checksum ALG; the block digests stay
- * in *DIGESTS_FD (an unlinked temporary file, the caller closes it), the
- * copier's figures in STATS.
- */
-static char *read_checksum(const char *image, const char *format,
-                           const char *key_file, CopierSum alg, int *digests_fd,
-                           CopierStats *stats, GError **error)
-{
-    g_autofree char *path =
-        g_build_filename(g_get_tmp_dir(), "qbk-digests-XXXXXX", NULL);
-    NbdServer *nbd = nbd_serve(image, format, false, key_file, error);
-    CopierOptions co;
-    char *sum = NULL;
-    int fd;
-
-    *digests_fd = -1;
-    if (!nbd) {
-        return NULL;
-    }
-    fd = g_mkstemp_full(path, O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED, "%s: %s", path,
-                    g_strerror(errno));
-        nbd_server_stop(nbd, NULL);
-        return NULL;
-    }
-    unlink(path);
-    copier_options_init(&co);
-    co.digest_fd = fd;
-    if (copier_copy(&(CopierEndpoint){ .uri = nbd->uri },
-                    &(CopierEndpoint){ 0 }, &co, stats, error)) {
-        sum = copier_digests_checksum(fd, stats->size, false, alg, error);
-    }
-    nbd_server_stop(nbd, NULL);
-    if (!sum) {
-        close(fd);
-        return NULL;
-    }
-    *digests_fd = fd;
-    return sum;
-}
-
 json_object *backup_verify(Repo *repo, const char *id, const char *disk,
                            GError **error)
 {
@@ -123,8 +78,8 @@ json_object *backup_verify(Repo *repo, const char *id, const char *disk,
     top = ((Manifest *)chain->pdata[0])->id;
     e = manifest_disk(chain->pdata[0], disk);
     source = repo_chain_filename(repo, chain, 0, disk, NULL);
-    sum = read_checksum(source, NULL, repo_key_file(repo), backup_entry_sum(e),
-                        &dfd, &stats, error);
+    sum = backup_read_image(source, NULL, repo_key_file(repo), NULL,
+                            backup_entry_sum(e), &dfd, &stats, error);
     ok = sum != NULL;
     if (ok && stats.size != e->size) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
@@ -182,8 +137,8 @@ bool backup_check_image(Repo *repo, const char *id, const char *disk,
         }
         return false;
     }
-    sum = read_checksum(image, format, NULL, backup_entry_sum(e), &dfd, &stats,
-                        error);
+    sum = backup_read_image(image, format, NULL, NULL, backup_entry_sum(e),
+                            &dfd, &stats, error);
     ok = sum != NULL;
     if (ok && g_strcmp0(sum, e->checksum) != 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,

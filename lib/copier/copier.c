@@ -397,9 +397,8 @@ gboolean copier_pump(gpointer data)
             }
         }
     }
-    /* Plan the whole disk ahead (memory follows its extents), so that
-     * requests never wait for block status and notices can reach any
-     * region still to copy. */
+    /* Plan ahead, up to opts.plan_ahead regions, so that requests never
+     * wait for block status and notices reach what is planned. */
     if (!c->error) {
         select_ask(c);
     }

@@ -182,7 +182,37 @@ static bool ask_block_status(SelectAsk *a, AskStep step, struct nbd_handle *nbd,
     return true;
 }
 
-static void ranges_as_extents(Copier *c, SelectAsk *a);
+/* The caller's ranges as a dirty context's extents over the window that
+ * block status was asked for: (length, 1) inside a range, (length, 0)
+ * outside. */
+static void ranges_as_extents(Copier *c, SelectAsk *a)
+{
+    guint64 pos = a->pos;
+    guint64 end = a->pos + a->len;
+    const CopierRange *r = (const CopierRange *)c->opts.ranges->data;
+    guint n = c->opts.ranges->len;
+
+    for (guint i = 0; i < n && pos < end; i++) {
+        guint64 rs = MAX(r[i].offset, pos);
+        guint64 re = MIN(r[i].offset + r[i].length, end);
+        uint32_t e[4];
+
+        if (re <= rs) {
+            continue;
+        }
+        e[0] = (uint32_t)(rs - pos);
+        e[1] = 0;
+        e[2] = (uint32_t)(re - rs);
+        e[3] = 1;
+        g_array_append_vals(a->dirty, rs > pos ? e : e + 2, rs > pos ? 4 : 2);
+        pos = re;
+    }
+    if (pos < end) {
+        uint32_t e[2] = { (uint32_t)(end - pos), 0 };
+
+        g_array_append_vals(a->dirty, e, 2);
+    }
+}
 
 /* Ask A about the window [POS, POS + LEN): about the selection first, if
  * it has a question of its own (or none: the caller's ranges are known). */
@@ -228,39 +258,6 @@ void select_ask(Copier *c)
     }
 }
 
-/* The caller's ranges as a dirty context's extents over the window that
- * block status was asked for: (length, 1) inside a range, (length, 0)
- * outside. */
-static void ranges_as_extents(Copier *c, SelectAsk *a)
-{
-    guint64 pos = a->pos;
-    guint64 end = a->pos + a->len;
-    const CopierRange *r = (const CopierRange *)c->opts.ranges->data;
-    guint n = c->opts.ranges->len;
-
-    g_array_set_size(a->dirty, 0);
-    for (guint i = 0; i < n && pos < end; i++) {
-        guint64 rs = MAX(r[i].offset, pos);
-        guint64 re = MIN(r[i].offset + r[i].length, end);
-        uint32_t e[4];
-
-        if (re <= rs) {
-            continue;
-        }
-        e[0] = (uint32_t)(rs - pos);
-        e[1] = 0;
-        e[2] = (uint32_t)(re - rs);
-        e[3] = 1;
-        g_array_append_vals(a->dirty, rs > pos ? e : e + 2, rs > pos ? 4 : 2);
-        pos = re;
-    }
-    if (pos < end) {
-        uint32_t e[2] = { (uint32_t)(end - pos), 0 };
-
-        g_array_append_vals(a->dirty, e, 2);
-    }
-}
-
 /* Regions that need no copy: released at once, in whole blocks only (a
  * partial block's other part may be copied). */
 static void release_skipped(Copier *c, GArray *regions)
@@ -294,31 +291,46 @@ static guint64 extents_length(const GArray *extents)
     return len;
 }
 
+/* What A's map says, from the window's start: how far it reaches within
+ * the window (*COVERED), and its dirty span in whole blocks within the
+ * window, [*FIRST, *LAST) (*FIRST >= *COVERED: nothing dirty). */
+static void map_span(const SelectAsk *a, guint64 *covered, guint64 *first,
+                     guint64 *last)
+{
+    const uint32_t *e = (const uint32_t *)a->dirty->data;
+    guint64 at = 0;
+
+    *first = G_MAXUINT64;
+    *last = 0;
+    for (guint i = 0; i < a->dirty->len; i += 2) {
+        if (e[i + 1] & 1) {
+            *first = MIN(*first, at);
+            *last = at + e[i];
+        }
+        at += e[i];
+    }
+    *covered = MIN(at, a->len);
+    if (*first < *covered) {
+        /* whole blocks: the planner reads a dirty block whole */
+        *first -= *first % COPIER_BLOCK_SIZE;
+        *last = MIN(ALIGN_UP(*last), a->len);
+    }
+}
+
 /* A's map is in (ASK_DIRTY): ask allocation from its first dirty block to
  * its last, and true; or false if nothing in it is dirty, ALLOC then
  * covering what the map did (it plans as skipped whatever it says). */
 static bool ask_alloc(Copier *c, SelectAsk *a)
 {
-    const uint32_t *e = (const uint32_t *)a->dirty->data;
-    guint64 at = 0, first = G_MAXUINT64, last = 0;
+    guint64 covered, first, last;
 
-    for (guint i = 0; i < a->dirty->len; i += 2) {
-        if (e[i + 1] & 1) {
-            first = MIN(first, at);
-            last = at + e[i];
-        }
-        at += e[i];
-    }
-    at = MIN(at, a->len);
-    if (first >= at) {
-        uint32_t all[2] = { (uint32_t)at, 0 };
+    map_span(a, &covered, &first, &last);
+    if (first >= covered) {
+        uint32_t all[2] = { (uint32_t)covered, 0 };
 
         g_array_append_vals(a->alloc, all, 2);
         return false;
     }
-    /* whole blocks: the planner reads a dirty block whole */
-    first -= first % COPIER_BLOCK_SIZE;
-    last = MIN(ALIGN_UP(last), a->len);
     a->alloc_pos = a->pos + first;
     /* (fails the copier if it cannot be asked) */
     ask_block_status(a, ASK_ALLOC, c->src, a->alloc_pos, last - first, "");
@@ -332,20 +344,14 @@ static bool ask_alloc(Copier *c, SelectAsk *a)
 static void alloc_over_window(Copier *c, SelectAsk *a)
 {
     guint64 alloc_end = a->alloc_pos + extents_length(a->alloc);
-    guint64 map_end = a->pos + MIN(extents_length(a->dirty), a->len);
-    const uint32_t *e = (const uint32_t *)a->dirty->data;
-    guint64 at = a->pos, last = a->pos;
+    guint64 covered, first, last, map_end;
 
     if (!c->map && !c->opts.ranges) {
         return; /* asked together: ALLOC is all there is */
     }
-    for (guint i = 0; i < a->dirty->len; i += 2) {
-        at += e[i];
-        if (e[i + 1] & 1) {
-            last = at;
-        }
-    }
-    last = MIN(ALIGN_UP(last), map_end);
+    map_span(a, &covered, &first, &last);
+    map_end = a->pos + covered;
+    last = first < covered ? a->pos + MIN(last, covered) : a->pos;
     if (a->alloc_pos > a->pos) {
         uint32_t head[2] = { (uint32_t)(a->alloc_pos - a->pos), 0 };
 
