@@ -10,6 +10,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -141,6 +143,11 @@ static int connect_tcp(const char *hostport, GError **error)
         fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
                     ai->ai_protocol);
         if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+            /* A command is one small write waiting for its answer:
+             * Nagle would hold it behind the peer's delayed ACK. */
+            int one = 1;
+
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
             break;
         }
         saved = errno;
@@ -664,6 +671,10 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
     qmp_json_set_string(msg, "id", id);
     text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
     trace_line("->", text);
+    /* The newline goes in a write (a TLS record) of its own: QEMU 7.2's
+     * monitor reads one byte at a time and wakes only when its socket is
+     * readable, so bytes of a command that gnutls decrypted but QEMU has
+     * not read yet would wait there until the next record arrives. */
     ok = send_all(qmp, text, strlen(text), deadline, error) &&
          send_all(qmp, "\n", 1, deadline, error);
     json_object_put(msg);

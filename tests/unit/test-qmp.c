@@ -9,6 +9,9 @@
 #include <sys/prctl.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -404,6 +407,7 @@ typedef struct {
     bool mute;          /* answer qmp_capabilities, then nothing; count
                            the lines that come */
     int lines;          /* (mute) lines received after qmp_capabilities */
+    bool tcp;           /* listen on 127.0.0.1 (path: tcp:127.0.0.1:PORT) */
     int lfd;            /* listening socket, made before the thread runs */
 } Peer;
 
@@ -459,6 +463,19 @@ static GThread *peer_start_with(Peer *peer, const char *dir, GThreadFunc fn)
 {
     struct sockaddr_un addr = { .sun_family = AF_UNIX };
 
+    if (peer->tcp) {
+        struct sockaddr_in in = { .sin_family = AF_INET,
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        socklen_t len = sizeof(in);
+
+        peer->lfd = socket(AF_INET, SOCK_STREAM, 0);
+        g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&in, sizeof(in)),
+                        ==, 0);
+        g_assert_cmpint(listen(peer->lfd, 1), ==, 0);
+        getsockname(peer->lfd, (struct sockaddr *)&in, &len);
+        peer->path = g_strdup_printf("tcp:127.0.0.1:%u", ntohs(in.sin_port));
+        return g_thread_new("peer", fn, peer);
+    }
     peer->path = g_build_filename(dir, "peer.sock", NULL);
     g_strlcpy(addr.sun_path, peer->path, sizeof(addr.sun_path));
     peer->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
@@ -476,7 +493,9 @@ static GThread *peer_start(Peer *peer, const char *dir)
 static void peer_finish(Peer *peer, GThread *t)
 {
     g_thread_join(t);
-    unlink(peer->path);
+    if (!peer->tcp) {
+        unlink(peer->path);
+    }
     g_free(peer->path);
 }
 
@@ -635,6 +654,47 @@ static void test_leftovers_before_greeting(void)
     qmp_free(qmp);
     peer_finish(&peer, t);
     rmdir(dir);
+}
+
+/* The socket of this process that is connected to PORT on 127.0.0.1. */
+static int socket_to(unsigned port)
+{
+    for (int fd = 0; fd < 1024; fd++) {
+        struct sockaddr_in in;
+        socklen_t len = sizeof(in);
+
+        if (getpeername(fd, (struct sockaddr *)&in, &len) == 0 &&
+            in.sin_family == AF_INET && ntohs(in.sin_port) == port) {
+            return fd;
+        }
+    }
+    return -1;
+}
+
+/* Over TCP a command goes out at once: with Nagle on, its newline (a
+ * write of its own, see qmp_execute) waited for the peer's delayed ACK,
+ * 40 ms a command, seconds per backup over TLS. */
+static void test_tcp_no_delay(void)
+{
+    g_autoptr(GError) error = NULL;
+    Peer peer = {
+        .script = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, "
+                  "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
+        .mute = true,
+        .tcp = true,
+    };
+    GThread *t = peer_start(&peer, NULL);
+    QmpClient *qmp = qmp_connect(peer.path, 2000, &error);
+    int fd, on = 0;
+    socklen_t len = sizeof(on);
+
+    g_assert_no_error(error);
+    fd = socket_to(atoi(strrchr(peer.path, ':') + 1));
+    g_assert_cmpint(fd, >=, 0);
+    g_assert_cmpint(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &len), ==, 0);
+    g_assert_cmpint(on, ==, 1);
+    qmp_free(qmp);
+    peer_finish(&peer, t);
 }
 
 /* A peer out of reach: two commands wait their timeouts, the third is not
@@ -879,6 +939,7 @@ int main(int argc, char **argv)
     g_test_add_func("/qmp/gives-up-on-silence", test_gives_up_on_silence);
     g_test_add_func("/qmp/agent", test_agent);
     g_test_add_func("/qmp/connect-errors", test_connect_errors);
+    g_test_add_func("/qmp/tcp-no-delay", test_tcp_no_delay);
     g_test_add_func("/qmp/hostile/event-flood", test_event_flood);
     g_test_add_func("/qmp/hostile/endless-line", test_endless_line);
     g_test_add_func("/qmp/hostile/wrong-shapes", test_wrong_shapes);
