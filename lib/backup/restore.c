@@ -28,6 +28,89 @@ static GPtrArray *checked_chain(Repo *repo, const char *id, const char *disk,
     return chain;
 }
 
+/* An empty owner-only file beside OUT, to be renamed over it once good;
+ * its name, or NULL. */
+static char *temp_beside(const char *out, GError **error)
+{
+    g_autofree char *dir = g_path_get_dirname(out);
+    g_autofree char *base = g_path_get_basename(out);
+    g_autofree char *name = g_strdup_printf(".%s.qbk-XXXXXX", base);
+    char *tmp = g_build_filename(dir, name, NULL);
+    int fd = g_mkstemp_full(tmp, O_RDWR | O_CLOEXEC, 0600);
+
+    if (fd < 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot write beside '%s': %s", out, g_strerror(errno));
+        g_free(tmp);
+        return NULL;
+    }
+    close(fd);
+    return tmp;
+}
+
+/*
+ * CHAIN's disk E (its top image SOURCE) written raw into TMP: through the
+ * copier, not qemu-img convert. A sparse 8 TiB disk holding 1 GiB took
+ * 1.7 s so, against 4.2 s, whose passes over the map of a large disk cost
+ * more than its data; and the check is the digests of what was written,
+ * not a second read (from the device, once written: 1 GiB took 8 s more
+ * on this machine). The checksum of what was written, or NULL.
+ */
+static char *restore_raw(Repo *repo, GPtrArray *chain, const ManifestDisk *e,
+                         const char *source, const char *tmp, const char *out,
+                         GError **error)
+{
+    g_autoptr(GError) local = NULL;
+    CopierStats stats;
+    char *sum = backup_read_image(source, NULL, repo_key_file(repo), tmp,
+                                  backup_entry_sum(e), NULL, &stats, &local);
+
+    if (sum && stats.size != e->size) {
+        g_clear_pointer(&sum, g_free);
+        g_set_error(&local, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                    "it reads as %" G_GUINT64_FORMAT " bytes, the disk had "
+                    "%" G_GUINT64_FORMAT,
+                    stats.size, e->size);
+    }
+    if (sum) {
+        return sum;
+    }
+    if (g_error_matches(local, COPIER_ERROR, COPIER_ERROR_WRITE)) {
+        /* the output's side, e.g. a full disk */
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
+                    "cannot write '%s': %s", out, local->message);
+    } else {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                    "cannot read the chain of backup '%s': %s",
+                    ((Manifest *)chain->pdata[0])->id, local->message);
+    }
+    return NULL;
+}
+
+/* CHAIN (its top image SOURCE) converted by qemu-img into TMP as FORMAT. */
+static bool restore_convert(Repo *repo, GPtrArray *chain, const char *source,
+                            const char *format, const char *tmp, GError **error)
+{
+    g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GError) local = NULL;
+
+    g_ptr_array_add(argv, g_strdup("qemu-img"));
+    g_ptr_array_add(argv, g_strdup("convert"));
+    backup_add_key_object(argv, repo_key_file(repo));
+    g_ptr_array_add(argv, g_strdup("-O"));
+    g_ptr_array_add(argv, g_strdup(format));
+    g_ptr_array_add(argv, g_strdup(source));
+    g_ptr_array_add(argv, g_strdup(tmp));
+    g_ptr_array_add(argv, NULL);
+    if (!util_run((const char *const *)argv->pdata, NULL, NULL, &local)) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                    "cannot read the chain of backup '%s': %s",
+                    ((Manifest *)chain->pdata[0])->id, local->message);
+        return false;
+    }
+    return true;
+}
+
 json_object *backup_restore(Repo *repo, const char *id, const char *disk,
                             const char *output, const char *format,
                             GError **error)
@@ -37,100 +120,42 @@ json_object *backup_restore(Repo *repo, const char *id, const char *disk,
     g_autofree char *out = NULL;
     g_autofree char *tmp = NULL;
     g_autofree char *sum = NULL;
-    g_autoptr(GError) local = NULL;
+    bool raw = g_strcmp0(format, "raw") == 0;
     const ManifestDisk *e;
     json_object *entry;
-    int fd;
 
     if (!chain) {
         return NULL;
     }
     e = manifest_disk(chain->pdata[0], disk);
     source = repo_chain_filename(repo, chain, 0, disk, NULL);
-    /* written beside OUTPUT, and renamed over it once good */
     out = g_canonicalize_filename(output, NULL);
-    {
-        g_autofree char *dir = g_path_get_dirname(out);
-        g_autofree char *base = g_path_get_basename(out);
-        g_autofree char *name = g_strdup_printf(".%s.qbk-XXXXXX", base);
-
-        tmp = g_build_filename(dir, name, NULL);
-    }
-    fd = g_mkstemp_full(tmp, O_RDWR | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                    "cannot write beside '%s': %s", out, g_strerror(errno));
+    tmp = temp_beside(out, error);
+    if (!tmp) {
         return NULL;
     }
-    close(fd);
-    if (g_strcmp0(format, "raw") == 0) {
-        /* Through the copier, not qemu-img convert: a sparse 8 TiB disk
-         * holding 1 GiB took 1.7 s so, against 4.2 s, whose passes over
-         * the map of a large disk cost more than its data; and the check
-         * is the digests of what was written, not a second read (from the
-         * device, once written: 1 GiB took 8 s more on this machine). */
-        CopierStats stats;
-
-        sum = backup_read_image(source, NULL, repo_key_file(repo), tmp,
-                                backup_entry_sum(e), NULL, &stats, &local);
-        if (sum && stats.size != e->size) {
-            g_clear_pointer(&sum, g_free);
-            g_set_error(&local, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                        "it reads as %" G_GUINT64_FORMAT " bytes, the disk "
-                        "had %" G_GUINT64_FORMAT,
-                        stats.size, e->size);
-        }
-        if (!sum) {
-            if (g_error_matches(local, COPIER_ERROR, COPIER_ERROR_WRITE)) {
-                /* the output's side, e.g. a full disk */
-                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
-                            "cannot write '%s': %s", out, local->message);
-            } else {
-                g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                            "cannot read the chain of backup '%s': %s",
-                            ((Manifest *)chain->pdata[0])->id, local->message);
-            }
-            unlink(tmp);
-            return NULL;
-        }
-    } else {
-        g_autoptr(GPtrArray) argv = g_ptr_array_new_with_free_func(g_free);
-
-        g_ptr_array_add(argv, g_strdup("qemu-img"));
-        g_ptr_array_add(argv, g_strdup("convert"));
-        backup_add_key_object(argv, repo_key_file(repo));
-        g_ptr_array_add(argv, g_strdup("-O"));
-        g_ptr_array_add(argv, g_strdup(format));
-        g_ptr_array_add(argv, g_strdup(source));
-        g_ptr_array_add(argv, g_strdup(tmp));
-        g_ptr_array_add(argv, NULL);
-        if (!util_run((const char *const *)argv->pdata, NULL, NULL, &local)) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                        "cannot read the chain of backup '%s': %s",
-                        ((Manifest *)chain->pdata[0])->id, local->message);
-            unlink(tmp);
-            return NULL;
-        }
+    if (raw ? !(sum = restore_raw(repo, chain, e, source, tmp, out, error))
+            : !restore_convert(repo, chain, source, format, tmp, error)) {
+        unlink(tmp);
+        return NULL;
     }
-    entry = json_object_get(e->json);
-    if (g_strcmp0(format, "raw") == 0) {
-        if (g_strcmp0(sum, e->checksum) != 0) {
-            g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
-                        "restored disk '%s' does not match backup's "
-                        "checksum (%s, expected %s)",
-                        disk, sum, e->checksum);
-            unlink(tmp);
-            json_object_put(entry);
-            return NULL;
-        }
-        qmp_json_set_bool(entry, "verified", 1);
+    if (raw && g_strcmp0(sum, e->checksum) != 0) {
+        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_MISMATCH,
+                    "restored disk '%s' does not match backup's checksum "
+                    "(%s, expected %s)",
+                    disk, sum, e->checksum);
+        unlink(tmp);
+        return NULL;
     }
     if (rename(tmp, out) < 0) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "cannot write '%s': %s", out, g_strerror(errno));
         unlink(tmp);
-        json_object_put(entry);
         return NULL;
+    }
+    entry = json_object_get(e->json);
+    if (raw) {
+        qmp_json_set_bool(entry, "verified", 1);
     }
     return entry; /* a qcow2 output is verified by re-reading, if wanted */
 }
