@@ -513,6 +513,45 @@ static void plan_clear(MergePlan *plan)
 }
 
 /*
+ * A qcow2 merge's new image TMP, made over the new parent's image, and
+ * the name to open it by: above the new parent's chain, every link named,
+ * and behind the compress filter if TO was written compressed.
+ */
+static char *merge_target(Repo *repo, const char *disk, MergePlan *plan,
+                          const char *tmp, GError **error)
+{
+    g_autofree char *backing = NULL;
+    char *target;
+
+    if (plan->parent) {
+        backing = repo_image_name(plan->parent_id, plan->parent->format);
+    }
+    QemuImgCreate img = { tmp,
+                          plan->to->size,
+                          backing,
+                          plan->parent ? repo_format_name(plan->parent->format)
+                                       : NULL,
+                          plan->to->compressed,
+                          repo_key_file(repo),
+                          REPO_KEY_SECRET };
+
+    if (!target_create_images(&img, 1, error)) {
+        return NULL;
+    }
+    target = repo_chain_filename(repo, plan->chain, plan->at + 1, disk, tmp);
+    if (plan->to->compressed) {
+        /* as TO was written: every cluster compressed */
+        char *filtered =
+            g_strdup_printf("json:{\"driver\": \"compress\", \"file\": %s}",
+                            target + strlen("json:"));
+
+        g_free(target);
+        target = filtered;
+    }
+    return target;
+}
+
+/*
  * Copy what the merged links hold into TMP (TMP_DIG: its digests), over
  * the new parent, and check that the result reads as TO. STATS: the
  * copier's figures; *SUM: the checksum.
@@ -525,7 +564,6 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
     g_autofree char *source =
         repo_chain_filename(repo, plan->chain, 0, disk, NULL);
     g_autofree char *target = NULL;
-    g_autofree char *backing = NULL;
     g_autofree char *parent_dig = NULL;
     NbdServer *nbd = NULL, *t = NULL;
     CopierOptions co;
@@ -533,32 +571,8 @@ static bool copy_merged(Repo *repo, const char *disk, MergePlan *plan,
     bool ok = true;
 
     if (plan->format == REPO_QCOW2) {
-        if (plan->parent) {
-            backing = repo_image_name(plan->parent_id, plan->parent->format);
-        }
-        QemuImgCreate img = { tmp,
-                              plan->to->size,
-                              backing,
-                              plan->parent
-                                  ? repo_format_name(plan->parent->format)
-                                  : NULL,
-                              plan->to->compressed,
-                              repo_key_file(repo),
-                              REPO_KEY_SECRET };
-
-        ok = target_create_images(&img, 1, error);
-        /* opened above the new parent's chain, named explicitly */
-        target =
-            repo_chain_filename(repo, plan->chain, plan->at + 1, disk, tmp);
-        if (plan->to->compressed) {
-            /* as TO was written: every cluster compressed */
-            char *filtered =
-                g_strdup_printf("json:{\"driver\": \"compress\", \"file\": %s}",
-                                target + strlen("json:"));
-
-            g_free(target);
-            target = filtered;
-        }
+        target = merge_target(repo, disk, plan, tmp, error);
+        ok = target != NULL;
     }
     backup_test_crash("merge-1");
     if (ok) {
