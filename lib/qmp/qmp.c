@@ -671,10 +671,9 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
     qmp_json_set_string(msg, "id", id);
     text = json_object_to_json_string_ext(msg, JSON_C_TO_STRING_PLAIN);
     trace_line("->", text);
-    /* The newline goes in a write (a TLS record) of its own: QEMU 7.2's
-     * monitor reads one byte at a time and wakes only when its socket is
-     * readable, so bytes of a command that gnutls decrypted but QEMU has
-     * not read yet would wait there until the next record arrives. */
+    /* The newline is a TLS record of its own: QEMU 7.2's monitor reads a
+     * byte at a time, woken by its socket, so a command's last bytes
+     * would wait in gnutls's buffer until the next record came. */
     ok = send_all(qmp, text, strlen(text), deadline, error) &&
          send_all(qmp, "\n", 1, deadline, error);
     json_object_put(msg);

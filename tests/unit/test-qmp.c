@@ -469,8 +469,8 @@ static GThread *peer_start_with(Peer *peer, const char *dir, GThreadFunc fn)
         socklen_t len = sizeof(in);
 
         peer->lfd = socket(AF_INET, SOCK_STREAM, 0);
-        g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&in, sizeof(in)),
-                        ==, 0);
+        g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&in, sizeof(in)), ==,
+                        0);
         g_assert_cmpint(listen(peer->lfd, 1), ==, 0);
         getsockname(peer->lfd, (struct sockaddr *)&in, &len);
         peer->path = g_strdup_printf("tcp:127.0.0.1:%u", ntohs(in.sin_port));
