@@ -5,44 +5,18 @@
  * look at what completed and start the next commands.
  */
 #include <errno.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
-#include <sys/socket.h>
 
 #include "internal.h"
+#include "util.h"
 
 typedef struct {
     GSource base;
     struct nbd_handle *nbd; /* borrowed: the owner closes it after the source */
     gpointer tag;           /* of the socket fd, from g_source_add_unix_fd */
     GIOCondition cond;      /* what the fd is polled for now */
-    bool tcp;               /* ACKs are sent at once (quick_ack) */
+    bool tcp;               /* ACKs are sent at once (util_quick_ack) */
 } NbdSource;
-
-/*
- * Acknowledge what arrives at once. QEMU 7.2's NBD server writes some
- * messages in two writes without TCP_NODELAY: the second waits for the
- * client's ACK of the first, which Linux delays by 40 ms. That cost
- * every connection over TCP about 90 ms in the handshake, and the last
- * reply of a copy as much. The kernel leaves quick-ACK mode on its own,
- * so it is asked again before each wait for the server.
- */
-static void quick_ack(int fd)
-{
-    int one = 1;
-
-    setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof(one));
-}
-
-static bool is_tcp(int fd)
-{
-    int domain = 0;
-    socklen_t len = sizeof(domain);
-
-    return getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&
-           (domain == AF_INET || domain == AF_INET6);
-}
 
 static gboolean nbd_source_prepare(GSource *source, gint *timeout)
 {
@@ -82,7 +56,7 @@ static gboolean nbd_source_dispatch(GSource *source, GSourceFunc callback,
     unsigned dir = nbd_aio_get_direction(s->nbd);
 
     if (s->tcp && (rev & G_IO_IN)) {
-        quick_ack(nbd_aio_get_fd(s->nbd));
+        util_quick_ack(nbd_aio_get_fd(s->nbd));
     }
     /* Errors surface through the commands' completion callbacks and
      * nbd_aio_is_dead(); the owner checks both. */
@@ -129,8 +103,8 @@ static int connect_within(struct nbd_handle *nbd, const char *uri,
         if (left <= 0) {
             return -2;
         }
-        if (is_tcp(pfd.fd)) {
-            quick_ack(pfd.fd);
+        if (util_is_tcp(pfd.fd)) {
+            util_quick_ack(pfd.fd); /* the handshake's replies, at once */
         }
         rc = poll(&pfd, 1, (int)MIN((left + 999) / 1000, G_MAXINT));
         if (rc < 0 && errno != EINTR) {
@@ -204,7 +178,7 @@ struct nbd_handle *nbd_source_connect(const CopierEndpoint *endpoint,
     s = (NbdSource *)g_source_new(&nbd_source_funcs, sizeof(NbdSource));
     s->nbd = nbd;
     s->tag = g_source_add_unix_fd(&s->base, nbd_aio_get_fd(nbd), 0);
-    s->tcp = is_tcp(nbd_aio_get_fd(nbd));
+    s->tcp = util_is_tcp(nbd_aio_get_fd(nbd));
     g_source_set_callback(&s->base, callback, data, NULL);
     /* glib blocks a source while it dispatches by taking its fd out of the
      * poll set and back, waking the context twice; ours never recurse. */

@@ -44,6 +44,7 @@ QmpMessageKind qmp_message_kind(json_object *msg, const char **name);
 struct QmpClient {
     /* initialized once at connect and never changed */
     int fd;                  /* connected socket, non-blocking */
+    bool tcp;                /* tcp: or tls: (ACKs sent at once) */
     char *address;           /* as given, for messages */
     int major, minor, micro; /* QEMU version from the greeting */
 

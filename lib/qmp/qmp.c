@@ -219,6 +219,9 @@ static int fill(QmpClient *qmp, gint64 deadline, GError **error)
         return 1;
     }
 
+    if (qmp->tcp) {
+        util_quick_ack(qmp->fd); /* an answer in two writes, at once */
+    }
     do {
         rc = poll(&pfd, 1, qmp_ms_left(deadline));
     } while (rc < 0 && errno == EINTR);
@@ -404,6 +407,7 @@ static QmpClient *client_open(const char *address, const char *tls_dir,
     if (qmp->fd < 0) {
         return NULL;
     }
+    qmp->tcp = util_is_tcp(qmp->fd);
     if (fcntl(qmp->fd, F_SETFL, fcntl(qmp->fd, F_GETFL) | O_NONBLOCK) < 0) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT, "fcntl: %s",
                     g_strerror(errno));

@@ -180,6 +180,7 @@ gssize qmp_tls_read(QmpClient *qmp, char *buf, gsize len, gint64 deadline,
                         "TLS read from '%s': %s", qmp->address, err->message);
             return -1;
         }
+        util_quick_ack(qmp->fd); /* an answer in several records, at once */
         rc = wait_fd(qmp->fd, POLLIN, deadline);
         if (rc <= 0) {
             return rc == 0 ? -2 : -1;

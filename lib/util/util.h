@@ -23,6 +23,20 @@ typedef enum {
     UTIL_ERROR_OUTPUT, /* a program's output is not what was expected */
 } UtilErrorCode;
 
+/* ---- TCP sockets (net.c) ---- */
+
+/* Whether FD is an IPv4 or IPv6 socket (TCP, for our stream sockets). */
+bool util_is_tcp(int fd);
+
+/*
+ * Acknowledge what arrives on TCP socket FD at once. QEMU 7.2 writes some
+ * messages (QMP answers, NBD handshake replies) in more than one write
+ * without TCP_NODELAY: each later part waits for the ACK of the earlier,
+ * which Linux delays by 40 ms. The kernel leaves quick-ACK mode on its
+ * own, so callers ask again before each wait for QEMU.
+ */
+void util_quick_ack(int fd);
+
 /* ---- private directories (privdir.c) ---- */
 
 /*
