@@ -119,6 +119,29 @@ parent_of() { # BACKUP DISK
     done
 }
 
+@test "a merge journal left by a qbk from before sparse digests: finished with its digests labelled dense; verify passes" {
+    run env QBK_CRASH_AT=merge-3 qbk-merge --repo "$T/repo" \
+        --disk disk0 --from "$INC1" --to "$INC2"
+    [ "$status" -eq 99 ]
+    # as that qbk left it: dense digests, and a journal that does not say
+    dig=$T/repo/disks/disk0/$INC2.merging.digests
+    size=$(jq '.disks[] | select(.disk == "disk0") | .size' "$T/repo/backups/$INC2.json")
+    "$QBK_BIN/../tests/tools/qbk-test-dense-digests" "$size" "$dig" "$T/dense" >/dev/null
+    cat "$T/dense" >"$dig"
+    [ "$(jq -r .digests_layout "$T/repo/merge-journal.json")" = sparse ]
+    jq 'del(.digests_layout)' "$T/repo/merge-journal.json" >"$T/j.json"
+    cat "$T/j.json" >"$T/repo/merge-journal.json"
+    run -0 qbk-merge --repo "$T/repo"
+    [ ! -e "$T/repo/merge-journal.json" ]
+    [ "$(parent_of "$INC2" disk0)" = "$FULL" ]
+    run -0 jq -e '.disks[] | select(.disk == "disk0") | has("digests_layout") | not' \
+        "$T/repo/backups/$INC2.json"
+    run -0 qbk-verify --repo "$T/repo" --disk disk0
+    restore_matches inc2 disk0
+    restore_matches inc3 disk0
+    assert_clean
+}
+
 @test "refusals: a damaged link, a backup standing on a link, bad input; nothing changes" {
     # a differential stands on the full backup
     random_writes 3 disk0 disk1

@@ -195,7 +195,11 @@ static bool rewrite_manifest(Repo *repo, const MergeJournal *j, GError **error)
         json_object_object_del(e->json, "compression"); /* a raw full now */
     }
     qmp_json_set_string(e->json, "digests", digests);
-    qmp_json_set_string(e->json, "digests_layout", "sparse"); /* the copier's */
+    if (j->digests_sparse) {
+        qmp_json_set_string(e->json, "digests_layout", "sparse");
+    } else {
+        json_object_object_del(e->json, "digests_layout"); /* dense */
+    }
     if (!j->parent) {
         qmp_json_set_string(e->json, "mode", "full");
         qmp_json_set_bool(e->json, "synthetic", 1);
@@ -686,6 +690,7 @@ json_object *backup_merge(Repo *repo, const char *disk, const char *from,
     j->parent = g_strdup(plan.parent_id);
     j->format = plan.format;
     j->old_format = plan.to->format;
+    j->digests_sparse = true; /* the copier's */
     for (guint i = 0; i < plan.drop->len; i++) {
         g_ptr_array_add(j->drop, g_strdup(plan.drop->pdata[i]));
     }

@@ -66,6 +66,7 @@ MergeJournal *merge_journal_parse(const char *text, size_t len, GError **error)
     g_autoptr(MergeJournal) j = merge_journal_new();
     json_object *o = jparse_object(text, len, what, error);
     const char *marker, *disk, *to, *parent, *format, *old;
+    const char *layout = NULL;
     json_object *drop;
     bool ok = o != NULL;
 
@@ -74,6 +75,7 @@ MergeJournal *merge_journal_parse(const char *text, size_t len, GError **error)
          jget_string(o, "to", false, what, &to, error) &&
          jget_string(o, "parent", true, what, &parent, error) &&
          jget_string(o, "format", false, what, &format, error) &&
+         jget_string(o, "digests_layout", true, what, &layout, error) &&
          jget_array(o, "drop", false, what, &drop, error);
     ok = ok && check("disk", disk, error) && check("backup", to, error) &&
          (!parent || check("backup", parent, error));
@@ -81,6 +83,10 @@ MergeJournal *merge_journal_parse(const char *text, size_t len, GError **error)
                (marker && strcmp(marker, JOURNAL_FORMAT) != 0))) {
         ok = repo_corrupt(error, "merge journal: unknown format");
     }
+    if (ok && layout && strcmp(layout, "sparse") != 0) {
+        ok = repo_corrupt(error, "merge journal: unknown \"digests_layout\"");
+    }
+    j->digests_sparse = layout != NULL;
     if (ok && marker) {
         ok = jget_string(o, "old_format", false, what, &old, error);
         if (ok && !repo_format_parse(old, &j->old_format)) {
@@ -163,6 +169,10 @@ bool repo_write_journal(const Repo *r, const MergeJournal *j, GError **error)
     json_object_object_add(
         o, "old_format",
         json_object_new_string(repo_format_name(j->old_format)));
+    if (j->digests_sparse) {
+        json_object_object_add(o, "digests_layout",
+                               json_object_new_string("sparse"));
+    }
     json_object_object_add(o, "drop", drop);
     ok = repo_write_json(path, o, error);
     json_object_put(o);

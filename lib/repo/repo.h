@@ -305,6 +305,8 @@ typedef struct {
     RepoFormat format;     /* of the new image */
     RepoFormat old_format; /* of TO's image before */
     GPtrArray *drop;       /* backup ids that lose the disk (strings) */
+    bool digests_sparse;   /* the new digests' layout; a journal of a qbk
+                              from before sparse digests left dense ones */
 } MergeJournal;
 
 MergeJournal *merge_journal_new(void);

@@ -204,6 +204,9 @@ static void test_journal(void)
         "{\"disk\": \"d\", \"to\": \"a\", \"format\": \"qcow2\"}",
         "{\"disk\": \"d\", \"to\": \"a\", \"format\": \"raw\", \"old_image\": "
         "\"/etc/passwd\", \"drop\": []}",
+        "{\"journal\": \"qbk-merge-journal-1\", \"disk\": \"d\", \"to\": "
+        "\"a\", \"format\": \"qcow2\", \"old_format\": \"qcow2\", "
+        "\"digests_layout\": \"dense\", \"drop\": []}",
     };
     /* the first qbk-merge's journal: paths in it are ignored */
     const char *old =
@@ -218,6 +221,7 @@ static void test_journal(void)
     g_assert_cmpstr(j->parent, ==, "a");
     g_assert_cmpint(j->old_format, ==, REPO_QCOW2);
     g_assert_cmpuint(j->drop->len, ==, 1);
+    g_assert_false(j->digests_sparse); /* written before sparse digests */
     for (guint i = 0; i < G_N_ELEMENTS(bad); i++) {
         g_autoptr(GError) error = NULL;
 
@@ -352,6 +356,29 @@ static void fixture_teardown(Fixture *f, gconstpointer unused)
     repo_free(f->repo);
     g_assert_cmpint(system(cmd), ==, 0);
     g_free(f->dir);
+}
+
+/* A journal says which digests its merge wrote; one from a qbk before
+ * sparse digests says nothing, and they are dense. */
+static void test_journal_layout(Fixture *f, gconstpointer unused)
+{
+    g_autoptr(MergeJournal) j = merge_journal_new();
+    g_autoptr(GError) error = NULL;
+
+    j->disk = g_strdup("d");
+    j->to = g_strdup("b");
+    j->format = j->old_format = REPO_QCOW2;
+    for (int sparse = 0; sparse <= 1; sparse++) {
+        g_autoptr(MergeJournal) back = NULL;
+
+        j->digests_sparse = sparse;
+        g_assert_true(repo_write_journal(f->repo, j, &error));
+        back = repo_read_journal(f->repo, &error);
+        g_assert_no_error(error);
+        g_assert_nonnull(back);
+        g_assert_cmpint(back->digests_sparse, ==, sparse);
+    }
+    g_assert_true(repo_remove_journal(f->repo, &error));
 }
 
 static void test_owner_only(Fixture *f, gconstpointer unused)
@@ -553,6 +580,8 @@ int main(int argc, char **argv)
     g_test_add_func("/repo/manifest/good", test_manifest_good);
     g_test_add_func("/repo/manifest/hostile", test_manifest_hostile);
     g_test_add_func("/repo/journal", test_journal);
+    g_test_add("/repo/journal-layout", Fixture, NULL, fixture_setup,
+               test_journal_layout, fixture_teardown);
     g_test_add_func("/repo/qcow2-header", test_qcow2_header);
     g_test_add_func("/repo/pbkdf2", test_pbkdf2);
     g_test_add("/repo/key", Fixture, NULL, fixture_setup, test_key,
