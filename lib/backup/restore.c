@@ -48,6 +48,15 @@ static char *temp_beside(const char *out, GError **error)
     return tmp;
 }
 
+/* CHAIN could not be read (WHY), as the error of either way to restore. */
+static void chain_unreadable(GPtrArray *chain, const GError *why,
+                             GError **error)
+{
+    g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
+                "cannot read the chain of backup '%s': %s",
+                ((Manifest *)chain->pdata[0])->id, why->message);
+}
+
 /*
  * CHAIN's disk E (its top image SOURCE) written raw into TMP: through the
  * copier, not qemu-img convert. A sparse 8 TiB disk holding 1 GiB took
@@ -80,9 +89,7 @@ static char *restore_raw(Repo *repo, GPtrArray *chain, const ManifestDisk *e,
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,
                     "cannot write '%s': %s", out, local->message);
     } else {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                    "cannot read the chain of backup '%s': %s",
-                    ((Manifest *)chain->pdata[0])->id, local->message);
+        chain_unreadable(chain, local, error);
     }
     return NULL;
 }
@@ -103,9 +110,7 @@ static bool restore_convert(Repo *repo, GPtrArray *chain, const char *source,
     g_ptr_array_add(argv, g_strdup(tmp));
     g_ptr_array_add(argv, NULL);
     if (!util_run((const char *const *)argv->pdata, NULL, NULL, &local)) {
-        g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_CORRUPT,
-                    "cannot read the chain of backup '%s': %s",
-                    ((Manifest *)chain->pdata[0])->id, local->message);
+        chain_unreadable(chain, local, error);
         return false;
     }
     return true;

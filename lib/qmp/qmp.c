@@ -143,8 +143,8 @@ static int connect_tcp(const char *hostport, GError **error)
         fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
                     ai->ai_protocol);
         if (fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
-            /* A command is one small write waiting for its answer:
-             * Nagle would hold it behind the peer's delayed ACK. */
+            /* A command is two small writes (see qmp_execute): Nagle
+             * would hold the second behind the peer's delayed ACK. */
             int one = 1;
 
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
