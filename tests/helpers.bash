@@ -202,6 +202,24 @@ assert_one_line_error() {
     [[ "${lines[0]}" == qbk-* ]]
 }
 
+# fails STATUS TEXT CMD...: run CMD; it must exit with STATUS and print
+# one line, a qbk command's error, that holds TEXT. $status and $output
+# stay set for more checks.
+fails() {
+    local want=$1 text=$2
+    shift 2
+    run "$@"
+    if [ "$status" -ne "$want" ]; then
+        echo "exit status $status, not $want: $output" >&2
+        return 1
+    fi
+    assert_one_line_error
+    if [[ "$output" != *"$text"* ]]; then
+        echo "'$text' is not in: $output" >&2
+        return 1
+    fi
+}
+
 # ---- the shadow model: what each disk must contain ----
 #
 # Every guest write goes to the VM and to $T/shadow-DISK.raw. At a backup's

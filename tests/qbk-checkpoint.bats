@@ -83,10 +83,7 @@ teardown() {
     qmp nbd-server-start "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"$T/nbd.sock\"}}}"
     qmp block-export-add '{"type": "nbd", "id": "e0", "node-name": "disk0-fmt",
         "bitmaps": [{"node": "disk0-fmt", "name": "qbk-000001-a"}]}'
-    run qbk-checkpoint create b
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"in use"* ]]
+    fails 1 "in use" qbk-checkpoint create b
     for d in disk0 disk1; do
         [ "$(bitmap_names $d)" = "qbk-000001-a" ]
         [ "$(bitmap_field $d qbk-000001-a recording)" = true ]
@@ -191,10 +188,7 @@ teardown() {
     [ "$(jq '[.issues[] | select(.kind=="inconsistent")] | length' <<<"$output")" -eq 4 ]
     [ "$(jq -r '.disks[] | select(.disk=="disk0") | .full_backup_required' <<<"$output")" = true ]
     # An incremental since a cannot be computed, and says why.
-    run qbk-checkpoint since a
-    [ "$status" -eq 3 ]
-    assert_one_line_error
-    [[ "$output" == *"full backup"* ]]
+    fails 3 "full backup" qbk-checkpoint since a
     run qbk-checkpoint check --repair
     [ "$status" -eq 0 ]
     [[ "$output" == *"disk0: next backup must be full"* ]]
@@ -297,10 +291,7 @@ teardown() {
     qbk-checkpoint create c
     run qbk-checkpoint check
     [ "$status" -eq 0 ]
-    run qbk-checkpoint since b --disk disk1
-    [ "$status" -eq 3 ]
-    assert_one_line_error
-    [[ "$output" == *"disk 'disk1' has no checkpoint 'b'"* ]]
+    fails 3 "disk 'disk1' has no checkpoint 'b'" qbk-checkpoint since b --disk disk1
 }
 
 @test "offline: the images of a stopped VM give the same view, and changes persist" {
@@ -331,17 +322,11 @@ teardown() {
 
 @test "offline: an image in use by a running VM is refused" {
     start_vm
-    run qbk-checkpoint --image "$T/disk0.qcow2" list
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"lock"* ]]
+    fails 1 "lock" qbk-checkpoint --image "$T/disk0.qcow2" list
 }
 
 @test "offline: a missing image is a one-line error" {
-    run qbk-checkpoint --image "$T/nope.qcow2" list
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"nope.qcow2"* ]]
+    fails 1 "nope.qcow2" qbk-checkpoint --image "$T/nope.qcow2" list
 }
 
 @test "tcp: the QMP socket may be tcp:HOST:PORT" {
@@ -353,10 +338,7 @@ teardown() {
 }
 
 @test "bad input: unknown socket" {
-    run qbk-checkpoint --qmp "$T/none.sock" list
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"cannot connect"* ]]
+    fails 1 "cannot connect" qbk-checkpoint --qmp "$T/none.sock" list
 }
 
 @test "bad input: a socket that is not QMP (NBD), and a silent one" {
@@ -370,23 +352,14 @@ teardown() {
     # A guest serial port socket accepts and stays silent: bounded wait.
     launch_vm -chardev "socket,id=ser,path=$T/serial.sock,server=on,wait=off" \
         -serial chardev:ser
-    run qbk-checkpoint --qmp "$T/serial.sock" --timeout 1 list
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"no QMP greeting"* ]]
+    fails 1 "no QMP greeting" qbk-checkpoint --qmp "$T/serial.sock" --timeout 1 list
 }
 
 @test "bad input: unknown disk, duplicate or odd names, unknown checkpoint" {
     start_vm
     qbk-checkpoint create a
-    run qbk-checkpoint create b --disk nope
-    [ "$status" -eq 2 ]
-    assert_one_line_error
-    [[ "$output" == *"unknown disk 'nope'"* ]]
-    run qbk-checkpoint create a
-    [ "$status" -eq 2 ]
-    assert_one_line_error
-    [[ "$output" == *"already exists"* ]]
+    fails 2 "unknown disk 'nope'" qbk-checkpoint create b --disk nope
+    fails 2 "already exists" qbk-checkpoint create a
     for bad in 'semi;colon' 'with space' '-dash' '' "$(printf 'x%.0s' $(seq 65))" 'ünï'; do
         run qbk-checkpoint create "$bad"
         [ "$status" -eq 2 ]
@@ -398,10 +371,7 @@ teardown() {
     run qbk-checkpoint since nope
     [ "$status" -eq 2 ]
     assert_one_line_error
-    run qbk-checkpoint create b --disk disk2
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"disk 'disk2' cannot hold checkpoints"* ]]
+    fails 1 "disk 'disk2' cannot hold checkpoints" qbk-checkpoint create b --disk disk2
     # Nothing changed by any of the above.
     [ "$(bitmap_names disk0)" = "qbk-000001-a" ]
 }
@@ -435,10 +405,7 @@ teardown() {
         -drive "file=$T/only.raw,format=raw,if=none,id=d0" \
         -device virtio-blk-pci,drive=d0,id=disk0 \
         -pidfile "$T/qemu.pid" -daemonize
-    run qbk-checkpoint create a
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"no disk that can hold checkpoints"* ]]
+    fails 1 "no disk that can hold checkpoints" qbk-checkpoint create a
 }
 
 @test "QEMU gone away: a one-line error, not a crash" {

@@ -81,10 +81,7 @@ compressed_clusters() {
 }
 
 @test "--compress with --format raw is refused before anything is touched" {
-    run qbk-pull --repo "$T/repo" --compress --format raw
-    [ "$status" -eq 2 ]
-    assert_one_line_error
-    [[ "$output" == *"--compress writes qcow2"* ]]
+    fails 2 "--compress writes qcow2" qbk-pull --repo "$T/repo" --compress --format raw
     [ ! -e "$T/repo" ]
     [ "$(qmp query-block-exports | jq length)" -eq 0 ]
 }

@@ -70,9 +70,7 @@ serve_target() {
     cmp "$D/src.raw" "$D/cached.raw"
     cmp "$D/src.raw" "$D/direct.raw"
     cmp "$T/c.dig" "$T/d.dig"
-    run -2 qbk-copy --write-mode fast "$SRC" "$D/x.raw"
-    assert_one_line_error
-    [[ "$output" == *"--write-mode must be cached or direct"* ]]
+    fails 2 "--write-mode must be cached or direct" qbk-copy --write-mode fast "$SRC" "$D/x.raw"
     [ ! -e "$D/x.raw" ]
 }
 
@@ -91,9 +89,7 @@ serve_target() {
 }
 
 @test "no URI, an unreachable export, a target of another size: one-line errors, exit 2 or 1" {
-    run -2 qbk-copy "$D/src.raw" "$D/out.raw"
-    assert_one_line_error
-    [[ "$output" == *"is not an NBD URI"* ]]
+    fails 2 "is not an NBD URI" qbk-copy "$D/src.raw" "$D/out.raw"
 
     run -1 qbk-copy "nbd+unix:///disk0?socket=$(uri_escape "$D/none.sock")" \
         "$D/out.raw"
@@ -112,9 +108,7 @@ serve_target() {
     truncate -s 20M "$D/small.raw"
     qemu-nbd --fork -f raw --export-name=small --socket="$D/small.sock" \
         --pid-file="$T/small.pid" "$D/small.raw"
-    run -1 qbk-copy "$SRC" "$DST"
-    assert_one_line_error
-    [[ "$output" == *"differ in size"* ]]
+    fails 1 "differ in size" qbk-copy "$SRC" "$DST"
     cmp <(head -c 20M /dev/zero) "$D/small.raw"
 }
 
@@ -127,9 +121,7 @@ serve_target() {
         ss -Hltn "sport = :$port" | grep -q . && break
         sleep 0.1
     done
-    run -1 qbk-copy --timeout 2 "nbd://127.0.0.1:$port/x" "$D/out.raw"
-    assert_one_line_error
-    [[ "$output" == *"no answer within 2000 ms"* ]]
+    fails 1 "no answer within 2000 ms" qbk-copy --timeout 2 "nbd://127.0.0.1:$port/x" "$D/out.raw"
     [ ! -e "$D/out.raw" ]
     run -2 qbk-copy --timeout 0 "nbd://127.0.0.1:$port/x" "$D/out.raw"
     kill -TERM -- "-$(cat "$T/socat.pid")"

@@ -196,10 +196,7 @@ repo_state() {
     # scratch holds the pattern in the clear
     overwrite_during plain in_scratch
     restore_matches plain disk0
-    run qbk-pull --repo "$T/repo" --encrypt --key-file "$T/key"
-    [ "$status" -eq 2 ]
-    assert_one_line_error
-    [[ "$output" == *"is not encrypted"* ]]
+    fails 2 "is not encrypted" qbk-pull --repo "$T/repo" --encrypt --key-file "$T/key"
     [ ! -e "$T/repo/key.json" ]
     # a key named by $QBK_KEY_FILE serves the encrypted repositories only
     QBK_KEY_FILE=$T/key run -0 qbk-verify --repo "$T/repo"

@@ -269,10 +269,7 @@ teardown() {
     start_pull first --rate-limit 1M
     pid=$PULL_PID
     wait_fleeced "$T/progress-first" "$pid"
-    run qbk-pull --repo "$T/repo" --qmp "$T/test.sock"
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"another qbk-pull"* ]]
+    fails 1 "another qbk-pull" qbk-pull --repo "$T/repo" --qmp "$T/test.sock"
     kill -INT "$pid"
     wait "$pid" || true
     assert_clean
@@ -318,10 +315,7 @@ teardown() {
     # checksum of the restored disk no longer matches.
     off=$(qemu-img map --output=json "$img" | jq '[.[] | select(.data)][0].offset')
     printf '\xff' | dd of="$img" bs=1 seek=$((off + 100)) conv=notrunc status=none
-    run qbk-restore --repo "$T/repo" --disk disk0 -o "$T/x.raw"
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"does not match"* ]]
+    fails 1 "does not match" qbk-restore --repo "$T/repo" --disk disk0 -o "$T/x.raw"
 }
 
 @test "--export-only: nbdinfo and nbdcopy read the point in time and its bitmap; commit keeps the checkpoint" {
@@ -409,10 +403,7 @@ teardown() {
 
 @test "an NBD server already running in QEMU is reused with --nbd-server, never stopped" {
     qmp nbd-server-start "{\"addr\": {\"type\": \"unix\", \"data\": {\"path\": \"$T/theirs.sock\"}}}"
-    run qbk-pull --repo "$T/repo"
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"--nbd-server"* ]]
+    fails 1 "--nbd-server" qbk-pull --repo "$T/repo"
     assert_clean
     pull_with_writes full "disk0 disk1" --nbd-server "$T/theirs.sock"
     restore_matches full disk0
@@ -457,16 +448,10 @@ teardown() {
 
 @test "--quiesce and no guest agent channel: required fails before anything changes; try is crash-consistent and says so" {
     before=$(qbk-checkpoint list --json | jq -c .)
-    run qbk-pull --repo "$T/repo" --quiesce
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"--quiesce: no guest agent to quiesce with: the VM has no guest agent channel"* ]]
+    fails 1 "--quiesce: no guest agent to quiesce with: the VM has no guest agent channel" qbk-pull --repo "$T/repo" --quiesce
     [ "$(qbk-checkpoint list --json | jq -c .)" = "$before" ]
     [ -z "$(ls "$T/repo/backups" 2>/dev/null)" ]
-    run qbk-pull --repo "$T/repo" --quiesce=sometimes
-    [ "$status" -eq 2 ]
-    assert_one_line_error
-    [[ "$output" == *"--quiesce must be required or try"* ]]
+    fails 2 "--quiesce must be required or try" qbk-pull --repo "$T/repo" --quiesce=sometimes
     # try: a backup all the same, crash-consistent, and it says so
     pull_with_writes try "disk0 disk1" --quiesce=try
     [ "$(jq -r .consistency "$T/pull-try.json")" = crash ]
@@ -480,10 +465,7 @@ teardown() {
 @test "--quiesce and a silent guest agent: required times out cleanly, VM untouched; try goes on crash-consistent" {
     before=$(qbk-checkpoint list --json | jq -c .)
     # found through QEMU (the channel's socket), and asked: no answer
-    run qbk-pull --repo "$T/repo" --quiesce
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"no answer from the guest agent at 'unix:$T/ga.sock'"* ]]
+    fails 1 "no answer from the guest agent at 'unix:$T/ga.sock'" qbk-pull --repo "$T/repo" --quiesce
     [ "$(qbk-checkpoint list --json | jq -c .)" = "$before" ]
     [ "$(qmp qom-list '{"path": "/objects"}' | jq '[.[].name | select(startswith("qbk-"))] | length')" -eq 0 ]
     run qbk-pull --repo "$T/repo" --quiesce --guest-agent "$T/nowhere.sock"
