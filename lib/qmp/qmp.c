@@ -641,21 +641,12 @@ static void set_command_error(json_object *reply, const char *command,
                      : "QEMU refused the command without a reason");
 }
 
-json_object *qmp_execute(QmpClient *qmp, const char *command,
-                         json_object *arguments, GError **error)
+/* Whether COMMAND may be sent: the connection is open and still answers. */
+static bool may_send(QmpClient *qmp, const char *command, GError **error)
 {
-    g_autofree char *id =
-        g_strdup_printf("qbk-%" G_GUINT64_FORMAT, ++qmp->last_id);
-    json_object *msg = json_object_new_object();
-    gint64 deadline = deadline_in(qmp->timeout_ms);
-    const char *text;
-    bool ok;
-
     if (qmp->closed) {
-        json_object_put(arguments);
-        json_object_put(msg);
         mark_closed(qmp, error);
-        return NULL;
+        return false;
     }
     if (qmp->silent >= QMP_SILENT_GIVE_UP) {
         /* A path that is cut makes every command wait its whole timeout:
@@ -664,10 +655,26 @@ json_object *qmp_execute(QmpClient *qmp, const char *command,
                     "%s stopped answering (%u commands in a row timed out); "
                     "'%s' not sent",
                     peer(qmp), qmp->silent, command);
+        return false;
+    }
+    return true;
+}
+
+json_object *qmp_execute(QmpClient *qmp, const char *command,
+                         json_object *arguments, GError **error)
+{
+    g_autofree char *id = NULL;
+    gint64 deadline = deadline_in(qmp->timeout_ms);
+    json_object *msg;
+    const char *text;
+    bool ok;
+
+    if (!may_send(qmp, command, error)) {
         json_object_put(arguments);
-        json_object_put(msg);
         return NULL;
     }
+    id = g_strdup_printf("qbk-%" G_GUINT64_FORMAT, ++qmp->last_id);
+    msg = json_object_new_object();
     qmp_json_set_string(msg, "execute", command);
     if (arguments) {
         json_object_object_add(msg, "arguments", arguments);
