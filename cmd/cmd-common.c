@@ -41,6 +41,8 @@ static char *copier_rate;
 static char *copier_write_mode;
 static gint copier_stall_s = G_MININT;
 static gint copier_plan_ahead = G_MININT;
+static gint64 copier_notice_radius = G_MININT64;
+static gint copier_notice_ms = G_MININT;
 
 static GOptionEntry copier_entries[] = {
     { "requests", 0, 0, G_OPTION_ARG_INT, &copier_requests,
@@ -72,6 +74,12 @@ static GOptionEntry copier_entries[] = {
     /* for tests: the bound on planning ahead, met by a small disk */
     { "x-plan-ahead", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT,
       &copier_plan_ahead, "regions planned ahead, at most", "N" },
+    /* for benchmarks: how far around a guest write the copy goes first,
+     * and how often the guest's writes are looked for */
+    { "x-notice-radius", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT64,
+      &copier_notice_radius, "bytes each side of a guest write", "BYTES" },
+    { "x-notice-ms", 0, G_OPTION_FLAG_HIDDEN, G_OPTION_ARG_INT,
+      &copier_notice_ms, "milliseconds between looks", "MS" },
     { NULL },
 };
 
@@ -135,6 +143,12 @@ static bool check_copier(GError **error)
         (copier_plan_ahead != G_MININT &&
          !cmd_check_range("--x-plan-ahead", copier_plan_ahead, 1, G_MAXINT,
                           error)) ||
+        (copier_notice_radius != G_MININT64 &&
+         !cmd_check_range("--x-notice-radius", copier_notice_radius, 0,
+                          G_GINT64_CONSTANT(1) << 40, error)) ||
+        (copier_notice_ms != G_MININT &&
+         !cmd_check_range("--x-notice-ms", copier_notice_ms, 1, 10000,
+                          error)) ||
         !cmd_write_mode(copier_write_mode, &o->write_mode, error)) {
         return false;
     }
@@ -154,6 +168,12 @@ static bool check_copier(GError **error)
     }
     if (copier_plan_ahead != G_MININT) {
         o->plan_ahead = copier_plan_ahead;
+    }
+    if (copier_notice_radius != G_MININT64) {
+        o->notice_radius = copier_notice_radius;
+    }
+    if (copier_notice_ms != G_MININT) {
+        o->notice_ms = copier_notice_ms;
     }
     if (cmd_common.sequential) {
         o->requests = o->connections = 1;

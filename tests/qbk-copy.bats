@@ -77,7 +77,8 @@ serve_target() {
 @test "copier options share qbk-pull's bounds and sizes: out of bounds is a usage error, 50M a rate" {
     for args in "--requests 0" "--requests 100000000" "--connections 9" \
         "--chunk-size 1000" "--chunk-size 68719476736" "--rate-limit 0" \
-        "--rate-limit 5X" "--rate-limit -5"; do
+        "--rate-limit 5X" "--rate-limit -5" "--x-notice-ms 0" \
+        "--x-notice-radius -1"; do
         run qbk-copy $args "$SRC" "$D/x.raw"
         echo "$args: $output"
         [ "$status" -eq 2 ]

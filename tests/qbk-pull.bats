@@ -73,6 +73,20 @@ teardown() {
     assert_clean
 }
 
+@test "the notice knobs for benchmarks (--x-notice-radius, --x-notice-ms): bounds checked; backups with the narrowest and the widest are exact" {
+    fails 2 "--x-notice-ms must be 1 to 10000" qbk-pull --repo "$T/repo" --x-notice-ms 0
+    fails 2 "--x-notice-radius must be 0 to" qbk-pull --repo "$T/repo" --x-notice-radius -1
+    [ ! -e "$T/repo" ]
+    pull_with_writes narrow "disk0 disk1" --x-notice-radius 0 --x-notice-ms 1
+    restore_matches narrow disk0
+    restore_matches narrow disk1
+    random_writes 4 disk0 disk1
+    pull_with_writes wide "disk0 disk1" --mode full --x-notice-radius $((1 << 40))
+    restore_matches wide disk0
+    restore_matches wide disk1
+    assert_clean
+}
+
 @test "differential and --since: each stands on the backup asked for; all restore exactly" {
     backup_chain 2 4
     random_writes 4 disk0 disk1
