@@ -32,14 +32,27 @@ teardown() {
 }
 
 # start_writer: the guest writes on both disks until the test ends, each
-# file fsync'd, a counter on disk1 after each.
+# file fsync'd, a counter on disk1 after each. Returns once the counter
+# is durable: a rename reaches the disk with the next fsync there, so a
+# point in time taken before the writer's second round may hold no
+# counter at all (a true crash state, but nothing to check against).
 start_writer() {
+    local i c
     gsh 'i=0; while :; do
              i=$((i + 1))
              dd if=/dev/urandom of=/mnt/vda/w$((i % 40)) bs=4k count=8 conv=fsync 2>/dev/null
              echo $i | dd of=/mnt/vdb/count.new conv=fsync 2>/dev/null
              mv /mnt/vdb/count.new /mnt/vdb/count
          done >/dev/null 2>&1 &'
+    for i in $(seq 100); do
+        c=$(gsh 'cat /mnt/vdb/count 2>/dev/null') || true
+        if [ "${c:-0}" -ge 3 ]; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "the guest's writer did not get going (counter: '$c')" >&2
+    return 1
 }
 
 # writes_go_on: the guest's writer counts on (its file systems are not
