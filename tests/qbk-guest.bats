@@ -276,10 +276,7 @@ pre_files_exact() {
     qbk-pull --repo "$T/repo" --json >"$T/full.json"
     before=$(qbk-checkpoint list --json | jq -c '[.checkpoints[].name]')
     # the fleece point fails while frozen
-    QBK_FAIL_AT=frozen run qbk-pull --repo "$T/repo" --quiesce
-    [ "$status" -eq 1 ]
-    assert_one_line_error
-    [[ "$output" == *"failed on purpose at 'frozen'"* ]]
+    QBK_FAIL_AT=frozen fails 1 "failed on purpose at 'frozen'" qbk-pull --repo "$T/repo" --quiesce
     writes_go_on
     [ "$(qbk-checkpoint list --json | jq -c '[.checkpoints[].name]')" = "$before" ]
     # SIGTERM while frozen (held 2 s there): the thaw comes first
