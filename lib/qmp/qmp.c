@@ -15,7 +15,6 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -93,26 +92,13 @@ static void mark_closed(QmpClient *qmp, GError **error)
 
 static int connect_unix(const char *path, GError **error)
 {
-    struct sockaddr_un addr = { .sun_family = AF_UNIX };
-    int fd;
+    int fd = util_unix_socket(path, UTIL_SOCKET_CONNECT);
 
-    if (strlen(path) >= sizeof(addr.sun_path)) {
-        g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
-                    "socket path '%s' is too long", path);
-        return -1;
-    }
-    strcpy(addr.sun_path, path);
-
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0) {
+    if (fd < 0) {
         int saved = errno;
 
         g_set_error(error, QMP_ERROR, QMP_ERROR_CONNECT,
                     "cannot connect to '%s': %s", path, g_strerror(saved));
-        if (fd >= 0) {
-            close(fd);
-        }
-        return -1;
     }
     return fd;
 }

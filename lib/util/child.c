@@ -10,7 +10,6 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -168,26 +167,13 @@ bool util_run_all(const char *const *const *argvs, const char *const *cwds,
 
 int util_listen_unix(const char *path, GError **error)
 {
-    struct sockaddr_un addr = { .sun_family = AF_UNIX };
-    int fd;
+    int fd = util_unix_socket(path, UTIL_SOCKET_LISTEN);
 
-    if (strlen(path) >= sizeof(addr.sun_path)) {
-        g_set_error(error, UTIL_ERROR, UTIL_ERROR_IO,
-                    "socket path '%s' is too long", path);
-        return -1;
-    }
-    strcpy(addr.sun_path, path);
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 ||
-        listen(fd, 64) < 0) {
+    if (fd < 0) {
         int saved = errno;
 
         g_set_error(error, UTIL_ERROR, UTIL_ERROR_IO,
                     "cannot listen on '%s': %s", path, g_strerror(saved));
-        if (fd >= 0) {
-            close(fd);
-        }
-        return -1;
     }
     return fd;
 }

@@ -23,7 +23,18 @@ typedef enum {
     UTIL_ERROR_OUTPUT, /* a program's output is not what was expected */
 } UtilErrorCode;
 
-/* ---- TCP sockets (net.c) ---- */
+/* ---- sockets (net.c) ---- */
+
+typedef enum {
+    UTIL_SOCKET_CONNECT, /* connected to the socket at the path */
+    UTIL_SOCKET_LISTEN,  /* bound at the path and listening */
+} UtilSocketRole;
+
+/*
+ * A unix stream socket (close-on-exec) at PATH in ROLE, or -1 with errno
+ * set (ENAMETOOLONG: PATH does not fit a socket address).
+ */
+int util_unix_socket(const char *path, UtilSocketRole role);
 
 /* Whether FD is an IPv4 or IPv6 socket (TCP, for our stream sockets). */
 bool util_is_tcp(int fd);
