@@ -209,24 +209,32 @@ static void add_scratch_key(json_object *node, const FleeceDisk *fd,
     }
 }
 
+typedef struct {
+    QmpClient *qmp;
+    FleeceDisk *fd;
+    const char *driver;
+    guint64 size;
+} Format;
+
+/* The format step of qemu_create, as a UtilCreateFunc: the format driver
+ * in the file node. */
+static bool format_once(void *data, GError **error)
+{
+    const Format *f = data;
+    json_object *o = create_options(f->driver, "file", f->fd->scratch, f->size);
+
+    add_scratch_key(o, f->fd, true);
+    return qemu_create_job(f->qmp, f->fd, o, error);
+}
+
 /* The format step of qemu_create: DRIVER in the file node; a LUKS format
- * that failed its timing is tried again (util_luks_timing_failed). */
+ * that failed its timing is tried again (util_luks_retry). */
 static bool qemu_format(QmpClient *qmp, FleeceDisk *fd, const char *driver,
                         guint64 size, GError **error)
 {
-    for (int i = 0;; i++) {
-        g_autoptr(GError) local = NULL;
-        json_object *o = create_options(driver, "file", fd->scratch, size);
+    Format f = { qmp, fd, driver, size };
 
-        add_scratch_key(o, fd, true);
-        if (qemu_create_job(qmp, fd, o, &local)) {
-            return true;
-        }
-        if (i == UTIL_LUKS_RETRIES || !util_luks_timing_failed(local)) {
-            g_propagate_error(error, g_steal_pointer(&local));
-            return false;
-        }
-    }
+    return util_luks_retry(format_once, &f, error);
 }
 
 /*

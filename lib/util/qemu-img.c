@@ -80,14 +80,12 @@ bool util_luks_timing_failed(const GError *error)
     return error && strstr(error->message, "Unable to get accurate CPU usage");
 }
 
-/* Run one creation (ARGV in DIR) until it does not fail its LUKS timing,
- * at most UTIL_LUKS_RETRIES more times (it overwrites its file). */
-static bool run_create(const char *const *argv, const char *dir, GError **error)
+bool util_luks_retry(UtilCreateFunc create, void *data, GError **error)
 {
     for (int i = 0;; i++) {
         g_autoptr(GError) local = NULL;
 
-        if (util_run(argv, dir, NULL, &local)) {
+        if (create(data, &local)) {
             return true;
         }
         if (i == UTIL_LUKS_RETRIES || !util_luks_timing_failed(local)) {
@@ -95,6 +93,19 @@ static bool run_create(const char *const *argv, const char *dir, GError **error)
             return false;
         }
     }
+}
+
+typedef struct {
+    const char *const *argv;
+    const char *dir;
+} Creation;
+
+/* One qemu-img creation, as a UtilCreateFunc. */
+static bool run_create(void *data, GError **error)
+{
+    const Creation *c = data;
+
+    return util_run(c->argv, c->dir, NULL, error);
 }
 
 /* Run the N qemu-img creations (ARGVS: argv arrays) at once. If a LUKS
@@ -116,7 +127,9 @@ static bool run_creates(GPtrArray *argvs, GPtrArray *dirs, guint n,
         return false;
     }
     for (guint i = 0; i < n; i++) {
-        if (!run_create(argvs->pdata[i], dirs->pdata[i], error)) {
+        Creation c = { argvs->pdata[i], dirs->pdata[i] };
+
+        if (!util_luks_retry(run_create, &c, error)) {
             return false;
         }
     }

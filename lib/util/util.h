@@ -164,6 +164,12 @@ int util_listen_unix(const char *path, GError **error);
 #define UTIL_LUKS_RETRIES 10
 bool util_luks_timing_failed(const GError *error);
 
+/* Run CREATE(DATA) until it succeeds or fails other than by LUKS's timing,
+ * that at most UTIL_LUKS_RETRIES more times (CREATE must start afresh each
+ * time: overwrite its file, remake its node). */
+typedef bool (*UtilCreateFunc)(void *data, GError **error);
+bool util_luks_retry(UtilCreateFunc create, void *data, GError **error);
+
 /* QEMU's --object for a secret ID that QEMU reads from FILE itself (new
  * string; JSON, so that no character of the path needs escaping). */
 char *util_secret_object(const char *id, const char *file);
