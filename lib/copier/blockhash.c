@@ -48,10 +48,13 @@ static char *state_hex(XXH3_state_t *state)
     return g_string_free(hex, FALSE);
 }
 
-static bool pread_all(int fd, void *buf, size_t len, off_t off)
+/* Read (WRITING false) or write all LEN bytes of BUF at OFF, through
+ * interrupted and short transfers. */
+static bool transfer_all(int fd, void *buf, size_t len, off_t off, bool writing)
 {
     while (len > 0) {
-        ssize_t n = pread(fd, buf, len, off);
+        ssize_t n =
+            writing ? pwrite(fd, buf, len, off) : pread(fd, buf, len, off);
 
         if (n < 0 && errno == EINTR) {
             continue;
@@ -66,22 +69,14 @@ static bool pread_all(int fd, void *buf, size_t len, off_t off)
     return true;
 }
 
-static bool pwrite_all(int fd, const void *buf, size_t len, off_t off)
+static bool pread_all(int fd, void *buf, size_t len, off_t off)
 {
-    while (len > 0) {
-        ssize_t n = pwrite(fd, buf, len, off);
+    return transfer_all(fd, buf, len, off, false);
+}
 
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n <= 0) {
-            return false;
-        }
-        buf = (const guint8 *)buf + n;
-        len -= n;
-        off += n;
-    }
-    return true;
+static bool pwrite_all(int fd, void *buf, size_t len, off_t off)
+{
+    return transfer_all(fd, buf, len, off, true);
 }
 
 /* The digests of a zero block: ZERO of a whole one, TAIL of the disk's
