@@ -500,6 +500,34 @@ void cmd_print_json(json_object *obj)
     json_object_put(obj);
 }
 
+int cmd_finish_results(json_object *results, json_object *extra, bool json,
+                       const char *none, int rc)
+{
+    bool empty = qmp_json_length(results) == 0;
+    json_object *out;
+
+    if (empty) {
+        cmd_error("%s", none);
+        rc = QBK_EXIT_USAGE;
+    }
+    if (!json || empty) {
+        json_object_put(results);
+        json_object_put(extra);
+        return rc;
+    }
+    out = json_object_new_object();
+    json_object_object_add(out, "results", results);
+    if (extra) {
+        json_object_object_foreach(extra, key, value)
+        {
+            json_object_object_add(out, key, json_object_get(value));
+        }
+        json_object_put(extra);
+    }
+    cmd_print_json(out);
+    return rc;
+}
+
 void cmd_make_absolute(char **path)
 {
     char *abs;

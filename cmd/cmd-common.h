@@ -155,6 +155,15 @@ char *cmd_format_bytes(guint64 bytes);
 /* Print OBJ as pretty JSON on stdout, then put it. */
 void cmd_print_json(json_object *obj);
 
+/*
+ * The end of a command that gives one result per disk. With no result,
+ * NONE is the error and the status QBK_EXIT_USAGE; else with JSON (--json)
+ * RESULTS are printed as {"results": [...]} and EXTRA's members (EXTRA may
+ * be NULL), and the status is RC. Takes RESULTS and EXTRA.
+ */
+int cmd_finish_results(json_object *results, json_object *extra, bool json,
+                       const char *none, int rc);
+
 /* The exit status for a failure of lib/backup or lib/repo: 3 when a full
  * backup is needed, 2 for an unknown backup, disk or chain link or a bad
  * name or option, else 1. */

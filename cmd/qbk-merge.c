@@ -152,7 +152,8 @@ static int merge_disks(Repo *repo)
     g_autoptr(GError) error = NULL;
     g_autoptr(Manifest) m =
         repo_load(repo, opt_to ? opt_to : opt_full_at, &error);
-    json_object *results, *out;
+    g_autofree char *none = NULL;
+    json_object *results;
 
     if (!m) {
         cmd_error("%s", error->message);
@@ -184,19 +185,8 @@ static int merge_disks(Repo *repo)
         }
         json_object_array_add(results, r);
     }
-    if (qmp_json_length(results) == 0) {
-        cmd_error("nothing merged in backup '%s'", m->id);
-        json_object_put(results);
-        return QBK_EXIT_USAGE;
-    }
-    if (!opt_json) {
-        json_object_put(results);
-        return QBK_EXIT_OK;
-    }
-    out = json_object_new_object();
-    json_object_object_add(out, "results", results);
-    cmd_print_json(out);
-    return QBK_EXIT_OK;
+    none = g_strdup_printf("nothing merged in backup '%s'", m->id);
+    return cmd_finish_results(results, NULL, opt_json, none, QBK_EXIT_OK);
 }
 
 static const CmdSpec spec = {

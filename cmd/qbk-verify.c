@@ -130,7 +130,7 @@ int main(int argc, char **argv)
     g_autoptr(GPtrArray) backups = NULL;
     g_autoptr(GPtrArray) skipped = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(Repo) repo = NULL;
-    json_object *results, *out;
+    json_object *results, *extra;
     int failed, rc = cmd_parse(&spec, &argc, &argv);
 
     if (rc >= 0) {
@@ -177,18 +177,8 @@ int main(int argc, char **argv)
             rc = rc == QBK_EXIT_OK ? r : rc;
         }
     }
-    if (qmp_json_length(results) == 0) {
-        cmd_error("no backup has the disk(s) asked for");
-        json_object_put(results);
-        return QBK_EXIT_USAGE;
-    }
-    if (!opt_json) {
-        json_object_put(results);
-        return rc;
-    }
-    out = json_object_new_object();
-    json_object_object_add(out, "results", results);
-    qmp_json_set_int(out, "failed", failed);
-    cmd_print_json(out);
-    return rc;
+    extra = json_object_new_object();
+    qmp_json_set_int(extra, "failed", failed);
+    return cmd_finish_results(results, extra, opt_json,
+                              "no backup has the disk(s) asked for", rc);
 }
