@@ -160,9 +160,27 @@ static void test_disk_end_unaligned(void)
     g_queue_clear_full(&q, g_free);
 }
 
+/* Random extents of SIZE bytes into EXTENTS (length, flags pairs), each
+ * with FLAG or not; IS[s] tells whether 512-byte sector s has it. */
+static void random_extents(GRand *rand, guint64 size, uint32_t flag,
+                           GArray *extents, guint8 *is)
+{
+    for (guint64 pos = 0; pos < size;) {
+        guint64 want = g_rand_int_range(rand, 1, 40) * 512;
+        uint32_t len = MIN(size - pos, want); /* MIN evaluates twice */
+        uint32_t fl = g_rand_boolean(rand) ? flag : 0;
+
+        g_array_append_val(extents, len);
+        g_array_append_val(extents, fl);
+        for (guint64 s = pos / 512; s < (pos + len) / 512; s++) {
+            is[s] = fl != 0;
+        }
+        pos += len;
+    }
+}
+
 /* Random extents: every dirty byte is covered by data, or by zero only
- * where the source reads zero across whole blocks. (Over 80 lines: one
- * generated scenario and its checks, read top to bottom.) */
+ * where the source reads zero across whole blocks. */
 static void test_random_property(void)
 {
     GRand *rand = g_rand_new_with_seed(42);
@@ -173,33 +191,11 @@ static void test_random_property(void)
         g_autoptr(GArray) dirty = g_array_new(FALSE, FALSE, 4);
         g_autofree guint8 *isdirty = g_malloc0(size / 512);
         g_autofree guint8 *iszero = g_malloc0(size / 512);
-        guint64 pos, end, skipped, start = 0;
+        guint64 end, skipped, start = 0;
         GQueue all = G_QUEUE_INIT;
 
-        for (pos = 0; pos < size;) {
-            guint64 want = g_rand_int_range(rand, 1, 40) * 512;
-            uint32_t len = MIN(size - pos, want); /* MIN evaluates twice */
-            uint32_t fl = g_rand_boolean(rand) ? LIBNBD_STATE_ZERO : 0;
-
-            g_array_append_val(alloc, len);
-            g_array_append_val(alloc, fl);
-            for (guint64 s = pos / 512; s < (pos + len) / 512; s++) {
-                iszero[s] = fl != 0;
-            }
-            pos += len;
-        }
-        for (pos = 0; pos < size;) {
-            guint64 want = g_rand_int_range(rand, 1, 40) * 512;
-            uint32_t len = MIN(size - pos, want);
-            uint32_t fl = g_rand_boolean(rand) ? DIRTY : 0;
-
-            g_array_append_val(dirty, len);
-            g_array_append_val(dirty, fl);
-            for (guint64 s = pos / 512; s < (pos + len) / 512; s++) {
-                isdirty[s] = fl != 0;
-            }
-            pos += len;
-        }
+        random_extents(rand, size, LIBNBD_STATE_ZERO, alloc, iszero);
+        random_extents(rand, size, DIRTY, dirty, isdirty);
         /* Plan windows as the copier does: each from where the last ended,
          * with the extents clipped to the window. */
         while (start < size) {
