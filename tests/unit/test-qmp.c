@@ -12,11 +12,11 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "qmp.h"
+#include "util.h"
 
 typedef struct {
     char *dir;
@@ -38,17 +38,11 @@ static void die_with_parent(gpointer data)
  */
 static bool socket_listens(const char *path)
 {
-    struct sockaddr_un addr = { .sun_family = AF_UNIX };
-
-    g_strlcpy(addr.sun_path, path, sizeof(addr.sun_path));
     for (int i = 0; i < 500; i++) {
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        bool up;
+        int fd = util_unix_socket(path, UTIL_SOCKET_CONNECT);
 
-        g_assert_cmpint(fd, >=, 0);
-        up = connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0;
-        close(fd);
-        if (up) {
+        if (fd >= 0) {
+            close(fd);
             return true;
         }
         g_usleep(10000);
@@ -399,22 +393,67 @@ static void test_storage_daemon(Fixture *f, gconstpointer data)
 
 /* ---- scripted peers for what QEMU never does ---- */
 
+/* Where a scripted peer listens: a unix socket in a private directory, or
+ * 127.0.0.1 on a port of the kernel's choosing. */
 typedef struct {
-    char *path;
+    char *dir;  /* the socket's directory; NULL over TCP */
+    char *path; /* what the client connects to (tcp:127.0.0.1:PORT) */
+    int lfd;    /* listening, made before the peer's thread runs */
+} Listener;
+
+/* Listen on L (over TCP if TCP), then run FN(DATA) in a thread. */
+static GThread *listen_then_run(Listener *l, bool tcp, GThreadFunc fn,
+                                gpointer data)
+{
+    if (tcp) {
+        struct sockaddr_in in = { .sin_family = AF_INET,
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        socklen_t len = sizeof(in);
+
+        l->lfd = socket(AF_INET, SOCK_STREAM, 0);
+        g_assert_cmpint(bind(l->lfd, (struct sockaddr *)&in, sizeof(in)), ==,
+                        0);
+        g_assert_cmpint(listen(l->lfd, 1), ==, 0);
+        getsockname(l->lfd, (struct sockaddr *)&in, &len);
+        l->path = g_strdup_printf("tcp:127.0.0.1:%u", ntohs(in.sin_port));
+    } else {
+        l->dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
+        g_assert_nonnull(l->dir);
+        l->path = g_build_filename(l->dir, "peer.sock", NULL);
+        l->lfd = util_unix_socket(l->path, UTIL_SOCKET_LISTEN);
+        g_assert_cmpint(l->lfd, >=, 0);
+    }
+    return g_thread_new("peer", fn, data);
+}
+
+/* Wait for the peer's thread T (it closes the sockets), then remove what
+ * L made. */
+static void join_and_clean(Listener *l, GThread *t)
+{
+    g_thread_join(t);
+    if (l->dir) {
+        unlink(l->path);
+        rmdir(l->dir);
+    }
+    g_clear_pointer(&l->dir, g_free);
+    g_clear_pointer(&l->path, g_free);
+}
+
+typedef struct {
+    Listener l;
     const char *script; /* sent after accept; NULL: stay silent */
     bool reply_late;    /* answer the first command's id only after the
                            client has given up, then answer the second */
     bool mute;          /* answer qmp_capabilities, then nothing; count
                            the lines that come */
     int lines;          /* (mute) lines received after qmp_capabilities */
-    bool tcp;           /* listen on 127.0.0.1 (path: tcp:127.0.0.1:PORT) */
-    int lfd;            /* listening socket, made before the thread runs */
+    bool tcp;           /* listen on 127.0.0.1, not a unix socket */
 } Peer;
 
 static gpointer peer_thread(gpointer data)
 {
     Peer *peer = data;
-    int lfd = peer->lfd;
+    int lfd = peer->l.lfd;
     int fd;
     char buf[4096];
 
@@ -459,81 +498,52 @@ static gpointer peer_thread(gpointer data)
     return NULL;
 }
 
-static GThread *peer_start_with(Peer *peer, const char *dir, GThreadFunc fn)
+static GThread *peer_start_with(Peer *peer, GThreadFunc fn)
 {
-    struct sockaddr_un addr = { .sun_family = AF_UNIX };
-
-    if (peer->tcp) {
-        struct sockaddr_in in = { .sin_family = AF_INET,
-                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-        socklen_t len = sizeof(in);
-
-        peer->lfd = socket(AF_INET, SOCK_STREAM, 0);
-        g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&in, sizeof(in)), ==,
-                        0);
-        g_assert_cmpint(listen(peer->lfd, 1), ==, 0);
-        getsockname(peer->lfd, (struct sockaddr *)&in, &len);
-        peer->path = g_strdup_printf("tcp:127.0.0.1:%u", ntohs(in.sin_port));
-        return g_thread_new("peer", fn, peer);
-    }
-    peer->path = g_build_filename(dir, "peer.sock", NULL);
-    g_strlcpy(addr.sun_path, peer->path, sizeof(addr.sun_path));
-    peer->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    g_assert_cmpint(bind(peer->lfd, (struct sockaddr *)&addr, sizeof(addr)), ==,
-                    0);
-    g_assert_cmpint(listen(peer->lfd, 1), ==, 0);
-    return g_thread_new("peer", fn, peer);
+    return listen_then_run(&peer->l, peer->tcp, fn, peer);
 }
 
-static GThread *peer_start(Peer *peer, const char *dir)
+static GThread *peer_start(Peer *peer)
 {
-    return peer_start_with(peer, dir, peer_thread);
+    return peer_start_with(peer, peer_thread);
 }
 
 static void peer_finish(Peer *peer, GThread *t)
 {
-    g_thread_join(t);
-    if (!peer->tcp) {
-        unlink(peer->path);
-    }
-    g_free(peer->path);
+    join_and_clean(&peer->l, t);
 }
 
 static void test_not_qmp(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Peer peer = { .script = "SSH-2.0-OpenSSH_9.2\r\n" };
-    GThread *t = peer_start(&peer, dir);
+    GThread *t = peer_start(&peer);
 
-    g_assert_null(qmp_connect(peer.path, 2000, &error));
+    g_assert_null(qmp_connect(peer.l.path, 2000, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
     g_assert_nonnull(strstr(error->message, "not a QMP socket"));
     peer_finish(&peer, t);
 
     g_clear_error(&error);
     peer = (Peer){ .script = "{\"hello\": 1}\r\n" };
-    t = peer_start(&peer, dir);
-    g_assert_null(qmp_connect(peer.path, 2000, &error));
+    t = peer_start(&peer);
+    g_assert_null(qmp_connect(peer.l.path, 2000, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
     peer_finish(&peer, t);
-    rmdir(dir);
 }
 
 static void test_silent_peer(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Peer peer = { .script = NULL };
-    GThread *t = peer_start(&peer, dir);
+    GThread *t = peer_start(&peer);
     gint64 start = g_get_monotonic_time();
 
-    g_assert_null(qmp_connect(peer.path, 300, &error));
+    g_assert_null(qmp_connect(peer.l.path, 300, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
     /* bounded: well under the peer's 1.5 s */
     g_assert_cmpint(g_get_monotonic_time() - start, <, 1200 * 1000);
     peer_finish(&peer, t);
-    rmdir(dir);
 }
 
 /* A guest agent, scripted: what a former client left, then the answer to
@@ -541,7 +551,7 @@ static void test_silent_peer(void)
 static gpointer agent_thread(gpointer data)
 {
     Peer *peer = data;
-    int fd = accept(peer->lfd, NULL, NULL);
+    int fd = accept(peer->l.lfd, NULL, NULL);
     char buf[4096];
     ssize_t n;
     const char *id;
@@ -568,13 +578,12 @@ static gpointer agent_thread(gpointer data)
     g_assert_cmpint(write(fd, status, strlen(status)), >, 0);
     g_usleep(300 * 1000);
     close(fd);
-    close(peer->lfd);
+    close(peer->l.lfd);
     return NULL;
 }
 
 static void test_agent(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Peer peer = { 0 };
     GThread *t;
@@ -582,8 +591,8 @@ static void test_agent(void)
     json_object *ret;
 
     /* the handshake skips everything before the 0xFF and other tokens */
-    t = peer_start_with(&peer, dir, agent_thread);
-    agent = qmp_connect_agent(peer.path, 2000, &error);
+    t = peer_start_with(&peer, agent_thread);
+    agent = qmp_connect_agent(peer.l.path, 2000, &error);
     g_assert_no_error(error);
     ret = qmp_execute(agent, "guest-fsfreeze-status", NULL, &error);
     g_assert_no_error(error);
@@ -594,25 +603,23 @@ static void test_agent(void)
 
     /* nobody answers (a guest without its agent): bounded, and says so */
     peer = (Peer){ .script = NULL };
-    t = peer_start(&peer, dir);
-    g_assert_null(qmp_connect_agent(peer.path, 300, &error));
+    t = peer_start(&peer);
+    g_assert_null(qmp_connect_agent(peer.l.path, 300, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_TIMEOUT);
     g_assert_nonnull(strstr(error->message, "is qemu-guest-agent running"));
     peer_finish(&peer, t);
-    rmdir(dir);
 }
 
 static void test_late_reply_dropped(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Peer peer = {
         .script = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, "
                   "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
         .reply_late = true,
     };
-    GThread *t = peer_start(&peer, dir);
-    g_autoptr(QmpClient) qmp = qmp_connect(peer.path, 2000, &error);
+    GThread *t = peer_start(&peer);
+    g_autoptr(QmpClient) qmp = qmp_connect(peer.l.path, 2000, &error);
     json_object *ret, *name;
 
     g_assert_no_error(error);
@@ -629,14 +636,12 @@ static void test_late_reply_dropped(void)
     json_object_put(ret);
     g_clear_pointer(&qmp, qmp_free);
     peer_finish(&peer, t);
-    rmdir(dir);
 }
 
 /* What a one-client monitor still held for the client before: skipped
  * until the greeting. */
 static void test_leftovers_before_greeting(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Peer peer = {
         .script = "{\"return\": {}, \"id\": \"qbk-7\"}\r\n"
@@ -646,14 +651,13 @@ static void test_leftovers_before_greeting(void)
                   "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
         .mute = true,
     };
-    GThread *t = peer_start(&peer, dir);
-    QmpClient *qmp = qmp_connect(peer.path, 2000, &error);
+    GThread *t = peer_start(&peer);
+    QmpClient *qmp = qmp_connect(peer.l.path, 2000, &error);
 
     g_assert_no_error(error);
     g_assert_nonnull(qmp);
     qmp_free(qmp);
     peer_finish(&peer, t);
-    rmdir(dir);
 }
 
 /* The socket of this process that is connected to PORT on 127.0.0.1. */
@@ -683,13 +687,13 @@ static void test_tcp_no_delay(void)
         .mute = true,
         .tcp = true,
     };
-    GThread *t = peer_start(&peer, NULL);
-    QmpClient *qmp = qmp_connect(peer.path, 2000, &error);
+    GThread *t = peer_start(&peer);
+    QmpClient *qmp = qmp_connect(peer.l.path, 2000, &error);
     int fd, on = 0;
     socklen_t len = sizeof(on);
 
     g_assert_no_error(error);
-    fd = socket_to(atoi(strrchr(peer.path, ':') + 1));
+    fd = socket_to(atoi(strrchr(peer.l.path, ':') + 1));
     g_assert_cmpint(fd, >=, 0);
     g_assert_cmpint(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &len), ==, 0);
     g_assert_cmpint(on, ==, 1);
@@ -701,15 +705,14 @@ static void test_tcp_no_delay(void)
  * even sent. */
 static void test_gives_up_on_silence(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Peer peer = {
         .script = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, "
                   "\"minor\": 2, \"micro\": 0}}, \"capabilities\": []}}\r\n",
         .mute = true,
     };
-    GThread *t = peer_start(&peer, dir);
-    QmpClient *qmp = qmp_connect(peer.path, 2000, &error);
+    GThread *t = peer_start(&peer);
+    QmpClient *qmp = qmp_connect(peer.l.path, 2000, &error);
 
     g_assert_no_error(error);
     qmp_set_timeout(qmp, 100);
@@ -725,7 +728,6 @@ static void test_gives_up_on_silence(void)
     qmp_free(qmp); /* the peer reads to EOF */
     peer_finish(&peer, t);
     g_assert_cmpint(peer.lines, ==, QMP_SILENT_GIVE_UP);
-    rmdir(dir);
 }
 
 /* ---- hostile peers: QMP as input, bounded in memory and time ---- */
@@ -741,8 +743,7 @@ typedef enum {
 } Hostility;
 
 typedef struct {
-    char *path;
-    int lfd;
+    Listener l;
     Hostility how;
 } Hostile;
 
@@ -767,7 +768,7 @@ static bool read_command(int fd)
 static gpointer hostile_thread(gpointer data)
 {
     Hostile *h = data;
-    int fd = accept(h->lfd, NULL, NULL);
+    int fd = accept(h->l.lfd, NULL, NULL);
     g_autofree char *junk = g_malloc(65536);
 
     send_text(fd, GREETING);
@@ -800,30 +801,21 @@ static gpointer hostile_thread(gpointer data)
         break;
     }
     close(fd);
-    close(h->lfd);
+    close(h->l.lfd);
     return NULL;
 }
 
-static GThread *hostile_start(Hostile *h, const char *dir)
+static GThread *hostile_start(Hostile *h)
 {
-    struct sockaddr_un addr = { .sun_family = AF_UNIX };
-
-    h->path = g_build_filename(dir, "hostile.sock", NULL);
-    g_strlcpy(addr.sun_path, h->path, sizeof(addr.sun_path));
-    h->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    g_assert_cmpint(bind(h->lfd, (struct sockaddr *)&addr, sizeof(addr)), ==,
-                    0);
-    g_assert_cmpint(listen(h->lfd, 1), ==, 0);
-    return g_thread_new("hostile", hostile_thread, h);
+    return listen_then_run(&h->l, false, hostile_thread, h);
 }
 
 static void test_event_flood(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Hostile h = { .how = HOSTILE_FLOOD };
-    GThread *t = hostile_start(&h, dir);
-    QmpClient *qmp = qmp_connect(h.path, 2000, &error);
+    GThread *t = hostile_start(&h);
+    QmpClient *qmp = qmp_connect(h.l.path, 2000, &error);
     gint64 start;
 
     g_assert_no_error(error);
@@ -835,19 +827,15 @@ static void test_event_flood(void)
     g_assert_cmpint(g_get_monotonic_time() - start, <, 1500 * 1000);
     g_assert_cmpuint(qmp_pending_events(qmp), <=, 1024);
     qmp_free(qmp);
-    g_thread_join(t);
-    unlink(h.path);
-    g_free(h.path);
-    rmdir(dir);
+    join_and_clean(&h.l, t);
 }
 
 static void test_endless_line(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Hostile h = { .how = HOSTILE_LONG_LINE };
-    GThread *t = hostile_start(&h, dir);
-    QmpClient *qmp = qmp_connect(h.path, 2000, &error);
+    GThread *t = hostile_start(&h);
+    QmpClient *qmp = qmp_connect(h.l.path, 2000, &error);
 
     g_assert_no_error(error);
     qmp_set_timeout(qmp, 60000);
@@ -855,10 +843,7 @@ static void test_endless_line(void)
     g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
     g_assert_nonnull(strstr(error->message, "longer than"));
     qmp_free(qmp);
-    g_thread_join(t);
-    unlink(h.path);
-    g_free(h.path);
-    rmdir(dir);
+    join_and_clean(&h.l, t);
 }
 
 static bool always(json_object *event, void *opaque)
@@ -868,11 +853,10 @@ static bool always(json_object *event, void *opaque)
 
 static void test_wrong_shapes(void)
 {
-    g_autofree char *dir = g_dir_make_tmp("qbk-test-peer-XXXXXX", NULL);
     g_autoptr(GError) error = NULL;
     Hostile h = { .how = HOSTILE_SHAPES };
-    GThread *t = hostile_start(&h, dir);
-    QmpClient *qmp = qmp_connect(h.path, 2000, &error);
+    GThread *t = hostile_start(&h);
+    QmpClient *qmp = qmp_connect(h.l.path, 2000, &error);
     GPtrArray *disks;
     json_object *ev;
 
@@ -892,15 +876,13 @@ static void test_wrong_shapes(void)
     g_assert_nonnull(ev);
     json_object_put(ev);
     qmp_free(qmp);
-    g_thread_join(t);
-    unlink(h.path);
-    g_free(h.path);
-    rmdir(dir);
+    join_and_clean(&h.l, t);
 }
 
 static void test_connect_errors(void)
 {
     g_autoptr(GError) error = NULL;
+    g_autofree char *too_long = NULL;
 
     g_assert_null(qmp_connect("/nonexistent/qmp.sock", 1000, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_CONNECT);
@@ -910,6 +892,12 @@ static void test_connect_errors(void)
     g_clear_error(&error);
     g_assert_null(qmp_connect("tcp:127.0.0.1:1", 1000, &error));
     g_assert_error(error, QMP_ERROR, QMP_ERROR_CONNECT);
+    g_clear_error(&error);
+    /* longer than a unix socket address holds */
+    too_long = g_strnfill(200, 'x');
+    g_assert_null(qmp_connect(too_long, 1000, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_CONNECT);
+    g_assert_nonnull(strstr(error->message, "too long"));
 }
 
 int main(int argc, char **argv)
