@@ -1213,6 +1213,8 @@ static bool can_pause(QmpClient *qmp)
  */
 static bool choose_scheme(Pull *p, int version, GError **error)
 {
+    g_autoptr(QmpBlockGraph) graph = NULL;
+    g_autoptr(GError) local = NULL;
     g_autofree char *why = NULL;
 
     if (version < 701) {
@@ -1224,8 +1226,15 @@ static bool choose_scheme(Pull *p, int version, GError **error)
     } else if (p->pds->len > 1 && !can_pause(p->qmp)) {
         why = g_strdup("QEMU cannot pause to fleece several disks at once");
     }
+    if (!why) {
+        graph = qmp_block_graph_get(p->qmp, &local);
+        if (!graph) {
+            why = g_strdup_printf("cannot read the block graph: %s",
+                                  local->message);
+        }
+    }
     for (guint i = 0; !why && i < p->pds->len; i++) {
-        fleece_b_possible(p->qmp, ((PullDisk *)p->pds->pdata[i])->fd, &why);
+        fleece_b_possible(graph, ((PullDisk *)p->pds->pdata[i])->fd, &why);
     }
     if (p->opts->fleece == BACKUP_FLEECE_B && why) {
         g_set_error(error, BACKUP_ERROR, BACKUP_ERROR_FAILED,

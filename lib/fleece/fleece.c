@@ -588,25 +588,29 @@ static void node_del(QmpClient *qmp, GHashTable *present, const char *node,
     }
 }
 
-static void teardown_one(QmpClient *qmp, GHashTable *present, FleeceDisk *fd,
-                         GError **first)
+/* FD's nodes, job and file, once no export reads them. GRAPH: QEMU's
+ * block graph with the filters still in (NULL: it could not be read, and
+ * GRAPH_ERROR says why). */
+static void teardown_one(QmpClient *qmp, GHashTable *present,
+                         const QmpBlockGraph *graph, const GError *graph_error,
+                         FleeceDisk *fd, GError **first)
 {
     g_autoptr(GError) err = NULL;
     json_object *args, *ev;
 
-    export_del(qmp, present, fd->export_, first);
-    export_del(qmp, present, fd->notice_export, first);
-    export_del(qmp, present, fd->chain_export, first);
     /* Scheme B: the snapshot goes first (while it reads through the
      * filter, the filter lets no one else write below it), then the disk's
      * user goes back to the disk's node, then the filter. */
     node_del(qmp, present, fd->access, first);
     if (g_hash_table_contains(present, fd->cbw)) {
-        QmpInsertPoint pt;
+        QmpInsertPoint pt = { 0 };
 
+        if (!graph) {
+            err = g_error_copy(graph_error);
+        }
         /* Whoever uses the filter now (device or pass-through node; none
          * if it never went in) goes back to the node under it. */
-        if (!qmp_insert_point(qmp, fd->cbw, &pt, &err) ||
+        if (!graph || !qmp_insert_point(graph, fd->cbw, &pt, &err) ||
             ((pt.reopen || pt.qom) &&
              !fleece_set_user_child(qmp, &pt, pt.file, &err))) {
             keep_first(first, "putting disk '%s' back under its user: %s",
@@ -645,7 +649,10 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
                      GError **error)
 {
     g_autoptr(GHashTable) present = present_names(qmp, error);
+    g_autoptr(QmpBlockGraph) graph = NULL;
+    g_autoptr(GError) graph_error = NULL;
     GError *first = NULL;
+    bool any_filter = false;
 
     if (!present) {
         /* QEMU is gone: its nodes went with it; the files are ours. */
@@ -654,8 +661,22 @@ bool fleece_teardown(QmpClient *qmp, GPtrArray *fds, bool stop_server,
         }
         return false;
     }
+    /* Exports first, all of them: then no client reads a disk whose
+     * filter goes, and the block graph, read once for all disks, shows
+     * only the users that are put back. */
     for (guint i = 0; i < fds->len; i++) {
-        teardown_one(qmp, present, fds->pdata[i], &first);
+        FleeceDisk *fd = fds->pdata[i];
+
+        export_del(qmp, present, fd->export_, &first);
+        export_del(qmp, present, fd->notice_export, &first);
+        export_del(qmp, present, fd->chain_export, &first);
+        any_filter = any_filter || g_hash_table_contains(present, fd->cbw);
+    }
+    if (any_filter) {
+        graph = qmp_block_graph_get(qmp, &graph_error);
+    }
+    for (guint i = 0; i < fds->len; i++) {
+        teardown_one(qmp, present, graph, graph_error, fds->pdata[i], &first);
     }
     if (stop_server) {
         g_autoptr(GError) err = NULL;

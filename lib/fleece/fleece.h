@@ -111,12 +111,13 @@ bool fleece_create_scratch(QmpClient *qmp, GPtrArray *fds, const guint64 *sizes,
                            GError **error);
 
 /*
- * Whether scheme B can be used for disk NODE: the filter goes right above
- * the format node, under its one user (a device, or a pass-through filter
- * such as throttle); a node with other users (an export, a job) would have
- * writes the filter misses. Fills FD->point. WHY (new string) if not.
+ * Whether scheme B can be used for disk NODE in GRAPH: the filter goes
+ * right above the format node, under its one user (a device, or a
+ * pass-through filter such as throttle); a node with other users (an
+ * export, a job) would have writes the filter misses. Fills FD->point.
+ * WHY (new string) if not.
  */
-bool fleece_b_possible(QmpClient *qmp, FleeceDisk *fd, char **why);
+bool fleece_b_possible(const QmpBlockGraph *graph, FleeceDisk *fd, char **why);
 
 /* Where QEMU's NBD server listens, and how it lets clients in. */
 typedef struct {

@@ -142,11 +142,11 @@ const FleeceScheme fleece_scheme_b = {
     .chain_export = b_chain_export,
 };
 
-bool fleece_b_possible(QmpClient *qmp, FleeceDisk *fd, char **why)
+bool fleece_b_possible(const QmpBlockGraph *graph, FleeceDisk *fd, char **why)
 {
     g_autoptr(GError) err = NULL;
 
-    if (!qmp_insert_point(qmp, fd->node, &fd->point, &err)) {
+    if (!qmp_insert_point(graph, fd->node, &fd->point, &err)) {
         *why = g_strdup_printf("disk '%s': %s", fd->disk, err->message);
         return false;
     }

@@ -386,19 +386,52 @@ static json_object *reopen_options(json_object *info, GError **error)
     return NULL;
 }
 
+struct QmpBlockGraph {
+    json_object *graph; /* x-debug-query-block-graph */
+    json_object *nodes; /* query-named-block-nodes, flat */
+    json_object *block; /* query-block */
+    GHashTable *byname; /* node-name -> its entry in nodes */
+};
+
+QmpBlockGraph *qmp_block_graph_get(QmpClient *qmp, GError **error)
+{
+    QmpBlockGraph *g = g_new0(QmpBlockGraph, 1);
+
+    g->graph = qmp_execute(qmp, "x-debug-query-block-graph", NULL, error);
+    g->nodes = g->graph
+                   ? qmp_execute(qmp, "query-named-block-nodes",
+                                 json_tokener_parse("{\"flat\": true}"), error)
+                   : NULL;
+    g->block = g->nodes ? qmp_execute(qmp, "query-block", NULL, error) : NULL;
+    if (!g->block) {
+        qmp_block_graph_free(g);
+        return NULL;
+    }
+    g->byname = index_nodes(g->nodes);
+    return g;
+}
+
+void qmp_block_graph_free(QmpBlockGraph *g)
+{
+    if (!g) {
+        return;
+    }
+    if (g->byname) {
+        g_hash_table_unref(g->byname);
+    }
+    json_object_put(g->block);
+    json_object_put(g->nodes);
+    json_object_put(g->graph);
+    g_free(g);
+}
+
 /* PT->qom: the device whose block backend shows NODE (a device's root
- * edge; not an export's or a job's). *BLOCK caches query-block. */
-static bool device_of(QmpClient *qmp, const char *node, json_object **block,
+ * edge; not an export's or a job's). */
+static bool device_of(const QmpBlockGraph *g, const char *node,
                       QmpInsertPoint *pt, GError **error)
 {
-    if (!*block) {
-        *block = qmp_execute(qmp, "query-block", NULL, error);
-        if (!*block) {
-            return false;
-        }
-    }
-    for (size_t b = 0; b < qmp_json_length(*block); b++) {
-        json_object *bi = qmp_json_index(*block, b);
+    for (size_t b = 0; b < qmp_json_length(g->block); b++) {
+        json_object *bi = qmp_json_index(g->block, b);
         json_object *ins;
 
         if (json_object_object_get_ex(bi, "inserted", &ins) &&
@@ -416,30 +449,20 @@ static bool device_of(QmpClient *qmp, const char *node, json_object **block,
     return true;
 }
 
-bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
-                      GError **error)
+bool qmp_insert_point(const QmpBlockGraph *g, const char *node,
+                      QmpInsertPoint *pt, GError **error)
 {
-    g_autoptr(GHashTable) byname = NULL;
-    json_object *graph, *nodes, *block = NULL, *edges;
+    json_object *graph = g->graph, *edges;
     int64_t id;
     guint users = 0;
     bool ok = false;
 
     memset(pt, 0, sizeof(*pt));
-    graph = qmp_execute(qmp, "x-debug-query-block-graph", NULL, error);
-    nodes = graph ? qmp_execute(qmp, "query-named-block-nodes",
-                                json_tokener_parse("{\"flat\": true}"), error)
-                  : NULL;
-    if (!nodes) {
-        json_object_put(graph);
-        return false;
-    }
-    byname = index_nodes(nodes);
     id = graph_id(graph, node);
     if (id < 0) {
         g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
                     "QEMU has no block node '%s'", node);
-        goto out;
+        return false;
     }
     json_object_object_get_ex(graph, "edges", &edges);
     ok = true;
@@ -449,7 +472,7 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
         const char *type = qmp_json_string(parent, "type");
         const char *pname = qmp_json_string(parent, "name");
         const char *edge = qmp_json_string(e, "name");
-        json_object *pnode = g_hash_table_lookup(byname, pname ? pname : "");
+        json_object *pnode = g_hash_table_lookup(g->byname, pname ? pname : "");
 
         if ((int64_t)qmp_json_uint(e, "parent") == id &&
             g_strcmp0(edge, "file") == 0) {
@@ -469,7 +492,7 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
             ok = pt->reopen != NULL;
         } else if (g_strcmp0(type, "block-backend") == 0 &&
                    g_strcmp0(edge, "root") == 0) {
-            ok = device_of(qmp, node, &block, pt, error);
+            ok = device_of(g, node, pt, error);
         } else {
             g_set_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL,
                         "node '%s' is used by '%s' as '%s'", node,
@@ -484,13 +507,9 @@ bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
                     node, users);
         ok = false;
     }
-out:
     if (!ok) {
         qmp_insert_point_clear(pt);
     }
-    json_object_put(block);
-    json_object_put(nodes);
-    json_object_put(graph);
     return ok;
 }
 

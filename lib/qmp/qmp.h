@@ -276,8 +276,19 @@ typedef struct {
     char *file;
 } QmpInsertPoint;
 
-bool qmp_insert_point(QmpClient *qmp, const char *node, QmpInsertPoint *pt,
-                      GError **error);
+/*
+ * QEMU's block graph at one moment (x-debug-query-block-graph,
+ * query-named-block-nodes and query-block): the insert points of all of a
+ * VM's disks from three round trips, not three per disk. Take it again
+ * after a change that concerns the nodes asked about.
+ */
+typedef struct QmpBlockGraph QmpBlockGraph;
+QmpBlockGraph *qmp_block_graph_get(QmpClient *qmp, GError **error);
+void qmp_block_graph_free(QmpBlockGraph *g);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(QmpBlockGraph, qmp_block_graph_free)
+
+bool qmp_insert_point(const QmpBlockGraph *g, const char *node,
+                      QmpInsertPoint *pt, GError **error);
 void qmp_insert_point_clear(QmpInsertPoint *pt);
 
 /* The disk whose id, qdev path, drive name or node name is NAME, or NULL. */
