@@ -484,7 +484,9 @@ bool qmp_insert_point(const QmpBlockGraph *g, const char *node,
             (pname && g_str_has_prefix(pname, "qbk-a"))) {
             continue; /* not a user (our snapshot-access reads the filter) */
         }
-        users++;
+        if (++users > 1) {
+            continue; /* refused below, once all are counted */
+        }
         if (g_strcmp0(type, "block-driver") == 0 &&
             g_strcmp0(edge, "file") == 0 &&
             is_filter(qmp_json_string(pnode, "drv"))) {

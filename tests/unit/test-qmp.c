@@ -320,6 +320,83 @@ static void test_transaction_atomic(Fixture *f, gconstpointer data)
                       ->recording);
 }
 
+/* blockdev-add of ARGS (JSON text), which must succeed. */
+static void add_node(QmpClient *qmp, const char *args)
+{
+    g_autoptr(GError) error = NULL;
+
+    g_assert_true(
+        qmp_run(qmp, "blockdev-add", json_tokener_parse(args), &error));
+    g_assert_no_error(error);
+}
+
+/* Where a filter goes above a node, from one read of the block graph:
+ * under its device, under a pass-through filter, nowhere for a node with
+ * two users or none; a graph read before a change still shows the old. */
+static void test_insert_points(Fixture *f, gconstpointer data)
+{
+    g_autoptr(GError) error = NULL;
+    g_autoptr(QmpBlockGraph) before = NULL;
+    g_autoptr(QmpBlockGraph) after = NULL;
+    QmpClient *qmp = f->qmp;
+    QmpInsertPoint pt;
+
+    before = qmp_block_graph_get(qmp, &error);
+    g_assert_no_error(error);
+    g_assert_true(qmp_insert_point(before, "d0-fmt", &pt, &error));
+    g_assert_no_error(error);
+    g_assert_cmpstr(pt.qom, ==, "/machine/peripheral/disk0");
+    g_assert_null(pt.reopen);
+    g_assert_nonnull(pt.file); /* the protocol node under the format */
+    qmp_insert_point_clear(&pt);
+    g_assert_false(qmp_insert_point(before, "nope", &pt, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
+    g_assert_nonnull(strstr(error->message, "no block node 'nope'"));
+    g_clear_error(&error);
+
+    /* A throttle filter between device and disk; a node nobody uses. */
+    g_assert_true(qmp_run(qmp, "object-add",
+                          json_tokener_parse("{\"qom-type\": "
+                                             "\"throttle-group\", "
+                                             "\"id\": \"tg\"}"),
+                          &error));
+    add_node(qmp, "{\"driver\": \"throttle\", \"node-name\": \"thr\", "
+                  "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
+    g_assert_true(qmp_run(qmp, "qom-set",
+                          json_tokener_parse("{\"path\": \"disk0\", "
+                                             "\"property\": \"drive\", "
+                                             "\"value\": \"thr\"}"),
+                          &error));
+    g_assert_no_error(error);
+    add_node(qmp, "{\"driver\": \"null-co\", \"node-name\": \"lone\"}");
+    after = qmp_block_graph_get(qmp, &error);
+    g_assert_no_error(error);
+    g_assert_true(qmp_insert_point(after, "d0-fmt", &pt, &error));
+    g_assert_null(pt.qom);
+    g_assert_nonnull(pt.reopen);
+    g_assert_cmpstr(qmp_json_string(pt.reopen, "driver"), ==, "throttle");
+    g_assert_cmpstr(qmp_json_string(pt.reopen, "throttle-group"), ==, "tg");
+    qmp_insert_point_clear(&pt);
+    g_assert_true(qmp_insert_point(after, "lone", &pt, &error));
+    g_assert_true(!pt.qom && !pt.reopen);
+    qmp_insert_point_clear(&pt);
+    /* the earlier read is a snapshot: it still has the device */
+    g_assert_true(qmp_insert_point(before, "d0-fmt", &pt, &error));
+    g_assert_cmpstr(pt.qom, ==, "/machine/peripheral/disk0");
+    qmp_insert_point_clear(&pt);
+
+    /* A second user: no place above the node sees every write. */
+    add_node(qmp, "{\"driver\": \"throttle\", \"node-name\": \"thr2\", "
+                  "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
+    g_clear_pointer(&after, qmp_block_graph_free);
+    after = qmp_block_graph_get(qmp, &error);
+    g_assert_no_error(error);
+    g_assert_false(qmp_insert_point(after, "d0-fmt", &pt, &error));
+    g_assert_error(error, QMP_ERROR, QMP_ERROR_PROTOCOL);
+    g_assert_nonnull(strstr(error->message, "has 2 users"));
+    g_assert_true(!pt.qom && !pt.reopen && !pt.file);
+}
+
 static void test_filter_looked_through(Fixture *f, gconstpointer data)
 {
     g_autoptr(GError) error = NULL;
@@ -919,6 +996,8 @@ int main(int argc, char **argv)
                test_transaction_atomic, fixture_teardown);
     g_test_add("/qmp/filter-looked-through", Fixture, NULL, fixture_setup,
                test_filter_looked_through, fixture_teardown);
+    g_test_add("/qmp/insert-points", Fixture, NULL, fixture_setup,
+               test_insert_points, fixture_teardown);
     g_test_add("/qmp/storage-daemon", Fixture, NULL, fixture_setup,
                test_storage_daemon, fixture_teardown);
     g_test_add_func("/qmp/not-qmp", test_not_qmp);
