@@ -330,6 +330,26 @@ static void add_node(QmpClient *qmp, const char *args)
     g_assert_no_error(error);
 }
 
+/* A throttle filter "thr" (group "tg") between disk0 and its node d0-fmt. */
+static void put_throttle(QmpClient *qmp)
+{
+    g_autoptr(GError) error = NULL;
+
+    g_assert_true(qmp_run(qmp, "object-add",
+                          json_tokener_parse("{\"qom-type\": "
+                                             "\"throttle-group\", "
+                                             "\"id\": \"tg\"}"),
+                          &error));
+    add_node(qmp, "{\"driver\": \"throttle\", \"node-name\": \"thr\", "
+                  "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
+    g_assert_true(qmp_run(qmp, "qom-set",
+                          json_tokener_parse("{\"path\": \"disk0\", "
+                                             "\"property\": \"drive\", "
+                                             "\"value\": \"thr\"}"),
+                          &error));
+    g_assert_no_error(error);
+}
+
 /* Where a filter goes above a node, from one read of the block graph:
  * under its device, under a pass-through filter, nowhere for a node with
  * two users or none; a graph read before a change still shows the old. */
@@ -355,19 +375,7 @@ static void test_insert_points(Fixture *f, gconstpointer data)
     g_clear_error(&error);
 
     /* A throttle filter between device and disk; a node nobody uses. */
-    g_assert_true(qmp_run(qmp, "object-add",
-                          json_tokener_parse("{\"qom-type\": "
-                                             "\"throttle-group\", "
-                                             "\"id\": \"tg\"}"),
-                          &error));
-    add_node(qmp, "{\"driver\": \"throttle\", \"node-name\": \"thr\", "
-                  "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
-    g_assert_true(qmp_run(qmp, "qom-set",
-                          json_tokener_parse("{\"path\": \"disk0\", "
-                                             "\"property\": \"drive\", "
-                                             "\"value\": \"thr\"}"),
-                          &error));
-    g_assert_no_error(error);
+    put_throttle(qmp);
     add_node(qmp, "{\"driver\": \"null-co\", \"node-name\": \"lone\"}");
     after = qmp_block_graph_get(qmp, &error);
     g_assert_no_error(error);
@@ -403,24 +411,7 @@ static void test_filter_looked_through(Fixture *f, gconstpointer data)
     QmpClient *qmp = f->qmp;
     g_autoptr(GPtrArray) disks = NULL;
 
-    /* Put a throttle filter between the device and the disk. */
-    g_assert_true(qmp_run(qmp, "object-add",
-                          json_tokener_parse("{\"qom-type\": "
-                                             "\"throttle-group\", "
-                                             "\"id\": \"tg\"}"),
-                          &error));
-    g_assert_true(qmp_run(qmp, "blockdev-add",
-                          json_tokener_parse("{\"driver\": \"throttle\", "
-                                             "\"node-name\": \"thr\", "
-                                             "\"throttle-group\": \"tg\", "
-                                             "\"file\": \"d0-fmt\"}"),
-                          &error));
-    g_assert_true(qmp_run(qmp, "qom-set",
-                          json_tokener_parse("{\"path\": \"disk0\", "
-                                             "\"property\": \"drive\", "
-                                             "\"value\": \"thr\"}"),
-                          &error));
-    g_assert_no_error(error);
+    put_throttle(qmp);
     disks = qmp_query_disks(qmp, &error);
     g_assert_no_error(error);
     g_assert_cmpuint(disks->len, ==, 1);
