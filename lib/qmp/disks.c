@@ -484,9 +484,11 @@ bool qmp_insert_point(const QmpBlockGraph *g, const char *node,
             (pname && g_str_has_prefix(pname, "qbk-a"))) {
             continue; /* not a user (our snapshot-access reads the filter) */
         }
-        if (++users > 1) {
-            continue; /* refused below, once all are counted */
-        }
+        /* Every user is looked at, so that one that cannot be moved is
+         * named; of several, only the count is kept (refused below). */
+        users++;
+        g_clear_pointer(&pt->reopen, json_object_put);
+        g_clear_pointer(&pt->qom, g_free);
         if (g_strcmp0(type, "block-driver") == 0 &&
             g_strcmp0(edge, "file") == 0 &&
             is_filter(qmp_json_string(pnode, "drv"))) {
