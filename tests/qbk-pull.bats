@@ -188,7 +188,9 @@ teardown() {
     pid=$PULL_PID
     wait_fleeced "$T/progress-kill" "$pid"
     sleep 0.3
-    pkill -KILL -f "qemu-storage-daemon.*$T/repo" || pkill -KILL -f "qemu-storage-daemon.*qbk"
+    # this test's own target daemon only (its images are in $T/repo, its
+    # sockets in TMPDIR=$T/tmp): never another run's daemons
+    pkill -KILL -f "qemu-storage-daemon.*($T/repo|$T/tmp)"
     rc=0
     wait "$pid" || rc=$?
     [ "$rc" -eq 1 ]
