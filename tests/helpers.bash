@@ -10,6 +10,9 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
 DISK_SIZE=${DISK_SIZE:-64M}
 
+# shellcheck source=tests/net.bash
+. "$BATS_TEST_DIRNAME/net.bash"
+
 common_setup() {
     T=$(mktemp -d "${BATS_TMPDIR:-/tmp}/qbk-test.XXXXXX")
     export QBK_QMP="$T/qmp.sock"

@@ -330,7 +330,7 @@ teardown() {
 }
 
 @test "tcp: the QMP socket may be tcp:HOST:PORT" {
-    port=$((20000 + RANDOM % 20000))
+    port=$(free_port)
     start_vm -qmp "tcp:127.0.0.1:$port,server=on,wait=off"
     run qbk-checkpoint --qmp "tcp:127.0.0.1:$port" create a
     [ "$status" -eq 0 ]

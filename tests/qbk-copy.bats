@@ -112,7 +112,7 @@ serve_target() {
 }
 
 @test "a server that accepts and never answers: a bounded one-line error (--timeout), not a hang" {
-    port=$((20000 + RANDOM % 30000))
+    port=$(free_port)
     # its own process group: the forked children and their sleep go too
     setsid socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" SYSTEM:'sleep 60' &
     echo $! >"$T/socat.pid"

@@ -16,7 +16,7 @@ setup() {
         start_vm -drive "if=pflash,format=raw,unit=0,file=$T/code.fd,readonly=on" \
             -drive "if=pflash,format=raw,unit=1,file=$T/vars.fd"
     elif [[ "$BATS_TEST_DESCRIPTION" == *"guest agent on TCP"* ]]; then
-        AGENT_PORT=$((20000 + RANDOM % 20000))
+        AGENT_PORT=$(free_port)
         start_vm -device virtio-serial-pci,id=vser0 \
             -chardev "socket,id=ga0,host=127.0.0.1,port=$AGENT_PORT,server=on,wait=off" \
             -device virtserialport,chardev=ga0,name=org.qemu.guest_agent.0

@@ -54,15 +54,6 @@ make_pki() {
     cp "$T/pki/client/client-cert.pem" "$T/pki/client/client-key.pem" "$T/pki/wrong-ca/"
 }
 
-# free_port: a TCP port on 127.0.0.1 that nothing listens on now.
-free_port() {
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 30000))
-        ss -Hltn "sport = :$p" | grep -q . || { echo "$p"; return; }
-    done
-}
-
 # tls_monitor_args PORT: QEMU options for a QMP monitor on 127.0.0.1:PORT
 # with TLS, client certificates required (verify-peer).
 tls_monitor_args() {
