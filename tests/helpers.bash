@@ -134,6 +134,21 @@ kill_vm() {
     wait_gone "$pid"
 }
 
+# wait_for SECONDS CMD...: until CMD succeeds, asking every 50 ms; after
+# SECONDS, fails and says what it waited for. (A loaded CI host starts a
+# process in seconds, not in the tenths a quiet one takes.)
+wait_for() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@"; do
+        if ((SECONDS >= deadline)); then
+            echo "waited in vain for: $*" >&2
+            return 1
+        fi
+        sleep 0.05
+    done
+}
+
 wait_gone() {
     local i
     for i in $(seq 100); do

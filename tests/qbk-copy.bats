@@ -116,16 +116,18 @@ serve_target() {
     # its own process group: the forked children and their sleep go too
     setsid socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" SYSTEM:'sleep 60' &
     echo $! >"$T/socat.pid"
-    for i in $(seq 50); do
-        ss -Hltn "sport = :$port" | grep -q . && break
-        sleep 0.1
-    done
+    wait_for 30 listening "$port"
     fails 1 "no answer within 2000 ms" qbk-copy --timeout 2 "nbd://127.0.0.1:$port/x" "$D/out.raw"
     [ ! -e "$D/out.raw" ]
     run -2 qbk-copy --timeout 0 "nbd://127.0.0.1:$port/x" "$D/out.raw"
     kill -TERM -- "-$(cat "$T/socat.pid")"
     rm "$T/socat.pid"
     [ -z "$(pgrep -f "TCP-LISTEN:$port")" ]
+}
+
+# listening PORT: something listens on TCP PORT
+listening() {
+    ss -Hltn "sport = :$1" | grep -q .
 }
 
 # nbdkit_front NAME FILTER PARAMS...: nbdkit in front of the source
@@ -135,10 +137,7 @@ nbdkit_front() {
     shift 2
     nbdkit --unix "$T/$name.sock" --pidfile "$T/$name.pid" --exportname src \
         --filter="$filter" nbd socket="$D/src.sock" export=disk0 "$@"
-    for i in $(seq 50); do
-        [ -s "$T/$name.pid" ] && [ -S "$T/$name.sock" ] && break
-        sleep 0.1
-    done
+    wait_for 30 test -s "$T/$name.pid" -a -S "$T/$name.sock"
     FRONT="nbd+unix:///src?socket=$T/$name.sock"
 }
 
@@ -165,10 +164,7 @@ nbdkit_front() {
         size=9G percent=1 seed=1234
     nbdkit --unix "$T/short.sock" --pidfile "$T/short.pid" \
         --filter=blocksize sparse-random size=9G percent=1 seed=1234 maxlen=64M
-    for i in $(seq 50); do
-        [ -S "$T/sr.sock" ] && [ -S "$T/short.sock" ] && break
-        sleep 0.1
-    done
+    wait_for 30 test -S "$T/sr.sock" -a -S "$T/short.sock"
     run -0 qbk-copy --json --digests "$T/whole.dig" "nbd+unix:///?socket=$T/sr.sock" "$T/whole.raw"
     whole=$output
     [ "$(jq .block_status_calls <<<"$whole")" -eq 3 ]

@@ -209,8 +209,7 @@ assert_clean_exit() {
     qbk-pull --repo "$T/repo" --export-only --json <"$T/ctl" >"$T/exp.json" 2>"$T/exp.err" &
     pid=$!
     exec 5>"$T/ctl"
-    for i in $(seq 100); do [ -s "$T/exp.json" ] && break; sleep 0.1; done
-    [ -s "$T/exp.json" ]
+    wait_for 30 test -s "$T/exp.json"
     # while it is at work: its scratch and sockets are private
     [ -z "$(find "$T/repo" "$T/tmp" -mindepth 1 \( -type d ! -perm 0700 \) -o \
         \( -type f -perm /077 \))" ]
@@ -263,7 +262,7 @@ assert_clean_exit() {
     qbk-pull --repo "$T/repo" --export-only --json <"$T/ctl" >"$T/exp.json" 2>"$T/exp.err" &
     pid=$!
     exec 5>"$T/ctl"
-    for i in $(seq 100); do [ -s "$T/exp.json" ] && break; sleep 0.1; done
+    wait_for 30 test -s "$T/exp.json"
     uri=$(jq -r '.exports[] | select(.disk == "disk0") | .uri' "$T/exp.json")
     [[ "$uri" == *"%2C"* ]]
     [ "$(nbdinfo --size "$uri")" -eq $((64 << 20)) ]

@@ -169,7 +169,7 @@ repo_state() {
     qbk-restore --repo "$T/repo" --disk disk0 --backup "$INC" --export "$T/exp.sock" \
         >"$T/exp.out" 2>"$T/exp.err" &
     epid=$!
-    for _ in $(seq 100); do [ -s "$T/exp.out" ] && break; sleep 0.05; done
+    wait_for 30 test -s "$T/exp.out"
     uri=$(cat "$T/exp.out")
     [[ "$uri" == nbd+unix:///disk0?socket=* ]]
     nbdcopy "$uri" "$T/exported.raw"
@@ -185,7 +185,7 @@ repo_state() {
     qbk-restore --repo "$T/repo" --disk disk1 --export "127.0.0.1:$port" \
         --tls-creds "$T/pki/server" >"$T/exp.out" 2>"$T/exp.err" &
     epid=$!
-    for _ in $(seq 100); do [ -s "$T/exp.out" ] && break; sleep 0.05; done
+    wait_for 30 test -s "$T/exp.out"
     [ "$(cat "$T/exp.out")" = "nbds://127.0.0.1:$port/disk1" ]
     nbdcopy "nbds://127.0.0.1:$port/disk1?tls-certificates=$T/pki/client" "$T/exported1.raw"
     cmp "$T/exported1.raw" "$T/expect-inc-disk1.raw"
