@@ -183,10 +183,11 @@ repo_state() {
     PKI_SERVER_IP=127.0.0.1 make_pki
     port=$(free_port)
     qbk-restore --repo "$T/repo" --disk disk1 --export "127.0.0.1:$port" \
-        --tls-creds "$T/pki/server" >"$T/exp.out" 2>"$T/exp.err" &
+        --tls-creds "$T/pki/server" >"$T/exp-tls.out" 2>"$T/exp-tls.err" &
     epid=$!
-    wait_for 30 test -s "$T/exp.out"
-    [ "$(cat "$T/exp.out")" = "nbds://127.0.0.1:$port/disk1" ]
+    # (a file of its own: the first export's URI must not pass for its own)
+    wait_for 30 test -s "$T/exp-tls.out"
+    [ "$(cat "$T/exp-tls.out")" = "nbds://127.0.0.1:$port/disk1" ]
     nbdcopy "nbds://127.0.0.1:$port/disk1?tls-certificates=$T/pki/client" "$T/exported1.raw"
     cmp "$T/exported1.raw" "$T/expect-inc-disk1.raw"
     run ! nbdcopy "nbd://127.0.0.1:$port/disk1" "$T/no.raw"
