@@ -134,6 +134,16 @@ static void fixture_teardown(Fixture *f, gconstpointer data)
     vm_stop(&f->vm);
 }
 
+/* COMMAND with ARGS (JSON text, or NULL), which must succeed. */
+static void run_ok(QmpClient *qmp, const char *command, const char *args)
+{
+    g_autoptr(GError) error = NULL;
+
+    g_assert_true(
+        qmp_run(qmp, command, args ? json_tokener_parse(args) : NULL, &error));
+    g_assert_no_error(error);
+}
+
 /* Kill QEMU as a crash would. */
 static void vm_kill(Vm *vm)
 {
@@ -186,8 +196,7 @@ static void test_error_class(Fixture *f, gconstpointer data)
     g_clear_error(&error);
 
     /* The connection is still good after an error. */
-    g_assert_true(qmp_run(qmp, "query-status", NULL, &error));
-    g_assert_no_error(error);
+    run_ok(qmp, "query-status", NULL);
 }
 
 static bool is_resume(json_object *event, void *opaque)
@@ -207,10 +216,8 @@ static void test_events_queued(Fixture *f, gconstpointer data)
     int calls = 0;
 
     /* QEMU sends RESUME before the reply to "cont", STOP before "stop". */
-    g_assert_true(qmp_run(qmp, "cont", NULL, &error));
-    qmp_run(qmp, "stop", NULL, &error);
-    g_assert_no_error(error);
-    g_assert_no_error(error);
+    run_ok(qmp, "cont", NULL);
+    run_ok(qmp, "stop", NULL);
     g_assert_cmpuint(qmp_pending_events(qmp), ==, 2);
 
     /* Waiting for the second one leaves the first queued, in order. */
@@ -234,7 +241,7 @@ static void test_events_queued(Fixture *f, gconstpointer data)
     g_clear_error(&error);
 
     /* Events that arrive while nobody waits are kept. */
-    g_assert_true(qmp_run(qmp, "cont", NULL, &error));
+    run_ok(qmp, "cont", NULL);
     g_assert_true(qmp_poll_events(qmp, &error));
     g_assert_cmpuint(qmp_pending_events(qmp), ==, 1);
     event = qmp_pop_event(qmp);
@@ -320,34 +327,17 @@ static void test_transaction_atomic(Fixture *f, gconstpointer data)
                       ->recording);
 }
 
-/* blockdev-add of ARGS (JSON text), which must succeed. */
-static void add_node(QmpClient *qmp, const char *args)
-{
-    g_autoptr(GError) error = NULL;
-
-    g_assert_true(
-        qmp_run(qmp, "blockdev-add", json_tokener_parse(args), &error));
-    g_assert_no_error(error);
-}
-
 /* A throttle filter "thr" (group "tg") between disk0 and its node d0-fmt. */
 static void put_throttle(QmpClient *qmp)
 {
-    g_autoptr(GError) error = NULL;
-
-    g_assert_true(qmp_run(qmp, "object-add",
-                          json_tokener_parse("{\"qom-type\": "
-                                             "\"throttle-group\", "
-                                             "\"id\": \"tg\"}"),
-                          &error));
-    add_node(qmp, "{\"driver\": \"throttle\", \"node-name\": \"thr\", "
-                  "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
-    g_assert_true(qmp_run(qmp, "qom-set",
-                          json_tokener_parse("{\"path\": \"disk0\", "
-                                             "\"property\": \"drive\", "
-                                             "\"value\": \"thr\"}"),
-                          &error));
-    g_assert_no_error(error);
+    run_ok(qmp, "object-add",
+           "{\"qom-type\": \"throttle-group\", \"id\": \"tg\"}");
+    run_ok(qmp, "blockdev-add",
+           "{\"driver\": \"throttle\", \"node-name\": \"thr\", "
+           "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
+    run_ok(qmp, "qom-set",
+           "{\"path\": \"disk0\", \"property\": \"drive\", "
+           "\"value\": \"thr\"}");
 }
 
 /* Where a filter goes above a node, from one read of the block graph:
@@ -376,7 +366,8 @@ static void test_insert_points(Fixture *f, gconstpointer data)
 
     /* A throttle filter between device and disk; a node nobody uses. */
     put_throttle(qmp);
-    add_node(qmp, "{\"driver\": \"null-co\", \"node-name\": \"lone\"}");
+    run_ok(qmp, "blockdev-add",
+           "{\"driver\": \"null-co\", \"node-name\": \"lone\"}");
     after = qmp_block_graph_get(qmp, &error);
     g_assert_no_error(error);
     g_assert_true(qmp_insert_point(after, "d0-fmt", &pt, &error));
@@ -394,8 +385,9 @@ static void test_insert_points(Fixture *f, gconstpointer data)
     qmp_insert_point_clear(&pt);
 
     /* A second user: no place above the node sees every write. */
-    add_node(qmp, "{\"driver\": \"throttle\", \"node-name\": \"thr2\", "
-                  "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
+    run_ok(qmp, "blockdev-add",
+           "{\"driver\": \"throttle\", \"node-name\": \"thr2\", "
+           "\"throttle-group\": \"tg\", \"file\": \"d0-fmt\"}");
     g_clear_pointer(&after, qmp_block_graph_free);
     after = qmp_block_graph_get(qmp, &error);
     g_assert_no_error(error);
@@ -436,11 +428,8 @@ static void test_storage_daemon(Fixture *f, gconstpointer data)
     g_assert_no_error(error);
     g_assert_cmpstr(((QmpDisk *)disks->pdata[0])->id, ==, "the-image");
     g_assert_cmpstr(((QmpDisk *)disks->pdata[0])->driver, ==, "qcow2");
-    g_assert_true(qmp_run(qmp, "block-dirty-bitmap-add",
-                          json_tokener_parse("{\"node\": \"img0\", \"name\": "
-                                             "\"kept\", \"persistent\": "
-                                             "true}"),
-                          &error));
+    run_ok(qmp, "block-dirty-bitmap-add",
+           "{\"node\": \"img0\", \"name\": \"kept\", \"persistent\": true}");
     g_assert_true(qmp_stop_storage_daemon(qmp, &error));
     g_assert_no_error(error);
     qmp_free(qmp);
